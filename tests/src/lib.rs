@@ -1,0 +1,1 @@
+//! Harness for the workspace integration tests.

@@ -1,0 +1,1 @@
+//! Emulated Intel VT-d.
