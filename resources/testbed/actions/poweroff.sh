@@ -1,0 +1,2 @@
+# Does nothing: the init then powers the guest off (tb.then defaults to poweroff).
+true

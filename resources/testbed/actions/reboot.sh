@@ -1,0 +1,2 @@
+# Asks the init to reboot the guest once this action returns.
+then=reboot

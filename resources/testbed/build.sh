@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Builds the nested testbed from Debian packages, cached under target/testbed/ (idempotent: a run
+# with unchanged inputs does nothing). Outputs:
+#   vmlinuz          the Debian kernel, used for both L1 (under L0 QEMU TCG) and L2 (under the VMM)
+#   l1-base.cpio     L1 initramfs: busybox, KVM/VFIO modules, qemu-system-x86_64 + firmware, strace,
+#                    the L2 kernel and initramfs under /testbed/
+#   l1-fio.cpio      an optional layer with fio and its (large) libraries, appended on request
+#   l2.cpio.gz       L2 initramfs: busybox, pvpanic and nvme modules, the action scripts
+#   disk.img         64 MiB of known content (sector N says "tb-disk sector N"), md5 in disk.img.md5
+# Usage: build.sh [--force]
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+force=0
+[[ "${1:-}" == "--force" ]] && force=1
+
+for tool in qemu-system-x86_64 busybox cpio strace fio modprobe ldd gzip; do
+  command -v "$tool" >/dev/null || tb_die "$tool missing: run resources/testbed/install-deps.sh"
+done
+kver="$(tb_kernel_version)"
+
+# The cache key: our scripts, the kernel version and the versions of the packages we copy from.
+key="$( {
+  cat "$TB_SRC"/lib.sh "$TB_SRC"/build.sh "$TB_SRC"/l1-init.sh "$TB_SRC"/l2-init.sh "$TB_SRC"/actions/*.sh
+  echo "$kver"
+  dpkg-query -W -f='${Package} ${Version}\n' qemu-system-x86 busybox-static strace fio seabios \
+    "linux-image-$kver" 2>/dev/null || true
+} | sha256sum | cut -d' ' -f1)"
+
+outputs=(vmlinuz l1-base.cpio l1-fio.cpio l2.cpio.gz disk.img disk.img.md5)
+up_to_date=1
+for f in "${outputs[@]}"; do [[ -s "$TB_OUT/$f" ]] || up_to_date=0; done
+[[ "$(cat "$TB_OUT/build.key" 2>/dev/null)" == "$key" ]] || up_to_date=0
+if ((up_to_date && !force)); then
+  tb_log "up to date in $TB_OUT (kernel $kver)"
+  exit 0
+fi
+
+tb_log "building in $TB_OUT (kernel $kver)"
+mkdir -p "$TB_OUT"
+work="$(mktemp -d "$TB_OUT/build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+cp "/boot/vmlinuz-$kver" "$work/vmlinuz"
+
+# --- L2 initramfs -------------------------------------------------------------------------------
+l2="$work/l2"
+mkdir -p "$l2"/{proc,sys,dev,tmp,tb/modules,tb/actions}
+tb_install_busybox "$l2"
+install -m 0755 "$TB_SRC/l2-init.sh" "$l2/init"
+install -m 0644 "$TB_SRC"/actions/*.sh "$l2/tb/actions/"
+tb_copy_modules "$l2" "$kver" pvpanic-mmio pvpanic-pci >"$l2/tb/modules/pvpanic.list"
+tb_copy_modules "$l2" "$kver" crc64 crc64-rocksoft crct10dif_common crc-t10dif t10-pi nvme-core nvme \
+  >"$l2/tb/modules/nvme.list"
+tb_cpio "$l2" | gzip -n -6 >"$work/l2.cpio.gz"
+
+# --- L1 base initramfs --------------------------------------------------------------------------
+l1="$work/l1"
+mkdir -p "$l1"/{proc,sys,dev,tmp,run,testbed/bin}
+tb_install_busybox "$l1"
+install -m 0755 "$TB_SRC/l1-init.sh" "$l1/init"
+tb_copy_modules "$l1" "$kver" irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vfio_virqfd \
+  vfio-pci-core vfio-pci >"$l1/testbed/l1-modules.list"
+tb_copy_bin "$l1" /usr/bin/qemu-system-x86_64
+tb_copy_bin "$l1" /usr/bin/strace
+# QEMU finds its firmware next to its binary (../share/qemu) and in Debian's seabios directory;
+# with -kernel and -nodefaults it loads bios-256k.bin, linuxboot_dma.bin and kvmvapic.bin.
+mkdir -p "$l1/usr/share/qemu" "$l1/usr/share/seabios"
+cp -L /usr/share/seabios/*.bin "$l1/usr/share/seabios/"
+for fw in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
+  cp -L "/usr/share/qemu/$fw" "$l1/usr/share/qemu/"
+done
+cp "$work/vmlinuz" "$l1/testbed/vmlinuz"
+cp "$work/l2.cpio.gz" "$l1/testbed/l2.cpio.gz"
+echo "$kver" >"$l1/testbed/kernel-version"
+# Uncompressed: L0 loads it in one go and L1 unpacks it without decompressing under TCG.
+tb_cpio "$l1" >"$work/l1-base.cpio"
+
+# --- fio layer (80 MB of libraries: only in runs that ask for it) --------------------------------
+fio="$work/fio"
+mkdir -p "$fio"
+tb_copy_bin "$fio" /usr/bin/fio
+tb_cpio "$fio" >"$work/l1-fio.cpio"
+
+# --- disk image ---------------------------------------------------------------------------------
+# 131072 sectors of 512 bytes, each a distinct text line padded with spaces, so a misplaced block
+# is easy to see with dd/hexdump and the md5 of the whole disk is fixed.
+awk 'BEGIN { for (s = 0; s < 131072; s++) printf "%-511s\n", sprintf("tb-disk sector %d", s) }' \
+  >"$work/disk.img"
+md5sum "$work/disk.img" | cut -d' ' -f1 >"$work/disk.img.md5"
+
+for f in "${outputs[@]}"; do mv -f "$work/$f" "$TB_OUT/$f"; done
+echo "$kver" >"$TB_OUT/kernel-version"
+echo "$key" >"$TB_OUT/build.key"
+tb_log "built: $(cd "$TB_OUT" && du -sh "${outputs[@]}" | tr '\t\n' '= ')"

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Helpers shared by the testbed scripts. Source it; it defines paths and functions only.
+
+TB_REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+TB_SRC="$TB_REPO/resources/testbed"
+# Everything built is cached here (never committed: target/ is ignored).
+TB_OUT="${TB_OUT:-$TB_REPO/target/testbed}"
+
+tb_log() { echo "testbed: $*" >&2; }
+tb_die() { echo "testbed: error: $*" >&2; exit 1; }
+
+# The newest kernel under /lib/modules that also has its vmlinuz in /boot: that is the Debian
+# kernel the L1 and L2 guests run (the running kernel of the host is irrelevant).
+tb_kernel_version() {
+  local v best=""
+  for v in $(ls -1 /lib/modules 2>/dev/null | sort -V); do
+    [[ -f "/boot/vmlinuz-$v" ]] && best="$v"
+  done
+  [[ -n "$best" ]] || tb_die "no kernel with /lib/modules/<v> and /boot/vmlinuz-<v> (install linux-image-amd64)"
+  echo "$best"
+}
+
+# Copies a dynamically linked binary into ROOT at DEST (default: its own path), with every library
+# ldd lists, at the paths ldd gives, so the dynamic loader finds them inside the guest.
+tb_copy_bin() {
+  local root="$1" bin="$2" dest="${3:-$2}" lib
+  install -D -m 0755 "$bin" "$root$dest"
+  while read -r lib; do
+    [[ -n "$lib" && -e "$lib" ]] || continue
+    [[ -e "$root$lib" ]] || install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+  done < <(ldd "$bin" 2>/dev/null | awk '/=> \//{print $3} /^[ \t]*\/[^ ]+ \(/{print $1}')
+}
+
+# Writes to ROOT/modules/<name>.ko the modules named plus their dependencies (modprobe order,
+# duplicates removed), decompressing .ko.xz/.ko.zst/.ko.gz, and prints the in-guest paths in load order.
+tb_copy_modules() {
+  local root="$1" kver="$2"; shift 2
+  local seen=" " m path base out
+  mkdir -p "$root/modules"
+  for m in "$@"; do
+    while read -r _ path _; do
+      [[ "$seen" == *" $path "* ]] && continue
+      seen+="$path "
+      base="$(basename "$path")"; base="${base%.xz}"; base="${base%.zst}"; base="${base%.gz}"
+      out="$root/modules/$base"
+      case "$path" in
+        *.xz) xz -dc "$path" >"$out" ;;
+        *.zst) zstd -qdc "$path" >"$out" ;;
+        *.gz) gzip -dc "$path" >"$out" ;;
+        *) cp "$path" "$out" ;;
+      esac
+      echo "/modules/$base"
+    done < <(modprobe -S "$kver" --show-depends "$m" | grep '^insmod ')
+  done
+}
+
+# Busybox with a symlink for every applet it has.
+tb_install_busybox() {
+  local root="$1" applet
+  install -D -m 0755 /bin/busybox "$root/bin/busybox"
+  for applet in $(/bin/busybox --list-full); do
+    [[ -e "$root/$applet" ]] && continue
+    mkdir -p "$root/$(dirname "$applet")"
+    ln -s /bin/busybox "$root/$applet"
+  done
+}
+
+# A reproducible newc cpio of directory ROOT on stdout.
+tb_cpio() {
+  (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible)
+}
