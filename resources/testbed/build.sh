@@ -18,6 +18,10 @@ for tool in qemu-system-x86_64 busybox cpio strace fio modprobe ldd gzip; do
   command -v "$tool" >/dev/null || tb_die "$tool missing: run resources/testbed/install-deps.sh"
 done
 kver="$(tb_kernel_version)"
+mkdir -p "$TB_OUT"
+# One build at a time (tests, the demo and run.sh may start together).
+exec 9>"$TB_OUT/build.lock"
+flock 9
 
 # The cache key: our scripts, the kernel version and the versions of the packages we copy from.
 key="$( {
@@ -37,7 +41,6 @@ if ((up_to_date && !force)); then
 fi
 
 tb_log "building in $TB_OUT (kernel $kver)"
-mkdir -p "$TB_OUT"
 work="$(mktemp -d "$TB_OUT/build.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 

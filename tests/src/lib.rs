@@ -1,1 +1,6 @@
 //! Harness for the workspace integration tests.
+//!
+//! [`testbed`] runs Linux guests in the nested testbed (L0 QEMU TCG -> L1 Linux with real KVM,
+//! IOMMU and VFIO -> a VMM -> L2 Linux) and reports what their consoles said.
+
+pub mod testbed;

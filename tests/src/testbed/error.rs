@@ -1,0 +1,45 @@
+use std::fmt;
+use std::path::PathBuf;
+
+/// Why a testbed run could not produce the result a test asked for.
+#[derive(thiserror::Error)]
+pub enum TestbedError {
+    /// The testbed cannot be built or started on this machine (missing packages, not root...).
+    #[error("the nested testbed is unavailable: {0}")]
+    Unavailable(String),
+    /// `cargo build` of the vmm binary failed.
+    #[error("building the vmm binary failed:\n{0}")]
+    VmmBuild(String),
+    /// A host-side I/O operation of the harness failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The run went wrong or did not show what was expected; carries the console's last lines.
+    #[error("scenario `{scenario}`: {what}\n  full log: {log}\n--- last console lines ---\n{tail}\n--- end ---", log = log.display())]
+    Run {
+        scenario: String,
+        what: String,
+        log: PathBuf,
+        tail: String,
+    },
+}
+
+// Tests return `Result<(), TestbedError>`; the test runner prints errors with Debug, so make Debug
+// readable (multi-line console tail) instead of an escaped struct dump.
+impl fmt::Debug for TestbedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl TestbedError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        TestbedError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
