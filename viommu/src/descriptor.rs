@@ -1,0 +1,387 @@
+//! Legacy (128-bit) invalidation descriptors (VT-d spec 6.5.2).
+//!
+//! Decoding is strict: an unknown type or a reserved bit set makes the descriptor invalid, which
+//! the queue reports as FSTS.IQE (6.5.2.10) without acting on it.
+
+use crate::regs::MAMV;
+use crate::SourceId;
+
+/// Descriptor type, bits 3:0 (bits 11:9 extend it in newer specs and must be zero here).
+const TYPE_MASK: u64 = 0xf | 0x7 << 9;
+const TYPE_CONTEXT_CACHE: u64 = 0x1;
+const TYPE_IOTLB: u64 = 0x2;
+const TYPE_DEVICE_IOTLB: u64 = 0x3;
+const TYPE_IEC: u64 = 0x4;
+const TYPE_WAIT: u64 = 0x5;
+
+const GRANULARITY_SHIFT: u64 = 4;
+
+// 6.5.2.1: context-cache invalidate descriptor.
+/// Bits 63:50 and 15:6 (FM is 49:48, SID 47:32, DID 31:16).
+const CC_LO_RSVD: u64 = 0xfffc_0000_0000_ffc0;
+// 6.5.2.3: IOTLB invalidate descriptor (bits 7:6 are DR and DW).
+const IOTLB_LO_RSVD: u64 = 0xffff_ffff_0000_ff00;
+const IOTLB_HI_RSVD: u64 = 0xf80;
+const IOTLB_HI_IH: u64 = 1 << 6;
+// 6.5.2.5: device-TLB invalidate descriptor.
+/// Bits 51:48, 31:21 and 8:4 (PFSID is 63:52 and 15:12, SID 47:32, queue depth 20:16).
+const DEV_LO_RSVD: u64 = 0x000f_0000_ffe0_01f0;
+const DEV_HI_RSVD: u64 = 0xffe;
+// 6.5.2.7: interrupt entry cache invalidate descriptor.
+const IEC_LO_RSVD: u64 = 0xffff_0000_07ff_ffe0;
+// 6.5.2.8: invalidation wait descriptor. Bit 7 (page-request drain) needs ECAP.PDS: reserved.
+const WAIT_LO_IF: u64 = 1 << 4;
+const WAIT_LO_SW: u64 = 1 << 5;
+const WAIT_LO_FN: u64 = 1 << 6;
+const WAIT_LO_RSVD: u64 = 0xffff_ff80;
+const WAIT_HI_RSVD: u64 = 0x3;
+
+/// Which context-cache entries a context-cache invalidation covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextScope {
+    Global,
+    Domain(u16),
+    /// Device-selective: the source id with the function bits that `function_mask` says to
+    /// ignore (0: none, 1: bit 2, 2: bits 2:1, 3: all three).
+    Device {
+        domain: u16,
+        source: SourceId,
+        function_mask: u8,
+    },
+}
+
+impl ContextScope {
+    /// Does this invalidation cover `source`, whose cached context is in `domain`?
+    pub fn covers(&self, source: SourceId, domain: Option<u16>) -> bool {
+        match *self {
+            ContextScope::Global => true,
+            ContextScope::Domain(d) => domain == Some(d),
+            ContextScope::Device {
+                source: s,
+                function_mask,
+                ..
+            } => {
+                let ignored = match function_mask {
+                    0 => 0,
+                    1 => 0b100,
+                    2 => 0b110,
+                    _ => 0b111,
+                };
+                source.0 | ignored == s.0 | ignored
+            }
+        }
+    }
+}
+
+/// Which IOTLB entries an IOTLB invalidation covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IotlbScope {
+    Global,
+    Domain(u16),
+    /// Page-selective: 2^`am` pages at `addr` (aligned down to that size), in `domain`.
+    Page {
+        domain: u16,
+        addr: u64,
+        am: u8,
+        /// Invalidation hint: only leaf entries changed.
+        ih: bool,
+    },
+}
+
+impl IotlbScope {
+    /// The address range a page-selective invalidation covers.
+    pub fn page_range(addr: u64, am: u8) -> (u64, u64) {
+        let size = 1u64 << (crate::PAGE_SHIFT + u32::from(am));
+        let start = addr & !(size - 1);
+        (start, start.saturating_add(size))
+    }
+}
+
+/// A decoded invalidation descriptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Descriptor {
+    ContextCache(ContextScope),
+    Iotlb(IotlbScope),
+    /// Device-TLB invalidation: validated and counted; there is no ATS to act on yet.
+    DeviceIotlb,
+    /// Interrupt entry cache invalidation: validated and counted, for the interrupt-remapping
+    /// work to act on.
+    InterruptEntryCache,
+    Wait {
+        /// Write `status_data` to `status_addr` when complete.
+        status_write: Option<(u64, u32)>,
+        /// Signal the invalidation completion event.
+        interrupt: bool,
+        fence: bool,
+    },
+}
+
+/// Why a descriptor is invalid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidDescriptor {
+    #[error("unknown descriptor type {0:#x}")]
+    UnknownType(u64),
+    #[error("reserved bits set in descriptor {lo:#018x}:{hi:#018x}")]
+    Reserved { lo: u64, hi: u64 },
+    #[error("reserved granularity {0} in descriptor")]
+    Granularity(u64),
+    #[error("address mask {0} beyond MAMV")]
+    AddressMask(u64),
+}
+
+/// Decodes the descriptor whose low and high quadwords are `lo` and `hi`.
+pub fn decode(lo: u64, hi: u64) -> Result<Descriptor, InvalidDescriptor> {
+    let reserved = |lo_mask: u64, hi_mask: u64| {
+        if lo & lo_mask != 0 || hi & hi_mask != 0 {
+            Err(InvalidDescriptor::Reserved { lo, hi })
+        } else {
+            Ok(())
+        }
+    };
+    let granularity = (lo >> GRANULARITY_SHIFT) & 0b11;
+    let domain = ((lo >> 16) & 0xffff) as u16;
+    match lo & TYPE_MASK {
+        TYPE_CONTEXT_CACHE => {
+            reserved(CC_LO_RSVD, u64::MAX)?;
+            let scope = match granularity {
+                1 => ContextScope::Global,
+                2 => ContextScope::Domain(domain),
+                3 => ContextScope::Device {
+                    domain,
+                    source: SourceId(((lo >> 32) & 0xffff) as u16),
+                    function_mask: ((lo >> 48) & 0b11) as u8,
+                },
+                g => return Err(InvalidDescriptor::Granularity(g)),
+            };
+            Ok(Descriptor::ContextCache(scope))
+        }
+        TYPE_IOTLB => {
+            reserved(IOTLB_LO_RSVD, IOTLB_HI_RSVD)?;
+            let scope = match granularity {
+                1 => IotlbScope::Global,
+                2 => IotlbScope::Domain(domain),
+                3 => {
+                    let am = hi & 0x3f;
+                    if am > MAMV {
+                        return Err(InvalidDescriptor::AddressMask(am));
+                    }
+                    IotlbScope::Page {
+                        domain,
+                        addr: hi & !0xfff,
+                        am: am as u8,
+                        ih: hi & IOTLB_HI_IH != 0,
+                    }
+                }
+                g => return Err(InvalidDescriptor::Granularity(g)),
+            };
+            Ok(Descriptor::Iotlb(scope))
+        }
+        TYPE_DEVICE_IOTLB => {
+            reserved(DEV_LO_RSVD, DEV_HI_RSVD)?;
+            Ok(Descriptor::DeviceIotlb)
+        }
+        TYPE_IEC => {
+            reserved(IEC_LO_RSVD, u64::MAX)?;
+            Ok(Descriptor::InterruptEntryCache)
+        }
+        TYPE_WAIT => {
+            reserved(WAIT_LO_RSVD, WAIT_HI_RSVD)?;
+            let status_write = (lo & WAIT_LO_SW != 0).then_some((hi & !0x3, (lo >> 32) as u32));
+            Ok(Descriptor::Wait {
+                status_write,
+                interrupt: lo & WAIT_LO_IF != 0,
+                fence: lo & WAIT_LO_FN != 0,
+            })
+        }
+        t => Err(InvalidDescriptor::UnknownType(t)),
+    }
+}
+
+/// Encoders for the descriptors, as a guest driver writes them (used by tests and benchmarks).
+pub mod encode {
+    use crate::SourceId;
+
+    pub fn context_global() -> [u64; 2] {
+        [0x1 | 1 << 4, 0]
+    }
+
+    pub fn context_domain(domain: u16) -> [u64; 2] {
+        [0x1 | 2 << 4 | u64::from(domain) << 16, 0]
+    }
+
+    pub fn context_device(domain: u16, source: SourceId, function_mask: u8) -> [u64; 2] {
+        [
+            0x1 | 3 << 4
+                | u64::from(domain) << 16
+                | u64::from(source.0) << 32
+                | u64::from(function_mask & 3) << 48,
+            0,
+        ]
+    }
+
+    pub fn iotlb_global() -> [u64; 2] {
+        [0x2 | 1 << 4, 0]
+    }
+
+    pub fn iotlb_domain(domain: u16) -> [u64; 2] {
+        [0x2 | 2 << 4 | u64::from(domain) << 16, 0]
+    }
+
+    pub fn iotlb_page(domain: u16, addr: u64, am: u8, ih: bool) -> [u64; 2] {
+        [
+            0x2 | 3 << 4 | u64::from(domain) << 16,
+            (addr & !0xfff) | u64::from(ih) << 6 | u64::from(am & 0x3f),
+        ]
+    }
+
+    pub fn wait(status: Option<(u64, u32)>, interrupt: bool, fence: bool) -> [u64; 2] {
+        let mut lo = 0x5 | u64::from(interrupt) << 4 | u64::from(fence) << 6;
+        let mut hi = 0;
+        if let Some((addr, data)) = status {
+            lo |= 1 << 5 | u64::from(data) << 32;
+            hi = addr & !0x3;
+        }
+        [lo, hi]
+    }
+
+    pub fn device_iotlb(source: SourceId, addr: u64, size: bool) -> [u64; 2] {
+        [
+            0x3 | u64::from(source.0) << 32,
+            (addr & !0xfff) | u64::from(size),
+        ]
+    }
+
+    pub fn interrupt_entry_cache(index: Option<u16>) -> [u64; 2] {
+        match index {
+            None => [0x4, 0],
+            Some(i) => [0x4 | 1 << 4 | u64::from(i) << 32, 0],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(d: [u64; 2]) -> Result<Descriptor, InvalidDescriptor> {
+        decode(d[0], d[1])
+    }
+
+    #[test]
+    fn every_encoded_descriptor_decodes_to_its_meaning() {
+        let sid = SourceId::new(1, 2, 3);
+        assert_eq!(
+            dec(encode::context_global()),
+            Ok(Descriptor::ContextCache(ContextScope::Global))
+        );
+        assert_eq!(
+            dec(encode::context_domain(9)),
+            Ok(Descriptor::ContextCache(ContextScope::Domain(9)))
+        );
+        assert_eq!(
+            dec(encode::context_device(9, sid, 2)),
+            Ok(Descriptor::ContextCache(ContextScope::Device {
+                domain: 9,
+                source: sid,
+                function_mask: 2
+            }))
+        );
+        assert_eq!(
+            dec(encode::iotlb_page(3, 0x12_3456, 5, true)),
+            Ok(Descriptor::Iotlb(IotlbScope::Page {
+                domain: 3,
+                addr: 0x12_3000,
+                am: 5,
+                ih: true
+            }))
+        );
+        assert_eq!(
+            dec(encode::iotlb_domain(3)),
+            Ok(Descriptor::Iotlb(IotlbScope::Domain(3)))
+        );
+        assert_eq!(
+            dec(encode::iotlb_global()),
+            Ok(Descriptor::Iotlb(IotlbScope::Global))
+        );
+        assert_eq!(
+            dec(encode::wait(Some((0x1004, 7)), true, true)),
+            Ok(Descriptor::Wait {
+                status_write: Some((0x1004, 7)),
+                interrupt: true,
+                fence: true
+            })
+        );
+        assert_eq!(
+            dec(encode::device_iotlb(sid, 0x5000, true)),
+            Ok(Descriptor::DeviceIotlb)
+        );
+        assert_eq!(
+            dec(encode::interrupt_entry_cache(Some(4))),
+            Ok(Descriptor::InterruptEntryCache)
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_invalid() {
+        for t in [0x0, 0x6, 0x7, 0x8, 0xf, 0x5 | 1 << 9] {
+            assert!(decode(t, 0).is_err(), "type {t:#x}");
+        }
+    }
+
+    #[test]
+    fn reserved_bits_make_every_type_invalid() {
+        let cases = [
+            (encode::context_global(), 1 << 8, 0),
+            (encode::context_global(), 0, 1),
+            (encode::iotlb_global(), 1 << 40, 0),
+            (encode::iotlb_page(1, 0, 0, false), 0, 1 << 8),
+            (encode::device_iotlb(SourceId(0), 0, false), 1 << 4, 0),
+            (encode::interrupt_entry_cache(None), 1 << 5, 0),
+            (encode::wait(None, true, false), 1 << 8, 0),
+            (encode::wait(Some((0x1000, 0)), false, false), 0, 1),
+        ];
+        for ([lo, hi], bad_lo, bad_hi) in cases {
+            assert!(decode(lo, hi).is_ok());
+            assert!(
+                matches!(
+                    decode(lo | bad_lo, hi | bad_hi),
+                    Err(InvalidDescriptor::Reserved { .. })
+                ),
+                "{lo:#x}|{bad_lo:#x} {hi:#x}|{bad_hi:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_granularity_and_address_mask_beyond_mamv_are_invalid() {
+        assert_eq!(decode(0x1, 0), Err(InvalidDescriptor::Granularity(0)));
+        assert_eq!(decode(0x2, 0), Err(InvalidDescriptor::Granularity(0)));
+        let [lo, hi] = encode::iotlb_page(1, 0, 19, false);
+        assert_eq!(decode(lo, hi), Err(InvalidDescriptor::AddressMask(19)));
+    }
+
+    #[test]
+    fn page_range_aligns_down_to_the_mask() {
+        assert_eq!(IotlbScope::page_range(0x5000, 0), (0x5000, 0x6000));
+        assert_eq!(IotlbScope::page_range(0x5000, 2), (0x4000, 0x8000));
+        let (s, e) = IotlbScope::page_range(!0xfff, 18);
+        assert!(s < e, "no overflow at the top of the address space");
+    }
+
+    #[test]
+    fn device_scope_honours_the_function_mask() {
+        let s = ContextScope::Device {
+            domain: 0,
+            source: SourceId::new(0, 3, 0),
+            function_mask: 3,
+        };
+        assert!(s.covers(SourceId::new(0, 3, 7), None));
+        assert!(!s.covers(SourceId::new(0, 4, 0), None));
+        let exact = ContextScope::Device {
+            domain: 0,
+            source: SourceId::new(0, 3, 1),
+            function_mask: 0,
+        };
+        assert!(!exact.covers(SourceId::new(0, 3, 0), None));
+    }
+}

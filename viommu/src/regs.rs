@@ -1,0 +1,215 @@
+//! Register map and bit definitions of the remapping hardware unit.
+//!
+//! Offsets and fields follow the Intel VT-d specification, chapter 11.4 ("Register Descriptions").
+//! Only legacy (non-scalable) mode is modelled.
+
+/// Size of the MMIO window the register block occupies (one 4 KiB page).
+pub const REG_WINDOW_SIZE: u64 = 0x1000;
+
+// 11.4.1 - 11.4.12: register offsets.
+/// Version register (32-bit).
+pub const VER_REG: u64 = 0x00;
+/// Capability register (64-bit).
+pub const CAP_REG: u64 = 0x08;
+/// Extended capability register (64-bit).
+pub const ECAP_REG: u64 = 0x10;
+/// Global command register (32-bit, write-only).
+pub const GCMD_REG: u64 = 0x18;
+/// Global status register (32-bit, read-only).
+pub const GSTS_REG: u64 = 0x1c;
+/// Root table address register (64-bit).
+pub const RTADDR_REG: u64 = 0x20;
+/// Context command register (64-bit).
+pub const CCMD_REG: u64 = 0x28;
+/// Fault status register (32-bit).
+pub const FSTS_REG: u64 = 0x34;
+/// Fault event control register (32-bit).
+pub const FECTL_REG: u64 = 0x38;
+/// Fault event data register (32-bit).
+pub const FEDATA_REG: u64 = 0x3c;
+/// Fault event address register (32-bit).
+pub const FEADDR_REG: u64 = 0x40;
+/// Fault event upper address register (32-bit).
+pub const FEUADDR_REG: u64 = 0x44;
+/// Advanced fault log register (64-bit).
+pub const AFLOG_REG: u64 = 0x58;
+/// Protected memory enable register (32-bit).
+pub const PMEN_REG: u64 = 0x64;
+/// Protected low-memory base register (32-bit).
+pub const PLMBASE_REG: u64 = 0x68;
+/// Protected low-memory limit register (32-bit).
+pub const PLMLIMIT_REG: u64 = 0x6c;
+/// Protected high-memory base register (64-bit).
+pub const PHMBASE_REG: u64 = 0x70;
+/// Protected high-memory limit register (64-bit).
+pub const PHMLIMIT_REG: u64 = 0x78;
+/// Invalidation queue head register (64-bit, read-only).
+pub const IQH_REG: u64 = 0x80;
+/// Invalidation queue tail register (64-bit).
+pub const IQT_REG: u64 = 0x88;
+/// Invalidation queue address register (64-bit).
+pub const IQA_REG: u64 = 0x90;
+/// Invalidation completion status register (32-bit).
+pub const ICS_REG: u64 = 0x9c;
+/// Invalidation event control register (32-bit).
+pub const IECTL_REG: u64 = 0xa0;
+/// Invalidation event data register (32-bit).
+pub const IEDATA_REG: u64 = 0xa4;
+/// Invalidation event address register (32-bit).
+pub const IEADDR_REG: u64 = 0xa8;
+/// Invalidation event upper address register (32-bit).
+pub const IEUADDR_REG: u64 = 0xac;
+/// Interrupt remapping table address register (64-bit); kept for the interrupt-remapping work.
+pub const IRTA_REG: u64 = 0xb8;
+
+/// Offset of the IOTLB register pair (IVA at +0, IOTLB at +8), advertised through ECAP.IRO.
+pub const IOTLB_REG_BASE: u64 = 0x100;
+/// Invalidate address register (64-bit), 11.4.8.2.
+pub const IVA_REG: u64 = IOTLB_REG_BASE;
+/// IOTLB invalidate register (64-bit), 11.4.8.1.
+pub const IOTLB_REG: u64 = IOTLB_REG_BASE + 8;
+/// Offset of the first fault recording register, advertised through CAP.FRO.
+pub const FRCD_REG_BASE: u64 = 0x200;
+/// Size of one fault recording register (128-bit), 11.4.14.
+pub const FRCD_REG_SIZE: u64 = 16;
+/// Most fault recording registers the window above FRCD_REG_BASE leaves room for.
+pub const MAX_FAULT_RECORDS: usize = ((REG_WINDOW_SIZE - FRCD_REG_BASE) / FRCD_REG_SIZE) as usize;
+
+// 11.4.1: version 1.0.
+pub const VER_VALUE: u32 = 0x10;
+
+// 11.4.2: capability register fields.
+/// Number of domains supported: 6 means 2^16 domain ids.
+pub const CAP_ND_16BIT: u64 = 6;
+/// Required write-buffer flushing.
+pub const CAP_RWBF: u64 = 1 << 4;
+/// Caching mode: not-present and erroneous entries may be cached, so software invalidates on
+/// every change, which is what lets a VMM shadow the guest's tables.
+pub const CAP_CM: u64 = 1 << 7;
+pub const CAP_SAGAW_SHIFT: u64 = 8;
+/// SAGAW bit 1: 39-bit AGAW, 3-level second-level tables.
+pub const CAP_SAGAW_39: u64 = 1 << (CAP_SAGAW_SHIFT + 1);
+/// SAGAW bit 2: 48-bit AGAW, 4-level second-level tables.
+pub const CAP_SAGAW_48: u64 = 1 << (CAP_SAGAW_SHIFT + 2);
+pub const CAP_MGAW_SHIFT: u64 = 16;
+pub const CAP_FRO_SHIFT: u64 = 24;
+/// Second-level large page support: bit 34 is 2 MiB, bit 35 is 1 GiB.
+pub const CAP_SLLPS_2M: u64 = 1 << 34;
+pub const CAP_SLLPS_1G: u64 = 1 << 35;
+/// Page-selective invalidation supported.
+pub const CAP_PSI: u64 = 1 << 39;
+pub const CAP_NFR_SHIFT: u64 = 40;
+pub const CAP_MAMV_SHIFT: u64 = 48;
+/// Write draining and read draining.
+pub const CAP_DWD: u64 = 1 << 54;
+pub const CAP_DRD: u64 = 1 << 55;
+/// Enhanced set-root-table-pointer support: SRTP also invalidates all translation caches.
+pub const CAP_ESRTPS: u64 = 1 << 63;
+/// Maximum address mask value for page-selective invalidation (QEMU uses 18 too).
+pub const MAMV: u64 = 18;
+
+// 11.4.3: extended capability register fields.
+/// Queued invalidation support.
+pub const ECAP_QI: u64 = 1 << 1;
+/// Device-TLB support (ATS).
+pub const ECAP_DT: u64 = 1 << 2;
+/// Pass-through context entries supported.
+pub const ECAP_PT: u64 = 1 << 6;
+pub const ECAP_IRO_SHIFT: u64 = 8;
+
+// 11.4.4 / 11.4.5: global command and status bits (same positions in both registers).
+/// Translation enable / status.
+pub const GCMD_TE: u32 = 1 << 31;
+pub const GSTS_TES: u32 = 1 << 31;
+/// Set root table pointer / root table pointer status.
+pub const GCMD_SRTP: u32 = 1 << 30;
+pub const GSTS_RTPS: u32 = 1 << 30;
+/// Set fault log / status.
+pub const GCMD_SFL: u32 = 1 << 29;
+/// Enable advanced fault logging / status.
+pub const GCMD_EAFL: u32 = 1 << 28;
+/// Write buffer flush / status.
+pub const GCMD_WBF: u32 = 1 << 27;
+pub const GSTS_WBFS: u32 = 1 << 27;
+/// Queued invalidation enable / status.
+pub const GCMD_QIE: u32 = 1 << 26;
+pub const GSTS_QIES: u32 = 1 << 26;
+/// Interrupt remapping enable / status (reserved here: no IR support yet).
+pub const GCMD_IRE: u32 = 1 << 25;
+/// Set interrupt remap table pointer (reserved here: no IR support yet).
+pub const GCMD_SIRTP: u32 = 1 << 24;
+/// Compatibility format interrupt (reserved here: no IR support yet).
+pub const GCMD_CFI: u32 = 1 << 23;
+
+// 11.4.6: root table address register.
+/// Translation table mode (bits 11:10); 00 is legacy mode, the only one modelled.
+pub const RTADDR_TTM_MASK: u64 = 0b11 << 10;
+pub const RTADDR_RTA_MASK: u64 = !0xfff;
+
+// 11.4.7: context command register.
+/// Invalidate context-cache (set by software, cleared by hardware when done).
+pub const CCMD_ICC: u64 = 1 << 63;
+pub const CCMD_CIRG_SHIFT: u64 = 61;
+pub const CCMD_CAIG_SHIFT: u64 = 59;
+pub const CCMD_FM_SHIFT: u64 = 32;
+pub const CCMD_SID_SHIFT: u64 = 16;
+
+// 11.4.8.1: IOTLB invalidate register.
+/// Invalidate IOTLB (set by software, cleared by hardware when done).
+pub const IOTLB_IVT: u64 = 1 << 63;
+pub const IOTLB_IIRG_SHIFT: u64 = 60;
+pub const IOTLB_IAIG_SHIFT: u64 = 57;
+pub const IOTLB_DID_SHIFT: u64 = 32;
+// 11.4.8.2: invalidate address register.
+pub const IVA_AM_MASK: u64 = 0x3f;
+pub const IVA_IH: u64 = 1 << 6;
+pub const IVA_ADDR_MASK: u64 = !0xfff;
+
+// 11.4.9.1: fault status register.
+/// Primary fault overflow (RW1C).
+pub const FSTS_PFO: u32 = 1 << 0;
+/// Primary pending fault (RO: some fault record has F set).
+pub const FSTS_PPF: u32 = 1 << 1;
+/// Invalidation queue error (RW1C).
+pub const FSTS_IQE: u32 = 1 << 4;
+/// Invalidation completion error (RW1C).
+pub const FSTS_ICE: u32 = 1 << 5;
+/// Invalidation time-out error (RW1C).
+pub const FSTS_ITE: u32 = 1 << 6;
+pub const FSTS_FRI_SHIFT: u32 = 8;
+/// Bits software clears by writing 1.
+pub const FSTS_RW1C: u32 = FSTS_PFO | FSTS_IQE | FSTS_ICE | FSTS_ITE;
+/// Conditions that keep the fault event pending.
+pub const FSTS_EVENT_CONDITIONS: u32 = FSTS_PFO | FSTS_PPF | FSTS_IQE | FSTS_ICE | FSTS_ITE;
+
+// 11.4.9.2 and 11.4.9.7: event control registers (fault and invalidation completion).
+/// Interrupt mask.
+pub const ECTL_IM: u32 = 1 << 31;
+/// Interrupt pending (read-only).
+pub const ECTL_IP: u32 = 1 << 30;
+
+// 11.4.9.6: invalidation completion status register.
+/// Invalidation wait descriptor complete (RW1C).
+pub const ICS_IWC: u32 = 1 << 0;
+
+// 11.4.9.3: invalidation queue address register.
+pub const IQA_IQA_MASK: u64 = !0xfff;
+/// Descriptor width (bit 11): 256-bit descriptors exist only in scalable mode; reserved here.
+pub const IQA_DW: u64 = 1 << 11;
+pub const IQA_QS_MASK: u64 = 0x7;
+/// Queue head/tail registers hold a 128-bit descriptor index in bits 18:4.
+pub const IQ_INDEX_SHIFT: u64 = 4;
+pub const IQ_INDEX_MASK: u64 = 0x7fff << IQ_INDEX_SHIFT;
+/// Size of one legacy invalidation descriptor.
+pub const DESCRIPTOR_SIZE: u64 = 16;
+
+// 11.4.14: fault recording register, upper quadword.
+/// Fault bit (RW1C).
+pub const FRCD_HI_F: u64 = 1 << 63;
+/// Type: set for a read request, clear for a write.
+pub const FRCD_HI_T: u64 = 1 << 62;
+pub const FRCD_HI_FR_SHIFT: u64 = 32;
+
+// 11.4.10: protected memory enable register.
+pub const PMEN_EPM: u32 = 1 << 31;
+pub const PMEN_PRS: u32 = 1 << 0;

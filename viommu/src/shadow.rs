@@ -1,0 +1,609 @@
+//! The host mappings of one device, and how a change in the guest's translations becomes the
+//! fewest host calls that keep them exact.
+//!
+//! The shadow mirrors the host mapping by mapping: each entry is one host `map` call, which the
+//! host can only remove whole. Syncing a set of invalidated ranges compares what the guest now
+//! translates there (the desired extents) with the host mappings that overlap them:
+//! - a mapping whose translation still holds everywhere in the ranges is kept, with no host call;
+//! - a mapping that now conflicts (the guest translates part of it elsewhere), or whose pages the
+//!   guest dropped in strict mode, is removed; adjacent removals share one unmap call, and the
+//!   parts of it the guest still translates are mapped again;
+//! - in deferred mode, a mapping whose pages the guest dropped is kept on the host and marked
+//!   dead there until the next flush; if the guest maps the same addresses again before that,
+//!   the mark is cleared and no host call happens at all;
+//! - everything desired and not covered by a kept mapping is mapped, with extents merged where
+//!   both IOVA and guest-physical addresses are contiguous, so later unmaps remove one host
+//!   mapping (one host IOTLB flush) instead of many.
+
+use std::collections::BTreeMap;
+
+use crate::host::{HostDma, HostDmaError};
+use crate::ranges::{self, Range};
+use crate::walk::{Leaf, WalkItem};
+use crate::Perm;
+
+/// One host mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostMapping {
+    pub len: u64,
+    pub gpa: u64,
+    pub perm: Perm,
+    /// Ranges (absolute IOVAs) the guest no longer translates but the host still maps, waiting
+    /// for a deferred flush. Always empty in strict mode.
+    pub dead: Vec<Range>,
+}
+
+impl HostMapping {
+    fn leaf_at(&self, key: u64, start: u64, end: u64) -> Leaf {
+        Leaf {
+            iova: start,
+            gpa: self.gpa + (start - key),
+            len: end - start,
+            perm: self.perm,
+        }
+    }
+
+    fn translates_like(&self, key: u64, d: &Leaf) -> bool {
+        d.perm == self.perm && d.gpa.wrapping_sub(d.iova) == self.gpa.wrapping_sub(key)
+    }
+}
+
+/// Counters of host work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostWork {
+    pub map_calls: u64,
+    pub unmap_calls: u64,
+    /// Host mappings removed: each costs the host one IOTLB flush.
+    pub mappings_removed: u64,
+    /// Mappings whose unmap was deferred.
+    pub deferred: u64,
+    /// Deferred unmaps cancelled because the guest mapped the same translation again.
+    pub revived: u64,
+}
+
+/// What a sync decided, before any host call.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Keys of host mappings to remove, ascending.
+    remove: Vec<u64>,
+    /// Host mappings that stay but whose dead ranges change.
+    mark: Vec<(u64, Vec<Range>)>,
+    /// Extents to map once the removals are done, ascending and coalesced.
+    map: Vec<Leaf>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.mark.is_empty() && self.map.is_empty()
+    }
+}
+
+/// A host call that failed while applying a plan.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: HostDmaError,
+}
+
+/// The host mappings of one device.
+#[derive(Debug, Default)]
+pub struct Shadow {
+    maps: BTreeMap<u64, HostMapping>,
+    /// Number of mappings with dead ranges.
+    doomed: usize,
+}
+
+impl Shadow {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The host mappings, by IOVA.
+    pub fn mappings(&self) -> impl Iterator<Item = (u64, &HostMapping)> {
+        self.maps.iter().map(|(k, m)| (*k, m))
+    }
+
+    pub fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Number of host mappings waiting for a deferred unmap.
+    pub fn doomed(&self) -> usize {
+        self.doomed
+    }
+
+    /// Keys of the mappings overlapping any of `ranges` (normalized), ascending.
+    fn overlapping(&self, ranges: &[Range]) -> Vec<u64> {
+        let mut keys: Vec<u64> = Vec::new();
+        for &(s, e) in ranges {
+            if let Some((&k, m)) = self.maps.range(..=s).next_back() {
+                if k + m.len > s && keys.last() != Some(&k) {
+                    keys.push(k);
+                }
+            }
+            for (&k, _) in self.maps.range(s.saturating_add(1)..e) {
+                if keys.last() != Some(&k) {
+                    keys.push(k);
+                }
+            }
+        }
+        keys
+    }
+
+    /// Plans the host calls that make the host translate exactly `desired` over `ranges`
+    /// (normalized), leaving everything outside them as it is. `desired` is sorted, disjoint,
+    /// within `ranges` and within guest RAM; `ram_bounds` holds the start and end of every guest
+    /// RAM region, which no host mapping may span. With `defer`, dropped pages are marked dead
+    /// instead of unmapped.
+    pub fn plan(
+        &self,
+        ranges: &[Range],
+        desired: &[Leaf],
+        ram_bounds: &[u64],
+        defer: bool,
+    ) -> Plan {
+        let mut plan = Plan::default();
+        let mut covered: Vec<Range> = Vec::new();
+        let mut carry: Vec<Leaf> = Vec::new();
+        for key in self.overlapping(ranges) {
+            let h = &self.maps[&key];
+            let span = [(key, key + h.len)];
+            let inside = ranges::intersect(&span, ranges);
+            let mut live = Vec::new();
+            let mut dead = Vec::new();
+            let mut conflict = false;
+            for &(s, e) in &inside {
+                let mut pos = s;
+                let first = desired.partition_point(|d| d.iova + d.len <= s);
+                for d in desired[first..].iter().take_while(|d| d.iova < e) {
+                    let (ds, de) = (d.iova.max(s), (d.iova + d.len).min(e));
+                    if ds > pos {
+                        dead.push((pos, ds));
+                    }
+                    if h.translates_like(key, d) {
+                        live.push((ds, de));
+                    } else {
+                        conflict = true;
+                    }
+                    pos = de;
+                }
+                if pos < e {
+                    dead.push((pos, e));
+                }
+            }
+            let mut new_dead = ranges::subtract(&h.dead, ranges);
+            new_dead.extend(dead);
+            let new_dead = ranges::normalize(new_dead);
+            if conflict || (!defer && !new_dead.is_empty()) {
+                plan.remove.push(key);
+                // What the guest still translates outside the ranges must come back.
+                let outside = ranges::subtract(&ranges::subtract(&span, ranges), &h.dead);
+                carry.extend(outside.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
+            } else {
+                covered.extend(live);
+                if new_dead != h.dead {
+                    plan.mark.push((key, new_dead));
+                }
+            }
+        }
+        let covered = ranges::normalize(covered);
+        let mut to_map = carry;
+        for d in desired {
+            for (s, e) in ranges::subtract(&[(d.iova, d.iova + d.len)], &covered) {
+                to_map.push(Leaf {
+                    iova: s,
+                    gpa: d.gpa + (s - d.iova),
+                    len: e - s,
+                    perm: d.perm,
+                });
+            }
+        }
+        to_map.sort_unstable_by_key(|l| l.iova);
+        plan.map = coalesce(to_map, ram_bounds);
+        plan
+    }
+
+    /// Plans the deferred flush: every mapping with dead ranges is removed and its live parts
+    /// mapped again.
+    pub fn plan_flush(&self, ram_bounds: &[u64]) -> Plan {
+        let mut plan = Plan::default();
+        let mut carry = Vec::new();
+        for (&key, h) in self.maps.iter().filter(|(_, h)| !h.dead.is_empty()) {
+            plan.remove.push(key);
+            let live = ranges::subtract(&[(key, key + h.len)], &h.dead);
+            carry.extend(live.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
+        }
+        plan.map = coalesce(carry, ram_bounds);
+        plan
+    }
+
+    /// Carries out `plan` on `host`: removals first, adjacent ones sharing one unmap call, then
+    /// the maps. The shadow changes only where the host said yes, so it always says exactly what
+    /// the host maps. Returns the calls the host refused.
+    pub fn apply(
+        &mut self,
+        plan: Plan,
+        host: &mut dyn HostDma,
+        work: &mut HostWork,
+    ) -> Vec<Failed> {
+        let mut failed = Vec::new();
+        let mut i = 0;
+        while i < plan.remove.len() {
+            // A run of removals may share one unmap call when no surviving mapping lies
+            // between them: the host removes whole mappings within the range.
+            let start = plan.remove[i];
+            let mut end = start + self.maps[&start].len;
+            let mut j = i + 1;
+            while j < plan.remove.len() && self.maps.range(end..plan.remove[j]).next().is_none() {
+                end = plan.remove[j] + self.maps[&plan.remove[j]].len;
+                j += 1;
+            }
+            work.unmap_calls += 1;
+            match host.unmap(start, end - start) {
+                Ok(()) => {
+                    for key in &plan.remove[i..j] {
+                        if let Some(h) = self.maps.remove(key) {
+                            if !h.dead.is_empty() {
+                                self.doomed -= 1;
+                            }
+                        }
+                    }
+                    work.mappings_removed += (j - i) as u64;
+                }
+                Err(error) => failed.push(Failed { error }),
+            }
+            i = j;
+        }
+        for (key, dead) in plan.mark {
+            if let Some(h) = self.maps.get_mut(&key) {
+                match (h.dead.is_empty(), dead.is_empty()) {
+                    (true, false) => {
+                        self.doomed += 1;
+                        work.deferred += 1;
+                    }
+                    (false, true) => {
+                        self.doomed -= 1;
+                        work.revived += 1;
+                    }
+                    _ => {}
+                }
+                h.dead = dead;
+            }
+        }
+        for l in plan.map {
+            work.map_calls += 1;
+            match host.map(l.iova, l.gpa, l.len, l.perm) {
+                Ok(()) => {
+                    self.maps.insert(
+                        l.iova,
+                        HostMapping {
+                            len: l.len,
+                            gpa: l.gpa,
+                            perm: l.perm,
+                            dead: Vec::new(),
+                        },
+                    );
+                }
+                Err(error) => failed.push(Failed { error }),
+            }
+        }
+        failed
+    }
+
+    /// Brings the host in line with one walk's items the way QEMU does, as the baseline the
+    /// batched engine is measured against: item by item, one host call per changed leaf, one
+    /// unmap call per hole that has host mappings in it, no coalescing.
+    pub fn sync_per_leaf(
+        &mut self,
+        items: &[WalkItem],
+        ram_bounds: &[u64],
+        ram: &[Range],
+        host: &mut dyn HostDma,
+        work: &mut HostWork,
+    ) -> Vec<Failed> {
+        let mut failed = Vec::new();
+        for item in items {
+            let (s, e, leaf) = match *item {
+                WalkItem::Hole { iova, len } => (iova, iova + len, None),
+                WalkItem::Leaf(l) => (l.iova, l.iova + l.len, Some(l)),
+            };
+            let keys = self.overlapping(&[(s, e)]);
+            let unchanged = match (leaf, keys.as_slice()) {
+                (Some(l), [k]) => {
+                    *k == l.iova && {
+                        let h = &self.maps[k];
+                        h.len == l.len && h.gpa == l.gpa && h.perm == l.perm
+                    }
+                }
+                (None, []) => true,
+                _ => false,
+            };
+            if unchanged {
+                continue;
+            }
+            let mut plan = Plan::default();
+            for &k in &keys {
+                let h = &self.maps[&k];
+                plan.remove.push(k);
+                let outside = ranges::subtract(&[(k, k + h.len)], &[(s, e)]);
+                plan.map
+                    .extend(outside.iter().map(|&(a, b)| h.leaf_at(k, a, b)));
+            }
+            if let Some(l) = leaf {
+                plan.map.extend(clip_to_ram(&l, ram, ram_bounds));
+            }
+            plan.map.sort_unstable_by_key(|l| l.iova);
+            failed.extend(self.apply(plan, host, work));
+        }
+        failed
+    }
+}
+
+/// Merges consecutive extents that are contiguous in IOVA and guest-physical space with the same
+/// permissions, never across a guest RAM region boundary.
+pub fn coalesce(sorted: Vec<Leaf>, ram_bounds: &[u64]) -> Vec<Leaf> {
+    let mut out: Vec<Leaf> = Vec::with_capacity(sorted.len());
+    for l in sorted {
+        if let Some(last) = out.last_mut() {
+            if last.iova + last.len == l.iova
+                && last.gpa + last.len == l.gpa
+                && last.perm == l.perm
+                && ram_bounds.binary_search(&l.gpa).is_err()
+            {
+                last.len += l.len;
+                continue;
+            }
+        }
+        out.push(l);
+    }
+    out
+}
+
+/// The parts of `leaf` whose guest-physical addresses are guest RAM (`ram` normalized), split
+/// at region boundaries.
+pub fn clip_to_ram(leaf: &Leaf, ram: &[Range], ram_bounds: &[u64]) -> Vec<Leaf> {
+    let g = [(leaf.gpa, leaf.gpa.saturating_add(leaf.len))];
+    let mut out = Vec::new();
+    for (s, e) in ranges::intersect(&g, ram) {
+        // Split at inner region boundaries (adjacent regions are merged in `ram`).
+        let mut pos = s;
+        let first = ram_bounds.partition_point(|&b| b <= s);
+        for &b in ram_bounds[first..].iter().take_while(|&&b| b < e) {
+            out.push(Leaf {
+                iova: leaf.iova + (pos - leaf.gpa),
+                gpa: pos,
+                len: b - pos,
+                perm: leaf.perm,
+            });
+            pos = b;
+        }
+        out.push(Leaf {
+            iova: leaf.iova + (pos - leaf.gpa),
+            gpa: pos,
+            len: e - pos,
+            perm: leaf.perm,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::SimHost;
+
+    const P: u64 = 0x1000;
+
+    fn leaf(iova: u64, gpa: u64, pages: u64) -> Leaf {
+        Leaf {
+            iova: iova * P,
+            gpa: gpa * P,
+            len: pages * P,
+            perm: Perm::RW,
+        }
+    }
+
+    /// Syncs `ranges` (in pages) to `desired`, returning the work done.
+    fn sync(
+        s: &mut Shadow,
+        host: &mut SimHost,
+        ranges: &[(u64, u64)],
+        desired: &[Leaf],
+        defer: bool,
+    ) -> HostWork {
+        let r: Vec<Range> = ranges.iter().map(|&(a, b)| (a * P, b * P)).collect();
+        let plan = s.plan(&ranges::normalize(r), desired, &[], defer);
+        let mut w = HostWork::default();
+        assert!(s.apply(plan, host, &mut w).is_empty());
+        assert_eq!(
+            host.page_map(),
+            shadow_pages(s),
+            "the shadow mirrors the host"
+        );
+        w
+    }
+
+    fn shadow_pages(s: &Shadow) -> std::collections::BTreeMap<u64, (u64, Perm)> {
+        let mut m = std::collections::BTreeMap::new();
+        for (k, h) in s.mappings() {
+            for p in 0..h.len / P {
+                m.insert(k + p * P, (h.gpa + p * P, h.perm));
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn contiguous_leaves_become_one_host_mapping() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        let desired: Vec<_> = (0..32).map(|i| leaf(100 + i, 500 + i, 1)).collect();
+        let w = sync(&mut s, &mut h, &[(100, 132)], &desired, false);
+        assert_eq!((w.map_calls, s.len()), (1, 1));
+        let w = sync(&mut s, &mut h, &[(100, 132)], &[], false);
+        assert_eq!((w.unmap_calls, w.mappings_removed), (1, 1));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn unchanged_translations_cost_no_host_call() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(&mut s, &mut h, &[(0, 8)], &[leaf(0, 10, 8)], false);
+        let w = sync(&mut s, &mut h, &[(0, 64)], &[leaf(0, 10, 8)], false);
+        assert_eq!(w, HostWork::default());
+    }
+
+    #[test]
+    fn partial_unmap_of_a_coalesced_mapping_keeps_the_rest_mapped() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(&mut s, &mut h, &[(0, 8)], &[leaf(0, 10, 8)], false);
+        // The guest drops pages 2 and 3 only; the invalidation covers pages 0..4.
+        let w = sync(&mut s, &mut h, &[(0, 4)], &[leaf(0, 10, 2)], false);
+        assert_eq!((w.unmap_calls, w.mappings_removed, w.map_calls), (1, 1, 2));
+        let pages = h.page_map();
+        assert_eq!(pages.len(), 6);
+        assert!(!pages.contains_key(&(2 * P)) && !pages.contains_key(&(3 * P)));
+        assert_eq!(pages[&(7 * P)].0, 17 * P);
+    }
+
+    #[test]
+    fn remapping_elsewhere_replaces_only_the_changed_mapping() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(
+            &mut s,
+            &mut h,
+            &[(0, 2)],
+            &[leaf(0, 10, 1), leaf(1, 30, 1)],
+            false,
+        );
+        assert_eq!(s.len(), 2, "not contiguous in guest-physical space");
+        let w = sync(
+            &mut s,
+            &mut h,
+            &[(0, 2)],
+            &[leaf(0, 10, 1), leaf(1, 40, 1)],
+            false,
+        );
+        assert_eq!((w.unmap_calls, w.map_calls), (1, 1));
+        assert_eq!(h.page_map()[&P].0, 40 * P);
+    }
+
+    #[test]
+    fn adjacent_removals_share_one_unmap_call_but_not_across_a_kept_mapping() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        let all = [
+            leaf(0, 10, 1),
+            leaf(1, 30, 1),
+            leaf(2, 50, 1),
+            leaf(3, 70, 1),
+        ];
+        sync(&mut s, &mut h, &[(0, 4)], &all, false);
+        let w = sync(&mut s, &mut h, &[(0, 4)], &[], false);
+        assert_eq!((w.unmap_calls, w.mappings_removed), (1, 4));
+        sync(&mut s, &mut h, &[(0, 4)], &all, false);
+        let w = sync(&mut s, &mut h, &[(0, 4)], &[all[2]], false);
+        assert_eq!((w.unmap_calls, w.mappings_removed), (2, 3));
+    }
+
+    #[test]
+    fn deferred_drop_keeps_the_host_mapping_until_flush_and_a_remap_revives_it() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(&mut s, &mut h, &[(0, 1)], &[leaf(0, 10, 1)], true);
+        let w = sync(&mut s, &mut h, &[(0, 1)], &[], true);
+        assert_eq!((w.unmap_calls, w.deferred, s.doomed()), (0, 1, 1));
+        assert_eq!(
+            h.page_map().len(),
+            1,
+            "still mapped on the host until the flush"
+        );
+        let w = sync(&mut s, &mut h, &[(0, 1)], &[leaf(0, 10, 1)], true);
+        assert_eq!((w.map_calls, w.unmap_calls, w.revived), (0, 0, 1));
+        assert_eq!(s.doomed(), 0);
+    }
+
+    #[test]
+    fn deferred_remap_elsewhere_unmaps_at_once() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(&mut s, &mut h, &[(0, 1)], &[leaf(0, 10, 1)], true);
+        sync(&mut s, &mut h, &[(0, 1)], &[], true);
+        let w = sync(&mut s, &mut h, &[(0, 1)], &[leaf(0, 20, 1)], true);
+        assert_eq!((w.unmap_calls, w.map_calls), (1, 1));
+        assert_eq!(h.page_map()[&0].0, 20 * P);
+        assert_eq!(s.doomed(), 0);
+    }
+
+    #[test]
+    fn deferred_flush_removes_dead_mappings_and_remaps_their_live_parts() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        sync(&mut s, &mut h, &[(0, 8)], &[leaf(0, 10, 8)], true);
+        sync(
+            &mut s,
+            &mut h,
+            &[(0, 4), (6, 8)],
+            &[leaf(0, 10, 2), leaf(6, 16, 1)],
+            true,
+        );
+        assert_eq!(h.page_map().len(), 8);
+        let plan = s.plan_flush(&[]);
+        let mut w = HostWork::default();
+        assert!(s.apply(plan, &mut h, &mut w).is_empty());
+        assert_eq!((w.unmap_calls, w.mappings_removed), (1, 1));
+        let pages = h.page_map();
+        let mapped: Vec<u64> = pages.keys().map(|k| k / P).collect();
+        assert_eq!(mapped, vec![0, 1, 4, 5, 6]);
+        assert_eq!(s.doomed(), 0);
+    }
+
+    #[test]
+    fn coalescing_stops_at_ram_region_boundaries() {
+        let l = coalesce(vec![leaf(0, 0, 1), leaf(1, 1, 1)], &[P]);
+        assert_eq!(l.len(), 2);
+        let pieces = clip_to_ram(
+            &leaf(0, 0, 4),
+            &[(0, 2 * P), (3 * P, 8 * P)],
+            &[0, P, 2 * P],
+        );
+        let got: Vec<_> = pieces.iter().map(|l| (l.iova / P, l.len / P)).collect();
+        assert_eq!(got, vec![(0, 1), (1, 1), (3, 1)]);
+    }
+
+    #[test]
+    fn refused_map_leaves_the_shadow_exact() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::with_limit(1);
+        let plan = s.plan(&[(0, 4 * P)], &[leaf(0, 10, 1), leaf(2, 30, 1)], &[], false);
+        let mut w = HostWork::default();
+        let failed = s.apply(plan, &mut h, &mut w);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(s.len(), 1);
+        assert_eq!(h.page_map(), shadow_pages(&s));
+    }
+
+    #[test]
+    fn per_leaf_baseline_makes_one_call_per_changed_leaf() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        let items: Vec<_> = (0..4).map(|i| WalkItem::Leaf(leaf(i, 10 + i, 1))).collect();
+        let ram = [(0, 1 << 40)];
+        let mut w = HostWork::default();
+        s.sync_per_leaf(&items, &[0, 1 << 40], &ram, &mut h, &mut w);
+        assert_eq!(w.map_calls, 4);
+        let holes = [WalkItem::Hole {
+            iova: 0,
+            len: 4 * P,
+        }];
+        let mut w = HostWork::default();
+        s.sync_per_leaf(&holes, &[0, 1 << 40], &ram, &mut h, &mut w);
+        assert_eq!((w.unmap_calls, w.mappings_removed), (1, 4));
+    }
+}

@@ -1,0 +1,223 @@
+//! One attached device's host address space: which view of the guest's translations it follows,
+//! the invalidated ranges waiting to be synced, and the host mappings that implement it.
+
+use vm_memory::GuestMemoryBackend;
+
+use crate::host::HostDma;
+use crate::ranges::{self, Range};
+use crate::shadow::{clip_to_ram, coalesce, Failed, HostWork, Plan, Shadow};
+use crate::walk::{walk_range, Leaf, PageTable, WalkCounters, WalkItem};
+use crate::{Capabilities, Perm, SourceId};
+
+/// The whole input address space a sync may have to cover (52-bit addresses).
+pub(crate) const FULL: Range = (0, 1 << 52);
+
+/// What a device's DMA addresses mean, as the unit's state and its context entry say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum View {
+    /// No translation: the context entry is missing or invalid.
+    Blocked,
+    /// DMA addresses are guest-physical: translation is off, or the context is pass-through.
+    Identity,
+    /// Through the second-level tables of `domain`.
+    Tables { domain: u16, table: PageTable },
+}
+
+impl View {
+    pub fn domain(&self) -> Option<u16> {
+        match self {
+            View::Tables { domain, .. } => Some(*domain),
+            _ => None,
+        }
+    }
+}
+
+/// What a sync needs to know of the guest.
+pub(crate) struct SyncEnv<'a, M> {
+    pub mem: &'a M,
+    pub caps: &'a Capabilities,
+    /// Guest RAM, normalized.
+    pub ram: &'a [Range],
+    /// Start and end of every guest RAM region, sorted.
+    pub ram_bounds: &'a [u64],
+    /// Most walk visits one sync may make.
+    pub walk_budget: u64,
+}
+
+/// What a sync did.
+#[derive(Debug, Default)]
+pub(crate) struct SyncReport {
+    pub work: HostWork,
+    pub failed: Vec<Failed>,
+    pub tables_read: u64,
+    pub budget_exceeded: bool,
+}
+
+pub(crate) struct Space {
+    pub source: SourceId,
+    pub view: View,
+    host: Box<dyn HostDma>,
+    pub shadow: Shadow,
+    /// Invalidated ranges not yet synced.
+    pending: Vec<Range>,
+    /// The whole space must be synced, strictly, because the view changed.
+    view_changed: bool,
+}
+
+impl Space {
+    pub fn new(source: SourceId, host: Box<dyn HostDma>) -> Self {
+        Space {
+            source,
+            view: View::Blocked,
+            host,
+            shadow: Shadow::new(),
+            pending: Vec::new(),
+            view_changed: true,
+        }
+    }
+
+    /// Notes that the guest invalidated `range`.
+    pub fn invalidate(&mut self, range: Range) {
+        self.pending.push(range);
+    }
+
+    /// Switches to `view`; the whole space is synced strictly at the next sync.
+    pub fn set_view(&mut self, view: View) {
+        if view != self.view {
+            self.view = view;
+            self.view_changed = true;
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.view_changed || !self.pending.is_empty()
+    }
+
+    /// Visits what the view translates over `[start, end)`.
+    fn items<M: GuestMemoryBackend>(
+        &self,
+        env: &SyncEnv<'_, M>,
+        (start, end): Range,
+        counters: &mut WalkCounters,
+        report: &mut SyncReport,
+        visit: &mut dyn FnMut(WalkItem),
+    ) {
+        match self.view {
+            View::Blocked => visit(WalkItem::Hole {
+                iova: start,
+                len: end - start,
+            }),
+            View::Identity => {
+                for (s, e) in ranges::intersect(&[(start, end)], env.ram) {
+                    visit(WalkItem::Leaf(Leaf {
+                        iova: s,
+                        gpa: s,
+                        len: e - s,
+                        perm: Perm::RW,
+                    }));
+                }
+            }
+            View::Tables { table, .. } => {
+                let r = walk_range(env.mem, table, (start, end), env.caps, counters, visit);
+                if r.is_err() {
+                    report.budget_exceeded = true;
+                }
+            }
+        }
+    }
+
+    /// Syncs the pending ranges (or the whole space after a view change) in one batch.
+    pub fn sync<M: GuestMemoryBackend>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        let (ranges, defer) = if self.view_changed {
+            (vec![FULL], false)
+        } else {
+            (ranges::normalize(std::mem::take(&mut self.pending)), defer)
+        };
+        self.pending.clear();
+        self.view_changed = false;
+        if ranges.is_empty() {
+            return report;
+        }
+        let mut desired = Vec::new();
+        let mut counters = WalkCounters::new(env.walk_budget);
+        for &r in &ranges {
+            self.items(env, r, &mut counters, &mut report, &mut |item| {
+                if let WalkItem::Leaf(l) = item {
+                    desired.extend(clip_to_ram(&l, env.ram, env.ram_bounds));
+                }
+            });
+        }
+        report.tables_read = counters.tables_read;
+        if report.budget_exceeded {
+            log::warn!(
+                "{}: guest tables exceed the walk budget of {} entries; leaving host mappings as they were",
+                self.source,
+                env.walk_budget
+            );
+            return report;
+        }
+        let desired = coalesce(desired, env.ram_bounds);
+        let plan = self.shadow.plan(&ranges, &desired, env.ram_bounds, defer);
+        self.apply(plan, &mut report);
+        report
+    }
+
+    /// Syncs `range` at once, leaf by leaf, the way QEMU does: the measured baseline.
+    pub fn sync_per_leaf<M: GuestMemoryBackend>(
+        &mut self,
+        env: &SyncEnv<'_, M>,
+        range: Range,
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        let range = if self.view_changed { FULL } else { range };
+        self.view_changed = false;
+        self.pending.clear();
+        let mut items = Vec::new();
+        let mut counters = WalkCounters::new(env.walk_budget);
+        self.items(env, range, &mut counters, &mut report, &mut |i| {
+            items.push(i)
+        });
+        report.tables_read = counters.tables_read;
+        if report.budget_exceeded {
+            return report;
+        }
+        report.failed = self.shadow.sync_per_leaf(
+            &items,
+            env.ram_bounds,
+            env.ram,
+            self.host.as_mut(),
+            &mut report.work,
+        );
+        report
+    }
+
+    /// Carries out the deferred unmaps.
+    pub fn flush_deferred(&mut self, ram_bounds: &[u64]) -> SyncReport {
+        let mut report = SyncReport::default();
+        if self.shadow.doomed() > 0 {
+            let plan = self.shadow.plan_flush(ram_bounds);
+            self.apply(plan, &mut report);
+        }
+        report
+    }
+
+    fn apply(&mut self, plan: Plan, report: &mut SyncReport) {
+        if !plan.is_empty() {
+            report.failed = self
+                .shadow
+                .apply(plan, self.host.as_mut(), &mut report.work);
+        }
+    }
+
+    /// Removes every host mapping, for detaching the device.
+    pub fn unmap_all(&mut self) -> SyncReport {
+        self.set_view(View::Blocked);
+        self.view_changed = true;
+        let mut report = SyncReport::default();
+        let plan = self.shadow.plan(&[FULL], &[], &[], false);
+        self.apply(plan, &mut report);
+        self.view_changed = false;
+        report
+    }
+}

@@ -1,0 +1,49 @@
+//! Counters of what the remapping unit did, for the VMM to print as JSON.
+
+use serde::Serialize;
+
+/// Invalidation descriptors processed, by type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DescriptorCounts {
+    pub context_cache: u64,
+    pub iotlb_global: u64,
+    pub iotlb_domain: u64,
+    pub iotlb_page: u64,
+    pub device_iotlb: u64,
+    pub interrupt_entry_cache: u64,
+    pub wait: u64,
+    /// Descriptors that set FSTS.IQE.
+    pub invalid: u64,
+}
+
+/// Everything the remapping unit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Invalidation descriptors fetched from the queue, valid or not.
+    pub descriptors: u64,
+    pub descriptors_by_type: DescriptorCounts,
+    /// Register-based invalidations (CCMD and IOTLB registers, used when QI is off).
+    pub register_invalidations: u64,
+    /// Tail writes that found descriptors to process.
+    pub submissions: u64,
+    /// Wait descriptors completed.
+    pub waits: u64,
+    pub host_map_calls: u64,
+    pub host_unmap_calls: u64,
+    /// Host mappings removed: VFIO type1 flushes the host IOTLB once for each.
+    pub host_mappings_removed: u64,
+    /// Host calls that failed.
+    pub host_errors: u64,
+    /// Guest page-table pages read while syncing host mappings.
+    pub pages_walked: u64,
+    /// Translation faults detected, whether or not a fault record took them.
+    pub faults: u64,
+    /// Host mappings whose unmap was deferred.
+    pub deferred_unmaps: u64,
+    /// Deferred unmaps cancelled because the guest mapped the same translation again.
+    pub deferred_unmaps_cancelled: u64,
+    /// Deferred flushes carried out.
+    pub deferred_flushes: u64,
+    /// Syncs cut short because the guest's tables held more entries than the walk budget.
+    pub walk_budget_exceeded: u64,
+}

@@ -1,0 +1,268 @@
+//! Root and context tables in legacy mode (VT-d spec 3.4.2, 9.1 and 9.3).
+//!
+//! The root table has one 128-bit entry per bus; each present entry points to a context table
+//! with one 128-bit entry per device/function. A context entry names the domain and how the
+//! device's requests are translated.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::fault::FaultReason;
+use crate::walk::PageTable;
+use crate::{Capabilities, SourceId};
+
+const ENTRY_SIZE: u64 = 16;
+
+// 9.1: root entry, low quadword.
+const ROOT_LO_P: u64 = 1 << 0;
+const ROOT_LO_RSVD: u64 = 0xffe;
+
+// 9.3: context entry.
+const CTX_LO_P: u64 = 1 << 0;
+const CTX_LO_FPD: u64 = 1 << 1;
+const CTX_LO_TT_SHIFT: u64 = 2;
+const CTX_LO_TT_MASK: u64 = 0b11 << CTX_LO_TT_SHIFT;
+const CTX_LO_RSVD: u64 = 0xff0;
+const CTX_HI_AW_MASK: u64 = 0b111;
+const CTX_HI_DID_SHIFT: u64 = 8;
+/// Bit 7 and bits 63:24 are reserved; bits 6:3 are available to software.
+const CTX_HI_RSVD: u64 = !0xff_ff7f;
+
+/// Translation type: untranslated requests go through second-level tables.
+const TT_MULTI_LEVEL: u64 = 0b00;
+/// Translation type: as multi-level, and translation requests (ATS) are allowed.
+const TT_DEVICE_TLB: u64 = 0b01;
+/// Translation type: untranslated requests pass through unchanged.
+const TT_PASS_THROUGH: u64 = 0b10;
+
+/// How a device's requests are translated, as its context entry says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Translation {
+    /// Through second-level page tables.
+    Tables(PageTable),
+    /// Addresses are guest-physical addresses.
+    PassThrough,
+}
+
+/// A present, valid context entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    pub domain: u16,
+    pub translation: Translation,
+    /// Fault processing disable: faults of this device are not recorded.
+    pub fpd: bool,
+}
+
+/// Why no context could be found, and whether the fault may be recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ContextFault {
+    pub reason: FaultReason,
+    /// Set when the context entry was readable and has FPD set.
+    pub fpd: bool,
+}
+
+impl ContextFault {
+    fn new(reason: FaultReason) -> Self {
+        ContextFault { reason, fpd: false }
+    }
+}
+
+fn read_entry<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Option<[u64; 2]> {
+    let lo: u64 = mem.read_obj(GuestAddress(addr)).ok()?;
+    let hi: u64 = mem.read_obj(GuestAddress(addr.checked_add(8)?)).ok()?;
+    Some([lo, hi])
+}
+
+/// Mask of the address bits at and above the host address width, which must be zero.
+pub(crate) fn beyond_haw_mask(haw: u32) -> u64 {
+    !((1u64 << haw) - 1)
+}
+
+/// Looks up the context of `source` in the root table at `root_table`.
+pub fn lookup<M: GuestMemoryBackend>(
+    mem: &M,
+    root_table: u64,
+    source: SourceId,
+    caps: &Capabilities,
+) -> Result<Context, ContextFault> {
+    let root_addr = root_table + u64::from(source.bus()) * ENTRY_SIZE;
+    let [root_lo, _] =
+        read_entry(mem, root_addr).ok_or(ContextFault::new(FaultReason::RootTableAccess))?;
+    if root_lo & ROOT_LO_P == 0 {
+        return Err(ContextFault::new(FaultReason::RootEntryNotPresent));
+    }
+    // The upper quadword of a legacy root entry is reserved too, but Linux leaves it as it
+    // found it; like QEMU, only the low quadword is checked.
+    if root_lo & (ROOT_LO_RSVD | beyond_haw_mask(caps.haw)) != 0 {
+        return Err(ContextFault::new(FaultReason::RootEntryReserved));
+    }
+    let ctx_addr = (root_lo & !0xfff) + u64::from(source.devfn()) * ENTRY_SIZE;
+    let [lo, hi] =
+        read_entry(mem, ctx_addr).ok_or(ContextFault::new(FaultReason::ContextTableAccess))?;
+    let fpd = lo & CTX_LO_FPD != 0;
+    let fault = |reason| ContextFault { reason, fpd };
+    if lo & CTX_LO_P == 0 {
+        return Err(fault(FaultReason::ContextEntryNotPresent));
+    }
+    let tt = (lo & CTX_LO_TT_MASK) >> CTX_LO_TT_SHIFT;
+    let pass_through = tt == TT_PASS_THROUGH;
+    // The second-level pointer is unused, so unchecked, for pass-through entries.
+    let ptr_rsvd = if pass_through {
+        0
+    } else {
+        beyond_haw_mask(caps.haw)
+    };
+    if lo & (CTX_LO_RSVD | ptr_rsvd) != 0 || hi & CTX_HI_RSVD != 0 {
+        return Err(fault(FaultReason::ContextEntryReserved));
+    }
+    let domain = ((hi >> CTX_HI_DID_SHIFT) & 0xffff) as u16;
+    let translation = match tt {
+        TT_PASS_THROUGH if caps.pass_through => Translation::PassThrough,
+        TT_DEVICE_TLB if !caps.device_iotlb => return Err(fault(FaultReason::ContextEntryInvalid)),
+        TT_MULTI_LEVEL | TT_DEVICE_TLB => {
+            let levels = match hi & CTX_HI_AW_MASK {
+                1 if caps.supports_levels(3) => 3,
+                2 if caps.supports_levels(4) => 4,
+                _ => return Err(fault(FaultReason::ContextEntryInvalid)),
+            };
+            Translation::Tables(PageTable {
+                root: lo & !0xfff,
+                levels,
+            })
+        }
+        _ => return Err(fault(FaultReason::ContextEntryInvalid)),
+    };
+    Ok(Context {
+        domain,
+        translation,
+        fpd,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::testing::{mem, Tables};
+
+    #[test]
+    fn present_multi_level_context_is_decoded() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        t.context(SourceId::new(0, 3, 0), 42, 3);
+        let c = lookup(&m, t.root, SourceId::new(0, 3, 0), &Capabilities::default()).unwrap();
+        assert_eq!(c.domain, 42);
+        assert!(matches!(
+            c.translation,
+            Translation::Tables(PageTable { levels: 3, .. })
+        ));
+        assert!(!c.fpd);
+    }
+
+    #[test]
+    fn not_present_root_entry_faults_with_reason_1() {
+        let m = mem();
+        let t = Tables::new(&m);
+        let e = lookup(&m, t.root, SourceId::new(5, 0, 0), &Capabilities::default());
+        assert_eq!(e.unwrap_err().reason, FaultReason::RootEntryNotPresent);
+    }
+
+    #[test]
+    fn not_present_context_entry_faults_with_reason_2_and_honours_fpd() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let sid = SourceId::new(0, 4, 0);
+        t.context(SourceId::new(0, 3, 0), 1, 3);
+        t.write_context_raw(sid, CTX_LO_FPD, 0);
+        let e = lookup(&m, t.root, sid, &Capabilities::default()).unwrap_err();
+        assert_eq!(e.reason, FaultReason::ContextEntryNotPresent);
+        assert!(e.fpd);
+    }
+
+    #[test]
+    fn reserved_bits_fault_with_their_reasons() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let sid = SourceId::new(0, 3, 0);
+        t.context(sid, 1, 3);
+        let caps = Capabilities::default();
+        let [lo, hi] = t.read_context_raw(sid);
+        t.write_context_raw(sid, lo | 1 << 5, hi);
+        assert_eq!(
+            lookup(&m, t.root, sid, &caps).unwrap_err().reason,
+            FaultReason::ContextEntryReserved
+        );
+        t.write_context_raw(sid, lo, hi | 1 << 40);
+        assert_eq!(
+            lookup(&m, t.root, sid, &caps).unwrap_err().reason,
+            FaultReason::ContextEntryReserved
+        );
+        t.write_context_raw(sid, lo, hi);
+        t.write_root_raw(0, t.read_root_raw(0) | 1 << 3);
+        assert_eq!(
+            lookup(&m, t.root, sid, &caps).unwrap_err().reason,
+            FaultReason::RootEntryReserved
+        );
+    }
+
+    #[test]
+    fn unsupported_width_or_type_is_an_invalid_context() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let sid = SourceId::new(0, 3, 0);
+        t.context(sid, 1, 4);
+        let caps39 = Capabilities {
+            aw_bits: 39,
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            lookup(&m, t.root, sid, &caps39).unwrap_err().reason,
+            FaultReason::ContextEntryInvalid
+        );
+        let [lo, hi] = t.read_context_raw(sid);
+        t.write_context_raw(sid, lo | 0b11 << 2, hi);
+        assert_eq!(
+            lookup(&m, t.root, sid, &Capabilities::default())
+                .unwrap_err()
+                .reason,
+            FaultReason::ContextEntryInvalid
+        );
+        t.write_context_raw(sid, lo | TT_DEVICE_TLB << 2, hi);
+        assert_eq!(
+            lookup(&m, t.root, sid, &Capabilities::default())
+                .unwrap_err()
+                .reason,
+            FaultReason::ContextEntryInvalid,
+            "device-TLB entries need ECAP.DT"
+        );
+    }
+
+    #[test]
+    fn pass_through_context_ignores_the_table_pointer() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let sid = SourceId::new(0, 3, 0);
+        t.context(sid, 7, 4);
+        t.write_context_raw(sid, u64::MAX << 52 | TT_PASS_THROUGH << 2 | 1, 2 | 7 << 8);
+        let c = lookup(&m, t.root, sid, &Capabilities::default()).unwrap();
+        assert_eq!(c.translation, Translation::PassThrough);
+        let no_pt = Capabilities {
+            pass_through: false,
+            ..Capabilities::default()
+        };
+        assert_eq!(
+            lookup(&m, t.root, sid, &no_pt).unwrap_err().reason,
+            FaultReason::ContextEntryInvalid
+        );
+    }
+
+    #[test]
+    fn root_table_outside_guest_memory_faults_with_reason_8() {
+        let m = mem();
+        let e = lookup(
+            &m,
+            1 << 40,
+            SourceId::new(0, 0, 0),
+            &Capabilities::default(),
+        );
+        assert_eq!(e.unwrap_err().reason, FaultReason::RootTableAccess);
+    }
+}

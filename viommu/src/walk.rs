@@ -1,0 +1,479 @@
+//! Second-level page walks (VT-d spec 3.6 and 9.8).
+//!
+//! Two walks share one entry decoder: [`translate`] resolves one address for a DMA request and
+//! reports the spec's fault reason when it fails; [`walk_range`] visits every leaf and hole over
+//! a range, for shadowing the guest's tables into host mappings.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::fault::{Access, FaultReason};
+use crate::tables::beyond_haw_mask;
+use crate::{Capabilities, Perm, PAGE_SHIFT};
+
+// 9.8: second-level paging entry fields.
+const SL_R: u64 = 1 << 0;
+const SL_W: u64 = 1 << 1;
+/// Page size: the entry maps a 2 MiB (level 2) or 1 GiB (level 3) page.
+const SL_PS: u64 = 1 << 7;
+/// Snoop behaviour: reserved without ECAP.SC, which this model does not report.
+const SL_SNP: u64 = 1 << 11;
+/// Transient mapping: reserved without ECAP.DT.
+const SL_TM: u64 = 1 << 62;
+/// Address bits of an entry (51:12); bits above the host address width are reserved.
+const SL_ADDR_MASK: u64 = ((1 << 52) - 1) & !0xfff;
+
+const ENTRIES_PER_TABLE: u64 = 512;
+const LEVEL_STRIDE: u32 = 9;
+
+/// A second-level page table: its root and number of levels (3 for 39-bit, 4 for 48-bit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageTable {
+    pub root: u64,
+    pub levels: u8,
+}
+
+impl PageTable {
+    /// Width of the input address space in bits.
+    pub fn width(&self) -> u32 {
+        PAGE_SHIFT + LEVEL_STRIDE * u32::from(self.levels)
+    }
+
+    /// One past the highest input address.
+    pub fn limit(&self) -> u64 {
+        1 << self.width()
+    }
+}
+
+/// A translated range: `len` bytes at `iova` map to `gpa` with `perm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    pub iova: u64,
+    pub gpa: u64,
+    pub len: u64,
+    pub perm: Perm,
+}
+
+/// What a range walk finds, in address order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkItem {
+    Leaf(Leaf),
+    /// No translation over `len` bytes at `iova` (not present, reserved bits or unreadable),
+    /// reported once per entry at the level where it was found.
+    Hole {
+        iova: u64,
+        len: u64,
+    },
+}
+
+/// The range walk gave up because the guest's tables held more entries than the budget.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BudgetExceeded;
+
+/// What range walks may still do and what they did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkCounters {
+    /// Visits left before the walk gives up.
+    pub budget: u64,
+    /// Guest page-table pages read.
+    pub tables_read: u64,
+}
+
+impl WalkCounters {
+    pub fn new(budget: u64) -> Self {
+        WalkCounters {
+            budget,
+            tables_read: 0,
+        }
+    }
+}
+
+fn level_shift(level: u8) -> u32 {
+    PAGE_SHIFT + LEVEL_STRIDE * (u32::from(level) - 1)
+}
+
+/// How one paging entry at one level decodes.
+enum Entry {
+    NotPresent,
+    Reserved,
+    Leaf { addr: u64, perm: Perm },
+    Table { addr: u64, perm: Perm },
+}
+
+fn decode(pte: u64, level: u8, caps: &Capabilities) -> Entry {
+    let perm = Perm {
+        read: pte & SL_R != 0,
+        write: pte & SL_W != 0,
+    };
+    if perm.is_none() {
+        return Entry::NotPresent;
+    }
+    let mut rsvd = SL_SNP | (SL_ADDR_MASK & beyond_haw_mask(caps.haw));
+    let large = level > 1 && pte & SL_PS != 0;
+    if large {
+        let large_ok = match level {
+            2 => caps.large_2m,
+            3 => caps.large_1g,
+            _ => false,
+        };
+        if !large_ok {
+            return Entry::Reserved;
+        }
+        // The address of a large page is aligned to its size: the low address bits are reserved.
+        rsvd |= ((1 << level_shift(level)) - 1) & !0xfff;
+    }
+    if level == 1 || large {
+        rsvd |= SL_TM;
+    }
+    if pte & rsvd != 0 {
+        return Entry::Reserved;
+    }
+    let addr = pte & SL_ADDR_MASK;
+    if level == 1 || large {
+        Entry::Leaf { addr, perm }
+    } else {
+        Entry::Table { addr, perm }
+    }
+}
+
+/// Translates `iova` through `table` for a request of kind `access`.
+pub fn translate<M: GuestMemoryBackend>(
+    mem: &M,
+    table: PageTable,
+    iova: u64,
+    access: Access,
+    caps: &Capabilities,
+) -> Result<Leaf, FaultReason> {
+    if iova >= table.limit() || iova >> caps.aw_bits != 0 {
+        return Err(FaultReason::AddressBeyondWidth);
+    }
+    let mut addr = table.root;
+    let mut perm = Perm::RW;
+    for level in (1..=table.levels).rev() {
+        let shift = level_shift(level);
+        let index = (iova >> shift) & (ENTRIES_PER_TABLE - 1);
+        let pte: u64 = mem
+            .read_obj(GuestAddress(addr + index * 8))
+            .map_err(|_| FaultReason::PagingEntryAccess)?;
+        match decode(pte, level, caps) {
+            Entry::NotPresent => break,
+            Entry::Reserved => return Err(FaultReason::PagingEntryReserved),
+            Entry::Table {
+                addr: next,
+                perm: p,
+            } => {
+                perm = perm.and(p);
+                addr = next;
+            }
+            Entry::Leaf {
+                addr: page,
+                perm: p,
+            } => {
+                perm = perm.and(p);
+                if perm.allows(access) {
+                    let size = 1u64 << shift;
+                    let base = iova & !(size - 1);
+                    return Ok(Leaf {
+                        iova: base,
+                        gpa: page,
+                        len: size,
+                        perm,
+                    });
+                }
+                break;
+            }
+        }
+    }
+    Err(match access {
+        Access::Read => FaultReason::ReadNotPermitted,
+        Access::Write => FaultReason::WriteNotPermitted,
+    })
+}
+
+/// Walks `table` over `[start, end)` (page-aligned), calling `visit` for every leaf and hole in
+/// address order. Leaves are clipped to the range.
+///
+/// The walk does at most `counters.budget` visits: a hostile guest can build tables whose
+/// entries all point to the same lower table, so the leaf count is bounded by the budget, not
+/// by the tables.
+pub fn walk_range<M: GuestMemoryBackend>(
+    mem: &M,
+    table: PageTable,
+    (start, end): (u64, u64),
+    caps: &Capabilities,
+    counters: &mut WalkCounters,
+    visit: &mut dyn FnMut(WalkItem),
+) -> Result<(), BudgetExceeded> {
+    let end = end.min(table.limit());
+    if start >= end {
+        return Ok(());
+    }
+    let mut walker = RangeWalker {
+        mem,
+        caps,
+        counters,
+        visit,
+    };
+    walker.level(table.root, table.levels, 0, start, end, Perm::RW)
+}
+
+struct RangeWalker<'a, M> {
+    mem: &'a M,
+    caps: &'a Capabilities,
+    counters: &'a mut WalkCounters,
+    visit: &'a mut dyn FnMut(WalkItem),
+}
+
+impl<M: GuestMemoryBackend> RangeWalker<'_, M> {
+    fn emit(&mut self, item: WalkItem) -> Result<(), BudgetExceeded> {
+        if self.counters.budget == 0 {
+            return Err(BudgetExceeded);
+        }
+        self.counters.budget -= 1;
+        (self.visit)(item);
+        Ok(())
+    }
+
+    /// Visits the table at `addr` (level `level`, covering addresses from `base`) over
+    /// `[start, end)`, which lies within the table's span.
+    fn level(
+        &mut self,
+        addr: u64,
+        level: u8,
+        base: u64,
+        start: u64,
+        end: u64,
+        perm: Perm,
+    ) -> Result<(), BudgetExceeded> {
+        let shift = level_shift(level);
+        let first = (start - base) >> shift;
+        let last = (end - 1 - base) >> shift;
+        let count = (last - first + 1) as usize;
+        let mut ptes = [0u64; ENTRIES_PER_TABLE as usize];
+        let read = self.mem.read_slice(
+            // SAFETY of the cast: u64 has no invalid bit patterns; the slice is plain bytes.
+            as_bytes_mut(&mut ptes[..count]),
+            GuestAddress(addr + first * 8),
+        );
+        self.counters.tables_read += 1;
+        if read.is_err() {
+            return self.emit(WalkItem::Hole {
+                iova: start,
+                len: end - start,
+            });
+        }
+        for (i, &pte) in ptes[..count].iter().enumerate() {
+            let entry_base = base + ((first + i as u64) << shift);
+            let lo = start.max(entry_base);
+            let hi = end.min(entry_base + (1 << shift));
+            match decode(u64::from_le(pte), level, self.caps) {
+                Entry::NotPresent | Entry::Reserved => self.emit(WalkItem::Hole {
+                    iova: lo,
+                    len: hi - lo,
+                })?,
+                Entry::Leaf {
+                    addr: page,
+                    perm: p,
+                } => {
+                    let perm = perm.and(p);
+                    if perm.is_none() {
+                        self.emit(WalkItem::Hole {
+                            iova: lo,
+                            len: hi - lo,
+                        })?;
+                    } else {
+                        self.emit(WalkItem::Leaf(Leaf {
+                            iova: lo,
+                            gpa: page + (lo - entry_base),
+                            len: hi - lo,
+                            perm,
+                        }))?;
+                    }
+                }
+                Entry::Table {
+                    addr: next,
+                    perm: p,
+                } => {
+                    self.level(next, level - 1, entry_base, lo, hi, perm.and(p))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn as_bytes_mut(words: &mut [u64]) -> &mut [u8] {
+    let len = std::mem::size_of_val(words);
+    // SAFETY: the pointer and length come from a valid &mut [u64]; u8 has alignment 1 and any
+    // bit pattern is a valid u64, so viewing the same memory as bytes is sound.
+    unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{mem, Tables};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn walk_all(m: &crate::testing::Mem, t: PageTable, start: u64, end: u64) -> Vec<WalkItem> {
+        let mut items = vec![];
+        let mut counters = WalkCounters::new(u64::MAX);
+        walk_range(
+            m,
+            t,
+            (start, end),
+            &Capabilities::default(),
+            &mut counters,
+            &mut |i| items.push(i),
+        )
+        .unwrap();
+        items
+    }
+
+    #[test]
+    fn translates_4k_2m_and_1g_leaves_at_3_and_4_levels() {
+        for levels in [3, 4] {
+            let m = mem();
+            let mut t = Tables::new(&m);
+            let pt = t.page_table(levels);
+            t.map(pt, 0x1000, 0x5000, 0x1000, Perm::RW);
+            t.map_large(pt, 2 * MIB, 4 * MIB, 2, Perm::READ);
+            t.map_large(pt, GIB, 0, 3, Perm::RW);
+            let caps = Capabilities::default();
+            let l = translate(&m, pt, 0x1234, Access::Write, &caps).unwrap();
+            assert_eq!((l.iova, l.gpa, l.len), (0x1000, 0x5000, 0x1000));
+            let l = translate(&m, pt, 2 * MIB + 0x3456, Access::Read, &caps).unwrap();
+            assert_eq!((l.iova, l.gpa, l.len), (2 * MIB, 4 * MIB, 2 * MIB));
+            let l = translate(&m, pt, GIB + 5, Access::Read, &caps).unwrap();
+            assert_eq!((l.iova, l.gpa, l.len), (GIB, 0, GIB));
+        }
+    }
+
+    #[test]
+    fn permission_faults_name_the_access() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(3);
+        t.map(pt, 0x1000, 0x5000, 0x1000, Perm::READ);
+        let caps = Capabilities::default();
+        assert_eq!(
+            translate(&m, pt, 0x1000, Access::Write, &caps),
+            Err(FaultReason::WriteNotPermitted)
+        );
+        assert_eq!(
+            translate(&m, pt, 0x9000, Access::Read, &caps),
+            Err(FaultReason::ReadNotPermitted)
+        );
+    }
+
+    #[test]
+    fn address_beyond_width_faults_with_reason_4() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(3);
+        assert_eq!(
+            translate(&m, pt, 1 << 39, Access::Read, &Capabilities::default()),
+            Err(FaultReason::AddressBeyondWidth)
+        );
+    }
+
+    #[test]
+    fn reserved_bits_and_unsupported_large_pages_fault_with_reason_c() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(3);
+        t.map(pt, 0x1000, 0x5000, 0x1000, Perm::RW);
+        let caps = Capabilities::default();
+        let pte = t.leaf_pte_addr(pt, 0x1000);
+        let v = t.read_u64(pte);
+        t.write_u64(pte, v | SL_SNP);
+        assert_eq!(
+            translate(&m, pt, 0x1000, Access::Read, &caps),
+            Err(FaultReason::PagingEntryReserved)
+        );
+        t.write_u64(pte, v | 1 << 45);
+        let haw39 = Capabilities { haw: 39, ..caps };
+        assert_eq!(
+            translate(&m, pt, 0x1000, Access::Read, &haw39),
+            Err(FaultReason::PagingEntryReserved),
+            "address bits beyond the 39-bit host address width are reserved"
+        );
+        t.map_large(pt, 2 * MIB, 4 * MIB, 2, Perm::RW);
+        let no_2m = Capabilities {
+            large_2m: false,
+            ..caps
+        };
+        assert_eq!(
+            translate(&m, pt, 2 * MIB, Access::Read, &no_2m),
+            Err(FaultReason::PagingEntryReserved)
+        );
+    }
+
+    #[test]
+    fn unreadable_table_faults_with_reason_7() {
+        let m = mem();
+        let pt = PageTable {
+            root: 1 << 38,
+            levels: 3,
+        };
+        assert_eq!(
+            translate(&m, pt, 0, Access::Read, &Capabilities::default()),
+            Err(FaultReason::PagingEntryAccess)
+        );
+    }
+
+    #[test]
+    fn range_walk_reports_leaves_clipped_and_holes_in_order() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(3);
+        t.map(pt, 0x2000, 0x8000, 0x2000, Perm::RW);
+        t.map_large(pt, 2 * MIB, 6 * MIB, 2, Perm::READ);
+        let items = walk_all(&m, pt, 0x1000, 2 * MIB + 0x3000);
+        let leaves: Vec<_> = items
+            .iter()
+            .filter_map(|i| match i {
+                WalkItem::Leaf(l) => Some((l.iova, l.gpa, l.len)),
+                WalkItem::Hole { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            leaves,
+            vec![
+                (0x2000, 0x8000, 0x1000),
+                (0x3000, 0x9000, 0x1000),
+                (2 * MIB, 6 * MIB, 0x3000)
+            ]
+        );
+        let covered: u64 = items
+            .iter()
+            .map(|i| match i {
+                WalkItem::Leaf(l) => l.len,
+                WalkItem::Hole { len, .. } => *len,
+            })
+            .sum();
+        assert_eq!(covered, 2 * MIB + 0x2000, "leaves and holes tile the range");
+    }
+
+    #[test]
+    fn range_walk_over_self_referencing_tables_stops_at_the_budget() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(4);
+        // Every entry of the root points back at the root: a loop of tables.
+        for i in 0..512 {
+            t.write_u64(pt.root + i * 8, pt.root | 3);
+        }
+        let mut counters = WalkCounters::new(10_000);
+        let r = walk_range(
+            &m,
+            pt,
+            (0, pt.limit()),
+            &Capabilities::default(),
+            &mut counters,
+            &mut |_| {},
+        );
+        assert_eq!(r, Err(BudgetExceeded));
+    }
+}
