@@ -1,0 +1,299 @@
+//! Property tests of caching-mode host sync: random guest page-table edits, invalidations and
+//! waits, checked against a reference that knows only the VT-d rule: after a wait, the host
+//! translates each page exactly as the guest's tables did when it was last invalidated.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use proptest::prelude::*;
+use viommu::descriptor::encode;
+use viommu::regs::{ICS_IWC, ICS_REG, IECTL_REG};
+use viommu::testing::{mem, Driver, ManualClock, Mem, SharedHost, SimHost, Tables};
+use viommu::walk::{self, PageTable};
+use viommu::{
+    Access, Capabilities, FlushMode, MsiSink, Perm, SourceId, SyncStrategy, Vtd, VtdConfig,
+};
+
+type PageMap = BTreeMap<u64, (u64, Perm)>;
+
+/// Takes a picture of the host's mappings when the unit signals a wait's completion: what the
+/// guest may rely on from that moment.
+struct SnapshotMsi {
+    host: SharedHost,
+    snapshot: Arc<Mutex<Option<PageMap>>>,
+}
+
+impl MsiSink for SnapshotMsi {
+    fn send(&self, _addr: u64, _data: u32) {
+        *self.snapshot.lock().unwrap() = Some(self.host.get().page_map());
+    }
+}
+
+const P: u64 = 0x1000;
+const DEV: SourceId = SourceId(0x0018);
+const DOMAIN: u16 = 1;
+/// IOVA pages the guest uses: a window that straddles a 2 MiB boundary.
+const IOVA_BASE: u64 = 0x1f_0000;
+const IOVA_PAGES: u64 = 64;
+/// Guest-physical pages mappings point at.
+const GPA_BASE: u64 = 0x10_0000;
+const GPA_PAGES: u64 = 48;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// Write `pages` leaf entries from `iova` to consecutive guest pages from `gpa`.
+    Map {
+        iova: u64,
+        gpa: u64,
+        pages: u64,
+        perm: u8,
+    },
+    Unmap {
+        iova: u64,
+        pages: u64,
+    },
+    /// Queue a page-selective invalidation of 2^am pages at `iova`.
+    Psi {
+        iova: u64,
+        am: u8,
+    },
+    Dsi,
+    Global,
+    /// Queue a device-selective context invalidation.
+    Context,
+    /// Submit what is queued, with a wait.
+    Wait,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..IOVA_PAGES, 0..GPA_PAGES, 1..8u64, 1..4u8)
+            .prop_map(|(iova, gpa, pages, perm)| Op::Map { iova, gpa, pages, perm }),
+        3 => (0..IOVA_PAGES, 1..8u64).prop_map(|(iova, pages)| Op::Unmap { iova, pages }),
+        4 => (0..IOVA_PAGES, 0..6u8).prop_map(|(iova, am)| Op::Psi { iova, am }),
+        1 => Just(Op::Dsi),
+        1 => Just(Op::Global),
+        1 => Just(Op::Context),
+        4 => Just(Op::Wait),
+    ]
+}
+
+/// A guest driving one unit with one attached device.
+struct Guest {
+    mem: Mem,
+    vtd: Vtd<Mem>,
+    host: SharedHost,
+    drv: Driver,
+    tables: Tables,
+    pt: PageTable,
+    queued: Vec<[u64; 2]>,
+    /// Pages the queued descriptors cover.
+    covered: BTreeSet<u64>,
+    /// What the host must translate after the next wait: the reference.
+    expected: PageMap,
+    token: u32,
+    snapshot: Arc<Mutex<Option<PageMap>>>,
+}
+
+fn perm_of(bits: u8) -> Perm {
+    Perm {
+        read: bits & 1 != 0,
+        write: bits & 2 != 0,
+    }
+}
+
+impl Guest {
+    fn new(strategy: SyncStrategy, flush: FlushMode) -> Self {
+        let mem = mem();
+        let config = VtdConfig {
+            strategy,
+            flush,
+            ..VtdConfig::default()
+        };
+        let host = SharedHost::new(SimHost::new());
+        let snapshot = Arc::new(Mutex::new(None));
+        let msi = SnapshotMsi {
+            host: host.clone(),
+            snapshot: snapshot.clone(),
+        };
+        let mut vtd = Vtd::new(
+            config,
+            mem.clone(),
+            Box::new(msi),
+            Box::new(ManualClock::default()),
+        )
+        .expect("config");
+        vtd.attach(DEV, Box::new(host.clone())).expect("attach");
+        // Completion interrupts unmasked: each wait's MSI takes the snapshot.
+        Driver::write32(&mut vtd, IECTL_REG, 0);
+        let mut tables = Tables::new(&mem);
+        let pt = tables.context(DEV, DOMAIN, 3);
+        let mut drv = Driver::new();
+        drv.enable_qi(&mut vtd);
+        drv.set_root(&mut vtd, tables.root);
+        drv.set_translation(&mut vtd, true);
+        Guest {
+            mem,
+            vtd,
+            host,
+            drv,
+            tables,
+            pt,
+            queued: Vec::new(),
+            covered: BTreeSet::new(),
+            expected: BTreeMap::new(),
+            token: 0,
+            snapshot,
+        }
+    }
+
+    /// What the guest's tables translate `iova` to now.
+    fn translation(&self, iova: u64) -> Option<(u64, Perm)> {
+        let caps = Capabilities::default();
+        let r = walk::translate(&self.mem, self.pt, iova, Access::Read, &caps).ok();
+        let w = walk::translate(&self.mem, self.pt, iova, Access::Write, &caps).ok();
+        let leaf = r.or(w)?;
+        let gpa = leaf.gpa + (iova - leaf.iova);
+        Some((
+            gpa,
+            Perm {
+                read: r.is_some(),
+                write: w.is_some(),
+            },
+        ))
+    }
+
+    fn cover_all(&mut self) {
+        self.covered
+            .extend((0..IOVA_PAGES).map(|p| IOVA_BASE + p * P));
+    }
+
+    fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Map {
+                iova,
+                gpa,
+                pages,
+                perm,
+            } => {
+                let pages = pages.min(IOVA_PAGES - iova);
+                self.tables.map(
+                    self.pt,
+                    IOVA_BASE + iova * P,
+                    GPA_BASE + gpa * P,
+                    pages * P,
+                    perm_of(perm),
+                );
+            }
+            Op::Unmap { iova, pages } => {
+                let pages = pages.min(IOVA_PAGES - iova);
+                self.tables.unmap(self.pt, IOVA_BASE + iova * P, pages * P);
+            }
+            Op::Psi { iova, am } => {
+                let addr = IOVA_BASE + iova * P;
+                self.queued
+                    .push(encode::iotlb_page(DOMAIN, addr, am, false));
+                let size = P << am;
+                let start = addr & !(size - 1);
+                self.covered.extend((0..1u64 << am).map(|i| start + i * P));
+            }
+            Op::Dsi => {
+                self.queued.push(encode::iotlb_domain(DOMAIN));
+                self.cover_all();
+            }
+            Op::Global => {
+                self.queued.push(encode::iotlb_global());
+                self.cover_all();
+            }
+            Op::Context => {
+                self.queued.push(encode::context_device(DOMAIN, DEV, 0));
+                // The context did not change, so nothing is re-read: the reference covers
+                // nothing new either.
+            }
+            Op::Wait => self.wait(),
+        }
+    }
+
+    fn wait(&mut self) {
+        // The reference: every covered page takes the translation the tables hold now, since
+        // descriptors of one submission all see the tables as they are at submission.
+        for &iova in &self.covered {
+            match self.translation(iova) {
+                Some(t) if t.0 < viommu::testing::TEST_MEM_SIZE => {
+                    self.expected.insert(iova, t);
+                }
+                _ => {
+                    self.expected.remove(&iova);
+                }
+            }
+        }
+        self.covered.clear();
+        self.token += 1;
+        let mut descs = std::mem::take(&mut self.queued);
+        descs.push(encode::wait(
+            Some((self.drv.status, self.token)),
+            true,
+            false,
+        ));
+        self.drv.submit(&mut self.vtd, &self.mem, &descs);
+        Driver::write32(&mut self.vtd, ICS_REG, ICS_IWC);
+    }
+
+    /// The host's mappings when the last wait completed.
+    fn host_pages(&self) -> PageMap {
+        self.snapshot
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the wait completed and signalled")
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    /// Strict mode: after every wait the host maps exactly the guest's invalidated translations,
+    /// and the batched engine ends in the same host state as QEMU's leaf-by-leaf way.
+    #[test]
+    fn strict_host_mappings_equal_invalidated_guest_translations(ops in prop::collection::vec(op(), 1..60)) {
+        let mut batched = Guest::new(SyncStrategy::Batched, FlushMode::Strict);
+        let mut per_leaf = Guest::new(SyncStrategy::PerLeaf, FlushMode::Strict);
+        for op in ops.iter().chain(std::iter::once(&Op::Wait)) {
+            batched.apply(op);
+            per_leaf.apply(op);
+            if matches!(op, Op::Wait) {
+                prop_assert_eq!(&batched.host_pages(), &batched.expected);
+                prop_assert_eq!(&per_leaf.host_pages(), &per_leaf.expected);
+            }
+        }
+        let b = batched.vtd.stats();
+        let l = per_leaf.vtd.stats();
+        prop_assert!(b.host_map_calls + b.host_unmap_calls <= l.host_map_calls + l.host_unmap_calls);
+        prop_assert_eq!(b.host_errors, 0);
+    }
+
+    /// Deferred mode: after every wait the host maps every invalidated guest translation, may
+    /// keep stale ones only where the guest translates nothing, and after a flush maps exactly
+    /// the reference.
+    #[test]
+    fn deferred_host_mappings_cover_guest_translations_and_converge_on_flush(ops in prop::collection::vec(op(), 1..60)) {
+        let mut g = Guest::new(SyncStrategy::Batched, FlushMode::DEFERRED_DEFAULT);
+        for op in ops.iter().chain(std::iter::once(&Op::Wait)) {
+            g.apply(op);
+            if matches!(op, Op::Wait) {
+                let host = g.host_pages();
+                for (iova, t) in &g.expected {
+                    prop_assert_eq!(host.get(iova), Some(t), "iova {:#x}", iova);
+                }
+                for iova in host.keys() {
+                    prop_assert!(
+                        g.expected.contains_key(iova) || (IOVA_BASE..IOVA_BASE + IOVA_PAGES * P).contains(iova),
+                        "stale mapping {:#x} outside anything the guest ever mapped", iova
+                    );
+                }
+            }
+        }
+        g.vtd.flush_deferred();
+        prop_assert_eq!(&g.host.get().page_map(), &g.expected);
+    }
+}
