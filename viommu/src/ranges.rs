@@ -7,14 +7,14 @@ pub type Range = (u64, u64);
 pub fn normalize(mut ranges: Vec<Range>) -> Vec<Range> {
     ranges.retain(|r| r.0 < r.1);
     ranges.sort_unstable();
-    let mut out: Vec<Range> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.0 <= last.1 => last.1 = last.1.max(r.1),
-            _ => out.push(r),
+    ranges.dedup_by(|next, last| {
+        let joins = next.0 <= last.1;
+        if joins {
+            last.1 = last.1.max(next.1);
         }
-    }
-    out
+        joins
+    });
+    ranges
 }
 
 /// The parts of `a` not in `b` (both normalized).

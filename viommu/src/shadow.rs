@@ -61,11 +61,20 @@ pub struct HostWork {
     pub revived: u64,
 }
 
+/// Host mappings that one unmap call removes: `count` whole mappings within `[start, end)` and
+/// nothing else.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct UnmapRun {
+    start: u64,
+    end: u64,
+    count: u64,
+}
+
 /// What a sync decided, before any host call.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Keys of host mappings to remove, ascending.
-    remove: Vec<u64>,
+    /// Host mappings to remove, grouped into unmap calls, ascending.
+    remove: Vec<UnmapRun>,
     /// Host mappings that stay but whose dead ranges change.
     mark: Vec<(u64, Vec<Range>)>,
     /// Extents to map once the removals are done, ascending and coalesced.
@@ -115,22 +124,42 @@ impl Shadow {
         self.doomed
     }
 
-    /// Keys of the mappings overlapping any of `ranges` (normalized), ascending.
-    fn overlapping(&self, ranges: &[Range]) -> Vec<u64> {
-        let mut keys: Vec<u64> = Vec::new();
-        for &(s, e) in ranges {
-            if let Some((&k, m)) = self.maps.range(..=s).next_back() {
-                if k + m.len > s && keys.last() != Some(&k) {
-                    keys.push(k);
-                }
+    /// Adds the mapping at `key` to the removals of `plan`. Keys come in ascending order; a
+    /// removal joins the previous unmap call unless a mapping that stays lies between them.
+    fn remove_in(&self, plan: &mut Plan, key: u64, len: u64) {
+        if let Some(last) = plan.remove.last_mut() {
+            if last.end == key || self.maps.range(last.end..key).next().is_none() {
+                last.end = key + len;
+                last.count += 1;
+                return;
             }
-            for (&k, _) in self.maps.range(s.saturating_add(1)..e) {
-                if keys.last() != Some(&k) {
-                    keys.push(k);
+        }
+        plan.remove.push(UnmapRun {
+            start: key,
+            end: key + len,
+            count: 1,
+        });
+    }
+
+    /// The mappings overlapping any of `ranges` (normalized), ascending.
+    fn overlapping(&self, ranges: &[Range]) -> Vec<(u64, &HostMapping)> {
+        let mut found: Vec<(u64, &HostMapping)> = Vec::new();
+        for &(s, e) in ranges {
+            let straddling = self
+                .maps
+                .range(..=s)
+                .next_back()
+                .filter(|(&k, m)| k + m.len > s);
+            for (&k, m) in straddling
+                .into_iter()
+                .chain(self.maps.range(s.saturating_add(1)..e))
+            {
+                if found.last().map(|l| l.0) != Some(k) {
+                    found.push((k, m));
                 }
             }
         }
-        keys
+        found
     }
 
     /// Plans the host calls that make the host translate exactly `desired` over `ranges`
@@ -146,16 +175,20 @@ impl Shadow {
         defer: bool,
     ) -> Plan {
         let mut plan = Plan::default();
+        // Parts of `desired` that kept mappings already translate; ascending by construction.
         let mut covered: Vec<Range> = Vec::new();
         let mut carry: Vec<Leaf> = Vec::new();
-        for key in self.overlapping(ranges) {
-            let h = &self.maps[&key];
-            let span = [(key, key + h.len)];
-            let inside = ranges::intersect(&span, ranges);
-            let mut live = Vec::new();
-            let mut dead = Vec::new();
+        let (mut live, mut dead) = (Vec::new(), Vec::new());
+        for (key, h) in self.overlapping(ranges) {
+            let (hs, he) = (key, key + h.len);
+            live.clear();
+            dead.clear();
             let mut conflict = false;
-            for &(s, e) in &inside {
+            let mut inside_len = 0;
+            let first_range = ranges.partition_point(|r| r.1 <= hs);
+            for &(rs, re) in ranges[first_range..].iter().take_while(|r| r.0 < he) {
+                let (s, e) = (rs.max(hs), re.min(he));
+                inside_len += e - s;
                 let mut pos = s;
                 let first = desired.partition_point(|d| d.iova + d.len <= s);
                 for d in desired[first..].iter().take_while(|d| d.iova < e) {
@@ -174,31 +207,51 @@ impl Shadow {
                     dead.push((pos, e));
                 }
             }
-            let mut new_dead = ranges::subtract(&h.dead, ranges);
-            new_dead.extend(dead);
-            let new_dead = ranges::normalize(new_dead);
-            if conflict || (!defer && !new_dead.is_empty()) {
-                plan.remove.push(key);
-                // What the guest still translates outside the ranges must come back.
-                let outside = ranges::subtract(&ranges::subtract(&span, ranges), &h.dead);
-                carry.extend(outside.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
-            } else {
-                covered.extend(live);
+            // In strict mode any dropped page means removal; only deferred mode keeps dead
+            // ranges, and only it needs them worked out.
+            let remove = conflict || (!defer && !dead.is_empty());
+            if remove {
+                self.remove_in(&mut plan, key, h.len);
+                if inside_len < h.len {
+                    // What the guest still translates outside the ranges must come back.
+                    let outside = ranges::subtract(&ranges::subtract(&[(hs, he)], ranges), &h.dead);
+                    carry.extend(outside.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
+                }
+                continue;
+            }
+            covered.extend_from_slice(&live);
+            if !(h.dead.is_empty() && dead.is_empty()) {
+                let mut new_dead = ranges::subtract(&h.dead, ranges);
+                new_dead.extend_from_slice(&dead);
+                let new_dead = ranges::normalize(new_dead);
                 if new_dead != h.dead {
                     plan.mark.push((key, new_dead));
                 }
             }
         }
-        let covered = ranges::normalize(covered);
         let mut to_map = carry;
+        // `desired` minus `covered`, in one pass over both sorted lists.
+        let mut ci = 0;
         for d in desired {
-            for (s, e) in ranges::subtract(&[(d.iova, d.iova + d.len)], &covered) {
-                to_map.push(Leaf {
-                    iova: s,
-                    gpa: d.gpa + (s - d.iova),
-                    len: e - s,
-                    perm: d.perm,
-                });
+            let (mut s, e) = (d.iova, d.iova + d.len);
+            while ci < covered.len() && covered[ci].1 <= s {
+                ci += 1;
+            }
+            let mut k = ci;
+            while s < e {
+                match covered.get(k) {
+                    Some(&(cs, ce)) if cs < e => {
+                        if cs > s {
+                            to_map.push(d.sub(s, cs));
+                        }
+                        s = s.max(ce);
+                        k += 1;
+                    }
+                    _ => {
+                        to_map.push(d.sub(s, e));
+                        break;
+                    }
+                }
             }
         }
         to_map.sort_unstable_by_key(|l| l.iova);
@@ -212,7 +265,7 @@ impl Shadow {
         let mut plan = Plan::default();
         let mut carry = Vec::new();
         for (&key, h) in self.maps.iter().filter(|(_, h)| !h.dead.is_empty()) {
-            plan.remove.push(key);
+            self.remove_in(&mut plan, key, h.len);
             let live = ranges::subtract(&[(key, key + h.len)], &h.dead);
             carry.extend(live.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
         }
@@ -230,32 +283,20 @@ impl Shadow {
         work: &mut HostWork,
     ) -> Vec<Failed> {
         let mut failed = Vec::new();
-        let mut i = 0;
-        while i < plan.remove.len() {
-            // A run of removals may share one unmap call when no surviving mapping lies
-            // between them: the host removes whole mappings within the range.
-            let start = plan.remove[i];
-            let mut end = start + self.maps[&start].len;
-            let mut j = i + 1;
-            while j < plan.remove.len() && self.maps.range(end..plan.remove[j]).next().is_none() {
-                end = plan.remove[j] + self.maps[&plan.remove[j]].len;
-                j += 1;
-            }
+        for run in plan.remove {
             work.unmap_calls += 1;
-            match host.unmap(start, end - start) {
+            match host.unmap(run.start, run.end - run.start) {
                 Ok(()) => {
-                    for key in &plan.remove[i..j] {
-                        if let Some(h) = self.maps.remove(key) {
-                            if !h.dead.is_empty() {
-                                self.doomed -= 1;
-                            }
+                    // The run holds only mappings being removed: take them all out at once.
+                    for (_, h) in self.maps.extract_if(run.start..run.end, |_, _| true) {
+                        if !h.dead.is_empty() {
+                            self.doomed -= 1;
                         }
                     }
-                    work.mappings_removed += (j - i) as u64;
+                    work.mappings_removed += run.count;
                 }
                 Err(error) => failed.push(Failed { error }),
             }
-            i = j;
         }
         for (key, dead) in plan.mark {
             if let Some(h) = self.maps.get_mut(&key) {
@@ -310,13 +351,12 @@ impl Shadow {
                 WalkItem::Hole { iova, len } => (iova, iova + len, None),
                 WalkItem::Leaf(l) => (l.iova, l.iova + l.len, Some(l)),
             };
-            let keys = self.overlapping(&[(s, e)]);
+            let keys: Vec<u64> = self.overlapping(&[(s, e)]).iter().map(|o| o.0).collect();
             let unchanged = match (leaf, keys.as_slice()) {
+                // One host mapping that holds the whole leaf as it is: nothing to do.
                 (Some(l), [k]) => {
-                    *k == l.iova && {
-                        let h = &self.maps[k];
-                        h.len == l.len && h.gpa == l.gpa && h.perm == l.perm
-                    }
+                    let h = &self.maps[k];
+                    *k <= s && e <= k + h.len && h.translates_like(*k, &l)
                 }
                 (None, []) => true,
                 _ => false,
@@ -327,13 +367,13 @@ impl Shadow {
             let mut plan = Plan::default();
             for &k in &keys {
                 let h = &self.maps[&k];
-                plan.remove.push(k);
+                self.remove_in(&mut plan, k, h.len);
                 let outside = ranges::subtract(&[(k, k + h.len)], &[(s, e)]);
                 plan.map
                     .extend(outside.iter().map(|&(a, b)| h.leaf_at(k, a, b)));
             }
             if let Some(l) = leaf {
-                plan.map.extend(clip_to_ram(&l, ram, ram_bounds));
+                clip_to_ram_into(&l, ram, ram_bounds, &mut plan.map);
             }
             plan.map.sort_unstable_by_key(|l| l.iova);
             failed.extend(self.apply(plan, host, work));
@@ -344,49 +384,49 @@ impl Shadow {
 
 /// Merges consecutive extents that are contiguous in IOVA and guest-physical space with the same
 /// permissions, never across a guest RAM region boundary.
-pub fn coalesce(sorted: Vec<Leaf>, ram_bounds: &[u64]) -> Vec<Leaf> {
-    let mut out: Vec<Leaf> = Vec::with_capacity(sorted.len());
-    for l in sorted {
-        if let Some(last) = out.last_mut() {
-            if last.iova + last.len == l.iova
-                && last.gpa + last.len == l.gpa
-                && last.perm == l.perm
-                && ram_bounds.binary_search(&l.gpa).is_err()
-            {
-                last.len += l.len;
-                continue;
-            }
+pub fn coalesce(mut sorted: Vec<Leaf>, ram_bounds: &[u64]) -> Vec<Leaf> {
+    // `dedup_by` hands each extent with the last one kept: fold it in when contiguous.
+    sorted.dedup_by(|next, last| {
+        let joins = last.iova + last.len == next.iova
+            && last.gpa + last.len == next.gpa
+            && last.perm == next.perm
+            && ram_bounds.binary_search(&next.gpa).is_err();
+        if joins {
+            last.len += next.len;
         }
-        out.push(l);
-    }
-    out
+        joins
+    });
+    sorted
 }
 
-/// The parts of `leaf` whose guest-physical addresses are guest RAM (`ram` normalized), split
-/// at region boundaries.
-pub fn clip_to_ram(leaf: &Leaf, ram: &[Range], ram_bounds: &[u64]) -> Vec<Leaf> {
-    let g = [(leaf.gpa, leaf.gpa.saturating_add(leaf.len))];
-    let mut out = Vec::new();
-    for (s, e) in ranges::intersect(&g, ram) {
-        // Split at inner region boundaries (adjacent regions are merged in `ram`).
+/// Appends to `out` the parts of `leaf` whose guest-physical addresses are guest RAM (`ram`
+/// normalized), split at region boundaries (`ram_bounds`).
+pub fn clip_to_ram_into(leaf: &Leaf, ram: &[Range], ram_bounds: &[u64], out: &mut Vec<Leaf>) {
+    let (gs, ge) = (leaf.gpa, leaf.gpa.saturating_add(leaf.len));
+    // The common case: the leaf lies inside one region with no boundary inside it.
+    let r = ram.partition_point(|r| r.1 <= gs);
+    if ram.get(r).is_some_and(|&(rs, re)| rs <= gs && ge <= re) {
+        let b = ram_bounds.partition_point(|&b| b <= gs);
+        if ram_bounds.get(b).is_none_or(|&b| b >= ge) {
+            out.push(*leaf);
+            return;
+        }
+    }
+    for (s, e) in ranges::intersect(&[(gs, ge)], ram) {
         let mut pos = s;
         let first = ram_bounds.partition_point(|&b| b <= s);
         for &b in ram_bounds[first..].iter().take_while(|&&b| b < e) {
-            out.push(Leaf {
-                iova: leaf.iova + (pos - leaf.gpa),
-                gpa: pos,
-                len: b - pos,
-                perm: leaf.perm,
-            });
+            out.push(leaf.sub(leaf.iova + (pos - gs), leaf.iova + (b - gs)));
             pos = b;
         }
-        out.push(Leaf {
-            iova: leaf.iova + (pos - leaf.gpa),
-            gpa: pos,
-            len: e - pos,
-            perm: leaf.perm,
-        });
+        out.push(leaf.sub(leaf.iova + (pos - gs), leaf.iova + (e - gs)));
     }
+}
+
+/// The parts of `leaf` whose guest-physical addresses are guest RAM.
+pub fn clip_to_ram(leaf: &Leaf, ram: &[Range], ram_bounds: &[u64]) -> Vec<Leaf> {
+    let mut out = Vec::new();
+    clip_to_ram_into(leaf, ram, ram_bounds, &mut out);
     out
 }
 

@@ -5,7 +5,7 @@ use vm_memory::GuestMemoryBackend;
 
 use crate::host::HostDma;
 use crate::ranges::{self, Range};
-use crate::shadow::{clip_to_ram, coalesce, Failed, HostWork, Plan, Shadow};
+use crate::shadow::{clip_to_ram_into, coalesce, Failed, HostWork, Plan, Shadow};
 use crate::walk::{walk_range, Leaf, PageTable, WalkCounters, WalkItem};
 use crate::{Capabilities, Perm, SourceId};
 
@@ -144,7 +144,7 @@ impl Space {
         for &r in &ranges {
             self.items(env, r, &mut counters, &mut report, &mut |item| {
                 if let WalkItem::Leaf(l) = item {
-                    desired.extend(clip_to_ram(&l, env.ram, env.ram_bounds));
+                    clip_to_ram_into(&l, env.ram, env.ram_bounds, &mut desired);
                 }
             });
         }

@@ -32,6 +32,18 @@ pub struct PageTable {
     pub levels: u8,
 }
 
+impl Leaf {
+    /// The part of this leaf over `[start, end)`, which lies within it.
+    pub fn sub(&self, start: u64, end: u64) -> Leaf {
+        Leaf {
+            iova: start,
+            gpa: self.gpa + (start - self.iova),
+            len: end - start,
+            perm: self.perm,
+        }
+    }
+}
+
 impl PageTable {
     /// Width of the input address space in bits.
     pub fn width(&self) -> u32 {
@@ -248,12 +260,18 @@ impl<M: GuestMemoryBackend> RangeWalker<'_, M> {
         let first = (start - base) >> shift;
         let last = (end - 1 - base) >> shift;
         let count = (last - first + 1) as usize;
-        let mut ptes = [0u64; ENTRIES_PER_TABLE as usize];
-        let read = self.mem.read_slice(
-            // SAFETY of the cast: u64 has no invalid bit patterns; the slice is plain bytes.
-            as_bytes_mut(&mut ptes[..count]),
-            GuestAddress(addr + first * 8),
-        );
+        // Most walks read a few entries per table: skip zeroing a whole table's buffer.
+        let mut buf = std::mem::MaybeUninit::<[u64; ENTRIES_PER_TABLE as usize]>::uninit();
+        // SAFETY: the first `count` elements are initialized by the write below before any
+        // read; u64 has no invalid bit patterns.
+        let ptes = unsafe {
+            let p = buf.as_mut_ptr().cast::<u64>();
+            std::ptr::write_bytes(p, 0, count);
+            std::slice::from_raw_parts_mut(p, count)
+        };
+        let read = self
+            .mem
+            .read_slice(as_bytes_mut(ptes), GuestAddress(addr + first * 8));
         self.counters.tables_read += 1;
         if read.is_err() {
             return self.emit(WalkItem::Hole {
@@ -261,7 +279,7 @@ impl<M: GuestMemoryBackend> RangeWalker<'_, M> {
                 len: end - start,
             });
         }
-        for (i, &pte) in ptes[..count].iter().enumerate() {
+        for (i, &pte) in ptes.iter().enumerate() {
             let entry_base = base + ((first + i as u64) << shift);
             let lo = start.max(entry_base);
             let hi = end.min(entry_base + (1 << shift));

@@ -1,0 +1,310 @@
+//! Replays invalidation streams shaped like a Linux guest's through the batched engine and, in
+//! the same run, through a baseline that does what QEMU does (one host call per leaf, descriptor
+//! by descriptor), and prints one line per stream:
+//!
+//! `trace=NAME baseline_calls=N batched_calls=N baseline_flushes=N batched_flushes=N ns_per_desc=X`
+//!
+//! Calls are host map plus unmap calls; flushes are host mappings removed (VFIO type1 flushes
+//! the host IOTLB once for each); both are counted by a host that keeps VFIO type1's rules.
+//! `ns_per_desc` is the batched engine's own time per descriptor: the unit's handling of the
+//! queue tail writes, over a host that does nothing, so host work is excluded.
+
+use std::time::{Duration, Instant};
+
+use viommu::descriptor::encode;
+use viommu::testing::{mem, Driver, ManualClock, Mem, RecordingMsi, SharedHost, SimHost, Tables};
+use viommu::walk::PageTable;
+use viommu::{FlushMode, HostDma, HostDmaError, Perm, SourceId, SyncStrategy, Vtd, VtdConfig};
+
+const P: u64 = 0x1000;
+const DEV: SourceId = SourceId(0x0018);
+const DOMAIN: u16 = 1;
+
+/// A host that accepts everything and does nothing, for timing the model alone.
+struct NullHost;
+
+impl HostDma for NullHost {
+    fn map(&mut self, _: u64, _: u64, _: u64, _: Perm) -> Result<(), HostDmaError> {
+        Ok(())
+    }
+    fn unmap(&mut self, _: u64, _: u64) -> Result<(), HostDmaError> {
+        Ok(())
+    }
+}
+
+/// A guest driving one unit with one attached device, as Linux's intel-iommu does in caching
+/// mode: edit the tables, queue invalidations, wait.
+struct Guest {
+    mem: Mem,
+    vtd: Vtd<Mem>,
+    drv: Driver,
+    tables: Tables,
+    pt: PageTable,
+    queued: Vec<[u64; 2]>,
+    token: u32,
+    /// Time spent inside the unit's tail-write handling.
+    busy: Duration,
+}
+
+impl Guest {
+    fn new(strategy: SyncStrategy, flush: FlushMode, host: Box<dyn HostDma>) -> Self {
+        let mem = mem();
+        let config = VtdConfig {
+            strategy,
+            flush,
+            ..VtdConfig::default()
+        };
+        let mut vtd = Vtd::new(
+            config,
+            mem.clone(),
+            Box::new(RecordingMsi::default()),
+            Box::new(ManualClock::default()),
+        )
+        .expect("config");
+        vtd.attach(DEV, host).expect("attach");
+        let mut drv = Driver::new();
+        drv.queue_entries = 4096;
+        let tables = Tables::new(&mem);
+        Guest {
+            mem,
+            vtd,
+            drv,
+            tables,
+            pt: PageTable { root: 0, levels: 4 },
+            queued: Vec::new(),
+            token: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Brings the unit up and gives the device an empty domain, as Linux's boot does.
+    fn boot(&mut self) {
+        self.pt = self.tables.context(DEV, DOMAIN, 4);
+        self.drv.enable_qi(&mut self.vtd);
+        self.drv.set_root(&mut self.vtd, self.tables.root);
+        self.queued.push(encode::context_global());
+        self.queued.push(encode::iotlb_global());
+        self.wait();
+        self.drv.set_translation(&mut self.vtd, true);
+    }
+
+    fn map(&mut self, iova: u64, gpa: u64, pages: u64) {
+        self.tables.map(self.pt, iova, gpa, pages * P, Perm::RW);
+    }
+
+    fn map_scattered(&mut self, iova: u64, gpas: &[u64]) {
+        for (i, &g) in gpas.iter().enumerate() {
+            self.tables
+                .map(self.pt, iova + i as u64 * P, g, P, Perm::RW);
+        }
+    }
+
+    fn unmap(&mut self, iova: u64, pages: u64) {
+        self.tables.unmap(self.pt, iova, pages * P);
+    }
+
+    fn psi(&mut self, iova: u64, am: u8) {
+        self.queued
+            .push(encode::iotlb_page(DOMAIN, iova, am, false));
+    }
+
+    fn dsi(&mut self) {
+        self.queued.push(encode::iotlb_domain(DOMAIN));
+    }
+
+    fn context_device(&mut self) {
+        self.queued.push(encode::context_device(DOMAIN, DEV, 0));
+    }
+
+    /// Submits what is queued plus a wait, as `qi_submit_sync` does, and checks it completed.
+    fn wait(&mut self) {
+        self.token = self.token.wrapping_add(1);
+        let mut descs = std::mem::take(&mut self.queued);
+        descs.push(encode::wait(
+            Some((self.drv.status, self.token)),
+            false,
+            false,
+        ));
+        // Write the descriptors, then time only the unit's handling of the tail write.
+        let tail_before = Driver::read64(&mut self.vtd, viommu::regs::IQT_REG) >> 4;
+        let entries = self.drv.queue_entries;
+        for (i, d) in descs.iter().enumerate() {
+            let slot = (tail_before + i as u64) % entries;
+            vm_memory::Bytes::write_obj(
+                &self.mem,
+                *d,
+                vm_memory::GuestAddress(self.drv.queue + slot * 16),
+            )
+            .expect("queue");
+        }
+        let tail = (tail_before + descs.len() as u64) % entries;
+        let start = Instant::now();
+        Driver::write64(&mut self.vtd, viommu::regs::IQT_REG, tail << 4);
+        self.busy += start.elapsed();
+        let status: u32 =
+            vm_memory::Bytes::read_obj(&self.mem, vm_memory::GuestAddress(self.drv.status))
+                .expect("status");
+        assert_eq!(status, self.token, "wait completed");
+    }
+}
+
+/// One I/O at queue depth 1: map one page (PSI + wait), unmap it (PSI + wait). The IOVA comes
+/// from a small set, as Linux's per-CPU IOVA caches hand the same ones back; the buffer is the
+/// same guest page, as `dd` with O_DIRECT reuses its buffer.
+fn qd1_4k(g: &mut Guest) {
+    for i in 0..2000u64 {
+        let iova = 0xffff_f000 - (i % 4) * P;
+        g.map(iova, 0x20_0000, 1);
+        g.psi(iova, 0);
+        g.wait();
+        g.unmap(iova, 1);
+        g.psi(iova, 0);
+        g.wait();
+    }
+}
+
+/// A 128 KiB scatter-gather I/O: 32 guest-physically contiguous pages mapped and invalidated as
+/// one PSI with AM=5, then unmapped the same way.
+fn sg128k(g: &mut Guest) {
+    for i in 0..500u64 {
+        let iova = 0xfff0_0000 - (i % 4) * 32 * P;
+        g.map(iova, 0x40_0000, 32);
+        g.psi(iova, 5);
+        g.wait();
+        g.unmap(iova, 32);
+        g.psi(iova, 5);
+        g.wait();
+    }
+}
+
+/// The same over scattered guest pages: nothing to coalesce on the map side.
+fn sg128k_scattered(g: &mut Guest) {
+    let gpas: Vec<u64> = (0..32u64)
+        .map(|k| 0x40_0000 + (k * 7 % 32) * 2 * P)
+        .collect();
+    for i in 0..500u64 {
+        let iova = 0xfff0_0000 - (i % 4) * 32 * P;
+        g.map_scattered(iova, &gpas);
+        g.psi(iova, 5);
+        g.wait();
+        g.unmap(iova, 32);
+        g.psi(iova, 5);
+        g.wait();
+    }
+}
+
+/// A lazy-mode guest: 4096 long-lived mappings stay; in each round 256 short-lived ones are
+/// mapped, then unmapped without invalidation, then flushed with one domain-selective
+/// invalidation. Work should follow the 256 that changed, not the 4096 that did not.
+fn dsi_lazy(g: &mut Guest) {
+    for k in 0..4096u64 {
+        g.map(0x1000_0000 + k * P, 0x10_0000 + (k % 256) * 2 * P, 1);
+    }
+    g.dsi();
+    g.wait();
+    for round in 0..20u64 {
+        for k in 0..256u64 {
+            let iova = 0x8000_0000 + (round % 2) * 0x100_0000 + k * P;
+            g.map(iova, 0x60_0000 + k * 2 * P, 1);
+            g.psi(iova, 0);
+            g.wait();
+        }
+        for k in 0..256u64 {
+            g.unmap(0x8000_0000 + (round % 2) * 0x100_0000 + k * P, 1);
+        }
+        g.dsi();
+        g.wait();
+    }
+}
+
+/// Boot: context setup for the device, a burst of coherent allocations (4-page, contiguous,
+/// one PSI with AM=2 each) and streaming single-page maps at descending IOVAs, as the IOVA
+/// allocator hands them out, several invalidations per submission.
+fn boot(g: &mut Guest) {
+    g.context_device();
+    g.dsi();
+    g.wait();
+    for k in 0..64u64 {
+        let iova = 0xffff_0000 - k * 4 * P;
+        g.map(iova, 0x80_0000 + k * 4 * P, 4);
+        g.psi(iova, 2);
+        g.wait();
+    }
+    for k in 0..512u64 {
+        let iova = 0xfe00_0000 - k * P;
+        g.map(iova, 0xc0_0000 + k * P, 1);
+        g.psi(iova, 0);
+        if k % 8 == 7 {
+            g.wait();
+        }
+    }
+    g.wait();
+}
+
+/// A guest workload: what the guest does to its tables and queue.
+type Stream = fn(&mut Guest);
+
+struct Counts {
+    calls: u64,
+    flushes: u64,
+    descriptors: u64,
+}
+
+fn run(stream: Stream, strategy: SyncStrategy, flush: FlushMode) -> Counts {
+    let host = SharedHost::new(SimHost::new());
+    let mut g = Guest::new(strategy, flush, Box::new(host.clone()));
+    g.boot();
+    let before = host.get().clone();
+    let desc_before = g.vtd.stats().descriptors;
+    stream(&mut g);
+    g.vtd.flush_deferred();
+    let after = host.get();
+    Counts {
+        calls: (after.map_calls + after.unmap_calls) - (before.map_calls + before.unmap_calls),
+        flushes: after.flushes - before.flushes,
+        descriptors: g.vtd.stats().descriptors - desc_before,
+    }
+}
+
+/// The batched engine's own time per descriptor, best of a few runs over a no-op host.
+fn ns_per_desc(stream: Stream, flush: FlushMode) -> f64 {
+    (0..5)
+        .map(|_| {
+            let mut g = Guest::new(SyncStrategy::Batched, flush, Box::new(NullHost));
+            g.boot();
+            g.busy = Duration::ZERO;
+            let before = g.vtd.stats().descriptors;
+            stream(&mut g);
+            g.busy.as_nanos() as f64 / (g.vtd.stats().descriptors - before) as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let streams: [(&str, Stream, FlushMode); 6] = [
+        ("qd1-4k", qd1_4k, FlushMode::Strict),
+        ("sg128k", sg128k, FlushMode::Strict),
+        ("sg128k-scattered", sg128k_scattered, FlushMode::Strict),
+        ("dsi-lazy", dsi_lazy, FlushMode::Strict),
+        ("boot", boot, FlushMode::Strict),
+        ("qd1-4k-deferred", qd1_4k, FlushMode::DEFERRED_DEFAULT),
+    ];
+    // `cargo bench -- NAME` runs only the streams whose name contains NAME.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    for (name, stream, flush) in streams {
+        if filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let baseline = run(stream, SyncStrategy::PerLeaf, FlushMode::Strict);
+        let batched = run(stream, SyncStrategy::Batched, flush);
+        assert_eq!(baseline.descriptors, batched.descriptors);
+        println!(
+            "trace={name} baseline_calls={} batched_calls={} baseline_flushes={} batched_flushes={} ns_per_desc={:.0}",
+            baseline.calls,
+            batched.calls,
+            baseline.flushes,
+            batched.flushes,
+            ns_per_desc(stream, flush)
+        );
+    }
+}
