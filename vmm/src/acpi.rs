@@ -1,0 +1,249 @@
+//! ACPI tables (acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced), DSDT, MADT, MCFG, plus
+//! any extra tables a later component brings (the DMAR table of the VT-d model).
+//!
+//! Layout from 0xe0000: RSDP, then each table 8-byte aligned.
+
+use acpi_tables::aml;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout::{
+    pci_mmio64_start, ACPI_END, APIC_START, IOAPIC_START, PCI_ECAM_START, PCI_MMIO32_SIZE,
+    PCI_MMIO32_START, PCI_MMIO64_SIZE, RSDP_START,
+};
+use crate::devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
+use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT};
+use crate::devices::pvpanic::PVPANIC_PORT;
+
+/// OEM ID in every table header.
+pub const OEM_ID: [u8; 6] = *b"VMMVTD";
+/// OEM table ID.
+pub const OEM_TABLE_ID: [u8; 8] = *b"VMMVTD01";
+const OEM_REVISION: u32 = 1;
+
+// MADT (ACPI 6.4, 5.2.12): flags bit 0 PCAT_COMPAT (dual 8259s present); structure types.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_TYPE_LAPIC: u8 = 0;
+const MADT_TYPE_IOAPIC: u8 = 1;
+const MADT_LAPIC_ENABLED: u32 = 1;
+/// Size of a standard table header (ACPI 6.4, 5.2.6).
+const HEADER_LEN: u32 = 36;
+
+/// Errors writing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables overflow their area.
+    #[error("ACPI tables need {need:#x} bytes, only {have:#x} fit below 1 MiB")]
+    TooBig { need: u64, have: u64 },
+    /// Guest memory write failed.
+    #[error("cannot write ACPI table {sig} at {addr:#x}: {source}")]
+    Write {
+        sig: String,
+        addr: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// What the tables describe.
+#[derive(Clone, Debug)]
+pub struct AcpiConfig {
+    /// vCPU count; APIC IDs are 0..n.
+    pub vcpus: u8,
+    /// Guest RAM, to place the 64-bit PCI window.
+    pub ram_size: u64,
+    /// Complete extra tables (header and checksum included), e.g. DMAR.
+    pub extra_tables: Vec<Vec<u8>>,
+}
+
+/// The RSDP and the tables, each with its guest address.
+pub struct AcpiTables {
+    /// (address, bytes) pairs, RSDP first.
+    pub blobs: Vec<(u64, Vec<u8>)>,
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn io_gas(port: u64) -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+/// The hardware-reduced FADT (ACPI 6.4, 5.2.9 and 4.1): no PM1/GPE blocks; the sleep
+/// control/status and reset registers all live at our PM port.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup);
+    f.reset_reg = io_gas(ACPI_PM_PORT);
+    f.reset_value = ACPI_RESET_VALUE;
+    f.sleep_control_reg = io_gas(ACPI_PM_PORT);
+    f.sleep_status_reg = io_gas(ACPI_PM_PORT);
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"VMMVTD\0\0").into();
+    to_bytes(&f.finalize())
+}
+
+/// The DSDT: PCI host bridge with its windows, COM1, pvpanic, and the S5 sleep type.
+pub fn dsdt(ram_size: u64) -> Vec<u8> {
+    let mmio64 = pci_mmio64_start(ram_size);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_low = aml::AddressSpace::new_io(0u16, 0x0cf7u16, None);
+    let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mem32 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mem64 = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio64,
+        mmio64 + PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let pci_crs =
+        aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mem32, &mem64]);
+    let pci0 = to_bytes(&aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &pci_crs),
+        ],
+    ));
+
+    let com1_io = aml::IO::new(COM1_PORT as u16, COM1_PORT as u16, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1 = to_bytes(&aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &com1_crs),
+        ],
+    ));
+
+    let pvpanic_io = aml::IO::new(PVPANIC_PORT as u16, PVPANIC_PORT as u16, 1, 1);
+    let pvpanic_crs = aml::ResourceTemplate::new(vec![&pvpanic_io]);
+    let pvpanic = to_bytes(&aml::Device::new(
+        "_SB_.PEVT".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"QEMU0001"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &pvpanic_crs),
+        ],
+    ));
+
+    let s5 = to_bytes(&aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&ACPI_S5_SLP_TYP]),
+    ));
+
+    let mut t = Sdt::new(*b"DSDT", HEADER_LEN, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for obj in [pci0, com1, pvpanic, s5] {
+        t.append_slice(&obj);
+    }
+    t.as_slice().to_vec()
+}
+
+/// The MADT: one enabled local APIC per vCPU (APIC ID = index) and the IOAPIC at GSI 0.
+pub fn madt(vcpus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(
+        *b"APIC",
+        HEADER_LEN + 8,
+        5,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    t.write_u32(36, APIC_START as u32);
+    t.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..vcpus {
+        let mut e = vec![MADT_TYPE_LAPIC, 8, id, id];
+        e.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
+        t.append_slice(&e);
+    }
+    let mut ioapic = vec![MADT_TYPE_IOAPIC, 12, 0, 0];
+    ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes());
+    t.append_slice(&ioapic);
+    t.as_slice().to_vec()
+}
+
+/// The MCFG: ECAM for segment 0, buses 0..=255 (PCI Firmware Specification 3.2, 4.1.2).
+pub fn mcfg() -> Vec<u8> {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    m.add_ecam(PCI_ECAM_START, 0, 0, 255);
+    to_bytes(&m)
+}
+
+impl AcpiTables {
+    /// Lays out all tables for `cfg`.
+    pub fn build(cfg: &AcpiConfig) -> Result<Self, AcpiError> {
+        let align = |a: u64| a.next_multiple_of(8);
+        let xsdt_addr = align(RSDP_START + Rsdp::len() as u64);
+        // XSDT entries: FADT, MADT, MCFG, extras.
+        let n_entries = 3 + cfg.extra_tables.len() as u64;
+        let mut next = align(xsdt_addr + u64::from(HEADER_LEN) + 8 * n_entries);
+
+        let dsdt = dsdt(cfg.ram_size);
+        let dsdt_addr = next;
+        next = align(next + dsdt.len() as u64);
+        let mut tables = vec![(dsdt_addr, dsdt)];
+        let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+        let mut others = vec![fadt(dsdt_addr), madt(cfg.vcpus), mcfg()];
+        others.extend(cfg.extra_tables.iter().cloned());
+        for t in others {
+            xsdt.add_entry(next);
+            let len = t.len() as u64;
+            tables.push((next, t));
+            next = align(next + len);
+        }
+        if next > ACPI_END {
+            return Err(AcpiError::TooBig {
+                need: next - RSDP_START,
+                have: ACPI_END - RSDP_START,
+            });
+        }
+        let mut blobs = vec![
+            (RSDP_START, to_bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
+            (xsdt_addr, to_bytes(&xsdt)),
+        ];
+        blobs.extend(tables);
+        Ok(Self { blobs })
+    }
+
+    /// Writes every table to guest memory; returns the RSDP address.
+    pub fn write(&self, mem: &GuestMemoryMmap) -> Result<u64, AcpiError> {
+        for (addr, bytes) in &self.blobs {
+            mem.write_slice(bytes, GuestAddress(*addr))
+                .map_err(|source| AcpiError::Write {
+                    sig: String::from_utf8_lossy(&bytes[..4.min(bytes.len())]).into_owned(),
+                    addr: *addr,
+                    source,
+                })?;
+        }
+        Ok(RSDP_START)
+    }
+}
+
+#[cfg(test)]
+#[path = "acpi_tests.rs"]
+mod tests;

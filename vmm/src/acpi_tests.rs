@@ -1,0 +1,133 @@
+//! Checks of ACPI table checksums, pointers and content.
+
+use super::*;
+
+fn sum(b: &[u8]) -> u8 {
+    b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+fn build(vcpus: u8, extra: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
+    AcpiTables::build(&AcpiConfig {
+        vcpus,
+        ram_size: 512 << 20,
+        extra_tables: extra,
+    })
+    .unwrap()
+    .blobs
+}
+
+fn find<'a>(blobs: &'a [(u64, Vec<u8>)], sig: &[u8]) -> &'a (u64, Vec<u8>) {
+    blobs.iter().find(|(_, b)| &b[..sig.len()] == sig).unwrap()
+}
+
+#[test]
+fn every_table_checksums_to_zero_and_has_its_length() {
+    let blobs = build(2, vec![]);
+    let (addr, rsdp) = &blobs[0];
+    assert_eq!(*addr, 0xe0000);
+    assert_eq!(&rsdp[..8], b"RSD PTR ");
+    assert_eq!(sum(&rsdp[..20]), 0, "ACPI 1.0 checksum");
+    assert_eq!(sum(rsdp), 0, "extended checksum");
+    for (_, t) in &blobs[1..] {
+        assert_eq!(sum(t), 0, "{}", String::from_utf8_lossy(&t[..4]));
+        assert_eq!(u32_at(t, 4) as usize, t.len());
+        assert_eq!(&t[10..16], b"VMMVTD");
+    }
+}
+
+#[test]
+fn pointers_chain_rsdp_xsdt_fadt_dsdt() {
+    let blobs = build(1, vec![]);
+    let xsdt_addr = u64_at(&blobs[0].1, 24);
+    let (xa, xsdt) = find(&blobs, b"XSDT");
+    assert_eq!(*xa, xsdt_addr);
+    let entries: Vec<u64> = (36..xsdt.len())
+        .step_by(8)
+        .map(|o| u64_at(xsdt, o))
+        .collect();
+    let sigs: Vec<&[u8]> = entries
+        .iter()
+        .map(|a| &blobs.iter().find(|(b, _)| b == a).unwrap().1[..4])
+        .collect();
+    assert_eq!(sigs, vec![&b"FACP"[..], b"APIC", b"MCFG"]);
+    let (_, fadt) = find(&blobs, b"FACP");
+    let (dsdt_addr, _) = find(&blobs, b"DSDT");
+    assert_eq!(u64_at(fadt, 140), *dsdt_addr, "X_DSDT");
+    // Flags: HW_REDUCED_ACPI (bit 20) and RESET_REG_SUP (bit 10).
+    assert_eq!(u32_at(fadt, 112) & (1 << 20 | 1 << 10), 1 << 20 | 1 << 10);
+    // Reset register: system I/O at our PM port, value 1.
+    assert_eq!(fadt[116], 1);
+    assert_eq!(u64_at(fadt, 120), ACPI_PM_PORT);
+    assert_eq!(fadt[128], ACPI_RESET_VALUE);
+    // Sleep control register (offset 244) at the PM port.
+    assert_eq!(fadt[244], 1);
+    assert_eq!(u64_at(fadt, 248), ACPI_PM_PORT);
+    // Tables do not overlap.
+    let mut spans: Vec<(u64, u64)> = blobs
+        .iter()
+        .map(|(a, b)| (*a, *a + b.len() as u64))
+        .collect();
+    spans.sort();
+    assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));
+}
+
+#[test]
+fn madt_lists_each_cpu_and_the_ioapic() {
+    let blobs = build(3, vec![]);
+    let (_, madt) = find(&blobs, b"APIC");
+    assert_eq!(u32_at(madt, 36), 0xfee0_0000);
+    let mut off = 44;
+    let mut lapics = vec![];
+    let mut ioapic = None;
+    while off < madt.len() {
+        let (ty, len) = (madt[off], madt[off + 1] as usize);
+        match ty {
+            0 => lapics.push((madt[off + 3], u32_at(madt, off + 4))),
+            1 => ioapic = Some(u32_at(madt, off + 4)),
+            _ => panic!("unexpected MADT entry {ty}"),
+        }
+        off += len;
+    }
+    assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 1)]);
+    assert_eq!(ioapic, Some(0xfec0_0000));
+}
+
+#[test]
+fn mcfg_points_at_ecam() {
+    let blobs = build(1, vec![]);
+    let (_, m) = find(&blobs, b"MCFG");
+    assert_eq!(u64_at(m, 44), PCI_ECAM_START);
+    assert_eq!((m[54], m[55]), (0, 255), "bus range");
+}
+
+#[test]
+fn dsdt_has_host_bridge_pvpanic_and_s5() {
+    let blobs = build(1, vec![]);
+    let (_, d) = find(&blobs, b"DSDT");
+    let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+    assert!(has(&[0x41, 0xd0, 0x0a, 0x08]), "EISA ID PNP0A08");
+    assert!(has(b"QEMU0001\0"));
+    assert!(has(b"_S5_"));
+    // pvpanic IO descriptor: 0x47, decode16, min 0x505, max 0x505, align 1, len 1.
+    assert!(has(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    // The 32-bit window as a DWord memory descriptor min/max.
+    assert!(has(&0xc000_0000u32.to_le_bytes()) && has(&0xdfff_ffffu32.to_le_bytes()));
+}
+
+#[test]
+fn extra_tables_are_linked() {
+    let mut dmar = Sdt::new(*b"DMAR", 48, 1, OEM_ID, OEM_TABLE_ID, 1);
+    dmar.update_checksum();
+    let blobs = build(1, vec![dmar.as_slice().to_vec()]);
+    let (addr, _) = find(&blobs, b"DMAR");
+    let (_, xsdt) = find(&blobs, b"XSDT");
+    assert_eq!(u64_at(xsdt, 36 + 3 * 8), *addr);
+}

@@ -1,0 +1,426 @@
+//! Builds a VM from a configuration and runs it: memory, irqchip, devices, PCI, ACPI, boot
+//! payload, vCPU threads and the event loop.
+
+use std::io::Write;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::acpi::{AcpiConfig, AcpiTables};
+use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
+use crate::arch::x86_64::{boot, regs};
+use crate::config::VmConfig;
+use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
+use crate::devices::bus::{Bus, SharedDevice};
+use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
+use crate::devices::legacy::serial::{SerialDevice, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
+use crate::exit::{ExitHandle, VmExit};
+use crate::pci::allocator::PciAllocator;
+use crate::pci::bus::{PciBus, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
+use crate::pci::root::PciHostBridge;
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{install_kick_handler, kick_signal, CpuMode, Vcpu, VcpuBuses};
+use crate::vstate::vm::Vm;
+
+/// Errors building or running a VM; each says which step failed and with what.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// KVM VM creation.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Boot structures.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
+    /// Device registration.
+    #[error("cannot register {what}: {source}")]
+    Bus {
+        what: &'static str,
+        source: crate::devices::bus::BusError,
+    },
+    /// PCI set-up.
+    #[error(transparent)]
+    Pci(#[from] crate::pci::bus::PciBusError),
+    /// A raw image does not fit.
+    #[error("raw image of {len} bytes at {addr:#x} does not fit in guest memory")]
+    RawImage { addr: u64, len: usize },
+    /// Host resources (eventfds, threads, epoll).
+    #[error("{what}: {reason}")]
+    Host { what: &'static str, reason: String },
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |e| BuildError::Host {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// What the guest boots.
+pub enum BootSource {
+    /// A Linux bzImage.
+    Linux {
+        /// bzImage path.
+        kernel: PathBuf,
+        /// Optional initramfs.
+        initramfs: Option<PathBuf>,
+        /// Command line.
+        cmdline: String,
+    },
+    /// Code of our own (tests): copied to `load_addr`, started at `mode`'s entry. No in-kernel
+    /// irqchip, so HLT exits to us and ends the run.
+    Raw {
+        /// The bytes.
+        image: Vec<u8>,
+        /// Guest address to copy them to.
+        load_addr: u64,
+        /// Start state.
+        mode: CpuMode,
+    },
+}
+
+/// Everything needed to build a VM.
+pub struct MachineConfig {
+    /// vCPU count.
+    pub vcpus: u8,
+    /// RAM bytes.
+    pub memory_size: u64,
+    /// Boot payload.
+    pub boot: BootSource,
+    /// Where the guest's serial output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Feed the VMM's stdin to the guest's serial port.
+    pub stdin_input: bool,
+}
+
+impl MachineConfig {
+    /// The configuration the command line asks for: Linux, console on stdout, stdin as input.
+    pub fn from_vm_config(c: &VmConfig) -> Self {
+        Self {
+            vcpus: c.vcpus,
+            memory_size: c.memory_size,
+            boot: BootSource::Linux {
+                kernel: c.kernel.clone(),
+                initramfs: c.initramfs.clone(),
+                cmdline: c.cmdline.clone(),
+            },
+            serial_out: Box::new(std::io::stdout()),
+            stdin_input: true,
+        }
+    }
+}
+
+/// A built VM, ready to run. Devices can still be added before [`Vmm::run`].
+pub struct Vmm {
+    // Field order matters: vCPUs and the VM go before the memory they map.
+    vcpus: Vec<Vcpu>,
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pci: Arc<Mutex<PciBus>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: ExitHandle,
+    stdin_input: bool,
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`.
+    pub fn build(cfg: MachineConfig) -> Result<Self, BuildError> {
+        let linux = matches!(cfg.boot, BootSource::Linux { .. });
+        if let BootSource::Linux {
+            kernel, initramfs, ..
+        } = &cfg.boot
+        {
+            boot::check_boot_files(kernel, initramfs.as_deref())?;
+        }
+        let mut vm = Vm::new()?;
+        let mem = create_guest_memory(cfg.memory_size)?;
+        vm.register_memory(&mem)?;
+        if linux {
+            vm.setup_irqchip()?;
+        }
+        let exit = ExitHandle::new().map_err(host("cannot create the exit eventfd"))?;
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host("serial eventfd"))?;
+        if vm.has_irqchip() {
+            vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+        }
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, cfg.serial_out)));
+        let legacy: [(&'static str, SharedDevice, u64, u64); 4] = [
+            ("COM1", serial.clone(), COM1_PORT, COM1_LEN),
+            (
+                "i8042",
+                Arc::new(Mutex::new(I8042::new(exit.clone()))),
+                I8042_DATA_PORT,
+                I8042_LEN,
+            ),
+            (
+                "pvpanic",
+                Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+                PVPANIC_PORT,
+                PVPANIC_LEN,
+            ),
+            (
+                "ACPI PM register",
+                Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+                ACPI_PM_PORT,
+                ACPI_PM_LEN,
+            ),
+        ];
+        for (what, dev, base, len) in legacy {
+            pio.insert(dev, base, len)
+                .map_err(|source| BuildError::Bus { what, source })?;
+        }
+
+        let mut pci = PciBus::new(
+            PciAllocator::new(cfg.memory_size),
+            mmio.clone(),
+            pio.clone(),
+        );
+        pci.add_device(Arc::new(Mutex::new(PciHostBridge::new())))?;
+        let pci = Arc::new(Mutex::new(pci));
+        pio.insert(
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            CONFIG_ADDRESS_PORT,
+            CONFIG_IO_LEN,
+        )
+        .map_err(|source| BuildError::Bus {
+            what: "PCI config ports",
+            source,
+        })?;
+        mmio.insert(
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            PCI_ECAM_START,
+            PCI_ECAM_SIZE,
+        )
+        .map_err(|source| BuildError::Bus {
+            what: "PCI ECAM",
+            source,
+        })?;
+
+        regs::write_boot_structures(&mem)?;
+        boot::write_reset_stub(&mem)?;
+        let rsdp = AcpiTables::build(&AcpiConfig {
+            vcpus: cfg.vcpus,
+            ram_size: cfg.memory_size,
+            extra_tables: Vec::new(),
+        })?
+        .write(&mem)?;
+
+        let mode = match &cfg.boot {
+            BootSource::Linux {
+                kernel,
+                initramfs,
+                cmdline,
+            } => {
+                let entry = boot::load_linux(
+                    &mem,
+                    cfg.memory_size,
+                    kernel,
+                    initramfs.as_deref(),
+                    cmdline,
+                    rsdp,
+                )?;
+                log::info!("kernel entry {:#x}", entry.entry);
+                CpuMode::LongMode { rip: entry.entry }
+            }
+            BootSource::Raw {
+                image,
+                load_addr,
+                mode,
+            } => {
+                mem.write_slice(image, GuestAddress(*load_addr))
+                    .map_err(|_| BuildError::RawImage {
+                        addr: *load_addr,
+                        len: image.len(),
+                    })?;
+                *mode
+            }
+        };
+
+        let mut vcpus = Vec::new();
+        for id in 0..cfg.vcpus {
+            let vcpu = Vcpu::new(&vm, id)?;
+            vcpu.configure(&vm, cfg.vcpus, mode)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            vcpus,
+            vm,
+            mem,
+            pio,
+            mmio,
+            pci,
+            serial,
+            exit,
+            stdin_input: cfg.stdin_input,
+        })
+    }
+
+    /// The port I/O bus.
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The MMIO bus (platform devices, BARs, ECAM; the VT-d registers go here).
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// PCI bus 0.
+    pub fn pci_bus(&self) -> &Arc<Mutex<PciBus>> {
+        &self.pci
+    }
+
+    /// Guest RAM.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The VM, for devices needing KVM (memory slots, irqfds, GSI routes).
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// A handle to request the VM to stop.
+    pub fn exit_handle(&self) -> ExitHandle {
+        self.exit.clone()
+    }
+
+    /// Runs the guest until it powers off, resets, panics, halts (raw guests) or fails.
+    pub fn run(mut self) -> Result<VmExit, BuildError> {
+        install_kick_handler().map_err(|reason| BuildError::Host {
+            what: "signal handler",
+            reason,
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let buses = VcpuBuses {
+            pio: self.pio.clone(),
+            mmio: self.mmio.clone(),
+        };
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for vcpu in self.vcpus.drain(..) {
+            let (b, e, s) = (buses.clone(), self.exit.clone(), stop.clone());
+            let t = std::thread::Builder::new()
+                .name("vcpu".into())
+                .spawn(move || vcpu.run(b, e, s))
+                .map_err(host("cannot spawn a vCPU thread"))?;
+            threads.push(t);
+        }
+
+        let result = self.event_loop();
+        stop.store(true, Ordering::Release);
+        // Kick until every thread has left KVM_RUN: a kick can land just before a thread
+        // re-enters it, so repeat.
+        while threads.iter().any(|t| !t.is_finished()) {
+            for t in threads.iter().filter(|t| !t.is_finished()) {
+                let _ = t.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for t in threads {
+            if t.join().is_err() {
+                return Ok(VmExit::Failed("a vCPU thread panicked".into()));
+            }
+        }
+        result
+    }
+
+    fn event_loop(&mut self) -> Result<VmExit, BuildError> {
+        let epoll = |e: event_manager::Error| BuildError::Host {
+            what: "event manager",
+            reason: format!("{e:?}"),
+        };
+        let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(epoll)?;
+        let exit_evt = self
+            .exit
+            .event()
+            .try_clone()
+            .map_err(host("cannot clone the exit eventfd"))?;
+        em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
+        let _raw = if self.stdin_input {
+            em.add_subscriber(Box::new(SerialInput::new(
+                std::io::stdin(),
+                self.serial.clone(),
+            )));
+            RawTerminal::enter()
+        } else {
+            None
+        };
+        loop {
+            if let Some(reason) = self.exit.reason() {
+                return Ok(reason);
+            }
+            em.run_with_timeout(200).map_err(epoll)?;
+        }
+    }
+}
+
+/// Drains the exit eventfd so the loop wakes to check the exit reason.
+struct ExitWatcher(EventFd);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot poll the exit eventfd: {e:?}");
+        }
+    }
+}
+
+/// Puts an interactive terminal in raw mode for the guest console; restores it on drop.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use vmm_sys_util::terminal::Terminal;
+        let stdin = std::io::stdin();
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(stdin.as_raw_fd()) } != 1 {
+            return None;
+        }
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawTerminal),
+            Err(e) => {
+                log::warn!("cannot set the terminal to raw mode: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        if let Err(e) = std::io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot restore the terminal: {e}");
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Command line parsing, in Cloud Hypervisor's style: `--option key=value,key=value`.
+//!
+//! Parsing is hand written (no clap) so that every bad input yields exactly one line naming the
+//! problem. Option lists go through [`OptionList`], which later options (`--device
+//! path=...,iommu=on`, `--viommu aw-bits=48,flush=deferred`) reuse.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
+
+/// Default guest memory size when `--memory` is not given.
+pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
+/// Default vCPU count when `--cpus` is not given.
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Upper bound on vCPUs: APIC IDs must fit the 8-bit xAPIC ID and MADT entry fields.
+pub const MAX_VCPUS: u8 = 254;
+/// Default kernel command line: serial console, reboot through the triple-fault/ACPI paths we
+/// handle, and fail loudly instead of waiting on a panic.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+
+/// Errors of command line parsing; each message names the option and the offending value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// An argument that is not an option we know.
+    #[error("unknown argument '{0}' (see --help)")]
+    UnknownArgument(String),
+    /// An option that needs a value was last on the command line.
+    #[error("option {0} needs a value")]
+    MissingValue(&'static str),
+    /// An option given twice.
+    #[error("option {0} given more than once")]
+    Duplicate(&'static str),
+    /// `--kernel` absent.
+    #[error("missing --kernel PATH (see --help)")]
+    MissingKernel,
+    /// A `key=value` item without `=`.
+    #[error("{option}: expected key=value, got '{item}'")]
+    NotKeyValue { option: &'static str, item: String },
+    /// A key the option does not know.
+    #[error("{option}: unknown key '{key}' (known: {known})")]
+    UnknownKey {
+        option: &'static str,
+        key: String,
+        known: &'static str,
+    },
+    /// A key required by the option is absent.
+    #[error("{option}: missing {key}=")]
+    MissingKey {
+        option: &'static str,
+        key: &'static str,
+    },
+    /// A value that does not parse or is out of range.
+    #[error("{option}: invalid {key} '{value}': {reason}")]
+    InvalidValue {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Print usage and exit 0.
+    Help,
+    /// Print the version and exit 0.
+    Version,
+    /// Boot a VM.
+    Run(VmConfig),
+}
+
+/// The whole VM configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Path of the bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in bytes.
+    pub memory_size: u64,
+}
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
+
+Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
+
+Options:
+  --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
+  --initramfs PATH     initramfs loaded for the kernel
+  --cmdline STR        kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
+  --cpus boot=N        number of vCPUs, 1..254 (default 1)
+  --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
+  -h, --help           print this help
+  -V, --version        print the version
+
+Exit status: 0 when the guest powers off or reboots, 1 when the guest kernel panics or on any
+error (one line on stderr says which). RUST_LOG=debug shows diagnostics.";
+
+/// A parsed `key=value,key=value` list of one option.
+#[derive(Debug)]
+pub struct OptionList {
+    option: &'static str,
+    values: BTreeMap<String, String>,
+}
+
+impl OptionList {
+    /// Parses `input` for `option`, accepting only the keys in `known`.
+    pub fn parse(
+        option: &'static str,
+        input: &str,
+        known: &'static [&'static str],
+    ) -> Result<Self, ConfigError> {
+        let mut values = BTreeMap::new();
+        for item in input.split(',').filter(|s| !s.is_empty()) {
+            let (key, value) = item.split_once('=').ok_or(ConfigError::NotKeyValue {
+                option,
+                item: item.to_string(),
+            })?;
+            if !known.contains(&key) {
+                return Err(ConfigError::UnknownKey {
+                    option,
+                    key: key.to_string(),
+                    known: known_list(known),
+                });
+            }
+            values.insert(key.to_string(), value.to_string());
+        }
+        Ok(Self { option, values })
+    }
+
+    /// The raw value of `key`, if given.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    /// The value of `key`, required.
+    pub fn require(&self, key: &'static str) -> Result<&str, ConfigError> {
+        self.get(key).ok_or(ConfigError::MissingKey {
+            option: self.option,
+            key,
+        })
+    }
+
+    /// Builds an `InvalidValue` error for `key`.
+    pub fn invalid(
+        &self,
+        key: &'static str,
+        value: &str,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::InvalidValue {
+            option: self.option,
+            key,
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+// The key lists are static, so leaking their joined form once per error is harmless and keeps
+// the error type free of owned strings for them.
+fn known_list(known: &'static [&'static str]) -> &'static str {
+    Box::leak(known.join(", ").into_boxed_str())
+}
+
+/// Parses a size such as `256M`, `2G`, `1048576` or `512K` into bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 30),
+        Some('T' | 't') => (&s[..s.len() - 1], 40),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional K, M, G or T suffix".to_string())?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| "size overflows 64 bits".to_string())
+}
+
+fn parse_cpus(input: &str) -> Result<u8, ConfigError> {
+    let list = OptionList::parse("--cpus", input, &["boot"])?;
+    let raw = list.require("boot")?;
+    let n: u32 = raw
+        .parse()
+        .map_err(|_| list.invalid("boot", raw, "expected a whole number"))?;
+    if n == 0 || n > u32::from(MAX_VCPUS) {
+        return Err(list.invalid("boot", raw, format!("must be 1..={MAX_VCPUS}")));
+    }
+    Ok(n as u8)
+}
+
+fn parse_memory(input: &str) -> Result<u64, ConfigError> {
+    let list = OptionList::parse("--memory", input, &["size"])?;
+    let raw = list.require("size")?;
+    let size = parse_size(raw).map_err(|e| list.invalid("size", raw, e))?;
+    if size < MIN_MEMORY_SIZE {
+        return Err(list.invalid(
+            "size",
+            raw,
+            format!("at least {}M is needed", MIN_MEMORY_SIZE >> 20),
+        ));
+    }
+    if size % 4096 != 0 {
+        return Err(list.invalid("size", raw, "must be a multiple of 4K"));
+    }
+    Ok(size)
+}
+
+/// Parses the arguments after the program name.
+pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<String>,
+{
+    let mut kernel = None;
+    let mut initramfs = None;
+    let mut cmdline = None;
+    let mut vcpus = None;
+    let mut memory = None;
+
+    let mut it = args.into_iter().map(Into::into);
+    while let Some(arg) = it.next() {
+        // Accept both `--opt value` and `--opt=value`.
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let name: &'static str = match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--kernel" => "--kernel",
+            "--initramfs" => "--initramfs",
+            "--cmdline" => "--cmdline",
+            "--cpus" => "--cpus",
+            "--memory" => "--memory",
+            _ => return Err(ConfigError::UnknownArgument(arg)),
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().ok_or(ConfigError::MissingValue(name))?,
+        };
+        let dup = match name {
+            "--kernel" => kernel.replace(PathBuf::from(&value)).is_some(),
+            "--initramfs" => initramfs.replace(PathBuf::from(&value)).is_some(),
+            "--cmdline" => cmdline.replace(value).is_some(),
+            "--cpus" => vcpus.replace(parse_cpus(&value)?).is_some(),
+            _ => memory.replace(parse_memory(&value)?).is_some(),
+        };
+        if dup {
+            return Err(ConfigError::Duplicate(name));
+        }
+    }
+
+    Ok(Command::Run(VmConfig {
+        kernel: kernel.ok_or(ConfigError::MissingKernel)?,
+        initramfs,
+        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        vcpus: vcpus.unwrap_or(DEFAULT_VCPUS),
+        memory_size: memory.unwrap_or(DEFAULT_MEMORY_SIZE),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> VmConfig {
+        match parse_args(args.iter().copied()) {
+            Ok(Command::Run(c)) => c,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn err(args: &[&str]) -> String {
+        parse_args(args.iter().copied()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--cpus",
+            "boot=2",
+            "--memory",
+            "size=2G",
+        ]);
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initramfs, Some(PathBuf::from("/i")));
+        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_size, 2 << 30);
+    }
+
+    #[test]
+    fn defaults_and_equals_form() {
+        let c = run(&["--kernel=/k", "--memory=size=256M"]);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.memory_size, 256 << 20);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.initramfs, None);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse_args(["--help"]).unwrap(), Command::Help);
+        assert_eq!(parse_args(["-h"]).unwrap(), Command::Help);
+        assert_eq!(parse_args(["--version"]).unwrap(), Command::Version);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        assert_eq!(err(&[]), "missing --kernel PATH (see --help)");
+        assert_eq!(err(&["--bogus"]), "unknown argument '--bogus' (see --help)");
+        assert_eq!(err(&["--kernel"]), "option --kernel needs a value");
+        assert_eq!(
+            err(&["--kernel", "a", "--kernel", "b"]),
+            "option --kernel given more than once"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--cpus", "boot=0"]),
+            "--cpus: invalid boot '0': must be 1..=254"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--cpus", "2"]),
+            "--cpus: expected key=value, got '2'"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--cpus", "max=2"]),
+            "--cpus: unknown key 'max' (known: boot)"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--memory", "size=1M"]),
+            "--memory: invalid size '1M': at least 32M is needed"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--memory", "size=lots"]),
+            "--memory: invalid size 'lots': expected a number with an optional K, M, G or T suffix"
+        );
+        assert_eq!(
+            err(&["--kernel", "k", "--memory", ""]),
+            "--memory: missing size="
+        );
+    }
+
+    #[test]
+    fn option_list_reusable_for_later_options() {
+        let l = OptionList::parse(
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:03.0,iommu=on",
+            &["path", "iommu"],
+        )
+        .unwrap();
+        assert_eq!(l.get("path"), Some("/sys/bus/pci/devices/0000:00:03.0"));
+        assert_eq!(l.require("iommu"), Ok("on"));
+    }
+}

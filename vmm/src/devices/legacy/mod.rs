@@ -1,0 +1,4 @@
+//! PC legacy devices.
+
+pub mod i8042;
+pub mod serial;

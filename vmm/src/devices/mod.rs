@@ -1,0 +1,7 @@
+//! Emulated devices: plain state machines behind the [`bus::BusDevice`] trait, testable
+//! without KVM.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod legacy;
+pub mod pvpanic;

@@ -1,0 +1,330 @@
+//! PCI bus 0: device slots, config-access routing, BAR registration on the MMIO and PIO buses,
+//! and the two config mechanisms: ports 0xCF8/0xCFC and ECAM.
+
+use std::sync::{Arc, Mutex};
+
+use crate::devices::bus::{Bus, BusDevice};
+use crate::pci::allocator::PciAllocator;
+use crate::pci::configuration::{BarKind, BarMove, NUM_REGS};
+use crate::pci::device::{PciDevice, PciDeviceError};
+
+/// Device slots on a bus (PCI 3.0: 5-bit device number).
+pub const NUM_SLOTS: usize = 32;
+/// Configuration address port (PCI 3.0, 3.2.2.3.2 "Configuration Mechanism #1").
+pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
+/// CONFIG_ADDRESS (4 bytes) and CONFIG_DATA (4 bytes).
+pub const CONFIG_IO_LEN: u64 = 8;
+const CONFIG_ENABLE: u32 = 1 << 31;
+
+/// A shared PCI function.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Errors adding devices.
+#[derive(Debug, thiserror::Error)]
+pub enum PciBusError {
+    /// All 32 slots are taken.
+    #[error("no free PCI slot (all {NUM_SLOTS} used)")]
+    NoFreeSlot,
+    /// BAR placement failed.
+    #[error("PCI device {slot:02x}: {source}")]
+    Device { slot: usize, source: PciDeviceError },
+    /// BAR registration on a bus failed.
+    #[error("PCI device {slot:02x}: BAR {index} at {addr:#x}: {source}")]
+    Register {
+        slot: usize,
+        index: usize,
+        addr: u64,
+        source: crate::devices::bus::BusError,
+    },
+}
+
+/// A decoded configuration access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigAddress {
+    /// Bus number.
+    pub bus: u8,
+    /// Device (slot) number.
+    pub device: u8,
+    /// Function number.
+    pub function: u8,
+    /// Dword register index, 0..1024.
+    pub reg: usize,
+    /// Byte offset within the dword.
+    pub offset: u64,
+}
+
+/// Decodes an ECAM offset (PCI Express Base 4.0, 7.2.2, Table 7-1: bus 27:20, device 19:15,
+/// function 14:12, register 11:0).
+pub fn decode_ecam(offset: u64) -> ConfigAddress {
+    ConfigAddress {
+        bus: ((offset >> 20) & 0xff) as u8,
+        device: ((offset >> 15) & 0x1f) as u8,
+        function: ((offset >> 12) & 0x7) as u8,
+        reg: ((offset & 0xfff) >> 2) as usize,
+        offset: offset & 0x3,
+    }
+}
+
+/// Decodes CONFIG_ADDRESS plus the CONFIG_DATA byte offset (PCI 3.0, Figure 3-2: enable 31,
+/// bus 23:16, device 15:11, function 10:8, register 7:2). None when the enable bit is clear.
+pub fn decode_config_address(addr: u32, data_offset: u64) -> Option<ConfigAddress> {
+    if addr & CONFIG_ENABLE == 0 {
+        return None;
+    }
+    Some(ConfigAddress {
+        bus: ((addr >> 16) & 0xff) as u8,
+        device: ((addr >> 11) & 0x1f) as u8,
+        function: ((addr >> 8) & 0x7) as u8,
+        reg: ((addr & 0xfc) >> 2) as usize,
+        offset: data_offset,
+    })
+}
+
+/// Forwards BAR accesses from a bus to the PCI function owning the BAR.
+struct BarAdapter(SharedPciDevice);
+
+impl BusDevice for BarAdapter {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_bar(base, offset, data);
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_bar(base, offset, data);
+    }
+}
+
+/// Bus 0 with its devices (function 0 of each slot).
+pub struct PciBus {
+    slots: Vec<Option<SharedPciDevice>>,
+    allocator: PciAllocator,
+    mmio: Arc<Bus>,
+    pio: Arc<Bus>,
+}
+
+impl PciBus {
+    /// An empty bus placing BARs with `allocator` on `mmio` and `pio`.
+    pub fn new(allocator: PciAllocator, mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
+        Self {
+            slots: vec![None; NUM_SLOTS],
+            allocator,
+            mmio,
+            pio,
+        }
+    }
+
+    /// Adds `device` in the first free slot, placing and registering its BARs. Returns the slot.
+    pub fn add_device(&mut self, device: SharedPciDevice) -> Result<usize, PciBusError> {
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(PciBusError::NoFreeSlot)?;
+        let bars = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate_bars(&mut self.allocator)
+            .map_err(|source| PciBusError::Device { slot, source })?;
+        for (index, bar) in bars {
+            let trapped = device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .bar_is_trapped(index);
+            if !trapped {
+                continue;
+            }
+            let adapter = Arc::new(Mutex::new(BarAdapter(device.clone())));
+            self.bus_for(bar.kind)
+                .insert(adapter, bar.addr, bar.size)
+                .map_err(|source| PciBusError::Register {
+                    slot,
+                    index,
+                    addr: bar.addr,
+                    source,
+                })?;
+            log::debug!(
+                "PCI {slot:02x}.0 BAR{index} {:?} at {:#x} size {:#x}",
+                bar.kind,
+                bar.addr,
+                bar.size
+            );
+        }
+        self.slots[slot] = Some(device);
+        Ok(slot)
+    }
+
+    /// The allocator, for devices placing extra resources.
+    pub fn allocator(&mut self) -> &mut PciAllocator {
+        &mut self.allocator
+    }
+
+    fn bus_for(&self, kind: BarKind) -> &Bus {
+        match kind {
+            BarKind::Io => &self.pio,
+            _ => &self.mmio,
+        }
+    }
+
+    fn device(&self, a: &ConfigAddress) -> Option<&SharedPciDevice> {
+        // Single-function devices on bus 0 only.
+        if a.bus != 0 || a.function != 0 || a.reg >= NUM_REGS {
+            return None;
+        }
+        self.slots.get(usize::from(a.device))?.as_ref()
+    }
+
+    /// Reads `data.len()` bytes of config space; absent functions read as all ones.
+    pub fn config_read(&self, a: ConfigAddress, data: &mut [u8]) {
+        let value = match self.device(&a) {
+            Some(d) => d
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read_config_register(a.reg),
+            None => 0xffff_ffff,
+        };
+        let bytes = value.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = bytes.get(a.offset as usize + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    /// Writes config space and applies the BAR moves the write causes.
+    pub fn config_write(&self, a: ConfigAddress, data: &[u8]) {
+        let Some(dev) = self.device(&a) else {
+            return;
+        };
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        for mv in d.write_config_register(a.reg, a.offset, data) {
+            self.apply_move(a.device, &mut *d, &mv);
+        }
+    }
+
+    fn apply_move(&self, slot: u8, dev: &mut dyn PciDevice, mv: &BarMove) {
+        let result = if dev.bar_is_trapped(mv.index) {
+            self.bus_for(mv.kind)
+                .relocate(mv.old, mv.new)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(())
+        };
+        let result = result.and_then(|()| dev.move_bar(mv).map_err(|e| e.to_string()));
+        match result {
+            Ok(()) => log::debug!(
+                "PCI {slot:02x}.0 BAR{} moved {:#x} -> {:#x}",
+                mv.index,
+                mv.old,
+                mv.new
+            ),
+            Err(e) => {
+                // Real hardware would decode the overlap ambiguously; we keep the old place.
+                log::warn!(
+                    "PCI {slot:02x}.0 BAR{} move {:#x} -> {:#x} refused: {e}",
+                    mv.index,
+                    mv.old,
+                    mv.new
+                );
+                dev.revert_bar(mv.index, mv.old);
+            }
+        }
+    }
+}
+
+/// The legacy configuration ports 0xCF8 (address) and 0xCFC..0xCFF (data).
+pub struct PciConfigIo {
+    bus: Arc<Mutex<PciBus>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    /// Config ports for `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self { bus, address: 0 }
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        if offset < 4 {
+            // CONFIG_ADDRESS reads back (only as a whole dword in practice).
+            let bytes = self.address.to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = bytes.get(offset as usize + i).copied().unwrap_or(0);
+            }
+            return;
+        }
+        match decode_config_address(self.address, offset - 4) {
+            Some(a) => self
+                .bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config_read(a, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        if offset == 0 && data.len() == 4 {
+            let mut b = [0u8; 4];
+            b.copy_from_slice(data);
+            self.address = u32::from_le_bytes(b);
+            return;
+        }
+        if offset < 4 {
+            // Byte/word writes to 0xCF8..0xCFB are not config cycles (0xCF9 is a reset
+            // control register on some chipsets); ignore them.
+            return;
+        }
+        if let Some(a) = decode_config_address(self.address, offset - 4) {
+            self.bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .config_write(a, data);
+        }
+    }
+}
+
+/// The ECAM window (MCFG).
+pub struct PciConfigMmio {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciConfigMmio {
+    /// ECAM for `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self { bus }
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        let a = decode_ecam(offset);
+        if a.offset as usize + data.len() > 4 {
+            data.fill(0xff);
+            return;
+        }
+        self.bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_read(a, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        let a = decode_ecam(offset);
+        if a.offset as usize + data.len() > 4 {
+            return;
+        }
+        self.bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config_write(a, data);
+    }
+}
+
+#[cfg(test)]
+#[path = "bus_tests.rs"]
+mod tests;

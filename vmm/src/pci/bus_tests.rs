@@ -1,0 +1,179 @@
+//! Tests of config routing, ECAM/CF8 decoding and BAR registration.
+
+use super::*;
+use crate::pci::configuration::{Bar, PciConfiguration, PciIds, REG_BAR0};
+use crate::pci::root::PciHostBridge;
+
+type WriteLog = Arc<Mutex<Vec<(u64, u64, Vec<u8>)>>>;
+
+/// A function with one 4 KiB MMIO BAR that echoes the offset on reads and logs writes.
+struct Fake {
+    config: PciConfiguration,
+    writes: WriteLog,
+}
+
+impl PciDevice for Fake {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.config.read_reg(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+        self.config.write_reg(reg, offset, data)
+    }
+    fn allocate_bars(
+        &mut self,
+        alloc: &mut PciAllocator,
+    ) -> Result<Vec<(usize, crate::pci::configuration::Bar)>, PciDeviceError> {
+        let addr = alloc
+            .allocate_bar(BarKind::Mmio32, 0x1000)
+            .map_err(|source| PciDeviceError::Allocate {
+                index: 0,
+                size: 0x1000,
+                source,
+            })?;
+        let bar = Bar {
+            kind: BarKind::Mmio32,
+            size: 0x1000,
+            addr,
+            prefetchable: false,
+        };
+        self.config.add_bar(0, bar);
+        Ok(vec![(0, bar)])
+    }
+    fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        data.fill(offset as u8);
+    }
+    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+        self.writes
+            .lock()
+            .unwrap()
+            .push((base, offset, data.to_vec()));
+    }
+    fn revert_bar(&mut self, index: usize, addr: u64) {
+        self.config.revert_bar(index, addr);
+    }
+}
+
+fn setup() -> (Arc<Mutex<PciBus>>, Arc<Bus>, WriteLog) {
+    let mmio = Arc::new(Bus::new());
+    let pio = Arc::new(Bus::new());
+    let mut bus = PciBus::new(PciAllocator::new(256 << 20), mmio.clone(), pio);
+    assert_eq!(
+        bus.add_device(Arc::new(Mutex::new(PciHostBridge::new())))
+            .unwrap(),
+        0
+    );
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let fake = Fake {
+        config: PciConfiguration::new(PciIds {
+            vendor: 0x1234,
+            device: 0x5678,
+            class: 0xff,
+            subclass: 0,
+            prog_if: 0,
+            revision: 0,
+        }),
+        writes: writes.clone(),
+    };
+    assert_eq!(bus.add_device(Arc::new(Mutex::new(fake))).unwrap(), 1);
+    (Arc::new(Mutex::new(bus)), mmio, writes)
+}
+
+#[test]
+fn ecam_decoding() {
+    let a = decode_ecam((1 << 20) | (3 << 15) | (2 << 12) | 0x10a);
+    assert_eq!(
+        a,
+        ConfigAddress {
+            bus: 1,
+            device: 3,
+            function: 2,
+            reg: 0x42,
+            offset: 2
+        }
+    );
+    assert_eq!(decode_ecam(0xffc).reg, 1023);
+}
+
+#[test]
+fn cf8_decoding() {
+    assert_eq!(
+        decode_config_address(0x0000_0800, 0),
+        None,
+        "enable bit clear"
+    );
+    let a = decode_config_address(0x8001_0a14, 3).unwrap();
+    assert_eq!(
+        (a.bus, a.device, a.function, a.reg, a.offset),
+        (1, 1, 2, 5, 3)
+    );
+}
+
+#[test]
+fn cf8_reads_ids_and_absent_slots() {
+    let (bus, _, _) = setup();
+    let mut io = PciConfigIo::new(bus);
+    io.write(0xcf8, 0, &0x8000_0000u32.to_le_bytes());
+    let mut d = [0u8; 4];
+    io.read(0xcf8, 4, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0x0d57_8086);
+    let mut w = [0u8; 2];
+    io.read(0xcf8, 6, &mut w);
+    assert_eq!(u16::from_le_bytes(w), 0x0d57, "word read at 0xCFE");
+    io.write(0xcf8, 0, &0x8000_0800u32.to_le_bytes());
+    io.read(0xcf8, 4, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0x5678_1234);
+    io.write(0xcf8, 0, &0x8000_1000u32.to_le_bytes());
+    io.read(0xcf8, 4, &mut d);
+    assert_eq!(d, [0xff; 4], "slot 2 is empty");
+    io.write(0xcf8, 0, &0x0000_0800u32.to_le_bytes());
+    io.read(0xcf8, 4, &mut d);
+    assert_eq!(d, [0xff; 4], "enable bit clear");
+    let mut addr = [0u8; 4];
+    io.read(0xcf8, 0, &mut addr);
+    assert_eq!(u32::from_le_bytes(addr), 0x800);
+}
+
+#[test]
+fn ecam_bar_programming_moves_mmio_mapping() {
+    let (bus, mmio, writes) = setup();
+    let mut ecam = PciConfigMmio::new(bus);
+    let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
+    let mut d = [0u8; 4];
+    ecam.read(0, bar0, &mut d);
+    let orig = u32::from_le_bytes(d);
+    assert_eq!(orig, 0xc000_0000, "first BAR in the 32-bit window");
+    let mut b = [0u8; 1];
+    assert!(mmio.read(0xc000_0010, &mut b));
+    assert_eq!(b[0], 0x10);
+    // Memory decoding on, then size probe, restore, move.
+    ecam.write(0, (1 << 15) | 4, &[2, 0]);
+    ecam.write(0, bar0, &[0xff; 4]);
+    ecam.read(0, bar0, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0xffff_f000);
+    ecam.write(0, bar0, &orig.to_le_bytes());
+    ecam.write(0, bar0, &0xc100_0000u32.to_le_bytes());
+    assert!(!mmio.read(0xc000_0010, &mut b));
+    assert!(mmio.write(0xc100_0020, &[9, 9]));
+    assert_eq!(writes.lock().unwrap()[0], (0xc100_0000, 0x20, vec![9, 9]));
+}
+
+#[test]
+fn refused_move_keeps_old_place() {
+    let (bus, mmio, _) = setup();
+    // Something else sits at 0xd000_0000.
+    struct Blocker;
+    impl BusDevice for Blocker {
+        fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
+    }
+    mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
+        .unwrap();
+    let mut ecam = PciConfigMmio::new(bus);
+    let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
+    ecam.write(0, (1 << 15) | 4, &[2, 0]);
+    ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
+    let mut d = [0u8; 4];
+    ecam.read(0, bar0, &mut d);
+    assert_eq!(u32::from_le_bytes(d), 0xc000_0000);
+    assert!(mmio.read(0xc000_0000, &mut [0u8; 4]));
+}

@@ -1,0 +1,241 @@
+//! vCPUs: initial state (CPUID, MSRs, FPU, LAPIC, registers) and the KVM_RUN loop that
+//! dispatches exits to the port I/O and MMIO buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Once};
+
+use kvm_bindings::{
+    Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
+use crate::devices::bus::Bus;
+use crate::exit::{ExitHandle, VmExit};
+use crate::vstate::vm::Vm;
+
+/// CPUID leaf 1 ECX bit 24: TSC-deadline timer (Intel SDM Vol. 2A, Table 3-10).
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Errors configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A vCPU ioctl failed.
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Ioctl {
+        id: u8,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted fewer MSRs than we set.
+    #[error("vCPU {id}: KVM_SET_MSRS set {set} of {want} MSRs")]
+    Msrs { id: u8, set: usize, want: usize },
+}
+
+/// How a vCPU starts.
+#[derive(Clone, Copy, Debug)]
+pub enum CpuMode {
+    /// 64-bit long mode with the boot GDT and identity page tables.
+    LongMode {
+        /// Entry point.
+        rip: u64,
+    },
+    /// Real mode, segment 0.
+    RealMode {
+        /// Entry point (below 64 KiB).
+        ip: u16,
+    },
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` (its APIC ID is `id` too).
+    pub fn new(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(|source| VcpuError::Ioctl {
+                id,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })?;
+        Ok(Self { fd, id })
+    }
+
+    fn ioctl(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Ioctl { id, what, source }
+    }
+
+    /// Sets CPUID, MSRs, FPU, LAPIC LINT pins; for the boot vCPU (id 0) also the registers
+    /// for `mode`. Application processors wait for INIT/SIPI from the guest.
+    pub fn configure(&self, vm: &Vm, count: u8, mode: CpuMode) -> Result<(), VcpuError> {
+        let mut cpuid = vm.supported_cpuid().clone();
+        cpuid::patch_cpuid(cpuid.as_mut_slice(), self.id, count);
+        if vm.has_tsc_deadline() {
+            for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+                e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+            }
+        }
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.ioctl("KVM_SET_CPUID2"))?;
+
+        let entries = msr::boot_msr_entries();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            id: self.id,
+            set: 0,
+            want: entries.len(),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.ioctl("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                id: self.id,
+                set,
+                want: entries.len(),
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.ioctl("KVM_SET_FPU"))?;
+
+        if vm.has_irqchip() {
+            let mut lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
+            interrupts::set_lint(&mut lapic);
+            self.fd
+                .set_lapic(&lapic)
+                .map_err(self.ioctl("KVM_SET_LAPIC"))?;
+        }
+
+        if self.id == 0 || !vm.has_irqchip() {
+            let base = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
+            let (sregs, rip) = match mode {
+                CpuMode::LongMode { rip } => (regs::long_mode_sregs(&base), rip),
+                CpuMode::RealMode { ip } => (regs::real_mode_sregs(&base), u64::from(ip)),
+            };
+            self.fd
+                .set_sregs(&sregs)
+                .map_err(self.ioctl("KVM_SET_SREGS"))?;
+            self.fd
+                .set_regs(&regs::linux_regs(rip))
+                .map_err(self.ioctl("KVM_SET_REGS"))?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `stop` is set or an exit ends the VM; reports through `exit`.
+    pub fn run(mut self, buses: VcpuBuses, exit: ExitHandle, stop: Arc<AtomicBool>) {
+        let id = self.id;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            match self.fd.run() {
+                Ok(e) => match handle_exit(id, e, &buses) {
+                    None => {}
+                    Some(reason) => {
+                        exit.request(reason);
+                        return;
+                    }
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    exit.request(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}")));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The buses a vCPU dispatches to.
+#[derive(Clone)]
+pub struct VcpuBuses {
+    /// Port I/O.
+    pub pio: Arc<Bus>,
+    /// MMIO.
+    pub mmio: Arc<Bus>,
+}
+
+fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !buses.pio.read(u64::from(port), data) {
+                log::trace!("vCPU {id}: unhandled in {port:#x} ({} bytes)", data.len());
+                data.fill(0xff);
+            }
+            None
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !buses.pio.write(u64::from(port), data) {
+                log::trace!("vCPU {id}: unhandled out {port:#x} <- {data:x?}");
+            }
+            None
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !buses.mmio.read(addr, data) {
+                log::debug!(
+                    "vCPU {id}: unhandled MMIO read {addr:#x} ({} bytes)",
+                    data.len()
+                );
+                data.fill(0xff);
+            }
+            None
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !buses.mmio.write(addr, data) {
+                log::debug!("vCPU {id}: unhandled MMIO write {addr:#x} <- {data:x?}");
+            }
+            None
+        }
+        VcpuExit::Hlt => Some(VmExit::Halted),
+        VcpuExit::Shutdown => Some(VmExit::Reboot {
+            cause: "triple fault",
+        }),
+        VcpuExit::SystemEvent(kind, _) => Some(match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+            KVM_SYSTEM_EVENT_RESET => VmExit::Reboot {
+                cause: "KVM reset event",
+            },
+            KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanic,
+            other => VmExit::Failed(format!("vCPU {id}: unexpected system event {other}")),
+        }),
+        VcpuExit::FailEntry(reason, cpu) => Some(VmExit::Failed(format!(
+            "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on host CPU {cpu}"
+        ))),
+        VcpuExit::InternalError => Some(VmExit::Failed(format!(
+            "vCPU {id}: KVM internal error (emulation failure)"
+        ))),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => None,
+        other => Some(VmExit::Failed(format!(
+            "vCPU {id}: unexpected KVM exit {other:?}"
+        ))),
+    }
+}
+
+/// The signal that kicks vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the no-op handler for [`kick_signal`] once per process, so the signal interrupts
+/// KVM_RUN (EINTR) instead of killing the process.
+pub fn install_kick_handler() -> Result<(), String> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+            .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
+    });
+    result
+}

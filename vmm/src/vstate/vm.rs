@@ -1,0 +1,153 @@
+//! The KVM VM: /dev/kvm, memory slots, in-kernel irqchip and PIT, irqfds.
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+
+/// Errors of VM-level KVM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// Wrong KVM API version.
+    #[error("KVM API version {0} is not supported (need 12)")]
+    ApiVersion(i32),
+    /// A capability we need is missing.
+    #[error("KVM lacks capability {0}")]
+    MissingCap(&'static str),
+    /// Any VM ioctl failure.
+    #[error("KVM {what} failed: {source}")]
+    Ioctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// Memory slot registration failed.
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION slot {slot} at {addr:#x} ({size:#x} bytes) failed: {source}"
+    )]
+    MemorySlot {
+        slot: u32,
+        addr: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// A VM file descriptor with what we learned from KVM.
+pub struct Vm {
+    fd: VmFd,
+    supported_cpuid: CpuId,
+    irqchip: bool,
+    tsc_deadline: bool,
+    next_slot: u32,
+}
+
+impl Vm {
+    /// Opens /dev/kvm and creates a VM.
+    pub fn new() -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let api = kvm.get_api_version();
+        if api != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(VmError::ApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        Ok(Self {
+            fd,
+            supported_cpuid,
+            irqchip: false,
+            tsc_deadline,
+            next_slot: 0,
+        })
+    }
+
+    /// Registers every region of `mem` as a KVM memory slot.
+    pub fn register_memory(&mut self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+        for region in mem.iter() {
+            // Regions come from GuestMemoryMmap::from_ranges: their start is mapped.
+            let host = region.as_ptr() as u64;
+            let slot = self.next_slot;
+            let r = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: the mapping belongs to `mem`, which outlives the VM (the Vmm owns both
+            // and drops the VM first).
+            unsafe { self.fd.set_user_memory_region(r) }.map_err(|source| VmError::MemorySlot {
+                slot,
+                addr: r.guest_phys_addr,
+                size: r.memory_size,
+                source,
+            })?;
+            self.next_slot += 1;
+        }
+        Ok(())
+    }
+
+    /// Creates the in-kernel PIC/IOAPIC pair and the PIT. Must precede vCPU creation.
+    pub fn setup_irqchip(&mut self) -> Result<(), VmError> {
+        self.fd
+            .create_irq_chip()
+            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+        self.irqchip = true;
+        Ok(())
+    }
+
+    /// Makes a write to `fd` assert `gsi` (edge) through the in-kernel irqchip.
+    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(fd, gsi).map_err(ioctl("KVM_IRQFD"))
+    }
+
+    /// Whether the in-kernel irqchip exists.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// Whether KVM emulates the TSC deadline timer (its CPUID bit is ours to set).
+    pub fn has_tsc_deadline(&self) -> bool {
+        self.tsc_deadline
+    }
+
+    /// KVM_GET_SUPPORTED_CPUID's answer.
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// The raw VM fd, for devices that need more ioctls (VFIO's KVM device, GSI routes).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+}

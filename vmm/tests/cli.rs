@@ -1,0 +1,132 @@
+//! The binary's command line: help, version, and one clear line plus a non-zero exit for each
+//! kind of bad input. None of these need KVM.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run the vmm binary")
+}
+
+/// Asserts a failure with exactly one stderr line that contains `needle`.
+fn fails_with(args: &[&str], needle: &str) {
+    let out = vmm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "args {args:?}: stderr {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "args {args:?}: want one line, got {stderr:?}"
+    );
+    assert!(lines[0].starts_with("vmm: error: "), "{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "args {args:?}: {stderr:?} lacks {needle:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn help_and_version() {
+    let out = vmm(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Usage: vmm --kernel PATH"), "{text}");
+    assert!(text.contains("--memory size=SIZE"));
+    let out = vmm(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("vmm {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn bad_arguments() {
+    fails_with(&[], "missing --kernel PATH");
+    fails_with(
+        &["--kernel", "/k", "--frobnicate"],
+        "unknown argument '--frobnicate'",
+    );
+    fails_with(&["--kernel"], "option --kernel needs a value");
+    fails_with(
+        &["--kernel", "/k", "--cpus", "boot=0"],
+        "--cpus: invalid boot '0'",
+    );
+    fails_with(
+        &["--kernel", "/k", "--cpus", "boot=two"],
+        "--cpus: invalid boot 'two'",
+    );
+    fails_with(
+        &["--kernel", "/k", "--cpus", "4"],
+        "--cpus: expected key=value, got '4'",
+    );
+    fails_with(
+        &["--kernel", "/k", "--memory", "size=12Q"],
+        "--memory: invalid size '12Q'",
+    );
+}
+
+#[test]
+fn too_little_memory() {
+    fails_with(
+        &["--kernel", "/k", "--memory", "size=16M"],
+        "--memory: invalid size '16M': at least 32M is needed",
+    );
+}
+
+#[test]
+fn missing_kernel() {
+    fails_with(
+        &["--kernel", "/nonexistent/bzImage"],
+        "cannot open kernel /nonexistent/bzImage: No such file or directory",
+    );
+}
+
+#[test]
+fn kernel_that_is_not_a_bzimage() {
+    let k = temp_file("not-a-bzimage", b"#!/bin/sh\necho this is no kernel\n");
+    fails_with(
+        &["--kernel", k.to_str().unwrap()],
+        &format!("kernel {} is not a bzImage", k.display()),
+    );
+    let elf = temp_file("vmlinux-like", &[0x7f, b'E', b'L', b'F'].repeat(512));
+    fails_with(
+        &["--kernel", elf.to_str().unwrap()],
+        "no 'HdrS' magic at offset 0x202",
+    );
+}
+
+#[test]
+fn missing_initramfs() {
+    // A minimal header that passes the bzImage check, so the initramfs is what fails.
+    let mut hdr = vec![0u8; 0x400];
+    hdr[0x202..0x206].copy_from_slice(b"HdrS");
+    hdr[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    hdr[0x211] = 1;
+    let k = temp_file("fake-bzimage", &hdr);
+    fails_with(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initramfs",
+            "/nonexistent/initrd",
+        ],
+        "cannot read initramfs /nonexistent/initrd",
+    );
+}
