@@ -6,4 +6,6 @@ for d in /sys/bus/pci/devices/*; do
   [ -e "$d" ] && echo "pci ${d##*/} $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class")"
 done
 ls /sys/bus/acpi/devices 2>/dev/null | tr '\n' ' '; echo
-true
+
+# Let the console drain: tty output is written out after later printk markers otherwise.
+sleep 0.3

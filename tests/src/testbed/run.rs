@@ -249,14 +249,24 @@ impl Testbed {
             .args(["--mem", &scenario.l1_mem_mib.to_string()])
             .arg("--")
             .args(&scenario.l0_args);
-        let timeout = scenario.timeout.mul_f64(timeout_scale());
+        let limits = Limits {
+            total: scenario.timeout.mul_f64(timeout_scale()),
+            silence: scenario.silence_timeout.mul_f64(timeout_scale()),
+        };
         log::info!(
             "testbed: running `{}` (log {})",
             scenario.name,
             log.display()
         );
-        stream(scenario, &mut l0, &log, timeout)
+        stream(scenario, &mut l0, &log, limits)
     }
+}
+
+/// When a run is given up.
+#[derive(Clone, Copy)]
+struct Limits {
+    total: Duration,
+    silence: Duration,
 }
 
 /// Kills L0 QEMU if the run is abandoned (timeout, or a panic in the harness).
@@ -299,12 +309,12 @@ fn reader(
 }
 
 /// Spawns L0 QEMU, streams its console to `log` (and stderr with TB_VERBOSE=1) until it exits or
-/// `timeout` passes, and collects lines and markers.
+/// a limit passes, and collects lines and markers.
 fn stream(
     scenario: &Scenario,
     cmd: &mut Command,
     log: &Path,
-    timeout: Duration,
+    limits: Limits,
 ) -> Result<Outcome, TestbedError> {
     let verbose = std::env::var("TB_VERBOSE").is_ok_and(|v| v != "0" && !v.is_empty());
     let mut file = BufWriter::new(
@@ -330,10 +340,13 @@ fn stream(
 
     let mut lines = Vec::new();
     let mut markers = Vec::new();
-    let mut timed_out = false;
+    let mut timed_out = None;
     loop {
-        let left = timeout.saturating_sub(start.elapsed());
-        match rx.recv_timeout(left) {
+        let last_output = lines.last().map_or(Duration::ZERO, |l: &Line| l.at);
+        let now = start.elapsed();
+        let left_total = limits.total.saturating_sub(now);
+        let left_silence = (last_output + limits.silence).saturating_sub(now);
+        match rx.recv_timeout(left_total.min(left_silence)) {
             Ok(line) => {
                 // The log is best effort: a full disk must not hide the run's result.
                 let _ = writeln!(file, "{}", line.text).and_then(|_| file.flush());
@@ -347,7 +360,11 @@ fn stream(
                 lines.push(line);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                timed_out = true;
+                timed_out = Some(if left_total <= left_silence {
+                    format!("timed out after {:.0}s", limits.total.as_secs_f64())
+                } else {
+                    format!("no console output for {:.0}s", limits.silence.as_secs_f64())
+                });
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -360,8 +377,9 @@ fn stream(
     let elapsed = start.elapsed();
     let _ = writeln!(
         file,
-        "@@HARNESS elapsed={:.1}s timed_out={timed_out}",
-        elapsed.as_secs_f64()
+        "@@HARNESS elapsed={:.1}s gave_up={}",
+        elapsed.as_secs_f64(),
+        timed_out.as_deref().unwrap_or("no")
     );
 
     let fail = |what: String| TestbedError::Run {
@@ -370,12 +388,9 @@ fn stream(
         log: log.to_path_buf(),
         tail: tail(&lines, TAIL_LINES),
     };
-    if timed_out {
+    if let Some(why) = timed_out {
         let last = markers.last().map_or("none".to_string(), |m| m.raw.clone());
-        return Err(fail(format!(
-            "timed out after {:.0}s (killed L0 QEMU); last marker: {last}",
-            timeout.as_secs_f64()
-        )));
+        return Err(fail(format!("{why} (killed L0 QEMU); last marker: {last}")));
     }
     let exit = markers
         .iter()

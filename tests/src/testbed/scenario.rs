@@ -64,6 +64,9 @@ pub struct Scenario {
     pub l0_args: Vec<String>,
     /// The run is killed and fails after this long.
     pub timeout: Duration,
+    /// ... or after this long without any console output (a hung guest fails fast; a quiet L2
+    /// boot prints nothing for about 10-15 s).
+    pub silence_timeout: Duration,
 }
 
 impl Scenario {
@@ -101,6 +104,7 @@ impl Scenario {
             files: Vec::new(),
             l0_args: Vec::new(),
             timeout: Duration::from_secs(180),
+            silence_timeout: Duration::from_secs(60),
         }
     }
 
@@ -185,6 +189,11 @@ impl Scenario {
 
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    pub fn silence_timeout(mut self, timeout: Duration) -> Self {
+        self.silence_timeout = timeout;
         self
     }
 
