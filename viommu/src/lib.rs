@@ -15,6 +15,7 @@ pub mod host;
 pub mod ranges;
 pub mod regs;
 pub mod shadow;
+mod snapshots;
 mod space;
 pub mod stats;
 pub mod tables;

@@ -350,6 +350,7 @@ impl Shadow {
             let (s, e, leaf) = match *item {
                 WalkItem::Hole { iova, len } => (iova, iova + len, None),
                 WalkItem::Leaf(l) => (l.iova, l.iova + l.len, Some(l)),
+                WalkItem::Unchanged { .. } => continue,
             };
             let keys: Vec<u64> = self.overlapping(&[(s, e)]).iter().map(|o| o.0).collect();
             let unchanged = match (leaf, keys.as_slice()) {

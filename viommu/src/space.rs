@@ -6,7 +6,8 @@ use vm_memory::GuestMemoryBackend;
 use crate::host::HostDma;
 use crate::ranges::{self, Range};
 use crate::shadow::{clip_to_ram_into, coalesce, Failed, HostWork, Plan, Shadow};
-use crate::walk::{walk_range, Leaf, PageTable, WalkCounters, WalkItem};
+use crate::snapshots::LeafTables;
+use crate::walk::{walk_range_with, Leaf, PageTable, UnchangedHook, WalkCounters, WalkItem};
 use crate::{Capabilities, Perm, SourceId};
 
 /// The whole input address space a sync may have to cover (52-bit addresses).
@@ -62,6 +63,8 @@ pub(crate) struct Space {
     pending: Vec<Range>,
     /// The whole space must be synced, strictly, because the view changed.
     view_changed: bool,
+    /// Last-level tables as the host last mirrored them.
+    snapshots: LeafTables,
 }
 
 impl Space {
@@ -73,6 +76,7 @@ impl Space {
             shadow: Shadow::new(),
             pending: Vec::new(),
             view_changed: true,
+            snapshots: LeafTables::default(),
         }
     }
 
@@ -86,6 +90,7 @@ impl Space {
         if view != self.view {
             self.view = view;
             self.view_changed = true;
+            self.snapshots.clear();
         }
     }
 
@@ -93,16 +98,17 @@ impl Space {
         self.view_changed || !self.pending.is_empty()
     }
 
-    /// Visits what the view translates over `[start, end)`.
+    /// Visits what `view` translates over `[start, end)`.
     fn items<M: GuestMemoryBackend>(
-        &self,
+        view: View,
         env: &SyncEnv<'_, M>,
         (start, end): Range,
         counters: &mut WalkCounters,
         report: &mut SyncReport,
         visit: &mut dyn FnMut(WalkItem),
+        unchanged: Option<UnchangedHook<'_, '_>>,
     ) {
-        match self.view {
+        match view {
             View::Blocked => visit(WalkItem::Hole {
                 iova: start,
                 len: end - start,
@@ -118,7 +124,15 @@ impl Space {
                 }
             }
             View::Tables { table, .. } => {
-                let r = walk_range(env.mem, table, (start, end), env.caps, counters, visit);
+                let r = walk_range_with(
+                    env.mem,
+                    table,
+                    (start, end),
+                    env.caps,
+                    counters,
+                    visit,
+                    unchanged,
+                );
                 if r.is_err() {
                     report.budget_exceeded = true;
                 }
@@ -140,16 +154,32 @@ impl Space {
             return report;
         }
         let mut desired = Vec::new();
+        let mut unchanged = Vec::new();
         let mut counters = WalkCounters::new(env.walk_budget);
+        let snapshots = &mut self.snapshots;
         for &r in &ranges {
-            self.items(env, r, &mut counters, &mut report, &mut |item| {
-                if let WalkItem::Leaf(l) = item {
-                    clip_to_ram_into(&l, env.ram, env.ram_bounds, &mut desired);
-                }
-            });
+            let mut hook = |base, table, perm, entries: &[u64]| {
+                snapshots.unchanged(base, table, perm, entries)
+            };
+            Self::items(
+                self.view,
+                env,
+                r,
+                &mut counters,
+                &mut report,
+                &mut |item| match item {
+                    WalkItem::Leaf(l) => {
+                        clip_to_ram_into(&l, env.ram, env.ram_bounds, &mut desired)
+                    }
+                    WalkItem::Unchanged { iova, len } => unchanged.push((iova, iova + len)),
+                    WalkItem::Hole { .. } => {}
+                },
+                Some(&mut hook),
+            );
         }
         report.tables_read = counters.tables_read;
         if report.budget_exceeded {
+            self.snapshots.clear();
             log::warn!(
                 "{}: guest tables exceed the walk budget of {} entries; leaving host mappings as they were",
                 self.source,
@@ -158,8 +188,19 @@ impl Space {
             return report;
         }
         let desired = coalesce(desired, env.ram_bounds);
-        let plan = self.shadow.plan(&ranges, &desired, env.ram_bounds, defer);
+        // Spans whose tables did not change need no diff: the host is exact there.
+        let to_plan = if unchanged.is_empty() {
+            ranges.clone()
+        } else {
+            ranges::subtract(&ranges, &unchanged)
+        };
+        let plan = self.shadow.plan(&to_plan, &desired, env.ram_bounds, defer);
         self.apply(plan, &mut report);
+        if report.failed.is_empty() {
+            self.snapshots.commit(&ranges, &unchanged);
+        } else {
+            self.snapshots.clear();
+        }
         report
     }
 
@@ -175,9 +216,15 @@ impl Space {
         self.pending.clear();
         let mut items = Vec::new();
         let mut counters = WalkCounters::new(env.walk_budget);
-        self.items(env, range, &mut counters, &mut report, &mut |i| {
-            items.push(i)
-        });
+        Self::items(
+            self.view,
+            env,
+            range,
+            &mut counters,
+            &mut report,
+            &mut |i| items.push(i),
+            None,
+        );
         report.tables_read = counters.tables_read;
         if report.budget_exceeded {
             return report;
@@ -212,6 +259,7 @@ impl Space {
 
     /// Removes every host mapping, for detaching the device.
     pub fn unmap_all(&mut self) -> SyncReport {
+        self.snapshots.clear();
         self.set_view(View::Blocked);
         self.view_changed = true;
         let mut report = SyncReport::default();

@@ -47,3 +47,31 @@ pub struct Stats {
     /// Syncs cut short because the guest's tables held more entries than the walk budget.
     pub walk_budget_exceeded: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_serialize_with_the_keys_the_vmm_prints() {
+        let stats = Stats {
+            descriptors: 3,
+            waits: 1,
+            host_map_calls: 2,
+            ..Stats::default()
+        };
+        let v = serde_json::to_value(stats).expect("plain struct");
+        for key in [
+            "descriptors",
+            "waits",
+            "host_map_calls",
+            "host_unmap_calls",
+            "host_mappings_removed",
+            "faults",
+        ] {
+            assert!(v.get(key).is_some_and(|v| v.is_u64()), "{key}");
+        }
+        assert_eq!(v["host_map_calls"], 2);
+        assert_eq!(v["descriptors_by_type"]["wait"], 0);
+    }
+}

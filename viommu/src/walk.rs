@@ -75,7 +75,21 @@ pub enum WalkItem {
         iova: u64,
         len: u64,
     },
+    /// A whole last-level table the caller's [`UnchangedHook`] recognised: its leaves are not
+    /// visited.
+    Unchanged {
+        iova: u64,
+        len: u64,
+    },
 }
+
+/// Asked, for each last-level table a range walk covers whole, whether the caller already
+/// knows it: `(iova of the table's span, table address, permissions inherited from above,
+/// its 512 entries)`. Returning true skips the table's leaves.
+pub type UnchangedHook<'a, 'h> = &'a mut (dyn FnMut(u64, u64, Perm, &[u64]) -> bool + 'h);
+
+/// Bytes of input address space one last-level table covers.
+pub const LEAF_TABLE_SPAN: u64 = 1 << 21;
 
 /// The range walk gave up because the guest's tables held more entries than the budget.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,10 +224,23 @@ pub fn translate<M: GuestMemoryBackend>(
 pub fn walk_range<M: GuestMemoryBackend>(
     mem: &M,
     table: PageTable,
+    range: (u64, u64),
+    caps: &Capabilities,
+    counters: &mut WalkCounters,
+    visit: &mut dyn FnMut(WalkItem),
+) -> Result<(), BudgetExceeded> {
+    walk_range_with(mem, table, range, caps, counters, visit, None)
+}
+
+/// [`walk_range`], asking `unchanged` about each last-level table the range covers whole.
+pub fn walk_range_with<M: GuestMemoryBackend>(
+    mem: &M,
+    table: PageTable,
     (start, end): (u64, u64),
     caps: &Capabilities,
     counters: &mut WalkCounters,
     visit: &mut dyn FnMut(WalkItem),
+    unchanged: Option<UnchangedHook<'_, '_>>,
 ) -> Result<(), BudgetExceeded> {
     let end = end.min(table.limit());
     if start >= end {
@@ -224,18 +251,20 @@ pub fn walk_range<M: GuestMemoryBackend>(
         caps,
         counters,
         visit,
+        unchanged,
     };
     walker.level(table.root, table.levels, 0, start, end, Perm::RW)
 }
 
-struct RangeWalker<'a, M> {
+struct RangeWalker<'a, 'h, M> {
     mem: &'a M,
     caps: &'a Capabilities,
     counters: &'a mut WalkCounters,
     visit: &'a mut dyn FnMut(WalkItem),
+    unchanged: Option<UnchangedHook<'a, 'h>>,
 }
 
-impl<M: GuestMemoryBackend> RangeWalker<'_, M> {
+impl<M: GuestMemoryBackend> RangeWalker<'_, '_, M> {
     fn emit(&mut self, item: WalkItem) -> Result<(), BudgetExceeded> {
         if self.counters.budget == 0 {
             return Err(BudgetExceeded);
@@ -278,6 +307,16 @@ impl<M: GuestMemoryBackend> RangeWalker<'_, M> {
                 iova: start,
                 len: end - start,
             });
+        }
+        if level == 1 && count == ENTRIES_PER_TABLE as usize {
+            if let Some(hook) = self.unchanged.as_mut() {
+                if hook(base, addr, perm, ptes) {
+                    return self.emit(WalkItem::Unchanged {
+                        iova: base,
+                        len: LEAF_TABLE_SPAN,
+                    });
+                }
+            }
         }
         for (i, &pte) in ptes.iter().enumerate() {
             let entry_base = base + ((first + i as u64) << shift);
@@ -453,7 +492,7 @@ mod tests {
             .iter()
             .filter_map(|i| match i {
                 WalkItem::Leaf(l) => Some((l.iova, l.gpa, l.len)),
-                WalkItem::Hole { .. } => None,
+                _ => None,
             })
             .collect();
         assert_eq!(
@@ -468,7 +507,7 @@ mod tests {
             .iter()
             .map(|i| match i {
                 WalkItem::Leaf(l) => l.len,
-                WalkItem::Hole { len, .. } => *len,
+                WalkItem::Hole { len, .. } | WalkItem::Unchanged { len, .. } => *len,
             })
             .sum();
         assert_eq!(covered, 2 * MIB + 0x2000, "leaves and holes tile the range");

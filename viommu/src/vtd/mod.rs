@@ -700,7 +700,12 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 );
             }
             self.gsts |= GSTS_RTPS;
-            // ESRTPS: setting the root pointer invalidates every translation cache.
+            // ESRTPS: setting the root pointer invalidates every translation cache, the IOTLB
+            // included, so every device is synced over its whole space (diffed: a repeated
+            // SRTP over unchanged tables costs no host call).
+            for space in self.spaces.values_mut() {
+                space.invalidate(crate::space::FULL);
+            }
             self.refresh_views();
         }
         let qie = v & GCMD_QIE != 0;

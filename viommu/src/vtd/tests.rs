@@ -871,3 +871,45 @@ fn hostile_self_referencing_tables_stop_at_the_walk_budget() {
     assert_eq!(f.vtd.stats().walk_budget_exceeded, 1);
     assert!(f.host_pages().is_empty());
 }
+
+#[test]
+fn domain_invalidation_after_a_partial_sync_does_not_trust_an_old_table_snapshot() {
+    let mut f = fixture();
+    let (_, pt) = f.linux_boot();
+    let mut t = f.tables();
+    map(&mut t, pt, 0x20_0000, 0x30_0000, 1);
+    // A full sync snapshots the table with one entry.
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    // A second entry, synced by a PSI only: the span now differs from the snapshot.
+    map(&mut t, pt, 0x20_1000, 0x50_0000, 1);
+    f.sync(&[encode::iotlb_page(DOMAIN, 0x20_1000, 0, false)]);
+    assert_eq!(f.host_pages().len(), 2);
+    // Back to the snapshot's content, then a domain flush: the host must follow.
+    t.unmap(pt, 0x20_1000, P);
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    assert_eq!(f.host_pages(), vec![(0x20_0000, 0x30_0000)]);
+}
+
+#[test]
+fn domain_invalidation_skips_unchanged_last_level_tables() {
+    let mut f = fixture();
+    let (_, pt) = f.linux_boot();
+    let mut t = f.tables();
+    // 16 tables' worth of mappings that stay, and one page that changes.
+    for k in 0..16u64 {
+        map(
+            &mut t,
+            pt,
+            0x4000_0000 + k * (2 << 20),
+            0x10_0000 + k * 2 * P,
+            1,
+        );
+    }
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    map(&mut t, pt, 0x8000_0000, 0x30_0000, 1);
+    let before = f.vtd.stats();
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    let after = f.vtd.stats();
+    assert_eq!(after.host_map_calls - before.host_map_calls, 1);
+    assert_eq!(f.host_pages().len(), 17);
+}
