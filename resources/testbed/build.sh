@@ -3,8 +3,7 @@
 # with unchanged inputs does nothing). Outputs:
 #   vmlinuz          the Debian kernel, used for both L1 (under L0 QEMU TCG) and L2 (under the VMM)
 #   l1-base.cpio     L1 initramfs: busybox, KVM/VFIO modules, qemu-system-x86_64 + firmware, strace,
-#                    the L2 kernel and initramfs under /testbed/
-#   l1-fio.cpio      an optional layer with fio and its (large) libraries, appended on request
+#                    fio, the L2 kernel and initramfs under /testbed/
 #   l2.cpio.gz       L2 initramfs: busybox, pvpanic and nvme modules, the action scripts
 #   disk.img         64 MiB of known content (sector N says "tb-disk sector N"), md5 in disk.img.md5
 # Usage: build.sh [--force]
@@ -31,7 +30,7 @@ key="$( {
     "linux-image-$kver" 2>/dev/null || true
 } | sha256sum | cut -d' ' -f1)"
 
-outputs=(vmlinuz l1-base.cpio l1-fio.cpio l2.cpio.gz disk.img disk.img.md5)
+outputs=(vmlinuz l1-base.cpio l2.cpio.gz disk.img disk.img.md5)
 up_to_date=1
 for f in "${outputs[@]}"; do [[ -s "$TB_OUT/$f" ]] || up_to_date=0; done
 [[ "$(cat "$TB_OUT/build.key" 2>/dev/null)" == "$key" ]] || up_to_date=0
@@ -66,6 +65,8 @@ tb_copy_modules "$l1" "$kver" irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vf
   vfio-pci-core vfio-pci >"$l1/testbed/l1-modules.list"
 tb_copy_bin "$l1" /usr/bin/qemu-system-x86_64
 tb_copy_bin "$l1" /usr/bin/strace
+# fio brings 80 MB of libraries (ceph, gluster...): measured, it adds well under a second to L1's boot.
+tb_copy_bin "$l1" /usr/bin/fio
 # QEMU finds its firmware next to its binary (../share/qemu) and in Debian's seabios directory;
 # with -kernel and -nodefaults it loads bios-256k.bin, linuxboot_dma.bin and kvmvapic.bin.
 mkdir -p "$l1/usr/share/qemu" "$l1/usr/share/seabios"
@@ -78,12 +79,6 @@ cp "$work/l2.cpio.gz" "$l1/testbed/l2.cpio.gz"
 echo "$kver" >"$l1/testbed/kernel-version"
 # Uncompressed: L0 loads it in one go and L1 unpacks it without decompressing under TCG.
 tb_cpio "$l1" >"$work/l1-base.cpio"
-
-# --- fio layer (80 MB of libraries: only in runs that ask for it) --------------------------------
-fio="$work/fio"
-mkdir -p "$fio"
-tb_copy_bin "$fio" /usr/bin/fio
-tb_cpio "$fio" >"$work/l1-fio.cpio"
 
 # --- disk image ---------------------------------------------------------------------------------
 # 131072 sectors of 512 bytes, each a distinct text line padded with spaces, so a misplaced block

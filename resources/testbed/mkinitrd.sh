@@ -1,21 +1,19 @@
 #!/usr/bin/env bash
-# Makes the initrd of one L1 run: the cached base (build.sh) + optional layers + a small per-run
-# overlay cpio. Linux unpacks concatenated cpio archives in order, later files winning, so choosing
+# Makes the initrd of one L1 run: the cached base (build.sh) + a small per-run overlay cpio. Linux unpacks concatenated cpio archives in order, later files winning, so choosing
 # a scenario never rebuilds the base.
-# Usage: mkinitrd.sh --out FILE [--vmm PATH] [--script FILE] [--layer fio] [--add SRC=DEST]...
+# Usage: mkinitrd.sh --out FILE [--vmm PATH] [--script FILE] [--add SRC=DEST]...
 #   --vmm PATH     installed as /testbed/bin/vmm with the libraries ldd lists
 #   --script FILE  installed as /testbed/scenario.sh, which the L1 init runs
 #   --add SRC=DEST any other file, at DEST inside L1
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-out="" vmm="" script="" layers=() adds=()
+out="" vmm="" script="" adds=()
 while (($#)); do
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --vmm) vmm="$2"; shift 2 ;;
     --script) script="$2"; shift 2 ;;
-    --layer) layers+=("$2"); shift 2 ;;
     --add) adds+=("$2"); shift 2 ;;
     *) tb_die "mkinitrd.sh: unknown argument $1" ;;
   esac
@@ -38,10 +36,6 @@ done
 mkdir -p "$(dirname "$out")"
 {
   cat "$TB_OUT/l1-base.cpio"
-  for l in ${layers[@]+"${layers[@]}"}; do
-    [[ -s "$TB_OUT/l1-$l.cpio" ]] || tb_die "no layer $TB_OUT/l1-$l.cpio"
-    cat "$TB_OUT/l1-$l.cpio"
-  done
   tb_cpio "$ov"
 } >"$out.tmp"
 mv -f "$out.tmp" "$out"

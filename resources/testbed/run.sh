@@ -4,7 +4,7 @@
 #
 #   run.sh [--vmm PATH | --qemu] [--cpus N] [--memory SIZE] [--action NAME] [--l2-cmdline STR]
 #          [--vmm-args STR] [--vmm-wrap STR] [--script FILE] [--l1-shell] [--l1-smp N]
-#          [--layer fio] [--log FILE] [--timeout SECS]
+#          [--log FILE] [--timeout SECS]
 #
 #   --vmm PATH       our vmm binary (e.g. target/release/vmm) runs the L2 guest (default: --qemu)
 #   --qemu           QEMU+KVM inside L1 runs the L2 guest instead (validates the testbed itself)
@@ -21,7 +21,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 vmm="" cpus=1 memory=512M action=poweroff l2cmd="console=ttyS0 panic=-1 quiet" vmm_args="" wrap=""
-script="" l1_shell=0 l1_smp="${TB_L1_SMP:-1}" layers=() log="" timeout=0
+script="" l1_shell=0 l1_smp="${TB_L1_SMP:-1}" log="" timeout=0
 while (($#)); do
   case "$1" in
     --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
@@ -35,7 +35,6 @@ while (($#)); do
     --script) script="$(readlink -f "$2")"; shift 2 ;;
     --l1-shell) l1_shell=1; shift ;;
     --l1-smp) l1_smp="$2"; shift 2 ;;
-    --layer) layers+=(--layer "$2"); shift 2 ;;
     --log) log="$2"; shift 2 ;;
     --timeout) timeout="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -47,7 +46,7 @@ done
 bash "$TB_SRC/build.sh"
 run="$TB_OUT/runs/manual"
 mkdir -p "$run"
-args=(--out "$run/initrd" ${layers[@]+"${layers[@]}"})
+args=(--out "$run/initrd")
 [[ -z "$vmm" ]] || args+=(--vmm "$vmm")
 if ((l1_shell)); then
   append="tb.l1=shell"

@@ -233,9 +233,6 @@ impl Testbed {
         if let Some(vmm) = &vmm {
             mk.arg("--vmm").arg(vmm);
         }
-        for layer in &scenario.layers {
-            mk.args(["--layer", layer]);
-        }
         for (host, dest) in &scenario.files {
             mk.arg("--add").arg(format!("{}={dest}", host.display()));
         }
@@ -375,6 +372,10 @@ fn stream(
         let _ = r.join();
     }
     let elapsed = start.elapsed();
+    // Host-side times of the markers (from L0 start), for timing reports.
+    for m in &markers {
+        let _ = writeln!(file, "@@HARNESS +{:.2}s {}", m.at.as_secs_f64(), m.raw);
+    }
     let _ = writeln!(
         file,
         "@@HARNESS elapsed={:.1}s gave_up={}",

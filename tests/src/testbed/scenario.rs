@@ -56,8 +56,6 @@ pub struct Scenario {
     /// L1's vCPUs and memory (L0 QEMU `-smp`, `-m`).
     pub l1_smp: u32,
     pub l1_mem_mib: u32,
-    /// Cached layers appended to the base initrd (e.g. `fio`).
-    pub layers: Vec<String>,
     /// Host files copied into L1: (host path, path inside L1).
     pub files: Vec<(PathBuf, String)>,
     /// Extra L0 QEMU arguments (e.g. `-trace vtd_inv_desc* -D file`).
@@ -100,7 +98,6 @@ impl Scenario {
             with_vmm: false,
             l1_smp: 1,
             l1_mem_mib: 2048,
-            layers: Vec::new(),
             files: Vec::new(),
             l0_args: Vec::new(),
             timeout: Duration::from_secs(180),
@@ -167,12 +164,6 @@ impl Scenario {
 
     pub fn l1_mem_mib(mut self, mib: u32) -> Self {
         self.l1_mem_mib = mib;
-        self
-    }
-
-    /// Appends a cached layer (`target/testbed/l1-<layer>.cpio`, e.g. `fio`).
-    pub fn layer(mut self, layer: &str) -> Self {
-        self.layers.push(layer.to_string());
         self
     }
 
