@@ -100,8 +100,8 @@ impl Scenario {
             l1_mem_mib: 2048,
             files: Vec::new(),
             l0_args: Vec::new(),
-            timeout: Duration::from_secs(180),
-            silence_timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(240),
+            silence_timeout: Duration::from_secs(90),
         }
     }
 
