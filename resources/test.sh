@@ -7,5 +7,9 @@ cd "$(dirname "$0")/.."
 bash resources/testbed/install-deps.sh
 
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+
+# A short run of every fuzz target, after replaying the inputs that once broke something.
+bash resources/fuzz.sh "${FUZZ_SECONDS:-60}"

@@ -62,6 +62,14 @@ impl SimHost {
         self.maps.len()
     }
 
+    /// The host mappings as (IOVA, length, guest-physical address, permissions), by IOVA.
+    pub fn extents(&self) -> Vec<(u64, u64, u64, Perm)> {
+        self.maps
+            .iter()
+            .map(|(&iova, &(len, gpa, perm))| (iova, len, gpa, perm))
+            .collect()
+    }
+
     /// What the host translates, page by page: IOVA to (guest-physical address, permissions).
     pub fn page_map(&self) -> BTreeMap<u64, (u64, Perm)> {
         let mut pages = BTreeMap::new();

@@ -242,7 +242,8 @@ pub fn walk_range_with<M: GuestMemoryBackend>(
     visit: &mut dyn FnMut(WalkItem),
     unchanged: Option<UnchangedHook<'_, '_>>,
 ) -> Result<(), BudgetExceeded> {
-    let end = end.min(table.limit());
+    // Nothing translates beyond the table's span or the unit's address width (MGAW).
+    let end = end.min(table.limit()).min(1 << caps.aw_bits);
     if start >= end {
         return Ok(());
     }

@@ -301,6 +301,16 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.stats
     }
 
+    /// What the unit supports, as its CAP and ECAP registers report.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// The root table address latched by the last SRTP.
+    pub fn root_table(&self) -> u64 {
+        self.root_table
+    }
+
     /// Is DMA remapping enabled (GSTS.TES)?
     pub fn translation_enabled(&self) -> bool {
         self.gsts & GSTS_TES != 0
