@@ -12,7 +12,7 @@ use vmm::devices::bus::BusDevice;
 use vmm::pci::allocator::PciAllocator;
 use vmm::pci::configuration::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
 use vmm::pci::device::{PciDevice, PciDeviceError};
-use vmm::{BootSource, CpuMode, MachineConfig, VmExit, Vmm};
+use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Where test code is loaded and entered.
 const CODE: u64 = 0x10_0000;
@@ -61,7 +61,7 @@ impl Capture {
 }
 
 fn build(code: Vec<u8>, mode: CpuMode, out: &Capture) -> Vmm {
-    build_at(code, CODE, mode, out)
+    build_at(code, CODE, mode, out, SerialIn::None)
 }
 
 /// Real mode reaches only the first MiB: such code is loaded and entered at REAL_CODE.
@@ -73,10 +73,17 @@ fn build_real_mode(code: Vec<u8>, out: &Capture) -> Vmm {
             ip: REAL_CODE as u16,
         },
         out,
+        SerialIn::None,
     )
 }
 
-fn build_at(code: Vec<u8>, load_addr: u64, mode: CpuMode, out: &Capture) -> Vmm {
+fn build_at(
+    code: Vec<u8>,
+    load_addr: u64,
+    mode: CpuMode,
+    out: &Capture,
+    serial_in: SerialIn,
+) -> Vmm {
     Vmm::build(MachineConfig {
         vcpus: 1,
         memory_size: 64 << 20,
@@ -86,7 +93,7 @@ fn build_at(code: Vec<u8>, load_addr: u64, mode: CpuMode, out: &Capture) -> Vmm 
             mode,
         },
         serial_out: Box::new(out.clone()),
-        stdin_input: false,
+        serial_in,
     })
     .expect("build the VM")
 }
@@ -387,4 +394,86 @@ fn a_jump_to_the_reset_vector_resets_the_vm() {
             cause: "i8042 reset"
         }
     );
+}
+
+#[test]
+fn serial_input_reaches_the_guest() {
+    if !kvm_available() {
+        return;
+    }
+    // Echo what arrives on COM1 (polling LSR.DR) until a 'q'.
+    let code = asm64(|a| {
+        let mut wait = a.create_label();
+        a.set_label(&mut wait)?;
+        a.mov(dx, 0x3fdu32)?;
+        a.in_(al, dx)?;
+        a.test(al, 1u32)?;
+        a.jz(wait)?;
+        a.mov(dx, 0x3f8u32)?;
+        a.in_(al, dx)?;
+        a.out(dx, al)?;
+        a.cmp(al, u32::from(b'q'))?;
+        a.jne(wait)?;
+        a.hlt()
+    });
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    writer.write_all(b"typed in, q").unwrap();
+    let out = Capture::default();
+    let vmm = build_at(
+        code,
+        CODE,
+        long_mode(),
+        &out,
+        SerialIn::Stream(Box::new(reader)),
+    );
+    assert_eq!(vmm.run().unwrap(), VmExit::Halted);
+    assert_eq!(out.text(), "typed in, q");
+}
+
+#[test]
+fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    // Each vCPU stores CPUID.1:EBX[31:24] (its APIC ID) in its own slot; vCPU 1 then halts,
+    // which ends the run while vCPU 0 spins forever and must be kicked out of KVM_RUN.
+    let code = asm64(|a| {
+        let mut spin = a.create_label();
+        a.mov(eax, 1u32)?;
+        a.cpuid()?;
+        a.shr(ebx, 24u32)?;
+        a.mov(rdi, RESULTS)?;
+        a.mov(dword_ptr(rdi + rbx * 4), ebx)?;
+        a.mov(dword_ptr(rdi + rbx * 4 + 0x10), 0x600d_u32)?;
+        a.cmp(ebx, 1u32)?;
+        a.jne(spin)?;
+        // Wait until vCPU 0 has stored its slot, then end the run.
+        let mut wait = a.create_label();
+        a.set_label(&mut wait)?;
+        a.pause()?;
+        a.cmp(dword_ptr(rdi + 0x10), 0x600d_u32)?;
+        a.jne(wait)?;
+        a.hlt()?;
+        a.set_label(&mut spin)?;
+        a.pause()?;
+        a.jmp(spin)
+    });
+    let out = Capture::default();
+    let vmm = Vmm::build(MachineConfig {
+        vcpus: 2,
+        memory_size: 64 << 20,
+        boot: BootSource::Raw {
+            image: code,
+            load_addr: CODE,
+            mode: long_mode(),
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+    })
+    .unwrap();
+    let mem = vmm.guest_memory().clone();
+    assert_eq!(vmm.run().unwrap(), VmExit::Halted);
+    assert_eq!(read_u32(&mem, RESULTS + 4), 1, "vCPU 1's APIC ID");
+    assert_eq!(read_u32(&mem, RESULTS + 0x14), 0x600d);
+    assert_eq!(read_u32(&mem, RESULTS + 0x10), 0x600d, "vCPU 0 ran too");
 }

@@ -21,13 +21,15 @@ use crate::config::VmConfig;
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
-use crate::devices::legacy::serial::{SerialDevice, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT};
+use crate::devices::legacy::serial::{
+    InputSource, SerialDevice, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT,
+};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use crate::exit::{ExitHandle, VmExit};
 use crate::pci::allocator::PciAllocator;
 use crate::pci::bus::{PciBus, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
 use crate::pci::root::PciHostBridge;
-use crate::vstate::memory::create_guest_memory;
+use crate::vstate::memory::{check_host_memory, create_guest_memory};
 use crate::vstate::vcpu::{install_kick_handler, kick_signal, CpuMode, Vcpu, VcpuBuses};
 use crate::vstate::vm::Vm;
 
@@ -109,8 +111,18 @@ pub struct MachineConfig {
     pub boot: BootSource,
     /// Where the guest's serial output goes.
     pub serial_out: Box<dyn Write + Send>,
-    /// Feed the VMM's stdin to the guest's serial port.
-    pub stdin_input: bool,
+    /// What feeds the guest's serial input.
+    pub serial_in: SerialIn,
+}
+
+/// The source of the guest's serial input.
+pub enum SerialIn {
+    /// None: the guest reads nothing.
+    None,
+    /// The VMM's stdin (a terminal is put in raw mode while the guest runs).
+    Stdin,
+    /// Any pollable stream, e.g. a pipe in tests.
+    Stream(Box<dyn InputSource>),
 }
 
 impl MachineConfig {
@@ -125,7 +137,7 @@ impl MachineConfig {
                 cmdline: c.cmdline.clone(),
             },
             serial_out: Box::new(std::io::stdout()),
-            stdin_input: true,
+            serial_in: SerialIn::Stdin,
         }
     }
 }
@@ -141,7 +153,7 @@ pub struct Vmm {
     pci: Arc<Mutex<PciBus>>,
     serial: Arc<Mutex<SerialDevice>>,
     exit: ExitHandle,
-    stdin_input: bool,
+    serial_in: Option<SerialIn>,
 }
 
 impl Vmm {
@@ -154,6 +166,7 @@ impl Vmm {
         {
             boot::check_boot_files(kernel, initramfs.as_deref())?;
         }
+        check_host_memory(cfg.memory_size)?;
         let mut vm = Vm::new()?;
         let mem = create_guest_memory(cfg.memory_size)?;
         vm.register_memory(&mem)?;
@@ -277,7 +290,7 @@ impl Vmm {
             pci,
             serial,
             exit,
-            stdin_input: cfg.stdin_input,
+            serial_in: Some(cfg.serial_in),
         })
     }
 
@@ -327,7 +340,11 @@ impl Vmm {
             let (b, e, s) = (buses.clone(), self.exit.clone(), stop.clone());
             let t = std::thread::Builder::new()
                 .name("vcpu".into())
-                .spawn(move || vcpu.run(b, e, s))
+                .spawn(move || {
+                    // A panicking vCPU thread must still end the run, not leave it waiting.
+                    let _guard = PanicGuard(e.clone());
+                    vcpu.run(b, e, s)
+                })
                 .map_err(host("cannot spawn a vCPU thread"))?;
             threads.push(t);
         }
@@ -362,20 +379,37 @@ impl Vmm {
             .try_clone()
             .map_err(host("cannot clone the exit eventfd"))?;
         em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
-        let _raw = if self.stdin_input {
-            em.add_subscriber(Box::new(SerialInput::new(
-                std::io::stdin(),
-                self.serial.clone(),
-            )));
-            RawTerminal::enter()
-        } else {
-            None
+        let _raw = match self.serial_in.take() {
+            Some(SerialIn::Stdin) => {
+                em.add_subscriber(Box::new(SerialInput::new(
+                    Box::new(std::io::stdin()),
+                    self.serial.clone(),
+                )));
+                RawTerminal::enter()
+            }
+            Some(SerialIn::Stream(s)) => {
+                em.add_subscriber(Box::new(SerialInput::new(s, self.serial.clone())));
+                None
+            }
+            Some(SerialIn::None) | None => None,
         };
         loop {
             if let Some(reason) = self.exit.reason() {
                 return Ok(reason);
             }
             em.run_with_timeout(200).map_err(epoll)?;
+        }
+    }
+}
+
+/// Reports a vCPU thread that unwinds as a failed run.
+struct PanicGuard(ExitHandle);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .request(VmExit::Failed("a vCPU thread panicked".into()));
         }
     }
 }

@@ -42,7 +42,7 @@ pub enum ConfigError {
     UnknownKey {
         option: &'static str,
         key: String,
-        known: &'static str,
+        known: String,
     },
     /// A key required by the option is absent.
     #[error("{option}: missing {key}=")]
@@ -128,7 +128,7 @@ impl OptionList {
                 return Err(ConfigError::UnknownKey {
                     option,
                     key: key.to_string(),
-                    known: known_list(known),
+                    known: known.join(", "),
                 });
             }
             values.insert(key.to_string(), value.to_string());
@@ -163,12 +163,6 @@ impl OptionList {
             reason: reason.into(),
         }
     }
-}
-
-// The key lists are static, so leaking their joined form once per error is harmless and keeps
-// the error type free of owned strings for them.
-fn known_list(known: &'static [&'static str]) -> &'static str {
-    Box::leak(known.join(", ").into_boxed_str())
 }
 
 /// Parses a size such as `256M`, `2G`, `1048576` or `512K` into bytes.

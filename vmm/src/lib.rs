@@ -13,6 +13,6 @@ pub mod exit;
 pub mod pci;
 pub mod vstate;
 
-pub use builder::{BootSource, BuildError, MachineConfig, Vmm};
+pub use builder::{BootSource, BuildError, MachineConfig, SerialIn, Vmm};
 pub use exit::VmExit;
 pub use vstate::vcpu::CpuMode;

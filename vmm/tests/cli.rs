@@ -112,14 +112,19 @@ fn kernel_that_is_not_a_bzimage() {
     );
 }
 
-#[test]
-fn missing_initramfs() {
-    // A minimal header that passes the bzImage check, so the initramfs is what fails.
+/// A file with just a bzImage setup header (protocol 2.15, loaded high): it passes the
+/// up-front kernel check, so whatever comes next is what fails.
+fn fake_bzimage(name: &str) -> PathBuf {
     let mut hdr = vec![0u8; 0x400];
     hdr[0x202..0x206].copy_from_slice(b"HdrS");
     hdr[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
     hdr[0x211] = 1;
-    let k = temp_file("fake-bzimage", &hdr);
+    temp_file(name, &hdr)
+}
+
+#[test]
+fn missing_initramfs() {
+    let k = fake_bzimage("fake-bzimage");
     fails_with(
         &[
             "--kernel",
@@ -128,5 +133,47 @@ fn missing_initramfs() {
             "/nonexistent/initrd",
         ],
         "cannot read initramfs /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    // The memory check comes before KVM is touched.
+    let k = fake_bzimage("fake-bzimage-mem");
+    fails_with(
+        &["--kernel", k.to_str().unwrap(), "--memory", "size=64T"],
+        "--memory size of 67108864 MiB is more than the host's",
+    );
+}
+
+#[test]
+fn no_dev_kvm() {
+    // Hide /dev behind an empty tmpfs in a private mount namespace (needs root and unshare).
+    let k = fake_bzimage("fake-bzimage-nokvm");
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} --kernel {} --memory size=64M",
+        env!("CARGO_BIN_EXE_vmm"),
+        k.display()
+    );
+    let out = match Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+    {
+        Ok(o) if !String::from_utf8_lossy(&o.stderr).contains("unshare failed") => o,
+        other => {
+            let msg = format!("cannot make a mount namespace without /dev/kvm: {other:?}");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED no_dev_kvm: {msg}");
+            return;
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim_end(),
+        "vmm: error: cannot open /dev/kvm: No such file or directory (os error 2) \
+         (is KVM available and accessible?)"
     );
 }

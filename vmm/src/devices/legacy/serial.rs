@@ -77,20 +77,24 @@ impl BusDevice for SerialDevice {
     }
 }
 
+/// A pollable host stream that can feed the UART: stdin, a pipe.
+pub trait InputSource: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> InputSource for T {}
+
 /// Feeds a host input stream (stdin) into the UART.
-pub struct SerialInput<R: Read + AsRawFd> {
-    input: R,
+pub struct SerialInput {
+    input: Box<dyn InputSource>,
     serial: Arc<Mutex<SerialDevice>>,
 }
 
-impl<R: Read + AsRawFd> SerialInput<R> {
+impl SerialInput {
     /// A subscriber moving bytes from `input` to `serial`.
-    pub fn new(input: R, serial: Arc<Mutex<SerialDevice>>) -> Self {
+    pub fn new(input: Box<dyn InputSource>, serial: Arc<Mutex<SerialDevice>>) -> Self {
         Self { input, serial }
     }
 }
 
-impl<R: Read + AsRawFd> MutEventSubscriber for SerialInput<R> {
+impl MutEventSubscriber for SerialInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let room = serial.input_capacity();
@@ -121,8 +125,9 @@ impl<R: Read + AsRawFd> MutEventSubscriber for SerialInput<R> {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.input, EventSet::IN)) {
-            log::warn!("cannot poll serial input: {e:?}");
+        // A regular file or /dev/null as stdin cannot be polled (EPERM): no guest input then.
+        if let Err(e) = ops.add(Events::new_raw(self.input.as_raw_fd(), EventSet::IN)) {
+            log::info!("serial input disabled, the input cannot be polled: {e:?}");
         }
     }
 }
