@@ -10,6 +10,7 @@
 //! Specification; "QEMU" means `hw/i386/intel_iommu.c`.
 
 pub mod descriptor;
+pub mod dmar;
 pub mod fault;
 pub mod host;
 pub mod ranges;

@@ -109,6 +109,9 @@ pub const CAP_ESRTPS: u64 = 1 << 63;
 pub const MAMV: u64 = 18;
 
 // 11.4.3: extended capability register fields.
+/// Page-walk coherency: the unit snoops the caches when it reads the tables, so software need
+/// not flush them after each update. The model reads guest memory directly, so it is coherent.
+pub const ECAP_C: u64 = 1 << 0;
 /// Queued invalidation support.
 pub const ECAP_QI: u64 = 1 << 1;
 /// Device-TLB support (ATS).

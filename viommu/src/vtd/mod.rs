@@ -236,7 +236,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             | CAP_DWD
             | CAP_DRD
             | CAP_ESRTPS;
-        let ecap = ECAP_QI
+        let ecap = ECAP_C
+            | ECAP_QI
             | if config.pass_through { ECAP_PT } else { 0 }
             | (IOTLB_REG_BASE / 16) << ECAP_IRO_SHIFT;
         let ram = ranges::normalize(

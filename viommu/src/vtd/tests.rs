@@ -127,7 +127,7 @@ fn reset_values_report_the_configured_capabilities() {
     assert_eq!((cap >> 48) & 0x3f, 18, "MAMV");
     assert!(cap & CAP_PSI != 0 && cap & CAP_SLLPS_2M != 0 && cap & CAP_SLLPS_1G != 0);
     let ecap = f.r64(ECAP_REG);
-    assert!(ecap & ECAP_QI != 0 && ecap & ECAP_PT != 0);
+    assert!(ecap & ECAP_QI != 0 && ecap & ECAP_PT != 0 && ecap & ECAP_C != 0);
     assert_eq!(((ecap >> 8) & 0x3ff) * 16, IOTLB_REG_BASE);
     assert_eq!(f.r32(GSTS_REG), 0);
     assert_eq!(f.r32(FECTL_REG), ECTL_IM, "fault event masked at reset");
