@@ -95,9 +95,10 @@ pub fn lookup<M: GuestMemoryBackend>(
     if root_lo & (ROOT_LO_RSVD | beyond_haw_mask(caps.haw)) != 0 {
         return Err(ContextFault::new(FaultReason::RootEntryReserved));
     }
-    let ctx_addr = (root_lo & !0xfff) + u64::from(source.devfn()) * ENTRY_SIZE;
-    let [lo, hi] =
-        read_entry(mem, ctx_addr).ok_or(ContextFault::new(FaultReason::ContextTableAccess))?;
+    let [lo, hi] = (root_lo & !0xfff)
+        .checked_add(u64::from(source.devfn()) * ENTRY_SIZE)
+        .and_then(|a| read_entry(mem, a))
+        .ok_or(ContextFault::new(FaultReason::ContextTableAccess))?;
     let fpd = lo & CTX_LO_FPD != 0;
     let fault = |reason| ContextFault { reason, fpd };
     if lo & CTX_LO_P == 0 {
@@ -252,6 +253,18 @@ pub(crate) mod tests {
             lookup(&m, t.root, sid, &no_pt).unwrap_err().reason,
             FaultReason::ContextEntryInvalid
         );
+    }
+
+    #[test]
+    fn root_table_at_the_top_of_the_address_space_faults_without_wrapping() {
+        let m = mem();
+        let e = lookup(
+            &m,
+            !0xfff,
+            SourceId::new(0xff, 0, 0),
+            &Capabilities::default(),
+        );
+        assert_eq!(e.unwrap_err().reason, FaultReason::RootTableAccess);
     }
 
     #[test]

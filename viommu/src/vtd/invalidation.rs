@@ -49,11 +49,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         let base = self.iqa & IQA_IQA_MASK;
         // Bounded: IQH advances modulo the queue size until it meets IQT, which is inside it.
         while self.iqh != self.iqt {
-            let addr = base + self.iqh * DESCRIPTOR_SIZE;
-            let fetched = self
-                .mem
-                .read_obj::<[u64; 2]>(GuestAddress(addr))
-                .map_err(|_| QueueError::Fetch(addr));
+            // The guest can put the queue at the top of the address space: no wrapping.
+            let addr = base.checked_add(self.iqh * DESCRIPTOR_SIZE);
+            let fetched = addr
+                .and_then(|a| self.mem.read_obj::<[u64; 2]>(GuestAddress(a)).ok())
+                .ok_or(QueueError::Fetch(addr.unwrap_or(base)));
             self.stats.descriptors += 1;
             let result = fetched.and_then(|[lo, hi]| {
                 descriptor::decode(u64::from_le(lo), u64::from_le(hi)).map_err(QueueError::Invalid)

@@ -503,6 +503,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 0
             }
         };
+        data.fill(0);
         let bytes = value.to_le_bytes();
         let n = data.len().min(8);
         data[..n].copy_from_slice(&bytes[..n]);

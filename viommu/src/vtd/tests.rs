@@ -390,6 +390,19 @@ fn tail_beyond_the_queue_and_unwritable_status_are_queue_errors() {
 }
 
 #[test]
+fn queue_at_the_top_of_the_address_space_is_a_queue_error_not_a_wrap() {
+    let mut f = fixture();
+    f.drv.queue = !0xfff;
+    f.drv.enable_qi(&mut f.vtd);
+    f.w64(IQT_REG, 255 << 4);
+    assert!(f.r32(FSTS_REG) & FSTS_IQE != 0);
+    // And the same for the root table: translation on, every lookup faults.
+    f.w64(RTADDR_REG, u64::MAX);
+    f.w32(GCMD_REG, GCMD_SRTP | GCMD_TE);
+    assert!(f.host_pages().is_empty());
+}
+
+#[test]
 fn queue_at_an_address_outside_guest_memory_is_a_queue_error() {
     let mut f = fixture();
     f.drv.queue = 1 << 40;
