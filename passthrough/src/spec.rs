@@ -1,0 +1,62 @@
+//! PCI constants this crate virtualizes, named after the specifications.
+
+// Type-0 header offsets (PCI Local Bus 3.0, 6.1, Figure 6-1).
+pub const PCI_VENDOR_ID: usize = 0x00;
+pub const PCI_COMMAND: usize = 0x04;
+pub const PCI_STATUS: usize = 0x06;
+pub const PCI_BASE_ADDRESS_0: usize = 0x10;
+pub const PCI_BASE_ADDRESS_5_END: usize = 0x28;
+pub const PCI_ROM_ADDRESS: usize = 0x30;
+pub const PCI_CAPABILITY_LIST: usize = 0x34;
+pub const PCI_INTERRUPT_LINE: usize = 0x3c;
+pub const PCI_INTERRUPT_PIN: usize = 0x3d;
+/// Bytes of conventional configuration space.
+pub const PCI_CONFIG_SIZE: usize = 0x100;
+/// Bytes of PCI Express extended configuration space (PCIe Base 4.0, 7.2.2).
+pub const PCIE_CONFIG_SIZE: usize = 0x1000;
+
+// Command register bits (PCI 3.0, 6.2.2).
+pub const PCI_COMMAND_IO: u16 = 0x0001;
+pub const PCI_COMMAND_MEMORY: u16 = 0x0002;
+pub const PCI_COMMAND_INTX_DISABLE: u16 = 0x0400;
+
+// Status register: capability list present (PCI 3.0, 6.2.3).
+pub const PCI_STATUS_CAP_LIST: u16 = 0x0010;
+
+// BAR encoding (PCI 3.0, 6.2.5.1).
+pub const PCI_BASE_ADDRESS_SPACE_IO: u32 = 0x1;
+pub const PCI_BASE_ADDRESS_MEM_TYPE_64: u32 = 0x4;
+pub const PCI_BASE_ADDRESS_MEM_PREFETCH: u32 = 0x8;
+pub const PCI_BASE_ADDRESS_IO_MASK: u32 = !0x3;
+pub const PCI_BASE_ADDRESS_MEM_MASK: u32 = !0xf;
+/// Number of BARs in a type-0 header.
+pub const PCI_NUM_BARS: usize = 6;
+
+// Capability IDs (PCI 3.0, Appendix H).
+pub const PCI_CAP_ID_MSI: u8 = 0x05;
+pub const PCI_CAP_ID_MSIX: u8 = 0x11;
+
+// MSI capability (PCI 3.0, 6.8.1): control at +2, address at +4, then data at +8 (32-bit) or
+// upper address at +8 and data at +12 (64-bit); mask and pending after the data when
+// per-vector masking is capable.
+pub const PCI_MSI_FLAGS: usize = 2;
+pub const PCI_MSI_FLAGS_ENABLE: u16 = 0x0001;
+pub const PCI_MSI_FLAGS_QMASK: u16 = 0x000e;
+pub const PCI_MSI_FLAGS_QSIZE: u16 = 0x0070;
+pub const PCI_MSI_FLAGS_64BIT: u16 = 0x0080;
+pub const PCI_MSI_FLAGS_MASKBIT: u16 = 0x0100;
+
+// MSI-X capability (PCI 3.0, 6.8.2): control at +2, table offset/BIR at +4, PBA offset/BIR at
+// +8; table entries of 16 bytes (address low, address high, data, vector control).
+pub const PCI_MSIX_FLAGS: usize = 2;
+pub const PCI_MSIX_FLAGS_QSIZE: u16 = 0x07ff;
+pub const PCI_MSIX_FLAGS_MASKALL: u16 = 0x4000;
+pub const PCI_MSIX_FLAGS_ENABLE: u16 = 0x8000;
+pub const PCI_MSIX_TABLE: usize = 4;
+pub const PCI_MSIX_PBA: usize = 8;
+pub const PCI_MSIX_BIR_MASK: u32 = 0x7;
+pub const PCI_MSIX_ENTRY_SIZE: u64 = 16;
+pub const PCI_MSIX_ENTRY_VECTOR_CTRL: u64 = 12;
+pub const PCI_MSIX_ENTRY_CTRL_MASKBIT: u32 = 0x1;
+/// MSI-X supports at most 2048 vectors (table size field is N-1 in 11 bits).
+pub const PCI_MSIX_MAX_VECTORS: u16 = 2048;
