@@ -32,6 +32,11 @@ const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_TYPE_LAPIC: u8 = 0;
 const MADT_TYPE_IOAPIC: u8 = 1;
 const MADT_LAPIC_ENABLED: u32 = 1;
+// FADT IA-PC boot architecture flags (ACPI 6.4, Table 5.11): VGA not present (bit 2), CMOS RTC
+// not present (bit 5). Without the latter Linux probes the absent RTC for seconds
+// ("rtc_cmos: broken or not accessible"); the guest keeps time with kvmclock.
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// Size of a standard table header (ACPI 6.4, 5.2.6).
 const HEADER_LEN: u32 = 36;
 
@@ -84,6 +89,8 @@ pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup);
+    f.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
     f.reset_reg = io_gas(ACPI_PM_PORT);
     f.reset_value = ACPI_RESET_VALUE;
     f.sleep_control_reg = io_gas(ACPI_PM_PORT);

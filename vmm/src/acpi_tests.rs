@@ -63,6 +63,8 @@ fn pointers_chain_rsdp_xsdt_fadt_dsdt() {
     assert_eq!(u64_at(fadt, 140), *dsdt_addr, "X_DSDT");
     // Flags: HW_REDUCED_ACPI (bit 20) and RESET_REG_SUP (bit 10).
     assert_eq!(u32_at(fadt, 112) & (1 << 20 | 1 << 10), 1 << 20 | 1 << 10);
+    // IA-PC boot flags (offset 109): no VGA, no CMOS RTC.
+    assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0x24);
     // Reset register: system I/O at our PM port, value 1.
     assert_eq!(fadt[116], 1);
     assert_eq!(u64_at(fadt, 120), ACPI_PM_PORT);
