@@ -8,10 +8,14 @@
 
 pub mod access;
 pub mod bar;
+pub mod dma;
 pub mod function;
+pub mod host;
 pub mod irq;
+pub mod kvm;
 pub mod msi;
 pub mod msix;
+pub mod setup;
 pub mod spec;
 
 #[cfg(test)]
