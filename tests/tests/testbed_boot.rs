@@ -142,5 +142,10 @@ fn vmm_exits_nonzero_when_l2_kernel_panics() -> Result<(), TestbedError> {
     };
     let out = tb.run(&Scenario::l2_boot("vmm-l2-panic", L2Vmm::Ours).action("panic"))?;
     let rc = panic_checks(&out)?;
-    out.ensure(rc != 0, "vmm exited 0 although the L2 kernel panicked")
+    out.ensure(rc != 0, "vmm exited 0 although the L2 kernel panicked")?;
+    let said = out.vmm_stderr_last().unwrap_or_default();
+    out.ensure(
+        said.to_lowercase().contains("panic"),
+        format!("vmm's last stderr line does not say the guest panicked: {said:?}"),
+    )
 }

@@ -105,6 +105,12 @@ impl Outcome {
             .ok_or_else(|| self.error(format!("malformed VMM exit marker: {}", m.raw)))
     }
 
+    /// The last line the L2 VMM wrote to stderr (`@@TB VMM stderr-last: TEXT`), if it wrote any.
+    pub fn vmm_stderr_last(&self) -> Option<&str> {
+        let m = self.marker("VMM", "stderr-last")?;
+        m.raw.split_once("stderr-last:").map(|(_, t)| t.trim())
+    }
+
     /// Seconds the L2 VMM ran, as L1 measured it (`@@TB VMM exit=RC secs=S`).
     pub fn vmm_secs(&self) -> Option<f64> {
         self.marker("VMM", "exit")?.field_num("secs")

@@ -231,11 +231,18 @@ impl Scenario {
         if let Some(wrap) = &b.wrap {
             cmd = format!("{wrap} {cmd}");
         }
+        // stderr goes through a fifo and tee: shown live on the console, and its last line
+        // (the VMM's one-line reason for a non-zero exit) reported as a marker afterwards.
         format!(
             "t0=$(cut -d' ' -f1 /proc/uptime)\n\
              echo \"@@TB VMM start vmm={:?}\"\n\
-             {cmd}\n\
+             mkfifo /tmp/vmm.errpipe\n\
+             tee /tmp/vmm.stderr </tmp/vmm.errpipe >&2 &\n\
+             tee_pid=$!\n\
+             {cmd} 2>/tmp/vmm.errpipe\n\
              rc=$?\n\
+             wait $tee_pid\n\
+             [ -s /tmp/vmm.stderr ] && echo \"@@TB VMM stderr-last: $(tail -n 1 /tmp/vmm.stderr)\"\n\
              echo \"@@TB VMM exit=$rc secs=$(awk -v t0=$t0 '{{printf \"%.2f\", $1 - t0}}' /proc/uptime)\"\n",
             b.vmm
         )
