@@ -94,6 +94,7 @@ fn build_at(
         },
         serial_out: Box::new(out.clone()),
         serial_in,
+        extra_acpi_tables: Vec::new(),
     })
     .expect("build the VM")
 }
@@ -469,6 +470,7 @@ fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
         },
         serial_out: Box::new(out.clone()),
         serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
     })
     .unwrap();
     let mem = vmm.guest_memory().clone();

@@ -113,6 +113,8 @@ pub struct MachineConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// What feeds the guest's serial input.
     pub serial_in: SerialIn,
+    /// Complete ACPI tables to add to the XSDT (e.g. the DMAR table of a virtual VT-d).
+    pub extra_acpi_tables: Vec<Vec<u8>>,
 }
 
 /// The source of the guest's serial input.
@@ -138,6 +140,7 @@ impl MachineConfig {
             },
             serial_out: Box::new(std::io::stdout()),
             serial_in: SerialIn::Stdin,
+            extra_acpi_tables: Vec::new(),
         }
     }
 }
@@ -239,7 +242,7 @@ impl Vmm {
         let rsdp = AcpiTables::build(&AcpiConfig {
             vcpus: cfg.vcpus,
             ram_size: cfg.memory_size,
-            extra_tables: Vec::new(),
+            extra_tables: cfg.extra_acpi_tables,
         })?
         .write(&mem)?;
 

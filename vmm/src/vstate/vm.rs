@@ -4,6 +4,9 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -44,13 +47,27 @@ fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
 }
 
+/// Hands out KVM memory slot numbers: guest RAM first, then whatever devices map later
+/// (VFIO BARs). Shared, so devices can take slots while the VM runs.
+#[derive(Debug, Default)]
+pub struct SlotAllocator {
+    next: AtomicU32,
+}
+
+impl SlotAllocator {
+    /// The next unused slot number.
+    pub fn allocate(&self) -> u32 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 /// A VM file descriptor with what we learned from KVM.
 pub struct Vm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     supported_cpuid: CpuId,
     irqchip: bool,
     tsc_deadline: bool,
-    next_slot: u32,
+    slots: Arc<SlotAllocator>,
 }
 
 impl Vm {
@@ -78,20 +95,20 @@ impl Vm {
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         Ok(Self {
-            fd,
+            fd: Arc::new(fd),
             supported_cpuid,
             irqchip: false,
             tsc_deadline,
-            next_slot: 0,
+            slots: Arc::new(SlotAllocator::default()),
         })
     }
 
     /// Registers every region of `mem` as a KVM memory slot.
-    pub fn register_memory(&mut self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
         for region in mem.iter() {
             // Regions come from GuestMemoryMmap::from_ranges: their start is mapped.
             let host = region.as_ptr() as u64;
-            let slot = self.next_slot;
+            let slot = self.slots.allocate();
             let r = kvm_userspace_memory_region {
                 slot,
                 flags: 0,
@@ -107,7 +124,6 @@ impl Vm {
                 size: r.memory_size,
                 source,
             })?;
-            self.next_slot += 1;
         }
         Ok(())
     }
@@ -149,5 +165,27 @@ impl Vm {
     /// The raw VM fd, for devices that need more ioctls (VFIO's KVM device, GSI routes).
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM fd, shared: for components that outlive a borrow (an interrupt routing table,
+    /// a passthrough device mapping its BARs).
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.fd.clone()
+    }
+
+    /// The memory slot allocator, shared with devices that add slots.
+    pub fn slots(&self) -> Arc<SlotAllocator> {
+        self.slots.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_unique() {
+        let s = SlotAllocator::default();
+        assert_eq!((s.allocate(), s.allocate(), s.allocate()), (0, 1, 2));
     }
 }
