@@ -60,11 +60,15 @@ bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" </dev/null >"$log" 2>&1 || true
 grep -a '@@TB BENCH' "$log" | tr -d '\r' | awk '
   { for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
     v = f["vmm"]; printf "  %-5s boot-to-init %6.2f s   to exit %6.2f s\n", v, f["init_secs"], f["exit_secs"]
-    if (f["init_secs"] >= 0) { n[v]++; init[v] += f["init_secs"] }
+    if (f["init_secs"] >= 0) {
+      n[v]++; init[v] += f["init_secs"]
+      if (!(v in lo) || f["init_secs"] < lo[v]) lo[v] = f["init_secs"]
+    }
     total[v] += f["exit_secs"]; m[v]++ }
   END {
     if (!n["ours"] || !n["qemu"]) { print "bench-boot: a VMM never reached the L2 init, see the log"; exit 1 }
     oi = init["ours"] / n["ours"]; qi = init["qemu"] / n["qemu"]
     printf "L2 boot-to-init, mean: our vmm %.2f s, QEMU+KVM %.2f s, ratio vmm/QEMU %.2f\n", oi, qi, oi / qi
+    printf "L2 boot-to-init, best: our vmm %.2f s, QEMU+KVM %.2f s, ratio vmm/QEMU %.2f (best is the least noisy under TCG)\n", lo["ours"], lo["qemu"], lo["ours"] / lo["qemu"]
     printf "L2 start-to-exit, mean: our vmm %.2f s, QEMU+KVM %.2f s\n", total["ours"] / m["ours"], total["qemu"] / m["qemu"]
   }'
