@@ -339,33 +339,31 @@ impl Vmm {
             mmio: self.mmio.clone(),
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for vcpu in self.vcpus.drain(..) {
+        let mut spawn_error = None;
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let (b, e, s) = (buses.clone(), self.exit.clone(), stop.clone());
-            let t = std::thread::Builder::new()
-                .name("vcpu".into())
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
                 .spawn(move || {
                     // A panicking vCPU thread must still end the run, not leave it waiting.
                     let _guard = PanicGuard(e.clone());
                     vcpu.run(b, e, s)
-                })
-                .map_err(host("cannot spawn a vCPU thread"))?;
-            threads.push(t);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(host("cannot spawn a vCPU thread")(e));
+                    break;
+                }
+            }
         }
 
-        let result = self.event_loop();
-        stop.store(true, Ordering::Release);
-        // Kick until every thread has left KVM_RUN: a kick can land just before a thread
-        // re-enters it, so repeat.
-        while threads.iter().any(|t| !t.is_finished()) {
-            for t in threads.iter().filter(|t| !t.is_finished()) {
-                let _ = t.kill(kick_signal());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        for t in threads {
-            if t.join().is_err() {
-                return Ok(VmExit::Failed("a vCPU thread panicked".into()));
-            }
+        let result = match spawn_error {
+            Some(e) => Err(e),
+            None => self.event_loop(),
+        };
+        if stop_vcpus(threads, &stop) {
+            return Ok(VmExit::Failed("a vCPU thread panicked".into()));
         }
         result
     }
@@ -403,6 +401,20 @@ impl Vmm {
             em.run_with_timeout(200).map_err(epoll)?;
         }
     }
+}
+
+/// Stops and joins the vCPU threads; true if one of them panicked.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) -> bool {
+    stop.store(true, Ordering::Release);
+    // Kick until every thread has left KVM_RUN: a kick can land just before a thread
+    // re-enters it, so repeat.
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            let _ = t.kill(kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    threads.into_iter().any(|t| t.join().is_err())
 }
 
 /// Reports a vCPU thread that unwinds as a failed run.

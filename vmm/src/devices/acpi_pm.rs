@@ -16,6 +16,9 @@ pub const ACPI_S5_SLP_TYP: u8 = 5;
 const SLP_TYP_SHIFT: u8 = 2;
 const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
 const SLP_EN: u8 = 1 << 5;
+// Sleep status register (ACPI 6.4, 4.8.3.8): WAK_STS bit 7, write 1 to clear. Linux clears it
+// right before it writes the sleep control register.
+const WAK_STS: u8 = 1 << 7;
 
 /// The register.
 pub struct AcpiPm {
@@ -43,7 +46,7 @@ impl BusDevice for AcpiPm {
             self.exit.request(VmExit::Reboot {
                 cause: "ACPI reset register",
             });
-        } else {
+        } else if v != WAK_STS {
             log::debug!("ACPI PM register write {v:#x} ignored");
         }
     }

@@ -134,25 +134,50 @@ impl Vcpu {
     /// Runs until `stop` is set or an exit ends the VM; reports through `exit`.
     pub fn run(mut self, buses: VcpuBuses, exit: ExitHandle, stop: Arc<AtomicBool>) {
         let id = self.id;
+        let mut counts = ExitCounts::default();
         loop {
             if stop.load(Ordering::Acquire) {
-                return;
+                break;
             }
             match self.fd.run() {
-                Ok(e) => match handle_exit(id, e, &buses) {
-                    None => {}
-                    Some(reason) => {
+                Ok(e) => {
+                    counts.count(&e);
+                    if let Some(reason) = handle_exit(id, e, &buses) {
                         exit.request(reason);
-                        return;
+                        break;
                     }
-                },
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
                 Err(e) => {
                     exit.request(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}")));
-                    return;
+                    break;
                 }
             }
         }
+        log::debug!("vCPU {id} exits to the VMM: {counts:?}");
+    }
+}
+
+/// Exits a vCPU took to userspace, by kind (logged at debug level when it stops).
+#[derive(Debug, Default)]
+struct ExitCounts {
+    pio_in: u64,
+    pio_out: u64,
+    mmio_read: u64,
+    mmio_write: u64,
+    other: u64,
+}
+
+impl ExitCounts {
+    fn count(&mut self, e: &VcpuExit) {
+        let c = match e {
+            VcpuExit::IoIn(..) => &mut self.pio_in,
+            VcpuExit::IoOut(..) => &mut self.pio_out,
+            VcpuExit::MmioRead(..) => &mut self.mmio_read,
+            VcpuExit::MmioWrite(..) => &mut self.mmio_write,
+            _ => &mut self.other,
+        };
+        *c += 1;
     }
 }
 
