@@ -417,8 +417,14 @@ fn serial_input_reaches_the_guest() {
         a.jne(wait)?;
         a.hlt()
     });
+    // Several times the 64-byte receive FIFO: input pauses while the FIFO is full and resumes
+    // when the guest drains it, losing nothing.
+    let text: String = (0..600u32)
+        .map(|i| char::from(b'a' + (i % 16) as u8))
+        .chain(std::iter::once('q'))
+        .collect();
     let (reader, mut writer) = std::io::pipe().unwrap();
-    writer.write_all(b"typed in, q").unwrap();
+    writer.write_all(text.as_bytes()).unwrap();
     let out = Capture::default();
     let vmm = build_at(
         code,
@@ -428,7 +434,7 @@ fn serial_input_reaches_the_guest() {
         SerialIn::Stream(Box::new(reader)),
     );
     assert_eq!(vmm.run().unwrap(), VmExit::Halted);
-    assert_eq!(out.text(), "typed in, q");
+    assert_eq!(out.text(), text);
 }
 
 #[test]

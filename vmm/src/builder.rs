@@ -184,7 +184,9 @@ impl Vmm {
         if vm.has_irqchip() {
             vm.register_irqfd(&serial_irq, COM1_IRQ)?;
         }
-        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, cfg.serial_out)));
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(serial_irq, cfg.serial_out).map_err(host("serial eventfd"))?,
+        ));
         let legacy: [(&'static str, SharedDevice, u64, u64); 4] = [
             ("COM1", serial.clone(), COM1_PORT, COM1_LEN),
             (
@@ -380,19 +382,25 @@ impl Vmm {
             .try_clone()
             .map_err(host("cannot clone the exit eventfd"))?;
         em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
-        let _raw = match self.serial_in.take() {
-            Some(SerialIn::Stdin) => {
-                em.add_subscriber(Box::new(SerialInput::new(
-                    Box::new(std::io::stdin()),
-                    self.serial.clone(),
-                )));
-                RawTerminal::enter()
-            }
-            Some(SerialIn::Stream(s)) => {
-                em.add_subscriber(Box::new(SerialInput::new(s, self.serial.clone())));
-                None
-            }
+        let serial_in = self.serial_in.take();
+        let is_stdin = matches!(serial_in, Some(SerialIn::Stdin));
+        let input: Option<Box<dyn InputSource>> = match serial_in {
+            Some(SerialIn::Stdin) => Some(Box::new(std::io::stdin())),
+            Some(SerialIn::Stream(s)) => Some(s),
             Some(SerialIn::None) | None => None,
+        };
+        let _raw = match input {
+            Some(input) => {
+                let sub = SerialInput::new(input, self.serial.clone())
+                    .map_err(host("cannot set up serial input"))?;
+                em.add_subscriber(Box::new(sub));
+                if is_stdin {
+                    RawTerminal::enter()
+                } else {
+                    None
+                }
+            }
+            None => None,
         };
         loop {
             if let Some(reason) = self.exit.reason() {

@@ -6,7 +6,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,17 +30,40 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Signals an eventfd when the guest has read the last byte of the receive FIFO, so input
+/// paused on a full FIFO resumes (Firecracker's scheme).
+pub struct InputDrained(EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.0.write(1) {
+            log::warn!("cannot signal serial input room: {e}");
+        }
+    }
+}
+
 /// The serial device as seen from the I/O bus.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, InputDrained, Box<dyn Write + Send>>,
+    drained: EventFd,
 }
 
 impl SerialDevice {
     /// A UART writing the guest's output to `out`, interrupting through `irq`.
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        Self {
-            uart: Serial::new(EventFdTrigger(irq), out),
-        }
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> std::io::Result<Self> {
+        let drained = EventFd::new(libc::EFD_NONBLOCK)?;
+        Ok(Self {
+            uart: Serial::with_events(EventFdTrigger(irq), InputDrained(drained.try_clone()?), out),
+            drained,
+        })
+    }
+
+    /// An eventfd readable once the guest has emptied the receive FIFO.
+    pub fn input_drained_event(&self) -> std::io::Result<EventFd> {
+        self.drained.try_clone()
     }
 
     /// Queues host input for the guest; returns how many bytes fit in the receive FIFO.
@@ -81,52 +104,94 @@ impl BusDevice for SerialDevice {
 pub trait InputSource: Read + AsRawFd + Send {}
 impl<T: Read + AsRawFd + Send> InputSource for T {}
 
-/// Feeds a host input stream (stdin) into the UART.
+/// Feeds a host input stream (stdin) into the UART. While the receive FIFO is full it stops
+/// polling the input and waits for the guest to drain the FIFO.
 pub struct SerialInput {
     input: Box<dyn InputSource>,
     serial: Arc<Mutex<SerialDevice>>,
+    drained: EventFd,
+    paused: bool,
 }
 
 impl SerialInput {
     /// A subscriber moving bytes from `input` to `serial`.
-    pub fn new(input: Box<dyn InputSource>, serial: Arc<Mutex<SerialDevice>>) -> Self {
-        Self { input, serial }
+    pub fn new(
+        input: Box<dyn InputSource>,
+        serial: Arc<Mutex<SerialDevice>>,
+    ) -> std::io::Result<Self> {
+        let drained = serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input_drained_event()?;
+        Ok(Self {
+            input,
+            serial,
+            drained,
+            paused: false,
+        })
     }
-}
 
-impl MutEventSubscriber for SerialInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn input_events(&self) -> Events {
+        Events::new_raw(self.input.as_raw_fd(), EventSet::IN)
+    }
+
+    fn stop_polling_input(&mut self, ops: &mut EventOps, why: &str) {
+        if let Err(e) = ops.remove(self.input_events()) {
+            log::warn!("cannot stop polling serial input ({why}): {e:?}");
+        }
+    }
+
+    fn on_input(&mut self, ops: &mut EventOps) {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let room = serial.input_capacity();
         if room == 0 {
-            // The guest has not drained the FIFO yet; leave the bytes in the input for later.
             drop(serial);
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.stop_polling_input(ops, "receive FIFO full");
+            self.paused = true;
             return;
         }
         let mut buf = [0u8; 64];
         let n = room.min(buf.len());
         match self.input.read(&mut buf[..n]) {
             Ok(0) => {
+                drop(serial);
                 // End of input: stop polling it so the loop does not spin.
-                if let Err(e) = ops.remove(events) {
-                    log::warn!("cannot stop polling serial input: {e:?}");
-                }
+                self.stop_polling_input(ops, "end of input");
             }
             Ok(n) => {
                 serial.enqueue_input(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
+                drop(serial);
                 log::warn!("serial input read failed: {e}; input closed");
-                let _ = ops.remove(events);
+                self.stop_polling_input(ops, "read error");
             }
         }
     }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            if self.paused {
+                self.paused = false;
+                if let Err(e) = ops.add(self.input_events()) {
+                    log::warn!("cannot resume polling serial input: {e:?}");
+                }
+            }
+            return;
+        }
+        self.on_input(ops);
+    }
 
     fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+            log::warn!("cannot poll the serial FIFO-drained event: {e:?}");
+        }
         // A regular file or /dev/null as stdin cannot be polled (EPERM): no guest input then.
-        if let Err(e) = ops.add(Events::new_raw(self.input.as_raw_fd(), EventSet::IN)) {
+        if let Err(e) = ops.add(self.input_events()) {
             log::info!("serial input disabled, the input cannot be polled: {e:?}");
         }
     }
@@ -152,7 +217,7 @@ mod tests {
     fn output_input_and_interrupt() {
         let out = Shared::default();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone()));
+        let mut dev = SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone())).unwrap();
         for b in b"hi" {
             dev.write(COM1_PORT, 0, &[*b]);
         }
