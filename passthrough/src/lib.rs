@@ -16,6 +16,7 @@ pub mod kvm;
 pub mod msi;
 pub mod msix;
 pub mod setup;
+pub mod slots;
 pub mod spec;
 
 #[cfg(test)]

@@ -23,10 +23,12 @@ pub enum SetupError {
     PathMissing { path: String },
     #[error("device {path}: not a PCI device address; give /sys/bus/pci/devices/DDDD:BB:DD.F")]
     NotPciAddress { path: String },
-    #[error("device {bdf}: bound to {driver}, not vfio-pci; bind it with `echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; echo {vendor} {device} > /sys/bus/pci/drivers/vfio-pci/new_id` (modprobe vfio-pci first)")]
+    #[error("device {bdf}: bound to {driver}, not vfio-pci; bind it with `{unbind}echo {vendor} {device} > /sys/bus/pci/drivers/vfio-pci/new_id` (modprobe vfio-pci first)")]
     NotBoundToVfio {
         bdf: String,
         driver: String,
+        /// The unbind command, when the device has a driver.
+        unbind: String,
         vendor: String,
         device: String,
     },
@@ -126,8 +128,13 @@ pub fn check(paths: &HostPaths, path: &Path) -> Result<Checked, SetupError> {
     }
     let driver = link_name(&path.join("driver"));
     if driver.as_deref() != Some(VFIO_PCI_DRIVER) {
+        let unbind = match &driver {
+            Some(_) => format!("echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind; "),
+            None => String::new(),
+        };
         return Err(SetupError::NotBoundToVfio {
             driver: driver.unwrap_or_else(|| "no driver".into()),
+            unbind,
             vendor: read_id(&path.join("vendor")),
             device: read_id(&path.join("device")),
             bdf,

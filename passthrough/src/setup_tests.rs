@@ -103,6 +103,7 @@ fn a_device_on_its_host_driver_gets_the_bind_commands() {
     t.bind("0000:00:04.0", None);
     let e = t.check("0000:00:04.0").unwrap_err().to_string();
     assert!(e.contains("bound to no driver"), "{e}");
+    assert!(!e.contains("unbind"), "nothing to unbind: {e}");
 }
 
 #[test]
