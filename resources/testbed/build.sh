@@ -24,7 +24,8 @@ flock 9
 
 # The cache key: our scripts, the kernel version and the versions of the packages we copy from.
 key="$( {
-  cat "$TB_SRC"/lib.sh "$TB_SRC"/build.sh "$TB_SRC"/l1-init.sh "$TB_SRC"/l2-init.sh "$TB_SRC"/actions/*.sh
+  cat "$TB_SRC"/lib.sh "$TB_SRC"/build.sh "$TB_SRC"/l1-init.sh "$TB_SRC"/l2-init.sh "$TB_SRC"/actions/*.sh \
+    "$TB_SRC"/tb-vfio-bind.sh
   echo "$kver"
   dpkg-query -W -f='${Package} ${Version}\n' qemu-system-x86 busybox-static strace fio seabios \
     "linux-image-$kver" 2>/dev/null || true
@@ -74,6 +75,7 @@ cp -L /usr/share/seabios/*.bin "$l1/usr/share/seabios/"
 for fw in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
   cp -L "/usr/share/qemu/$fw" "$l1/usr/share/qemu/"
 done
+install -m 0755 "$TB_SRC/tb-vfio-bind.sh" "$l1/testbed/bin/tb-vfio-bind"
 cp "$work/vmlinuz" "$l1/testbed/vmlinuz"
 cp "$work/l2.cpio.gz" "$l1/testbed/l2.cpio.gz"
 echo "$kver" >"$l1/testbed/kernel-version"

@@ -46,7 +46,8 @@ done
 cpus=$(grep -c ^processor /proc/cpuinfo)
 online=$(cat /sys/devices/system/cpu/online)
 mem_kb=$(awk '/^MemTotal:/{print $2}' /proc/meminfo)
-mark "init cpus=$cpus online=$online mem_kb=$mem_kb uptime=$(cut -d' ' -f1 /proc/uptime)"
+iommu=no; [ -n "$(ls /sys/class/iommu 2>/dev/null)" ] && iommu=yes
+mark "init cpus=$cpus online=$online mem_kb=$mem_kb iommu=$iommu uptime=$(cut -d' ' -f1 /proc/uptime)"
 
 rc=0
 if [ -f "/tb/actions/$action.sh" ]; then

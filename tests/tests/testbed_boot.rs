@@ -70,6 +70,68 @@ fn testbed_l2_panic_is_reported_through_pvpanic_under_qemu() -> Result<(), Testb
     out.ensure(rc != 0, "QEMU exited 0 although the L2 kernel panicked")
 }
 
+/// L1 binds the NVMe to vfio-pci and QEMU passes it to the L2 guest (behind QEMU's own virtual
+/// VT-d when `viommu`), whose init prints the md5 of the whole disk: the chain the passthrough
+/// issues build on, validated with QEMU.
+fn qemu_nvme_passthrough(name: &str, viommu: bool) -> Scenario {
+    let (machine, l2_iommu) = if viommu {
+        (
+            "-machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on",
+            " intel_iommu=on",
+        )
+    } else {
+        ("", "")
+    };
+    let script = format!(
+        "tb-vfio-bind 1b36:0010 || exit 1\n\
+         bdf=$(basename \"$(ls -d /sys/bus/pci/drivers/vfio-pci/0000:* | head -n 1)\")\n\
+         qemu-system-x86_64 -enable-kvm -cpu host {machine} -smp 1 -m 512M -nodefaults \
+         -display none -serial stdio -no-reboot -device vfio-pci,host=$bdf \
+         -kernel /testbed/vmlinuz -initrd /testbed/l2.cpio.gz \
+         -append 'console=ttyS0 panic=-1 quiet{l2_iommu} tb.action=md5'\n\
+         echo \"@@TB VMM exit=$?\"\n"
+    );
+    Scenario::l1_script(name, &script)
+}
+
+fn check_passthrough_md5(tb: &testbed::Testbed, out: &Outcome) -> Result<(), TestbedError> {
+    out.expect_marker("L1", "vfio-bound")?;
+    let md5 = out.expect_marker("L2", "md5")?;
+    let want = tb.disk_md5()?;
+    out.ensure(
+        md5.field("md5") == Some(want.as_str()),
+        format!(
+            "L2 read md5 {:?} from the NVMe, the disk image has {want}",
+            md5.field("md5")
+        ),
+    )?;
+    let rc = out.vmm_exit()?;
+    out.ensure(rc == 0, format!("QEMU exited {rc}"))
+}
+
+#[test]
+fn testbed_l2_reads_known_disk_from_nvme_passed_through_by_qemu_vfio() -> Result<(), TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let out = tb.run(&qemu_nvme_passthrough("qemu-l2-nvme-vfio", false))?;
+    check_passthrough_md5(tb, &out)
+}
+
+#[test]
+fn testbed_l2_reads_known_disk_from_nvme_behind_qemu_viommu() -> Result<(), TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let out = tb.run(&qemu_nvme_passthrough("qemu-l2-nvme-viommu", true))?;
+    let init = out.expect_marker("L2", "init")?;
+    out.ensure(
+        init.field("iommu") == Some("yes"),
+        "the L2 kernel found no IOMMU behind QEMU's intel-iommu",
+    )?;
+    check_passthrough_md5(tb, &out)
+}
+
 // --- Our vmm --------------------------------------------------------------------------------------
 
 /// Shared by the tests that check "reaches init with 1 vCPU" and "exits 0 on power-off".
