@@ -4,7 +4,7 @@
 # Usage: mkinitrd.sh --out FILE [--vmm PATH] [--script FILE] [--add SRC=DEST]...
 #   --vmm PATH     installed as /testbed/bin/vmm with the libraries ldd lists
 #   --script FILE  installed as /testbed/scenario.sh, which the L1 init runs
-#   --add SRC=DEST any other file, at DEST inside L1
+#   --add SRC=DEST any other file, at DEST inside L1 (with its libraries if it is a dynamic executable)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -30,7 +30,12 @@ if [[ -n "$vmm" ]]; then
 fi
 [[ -z "$script" ]] || install -m 0755 "$script" "$ov/testbed/scenario.sh"
 for a in ${adds[@]+"${adds[@]}"}; do
-  install -D -m 0755 "${a%%=*}" "$ov/${a#*=}"
+  src="${a%%=*}" dest="${a#*=}"
+  if ldd "$src" >/dev/null 2>&1; then
+    tb_copy_bin "$ov" "$(readlink -f "$src")" "$dest" # a dynamic executable: its libraries too
+  else
+    install -D -m 0755 "$src" "$ov/$dest"
+  fi
 done
 
 mkdir -p "$(dirname "$out")"

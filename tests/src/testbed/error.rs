@@ -7,8 +7,8 @@ pub enum TestbedError {
     /// The testbed cannot be built or started on this machine (missing packages, not root...).
     #[error("the nested testbed is unavailable: {0}")]
     Unavailable(String),
-    /// `cargo build` of the vmm binary failed.
-    #[error("building the vmm binary failed:\n{0}")]
+    /// `cargo build` of the vmm (or of another binary for L1) failed.
+    #[error("building a binary for the testbed failed:\n{0}")]
     VmmBuild(String),
     /// A host-side I/O operation of the harness failed.
     #[error("{context}: {source}")]
@@ -36,7 +36,8 @@ impl fmt::Debug for TestbedError {
 }
 
 impl TestbedError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    /// An I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         TestbedError::Io {
             context: context.into(),
             source,

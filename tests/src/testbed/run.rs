@@ -147,36 +147,39 @@ impl Testbed {
             .map_err(|e| TestbedError::io(format!("reading {}", path.display()), e))
     }
 
-    /// Our vmm binary: `$TB_VMM` if set, else built once per process with `cargo build --release`
-    /// in a target dir of its own (the outer `cargo test` holds the build lock of `target/`).
+    /// Our vmm binary: `$TB_VMM` if set, else built once per process by [`Testbed::cargo_release`].
     pub fn vmm_binary(&self) -> Result<PathBuf, TestbedError> {
         self.vmm
             .get_or_init(|| {
                 if let Some(path) = std::env::var_os("TB_VMM") {
                     return Ok(PathBuf::from(path));
                 }
-                let target = self.out.join("cargo");
-                let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-                run_cmd(
-                    Command::new(cargo)
-                        .args([
-                            "build",
-                            "--release",
-                            "-p",
-                            "vmm",
-                            "--bin",
-                            "vmm",
-                            "--target-dir",
-                        ])
-                        .arg(&target)
-                        .current_dir(&self.repo)
-                        .stdin(Stdio::null()),
-                    "cargo build --release -p vmm --bin vmm",
-                )?;
-                Ok(target.join("release/vmm"))
+                self.cargo_release(&["-p", "vmm", "--bin", "vmm"], "vmm")
+                    .map_err(|e| e.to_string())
             })
             .clone()
             .map_err(TestbedError::VmmBuild)
+    }
+
+    /// Runs `cargo build --release ARGS` for a binary to put into L1 and returns
+    /// `<target>/release/<artifact>` (e.g. `examples/vfio_probe`). The target dir is
+    /// `target/testbed/cargo`: a cargo inside a running `cargo test` would wait forever on the
+    /// build lock of `target/` that the outer one holds.
+    pub fn cargo_release(&self, args: &[&str], artifact: &str) -> Result<PathBuf, TestbedError> {
+        let target = self.out.join("cargo");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        run_cmd(
+            Command::new(cargo)
+                .args(["build", "--release"])
+                .args(args)
+                .arg("--target-dir")
+                .arg(&target)
+                .current_dir(&self.repo)
+                .stdin(Stdio::null()),
+            &format!("cargo build --release {}", args.join(" ")),
+        )
+        .map_err(TestbedError::VmmBuild)?;
+        Ok(target.join("release").join(artifact))
     }
 
     /// Serializes runs (and builds) across threads and processes.
