@@ -187,57 +187,8 @@ impl Vmm {
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(serial_irq, cfg.serial_out).map_err(host("serial eventfd"))?,
         ));
-        let legacy: [(&'static str, SharedDevice, u64, u64); 4] = [
-            ("COM1", serial.clone(), COM1_PORT, COM1_LEN),
-            (
-                "i8042",
-                Arc::new(Mutex::new(I8042::new(exit.clone()))),
-                I8042_DATA_PORT,
-                I8042_LEN,
-            ),
-            (
-                "pvpanic",
-                Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
-                PVPANIC_PORT,
-                PVPANIC_LEN,
-            ),
-            (
-                "ACPI PM register",
-                Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-                ACPI_PM_PORT,
-                ACPI_PM_LEN,
-            ),
-        ];
-        for (what, dev, base, len) in legacy {
-            pio.insert(dev, base, len)
-                .map_err(|source| BuildError::Bus { what, source })?;
-        }
-
-        let mut pci = PciBus::new(
-            PciAllocator::new(cfg.memory_size),
-            mmio.clone(),
-            pio.clone(),
-        );
-        pci.add_device(Arc::new(Mutex::new(PciHostBridge::new())))?;
-        let pci = Arc::new(Mutex::new(pci));
-        pio.insert(
-            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
-            CONFIG_ADDRESS_PORT,
-            CONFIG_IO_LEN,
-        )
-        .map_err(|source| BuildError::Bus {
-            what: "PCI config ports",
-            source,
-        })?;
-        mmio.insert(
-            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
-            PCI_ECAM_START,
-            PCI_ECAM_SIZE,
-        )
-        .map_err(|source| BuildError::Bus {
-            what: "PCI ECAM",
-            source,
-        })?;
+        register_legacy_devices(&pio, serial.clone(), &exit)?;
+        let pci = create_pci_root(cfg.memory_size, &mmio, &pio)?;
 
         regs::write_boot_structures(&mem)?;
         boot::write_reset_stub(&mem)?;
@@ -248,36 +199,7 @@ impl Vmm {
         })?
         .write(&mem)?;
 
-        let mode = match &cfg.boot {
-            BootSource::Linux {
-                kernel,
-                initramfs,
-                cmdline,
-            } => {
-                let entry = boot::load_linux(
-                    &mem,
-                    cfg.memory_size,
-                    kernel,
-                    initramfs.as_deref(),
-                    cmdline,
-                    rsdp,
-                )?;
-                log::info!("kernel entry {:#x}", entry.entry);
-                CpuMode::LongMode { rip: entry.entry }
-            }
-            BootSource::Raw {
-                image,
-                load_addr,
-                mode,
-            } => {
-                mem.write_slice(image, GuestAddress(*load_addr))
-                    .map_err(|_| BuildError::RawImage {
-                        addr: *load_addr,
-                        len: image.len(),
-                    })?;
-                *mode
-            }
-        };
+        let mode = load_payload(&mem, &cfg.boot, cfg.memory_size, rsdp)?;
 
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
@@ -407,6 +329,103 @@ impl Vmm {
                 return Ok(reason);
             }
             em.run_with_timeout(200).map_err(epoll)?;
+        }
+    }
+}
+
+/// Puts the legacy port I/O devices on `pio`: COM1, i8042, pvpanic, the ACPI PM register.
+fn register_legacy_devices(
+    pio: &Bus,
+    serial: SharedDevice,
+    exit: &ExitHandle,
+) -> Result<(), BuildError> {
+    let legacy: [(&'static str, SharedDevice, u64, u64); 4] = [
+        ("COM1", serial, COM1_PORT, COM1_LEN),
+        (
+            "i8042",
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_DATA_PORT,
+            I8042_LEN,
+        ),
+        (
+            "pvpanic",
+            Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+            PVPANIC_PORT,
+            PVPANIC_LEN,
+        ),
+        (
+            "ACPI PM register",
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            ACPI_PM_PORT,
+            ACPI_PM_LEN,
+        ),
+    ];
+    for (what, dev, base, len) in legacy {
+        pio.insert(dev, base, len)
+            .map_err(|source| BuildError::Bus { what, source })?;
+    }
+    Ok(())
+}
+
+/// Bus 0 with its host bridge, reachable through ports 0xCF8/0xCFC and ECAM.
+fn create_pci_root(
+    ram_size: u64,
+    mmio: &Arc<Bus>,
+    pio: &Arc<Bus>,
+) -> Result<Arc<Mutex<PciBus>>, BuildError> {
+    let mut pci = PciBus::new(PciAllocator::new(ram_size), mmio.clone(), pio.clone());
+    pci.add_device(Arc::new(Mutex::new(PciHostBridge::new())))?;
+    let pci = Arc::new(Mutex::new(pci));
+    pio.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+        CONFIG_ADDRESS_PORT,
+        CONFIG_IO_LEN,
+    )
+    .map_err(|source| BuildError::Bus {
+        what: "PCI config ports",
+        source,
+    })?;
+    mmio.insert(
+        Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+        PCI_ECAM_START,
+        PCI_ECAM_SIZE,
+    )
+    .map_err(|source| BuildError::Bus {
+        what: "PCI ECAM",
+        source,
+    })?;
+    Ok(pci)
+}
+
+/// Loads the boot payload; returns how the boot vCPU starts.
+fn load_payload(
+    mem: &GuestMemoryMmap,
+    boot: &BootSource,
+    ram_size: u64,
+    rsdp: u64,
+) -> Result<CpuMode, BuildError> {
+    match boot {
+        BootSource::Linux {
+            kernel,
+            initramfs,
+            cmdline,
+        } => {
+            let entry =
+                boot::load_linux(mem, ram_size, kernel, initramfs.as_deref(), cmdline, rsdp)?;
+            log::info!("kernel entry {:#x}", entry.entry);
+            Ok(CpuMode::LongMode { rip: entry.entry })
+        }
+        BootSource::Raw {
+            image,
+            load_addr,
+            mode,
+        } => {
+            mem.write_slice(image, GuestAddress(*load_addr))
+                .map_err(|_| BuildError::RawImage {
+                    addr: *load_addr,
+                    len: image.len(),
+                })?;
+            Ok(*mode)
         }
     }
 }
