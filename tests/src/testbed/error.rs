@@ -10,6 +10,9 @@ pub enum TestbedError {
     /// `cargo build` of the vmm (or of another binary for L1) failed.
     #[error("building a binary for the testbed failed:\n{0}")]
     VmmBuild(String),
+    /// The error of a run shared by several tests ([`super::Testbed::run_shared`]), as text.
+    #[error("{0}")]
+    Shared(String),
     /// A host-side I/O operation of the harness failed.
     #[error("{context}: {source}")]
     Io {

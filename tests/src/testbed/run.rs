@@ -201,7 +201,7 @@ impl Testbed {
         };
         cell.get_or_init(|| self.run(scenario).map(Arc::new).map_err(|e| e.to_string()))
             .clone()
-            .map_err(|e| TestbedError::Unavailable(format!("(shared run) {e}")))
+            .map_err(TestbedError::Shared)
     }
 
     /// Runs `scenario`: builds what it needs, boots L1 and waits for it to power off. `Ok` means
