@@ -20,6 +20,7 @@ use crate::arch::x86_64::layout::{
 use crate::devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT};
 use crate::devices::pvpanic::PVPANIC_PORT;
+use crate::pci::bus::{intx_gsi, NUM_SLOTS};
 
 /// OEM ID in every table header.
 pub const OEM_ID: [u8; 6] = *b"VMMVTD";
@@ -122,6 +123,17 @@ pub fn dsdt(ram_size: u64) -> Vec<u8> {
     );
     let pci_crs =
         aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_low, &io_high, &mem32, &mem64]);
+    // _PRT (ACPI 6.4, 6.2.13): for every slot and pin, Package { address (slot << 16 | 0xFFFF:
+    // any function), pin, source 0 (a GSI, not a link device), GSI }.
+    let prt_fields: Vec<(u32, u8, u32)> = (1..NUM_SLOTS as u8)
+        .flat_map(|slot| (0..4u8).map(move |pin| (slot, pin)))
+        .map(|(slot, pin)| ((u32::from(slot) << 16) | 0xffff, pin, intx_gsi(slot, pin)))
+        .collect();
+    let prt_entries: Vec<aml::Package> = prt_fields
+        .iter()
+        .map(|(addr, pin, gsi)| aml::Package::new(vec![addr, pin, &aml::ZERO, gsi]))
+        .collect();
+    let prt = aml::Package::new(prt_entries.iter().map(|p| p as &dyn Aml).collect());
     let pci0 = to_bytes(&aml::Device::new(
         "_SB_.PCI0".into(),
         vec![
@@ -132,6 +144,7 @@ pub fn dsdt(ram_size: u64) -> Vec<u8> {
             &aml::Name::new("_UID".into(), &aml::ZERO),
             &aml::Name::new("_BBN".into(), &aml::ZERO),
             &aml::Name::new("_CRS".into(), &pci_crs),
+            &aml::Name::new("_PRT".into(), &prt),
         ],
     ));
 

@@ -120,6 +120,11 @@ fn dsdt_has_host_bridge_pvpanic_and_s5() {
     assert!(has(b"_S5_"));
     // pvpanic IO descriptor: 0x47, decode16, min 0x505, max 0x505, align 1, len 1.
     assert!(has(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    assert!(has(b"_PRT"));
+    // Slot 3 INTB: Package(4) { 0x0003FFFF, One, Zero, 0x14 (GSI 20) }.
+    assert!(has(&[
+        0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x03, 0x00, 0x01, 0x00, 0x0a, 0x14
+    ]));
     // The 32-bit window as a DWord memory descriptor min/max.
     assert!(has(&0xc000_0000u32.to_le_bytes()) && has(&0xdfff_ffffu32.to_le_bytes()));
 }

@@ -16,6 +16,19 @@ pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 pub const CONFIG_IO_LEN: u64 = 8;
 const CONFIG_ENABLE: u32 = 1 << 31;
 
+/// First GSI of legacy PCI interrupts: IOAPIC pins 16..24 (0..16 are ISA IRQs).
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+/// Number of GSIs the INTx lines are swizzled over.
+pub const PCI_INTX_GSI_COUNT: u32 = 8;
+
+/// The GSI that INTx `pin` (0 = INTA .. 3 = INTD) of the device in `slot` is wired to, as the
+/// DSDT's _PRT says: the usual swizzle (PCI-to-PCI Bridge Architecture 1.2, 9.1) over pins
+/// 16..24, level-triggered, active low. A passthrough device registers its INTx irqfd (with a
+/// resample fd) on this GSI.
+pub fn intx_gsi(slot: u8, pin: u8) -> u32 {
+    PCI_INTX_GSI_BASE + (u32::from(slot) + u32::from(pin)) % PCI_INTX_GSI_COUNT
+}
+
 /// A shared PCI function.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 

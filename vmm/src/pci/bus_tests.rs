@@ -177,3 +177,12 @@ fn refused_move_keeps_old_place() {
     assert_eq!(u32::from_le_bytes(d), 0xc000_0000);
     assert!(mmio.read(0xc000_0000, &mut [0u8; 4]));
 }
+
+#[test]
+fn intx_swizzle_covers_pins_16_to_23() {
+    assert_eq!(intx_gsi(0, 0), 16);
+    assert_eq!(intx_gsi(1, 0), 17);
+    assert_eq!(intx_gsi(1, 3), 20);
+    assert_eq!(intx_gsi(7, 1), 16);
+    assert!((0..32).all(|s| (0..4).all(|p| (16..24).contains(&intx_gsi(s, p)))));
+}
