@@ -3,6 +3,18 @@
 //! Layout after Firecracker: [`vstate`] (VM, vCPUs, memory), [`devices`] (bus and device
 //! models), [`pci`] (root complex), [`acpi`], [`arch`] (x86_64 layout, boot, CPU state),
 //! [`builder`] (assembles and runs a VM) and [`config`] (command line).
+//!
+//! Extension points for passthrough and the virtual VT-d:
+//! - a PCI function implements [`pci::device::PciDevice`] and joins bus 0 through
+//!   [`Vmm::pci_bus`]: BARs come from [`pci::allocator::PciAllocator`], trapped BARs are
+//!   dispatched from the MMIO/PIO [`devices::bus::Bus`], untrapped ones (`bar_is_trapped` false)
+//!   are the device's own KVM memory slots ([`vstate::vm::Vm::slots`], `move_bar` follows guest
+//!   relocation); INTx lines map to GSIs by [`pci::bus::intx_gsi`] (the DSDT's _PRT);
+//! - MSI routes and irqfds use [`vstate::vm::Vm::shared_fd`];
+//! - an MMIO device such as the VT-d registers goes on [`Vmm::mmio_bus`] at
+//!   [`arch::x86_64::layout::VTD_REGS_START`] (kept free), and its DMAR table into
+//!   [`MachineConfig::extra_acpi_tables`];
+//! - new command line options reuse [`config::OptionList`] (`key=value,...`).
 
 pub mod acpi;
 pub mod arch;
