@@ -485,3 +485,48 @@ fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
     assert_eq!(read_u32(&mem, RESULTS + 0x14), 0x600d);
     assert_eq!(read_u32(&mem, RESULTS + 0x10), 0x600d, "vCPU 0 ran too");
 }
+
+#[test]
+fn firmware_tables_and_reset_stub_are_in_guest_memory() {
+    if !kvm_available() {
+        return;
+    }
+    // A stand-in DMAR: a bare header with a valid checksum.
+    let mut dmar = vec![0u8; 48];
+    dmar[..4].copy_from_slice(b"DMAR");
+    dmar[4..8].copy_from_slice(&48u32.to_le_bytes());
+    let sum = dmar.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+    dmar[9] = 0u8.wrapping_sub(sum);
+    let out = Capture::default();
+    let vmm = Vmm::build(MachineConfig {
+        vcpus: 2,
+        memory_size: 64 << 20,
+        boot: BootSource::Raw {
+            image: vec![0xf4],
+            load_addr: CODE,
+            mode: long_mode(),
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: vec![dmar.clone()],
+    })
+    .unwrap();
+    let mem = vmm.guest_memory();
+    let mut rsdp = [0u8; 36];
+    mem.read_slice(&mut rsdp, GuestAddress(0xe0000)).unwrap();
+    assert_eq!(&rsdp[..8], b"RSD PTR ");
+    let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+    let xsdt_len = read_u32(mem, xsdt_addr + 4) as u64;
+    let entries: Vec<u64> = (36..xsdt_len)
+        .step_by(8)
+        .map(|o| mem.read_obj(GuestAddress(xsdt_addr + o)).unwrap())
+        .collect();
+    let sigs: Vec<[u8; 4]> = entries
+        .iter()
+        .map(|a| mem.read_obj(GuestAddress(*a)).unwrap())
+        .collect();
+    assert_eq!(sigs, vec![*b"FACP", *b"APIC", *b"MCFG", *b"DMAR"]);
+    let mut stub = [0u8; 4];
+    mem.read_slice(&mut stub, GuestAddress(0xffff0)).unwrap();
+    assert_eq!(stub, [0xb0, 0xfe, 0xe6, 0x64], "mov al, 0xfe; out 0x64, al");
+}
