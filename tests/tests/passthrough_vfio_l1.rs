@@ -6,9 +6,7 @@
 //! edu and a serial card behind it: one IOMMU group where the serial card keeps its host
 //! driver, so the edu there cannot be assigned.
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use integration::testbed::{self, Outcome, Scenario, TestbedError};
 
@@ -46,41 +44,14 @@ case_ edu edu "$EDU"
 case_ edu-again edu "$EDU"
 "#;
 
-fn probe_binary(tb: &testbed::Testbed) -> Result<PathBuf, TestbedError> {
-    static PROBE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PROBE
-        .get_or_init(|| {
-            let target = tb.out_dir().join("cargo");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
-                .args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "passthrough",
-                    "--example",
-                    "vfio_probe",
-                ])
-                .arg("--target-dir")
-                .arg(&target)
-                .current_dir(tb.repo_dir())
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-            }
-            Ok(target.join("release/examples/vfio_probe"))
-        })
-        .clone()
-        .map_err(TestbedError::VmmBuild)
-}
-
 fn outcome() -> Result<Option<Arc<Outcome>>, TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
-    let probe = probe_binary(tb)?;
+    let probe = tb.cargo_release(
+        &["-p", "passthrough", "--example", "vfio_probe"],
+        "examples/vfio_probe",
+    )?;
     let s = Scenario::l1_script("passthrough-vfio-probe", SCRIPT)
         .file(probe, "/testbed/bin/vfio_probe")
         .l0_arg("-device")
