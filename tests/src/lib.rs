@@ -1,6 +1,8 @@
 //! Harness for the workspace integration tests.
 //!
+//! [`small_guest`] helps run code of our own on this machine's KVM through the vmm library;
 //! [`testbed`] runs Linux guests in the nested testbed (L0 QEMU TCG -> L1 Linux with real KVM,
 //! IOMMU and VFIO -> a VMM -> L2 Linux) and reports what their consoles said.
 
+pub mod small_guest;
 pub mod testbed;

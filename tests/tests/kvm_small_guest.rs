@@ -7,58 +7,18 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use integration::small_guest::{asm64, kvm_available, print, read_u32, Capture, CODE, RESULTS};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
 use vmm::pci::allocator::PciAllocator;
 use vmm::pci::configuration::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
 use vmm::pci::device::{PciDevice, PciDeviceError};
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
-/// Where test code is loaded and entered.
-const CODE: u64 = 0x10_0000;
 /// Where real-mode test code is loaded and entered.
 const REAL_CODE: u64 = 0x8000;
-/// Scratch RAM the guest stores results to.
-const RESULTS: u64 = 0x20_0000;
 /// A test device on the MMIO bus, in the platform MMIO area.
 const MMIO_DEV: u64 = 0xf000_0000;
-
-/// Reads a u32 the guest stored in RAM.
-fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> u32 {
-    mem.read_obj(GuestAddress(addr)).expect("guest RAM read")
-}
-
-/// Returns false (after saying why) when the test cannot run here; panics under CI.
-fn kvm_available() -> bool {
-    if std::path::Path::new("/dev/kvm").exists() {
-        return true;
-    }
-    let msg = "/dev/kvm is missing: the direct KVM small-guest tests cannot run";
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{msg} (CI=true: failing instead of skipping)");
-    }
-    eprintln!("SKIPPED: {msg}");
-    false
-}
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn build(code: Vec<u8>, mode: CpuMode, out: &Capture) -> Vmm {
     build_at(code, CODE, mode, out, SerialIn::None)
@@ -95,29 +55,13 @@ fn build_at(
         serial_out: Box::new(out.clone()),
         serial_in,
         extra_acpi_tables: Vec::new(),
+        viommu: None,
     })
     .expect("build the VM")
 }
 
 fn long_mode() -> CpuMode {
     CpuMode::LongMode { rip: CODE }
-}
-
-/// Assembles `f`'s 64-bit code at CODE.
-fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
-    let mut a = CodeAssembler::new(64).unwrap();
-    f(&mut a).unwrap();
-    a.assemble(CODE).unwrap()
-}
-
-/// Emits code printing `s` on COM1.
-fn print(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
-    a.mov(dx, 0x3f8u32)?;
-    for b in s.bytes() {
-        a.mov(al, u32::from(b))?;
-        a.out(dx, al)?;
-    }
-    Ok(())
 }
 
 #[test]
@@ -477,6 +421,7 @@ fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
         serial_out: Box::new(out.clone()),
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
+        viommu: None,
     })
     .unwrap();
     let mem = vmm.guest_memory().clone();
@@ -509,6 +454,7 @@ fn firmware_tables_and_reset_stub_are_in_guest_memory() {
         serial_out: Box::new(out.clone()),
         serial_in: SerialIn::None,
         extra_acpi_tables: vec![dmar.clone()],
+        viommu: None,
     })
     .unwrap();
     let mem = vmm.guest_memory();

@@ -15,9 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::acpi::{AcpiConfig, AcpiTables};
-use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
+use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, VTD_REGS_SIZE, VTD_REGS_START};
 use crate::arch::x86_64::{boot, regs};
-use crate::config::VmConfig;
+use crate::config::{ViommuConfig, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
@@ -25,6 +25,7 @@ use crate::devices::legacy::serial::{
     InputSource, SerialDevice, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT,
 };
 use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
+use crate::devices::vtd::{self, DeferredFlushTimer, KvmMsi, SharedVtd, VtdRegisters};
 use crate::exit::{ExitHandle, VmExit};
 use crate::pci::allocator::PciAllocator;
 use crate::pci::bus::{PciBus, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
@@ -115,6 +116,8 @@ pub struct MachineConfig {
     pub serial_in: SerialIn,
     /// Complete ACPI tables to add to the XSDT (e.g. the DMAR table of a virtual VT-d).
     pub extra_acpi_tables: Vec<Vec<u8>>,
+    /// A virtual VT-d at [`VTD_REGS_START`], announced by a DMAR table.
+    pub viommu: Option<ViommuConfig>,
 }
 
 /// The source of the guest's serial input.
@@ -141,6 +144,7 @@ impl MachineConfig {
             serial_out: Box::new(std::io::stdout()),
             serial_in: SerialIn::Stdin,
             extra_acpi_tables: Vec::new(),
+            viommu: c.viommu,
         }
     }
 }
@@ -157,6 +161,7 @@ pub struct Vmm {
     serial: Arc<Mutex<SerialDevice>>,
     exit: ExitHandle,
     serial_in: Option<SerialIn>,
+    vtd: Option<SharedVtd>,
 }
 
 impl Vmm {
@@ -190,12 +195,21 @@ impl Vmm {
         register_legacy_devices(&pio, serial.clone(), &exit)?;
         let pci = create_pci_root(cfg.memory_size, &mmio, &pio)?;
 
+        let mut extra_tables = cfg.extra_acpi_tables;
+        let vtd = match cfg.viommu {
+            Some(c) => {
+                extra_tables.push(vtd::dmar_table(c.aw_bits));
+                Some(create_vtd(c, &vm, &mem, &mmio)?)
+            }
+            None => None,
+        };
+
         regs::write_boot_structures(&mem)?;
         boot::write_reset_stub(&mem)?;
         let rsdp = AcpiTables::build(&AcpiConfig {
             vcpus: cfg.vcpus,
             ram_size: cfg.memory_size,
-            extra_tables: cfg.extra_acpi_tables,
+            extra_tables,
         })?
         .write(&mem)?;
 
@@ -218,7 +232,14 @@ impl Vmm {
             serial,
             exit,
             serial_in: Some(cfg.serial_in),
+            vtd,
         })
+    }
+
+    /// The virtual VT-d, when the configuration asked for one: devices to put behind it attach
+    /// to it, and its counters are read from it.
+    pub fn vtd(&self) -> Option<&SharedVtd> {
+        self.vtd.as_ref()
     }
 
     /// The port I/O bus.
@@ -286,7 +307,12 @@ impl Vmm {
             Some(e) => Err(e),
             None => self.event_loop(),
         };
-        if stop_vcpus(threads, &stop) {
+        let panicked = stop_vcpus(threads, &stop);
+        // No device may keep reaching memory the guest unmapped once the VM is gone.
+        if let Some(vtd) = &self.vtd {
+            vtd::lock(vtd).flush_deferred();
+        }
+        if panicked {
             return Ok(VmExit::Failed("a vCPU thread panicked".into()));
         }
         result
@@ -304,6 +330,13 @@ impl Vmm {
             .try_clone()
             .map_err(host("cannot clone the exit eventfd"))?;
         em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
+        if let Some(vtd) = &self.vtd {
+            if let Some(timer) = DeferredFlushTimer::new(vtd.clone())
+                .map_err(host("cannot create the VT-d deferred-flush timer"))?
+            {
+                em.add_subscriber(Box::new(timer));
+            }
+        }
         let serial_in = self.serial_in.take();
         let is_stdin = matches!(serial_in, Some(SerialIn::Stdin));
         let input: Option<Box<dyn InputSource>> = match serial_in {
@@ -331,6 +364,47 @@ impl Vmm {
             em.run_with_timeout(200).map_err(epoll)?;
         }
     }
+}
+
+/// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`]. Caching
+/// mode is always on: devices whose DMA the host remaps need it.
+fn create_vtd(
+    c: ViommuConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    mmio: &Bus,
+) -> Result<SharedVtd, BuildError> {
+    let config = viommu::VtdConfig {
+        aw_bits: c.aw_bits,
+        caching_mode: true,
+        flush: if c.deferred {
+            viommu::FlushMode::DEFERRED_DEFAULT
+        } else {
+            viommu::FlushMode::Strict
+        },
+        ..viommu::VtdConfig::default()
+    };
+    let unit = viommu::Vtd::new(
+        config,
+        mem.clone(),
+        Box::new(KvmMsi(vm.shared_fd())),
+        Box::new(viommu::SystemClock::default()),
+    )
+    .map_err(|e| BuildError::Host {
+        what: "virtual VT-d",
+        reason: e.to_string(),
+    })?;
+    let shared: SharedVtd = Arc::new(Mutex::new(unit));
+    mmio.insert(
+        Arc::new(Mutex::new(VtdRegisters(shared.clone()))),
+        VTD_REGS_START,
+        VTD_REGS_SIZE,
+    )
+    .map_err(|source| BuildError::Bus {
+        what: "VT-d registers",
+        source,
+    })?;
+    Ok(shared)
 }
 
 /// Puts the legacy port I/O devices on `pio`: COM1, i8042, pvpanic, the ACPI PM register.

@@ -84,6 +84,28 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest RAM in bytes.
     pub memory_size: u64,
+    /// The virtual VT-d, when `--viommu` asks for one.
+    pub viommu: Option<ViommuConfig>,
+    /// Where to write the VT-d counters as JSON when the VM stops.
+    pub stats_json: Option<PathBuf>,
+}
+
+/// `--viommu [aw-bits=39|48][,flush=strict|deferred]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViommuConfig {
+    /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
+    pub aw_bits: u32,
+    /// Deferred host unmaps (Linux's flush-queue bounds) instead of strict ones.
+    pub deferred: bool,
+}
+
+impl Default for ViommuConfig {
+    fn default() -> Self {
+        ViommuConfig {
+            aw_bits: 48,
+            deferred: false,
+        }
+    }
 }
 
 /// Usage text for `--help`.
@@ -91,6 +113,7 @@ pub const USAGE: &str = "\
 vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
+           [--viommu [aw-bits=39|48][,flush=strict|deferred]] [--stats-json PATH]
 
 Options:
   --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
@@ -98,6 +121,10 @@ Options:
   --cmdline STR        kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
   --cpus boot=N        number of vCPUs, 1..254 (default 1)
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
+  --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
+                       aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
+                       deferred lets a device reach unmapped memory for up to 10 ms)
+  --stats-json PATH    write the VT-d counters as JSON when the VM stops
   -h, --help           print this help
   -V, --version        print the version
 
@@ -194,6 +221,29 @@ fn parse_cpus(input: &str) -> Result<u8, ConfigError> {
     Ok(n as u8)
 }
 
+fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
+    let mut c = ViommuConfig::default();
+    if input.is_empty() {
+        return Ok(c);
+    }
+    let list = OptionList::parse("--viommu", input, &["aw-bits", "flush"])?;
+    if let Some(raw) = list.get("aw-bits") {
+        c.aw_bits = match raw {
+            "39" => 39,
+            "48" => 48,
+            _ => return Err(list.invalid("aw-bits", raw, "must be 39 or 48")),
+        };
+    }
+    if let Some(raw) = list.get("flush") {
+        c.deferred = match raw {
+            "strict" => false,
+            "deferred" => true,
+            _ => return Err(list.invalid("flush", raw, "must be strict or deferred")),
+        };
+    }
+    Ok(c)
+}
+
 fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     let list = OptionList::parse("--memory", input, &["size"])?;
     let raw = list.require("size")?;
@@ -222,8 +272,10 @@ where
     let mut cmdline = None;
     let mut vcpus = None;
     let mut memory = None;
+    let mut viommu = None;
+    let mut stats_json = None;
 
-    let mut it = args.into_iter().map(Into::into);
+    let mut it = args.into_iter().map(Into::into).peekable();
     while let Some(arg) = it.next() {
         // Accept both `--opt value` and `--opt=value`.
         let (name, inline) = match arg.split_once('=') {
@@ -238,10 +290,16 @@ where
             "--cmdline" => "--cmdline",
             "--cpus" => "--cpus",
             "--memory" => "--memory",
+            "--viommu" => "--viommu",
+            "--stats-json" => "--stats-json",
             _ => return Err(ConfigError::UnknownArgument(arg)),
         };
         let value = match inline {
             Some(v) => v,
+            // `--viommu` alone takes the defaults.
+            None if name == "--viommu" && it.peek().is_none_or(|a| a.starts_with('-')) => {
+                String::new()
+            }
             None => it.next().ok_or(ConfigError::MissingValue(name))?,
         };
         let dup = match name {
@@ -249,6 +307,8 @@ where
             "--initramfs" => initramfs.replace(PathBuf::from(&value)).is_some(),
             "--cmdline" => cmdline.replace(value).is_some(),
             "--cpus" => vcpus.replace(parse_cpus(&value)?).is_some(),
+            "--viommu" => viommu.replace(parse_viommu(&value)?).is_some(),
+            "--stats-json" => stats_json.replace(PathBuf::from(&value)).is_some(),
             _ => memory.replace(parse_memory(&value)?).is_some(),
         };
         if dup {
@@ -262,6 +322,8 @@ where
         cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
         vcpus: vcpus.unwrap_or(DEFAULT_VCPUS),
         memory_size: memory.unwrap_or(DEFAULT_MEMORY_SIZE),
+        viommu,
+        stats_json,
     }))
 }
 
@@ -373,5 +435,48 @@ mod tests {
         .unwrap();
         assert_eq!(l.get("path"), Some("/sys/bus/pci/devices/0000:00:03.0"));
         assert_eq!(l.require("iommu"), Ok("on"));
+    }
+
+    #[test]
+    fn viommu_alone_takes_the_defaults_and_options_override_them() {
+        let c = run(&["--kernel", "/k", "--viommu", "--cpus", "boot=1"]);
+        assert_eq!(c.viommu, Some(ViommuConfig::default()));
+        let c = run(&["--kernel", "/k", "--viommu"]);
+        assert_eq!(c.viommu, Some(ViommuConfig::default()));
+        let c = run(&["--kernel", "/k", "--viommu", "aw-bits=39,flush=deferred"]);
+        assert_eq!(
+            c.viommu,
+            Some(ViommuConfig {
+                aw_bits: 39,
+                deferred: true
+            })
+        );
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--viommu=flush=strict",
+            "--stats-json",
+            "/s",
+        ]);
+        assert_eq!(c.viommu, Some(ViommuConfig::default()));
+        assert_eq!(c.stats_json, Some(PathBuf::from("/s")));
+        assert_eq!(run(&["--kernel", "/k"]).viommu, None);
+    }
+
+    #[test]
+    fn bad_viommu_options_name_the_key_and_value() {
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "aw-bits=40"]),
+            "--viommu: invalid aw-bits '40': must be 39 or 48"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "flush=lazy"]),
+            "--viommu: invalid flush 'lazy': must be strict or deferred"
+        );
+        assert!(err(&["--kernel", "/k", "--viommu", "caching=off"]).contains("unknown key"));
+        assert_eq!(
+            err(&["--kernel", "/k", "--stats-json"]),
+            "option --stats-json needs a value"
+        );
     }
 }

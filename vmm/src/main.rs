@@ -4,11 +4,32 @@
 use std::process::ExitCode;
 
 use vmm::config::{parse_args, Command, USAGE};
+use vmm::devices::vtd::{self, SharedVtd};
 use vmm::{MachineConfig, VmExit, Vmm};
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmm: error: {msg}");
     ExitCode::FAILURE
+}
+
+/// Writes the VT-d counters (all zero without a VT-d) as one JSON object.
+fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Result<()> {
+    let (stats, config) = match vtd {
+        Some(v) => {
+            let v = vtd::lock(v);
+            (v.stats(), Some(*v.config()))
+        }
+        None => (viommu::Stats::default(), None),
+    };
+    let mut json = serde_json::to_value(stats).map_err(std::io::Error::other)?;
+    json["viommu"] = serde_json::json!(config.map(|c| serde_json::json!({
+        "aw_bits": c.aw_bits,
+        "flush": match c.flush {
+            viommu::FlushMode::Strict => "strict",
+            viommu::FlushMode::Deferred { .. } => "deferred",
+        },
+    })));
+    std::fs::write(path, format!("{json:#}\n"))
 }
 
 fn main() -> ExitCode {
@@ -32,7 +53,14 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
-    match vmm.run() {
+    let vtd = vmm.vtd().cloned();
+    let outcome = vmm.run();
+    if let Some(path) = &cfg.stats_json {
+        if let Err(e) = write_stats(path, vtd.as_ref()) {
+            return fail(format!("cannot write {}: {e}", path.display()));
+        }
+    }
+    match outcome {
         Ok(VmExit::PowerOff) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS

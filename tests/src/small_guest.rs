@@ -1,0 +1,76 @@
+//! Small guests of our own on this machine's KVM: code assembled with iced-x86 at test time and
+//! run through the vmm library. Without /dev/kvm the tests skip loudly, and fail when CI=true.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use iced_x86::code_asm::{al, dx, CodeAssembler, IcedError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Where 64-bit test code is loaded and entered.
+pub const CODE: u64 = 0x10_0000;
+/// Scratch RAM the guest stores results to.
+pub const RESULTS: u64 = 0x20_0000;
+
+/// Returns false (after saying why) when the tests cannot run here; panics under CI.
+pub fn kvm_available() -> bool {
+    if std::path::Path::new("/dev/kvm").exists() {
+        return true;
+    }
+    let msg = "/dev/kvm is missing: the direct KVM small-guest tests cannot run";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true: failing instead of skipping)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// The guest's serial output, captured.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+/// Reads a u32 the guest stored in RAM.
+pub fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> u32 {
+    mem.read_obj(GuestAddress(addr)).expect("guest RAM read")
+}
+
+/// Reads a u64 the guest stored in RAM.
+pub fn read_u64(mem: &GuestMemoryMmap, addr: u64) -> u64 {
+    mem.read_obj(GuestAddress(addr)).expect("guest RAM read")
+}
+
+/// Assembles `f`'s 64-bit code at [`CODE`].
+pub fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).expect("64-bit assembler");
+    f(&mut a).expect("test code assembles");
+    a.assemble(CODE).expect("test code assembles")
+}
+
+/// Emits code printing `s` on COM1.
+pub fn print(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
+    a.mov(dx, 0x3f8u32)?;
+    for b in s.bytes() {
+        a.mov(al, u32::from(b))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}

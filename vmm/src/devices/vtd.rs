@@ -1,0 +1,130 @@
+//! The virtual VT-d on the VMM's buses: its register block as an MMIO device, its interrupts as
+//! KVM MSIs, the timer that bounds deferred unmaps, and the DMAR table that announces it.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::timerfd::TimerFd;
+
+use viommu::dmar::{Dmar, Drhd};
+use viommu::{FlushMode, MsiSink, Vtd};
+
+use crate::arch::x86_64::layout::VTD_REGS_START;
+use crate::devices::bus::BusDevice;
+
+/// The remapping unit, shared by the vCPUs (register accesses), the devices behind it and the
+/// deferred-flush timer.
+pub type SharedVtd = Arc<Mutex<Vtd<GuestMemoryMmap>>>;
+
+/// Locks the unit; a vCPU that panicked while holding it leaves consistent state (every
+/// operation completes or is dropped whole), so a poisoned lock is taken over.
+pub fn lock(vtd: &SharedVtd) -> MutexGuard<'_, Vtd<GuestMemoryMmap>> {
+    vtd.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The register block as an MMIO device at [`VTD_REGS_START`].
+pub struct VtdRegisters(pub SharedVtd);
+
+impl BusDevice for VtdRegisters {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        lock(&self.0).mmio_read(offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        lock(&self.0).mmio_write(offset, data);
+    }
+}
+
+/// Delivers the unit's fault-event and invalidation-completion interrupts as KVM MSIs.
+pub struct KvmMsi(pub Arc<VmFd>);
+
+impl MsiSink for KvmMsi {
+    fn send(&self, addr: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            log::warn!("VT-d: cannot deliver MSI {addr:#x}/{data:#x}: {e}");
+        }
+    }
+}
+
+/// The DMAR table: one remapping unit at [`VTD_REGS_START`] covering every PCI device.
+pub fn dmar_table(aw_bits: u32) -> Vec<u8> {
+    Dmar {
+        host_address_width: aw_bits as u8,
+        flags: 0,
+        units: vec![Drhd {
+            segment: 0,
+            register_base: VTD_REGS_START,
+            include_pci_all: true,
+            scopes: Vec::new(),
+        }],
+        reserved_regions: Vec::new(),
+    }
+    .to_bytes(*b"RVMM  ", *b"RVMMDMAR", 1)
+}
+
+/// In deferred mode, carries out queued host unmaps once their time bound passes even if the
+/// guest submits nothing more: a periodic timer at a quarter of the bound.
+pub struct DeferredFlushTimer {
+    vtd: SharedVtd,
+    timer: TimerFd,
+}
+
+impl DeferredFlushTimer {
+    /// A timer for `vtd`, or None when its flush mode is strict.
+    pub fn new(vtd: SharedVtd) -> std::io::Result<Option<Self>> {
+        let FlushMode::Deferred { max_delay, .. } = lock(&vtd).config().flush else {
+            return Ok(None);
+        };
+        let mut timer = TimerFd::new()?;
+        let period = (max_delay / 4).max(Duration::from_millis(1));
+        timer.reset(period, Some(period))?;
+        Ok(Some(DeferredFlushTimer { vtd, timer }))
+    }
+}
+
+impl MutEventSubscriber for DeferredFlushTimer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Reading the expiration count re-arms the level-triggered fd.
+        if let Err(e) = self.timer.wait() {
+            log::warn!("VT-d: deferred-flush timer: {e}");
+        }
+        lock(&self.vtd).poll();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.timer.as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            log::error!("VT-d: cannot watch the deferred-flush timer: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmar_table_names_one_include_all_unit_at_the_register_block() {
+        let t = dmar_table(48);
+        assert_eq!(&t[0..4], b"DMAR");
+        assert_eq!(t[36], 47, "host address width minus one");
+        let drhd = &t[48..];
+        assert_eq!(drhd[4] & 1, 1, "INCLUDE_PCI_ALL");
+        assert_eq!(
+            u64::from_le_bytes(drhd[8..16].try_into().unwrap()),
+            VTD_REGS_START
+        );
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    }
+}
