@@ -1,0 +1,10 @@
+# Reports what the guest's IOMMU driver did: its kernel messages (one marker each) and the
+# IOMMU groups devices were put in.
+dmesg | grep -E 'DMAR|iommu|IOMMU' | while IFS= read -r line; do
+  mark "dmesg ${line#\[*\] }"
+done
+for g in /sys/kernel/iommu_groups/*; do
+  [ -d "$g" ] || continue
+  mark "iommu-group ${g##*/} devices=$(ls "$g/devices" | tr '\n' ',')"
+done
+mark "iommu-groups count=$(ls /sys/kernel/iommu_groups 2>/dev/null | wc -l)"
