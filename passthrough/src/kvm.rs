@@ -168,94 +168,6 @@ impl IrqRoutes for KvmIrqRoutes {
     }
 }
 
-/// A second handle on the VM (a dup of its fd), so devices can keep their own for GSI routes
-/// and memory slots without borrowing the VMM's.
-pub fn share_vm_fd(vm: &VmFd) -> std::io::Result<Arc<VmFd>> {
-    use std::os::unix::io::AsRawFd;
-    let kvm = kvm_ioctls::Kvm::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    // SAFETY: dup of a valid fd we then own.
-    let fd = unsafe { libc::dup(vm.as_raw_fd()) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is an open VM fd owned by nobody else.
-    let dup = unsafe { kvm.create_vmfd_from_rawfd(fd) }
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    Ok(Arc::new(dup))
-}
-
-/// KVM memory slots for BAR areas. Guest RAM takes slots counting up from 0; these count down
-/// from the highest slot KVM offers, so the two never meet in practice.
-pub struct KvmMemSlots {
-    vm: Arc<VmFd>,
-    free: Mutex<Vec<u32>>,
-}
-
-impl KvmMemSlots {
-    /// Slots from `nr_slots - 1` down to `nr_slots - count`.
-    pub fn new(vm: Arc<VmFd>, nr_slots: u32, count: u32) -> Arc<Self> {
-        let low = nr_slots.saturating_sub(count);
-        Arc::new(Self {
-            vm,
-            free: Mutex::new((low..nr_slots).collect()),
-        })
-    }
-
-    /// A handle implementing [`GuestMapper`](crate::slots::GuestMapper) for one device.
-    pub fn mapper(self: &Arc<Self>) -> KvmMapper {
-        KvmMapper(self.clone())
-    }
-
-    fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), String> {
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot,
-            flags: 0,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: host,
-        };
-        // SAFETY: `host..host + size` is a device mmap owned by a `BarMapping` that outlives
-        // the slot (slots are removed before mappings are dropped); size 0 deletes the slot.
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(|e| {
-            format!("KVM_SET_USER_MEMORY_REGION slot {slot} at {gpa:#x} ({size:#x} bytes): {e}")
-        })
-    }
-}
-
-/// One device's use of [`KvmMemSlots`].
-pub struct KvmMapper(Arc<KvmMemSlots>);
-
-impl crate::slots::GuestMapper for KvmMapper {
-    fn map(&mut self, gpa: u64, size: u64, host: u64) -> Result<u32, String> {
-        let slot = self
-            .0
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .ok_or("no KVM memory slot left for a BAR")?;
-        if let Err(e) = self.0.set(slot, gpa, size, host) {
-            self.0
-                .free
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(slot);
-            return Err(e);
-        }
-        Ok(slot)
-    }
-
-    fn unmap(&mut self, slot: u32, gpa: u64, _size: u64) -> Result<(), String> {
-        self.0.set(slot, gpa, 0, 0)?;
-        self.0
-            .free
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(slot);
-        Ok(())
-    }
-}
-
 /// Creates KVM's VFIO pseudo-device (KVM_DEV_TYPE_VFIO), which VFIO groups join so KVM
 /// knows about assigned devices (coherency, posted interrupts).
 pub fn create_kvm_vfio_device(vm: &VmFd) -> Result<VfioDeviceFd, kvm_ioctls::Error> {
@@ -272,7 +184,6 @@ pub fn create_kvm_vfio_device(vm: &VmFd) -> Result<VfioDeviceFd, kvm_ioctls::Err
 mod tests {
     use super::*;
     use crate::irq::IrqRoutes;
-    use crate::slots::GuestMapper;
 
     /// A VM with an irqchip on this machine's KVM; None (said loudly) without /dev/kvm, and a
     /// failure under CI=true.
@@ -294,7 +205,7 @@ mod tests {
     #[test]
     fn msi_routes_and_irqfds_on_real_kvm_share_one_table() {
         let Some(vm) = kvm_vm() else { return };
-        let routing = KvmRouting::new(share_vm_fd(&vm).expect("dup VM fd"));
+        let routing = KvmRouting::new(Arc::new(vm));
         let (mut a, mut b) = (routing.routes(), routing.routes());
         let ga = a.allocate_gsi().unwrap();
         let gb = b.allocate_gsi().unwrap();
@@ -311,18 +222,6 @@ mod tests {
         a.detach_irqfd(&fd, ga).unwrap();
         a.free_gsi(ga);
         assert_eq!(a.allocate_gsi().unwrap(), 24, "freed GSIs are reused");
-    }
-
-    #[test]
-    fn bar_slots_map_and_unmap_on_real_kvm() {
-        let Some(vm) = kvm_vm() else { return };
-        let slots = KvmMemSlots::new(share_vm_fd(&vm).expect("dup VM fd"), 32, 4);
-        let mut m = slots.mapper();
-        let mem = vm_memory::MmapRegion::<()>::new(0x4000).unwrap();
-        let slot = m.map(0xc000_0000, 0x4000, mem.as_ptr() as u64).unwrap();
-        assert_eq!(slot, 31);
-        m.unmap(slot, 0xc000_0000, 0x4000).unwrap();
-        assert_eq!(m.map(0xc000_4000, 0x4000, mem.as_ptr() as u64).unwrap(), 31);
     }
 
     #[test]

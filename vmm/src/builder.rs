@@ -55,6 +55,9 @@ pub enum BuildError {
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] crate::acpi::AcpiError),
+    /// Device assignment (`--device`).
+    #[error(transparent)]
+    Vfio(#[from] crate::pci::vfio::VfioError),
     /// Device registration.
     #[error("cannot register {what}: {source}")]
     Bus {
@@ -153,6 +156,8 @@ impl MachineConfig {
 pub struct Vmm {
     // Field order matters: vCPUs and the VM go before the memory they map.
     vcpus: Vec<Vcpu>,
+    // Assigned devices' DMA mappings go before the guest memory they pin.
+    vfio: Option<crate::pci::vfio::VfioDevices>,
     vm: Vm,
     mem: GuestMemoryMmap,
     pio: Arc<Bus>,
@@ -224,6 +229,7 @@ impl Vmm {
 
         Ok(Self {
             vcpus,
+            vfio: None,
             vm,
             mem,
             pio,
@@ -240,6 +246,17 @@ impl Vmm {
     /// to it, and its counters are read from it.
     pub fn vtd(&self) -> Option<&SharedVtd> {
         self.vtd.as_ref()
+    }
+
+    /// Assigns the host PCI functions at `paths` (VFIO) and maps all guest RAM for their DMA.
+    /// Call once, before [`Vmm::run`]; check the paths first with
+    /// [`crate::pci::vfio::check_devices`] so bad input fails before anything is built.
+    pub fn assign_devices(&mut self, paths: &[PathBuf]) -> Result<(), BuildError> {
+        if !paths.is_empty() && self.vtd.is_some() {
+            return Err(crate::pci::vfio::VfioError::BehindViommu.into());
+        }
+        self.vfio = crate::pci::vfio::attach(&self.vm, &self.mem, &self.pci, paths)?;
+        Ok(())
     }
 
     /// The port I/O bus.

@@ -88,6 +88,8 @@ pub struct VmConfig {
     pub viommu: Option<ViommuConfig>,
     /// Where to write the VT-d counters as JSON when the VM stops.
     pub stats_json: Option<PathBuf>,
+    /// Host PCI functions to assign (`--device path=/sys/bus/pci/devices/DDDD:BB:DD.F`).
+    pub devices: Vec<PathBuf>,
 }
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred]`.
@@ -114,6 +116,7 @@ vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
            [--viommu [aw-bits=39|48][,flush=strict|deferred]] [--stats-json PATH]
+           [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F]...
 
 Options:
   --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
@@ -125,6 +128,8 @@ Options:
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
                        deferred lets a device reach unmapped memory for up to 10 ms)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops
+  --device path=PATH   assign a host PCI function bound to vfio-pci (repeatable); without
+                       --viommu all guest RAM is mapped for its DMA
   -h, --help           print this help
   -V, --version        print the version
 
@@ -261,6 +266,16 @@ fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
+/// Parses `--device path=PATH` (Cloud Hypervisor's form).
+fn parse_device(input: &str) -> Result<PathBuf, ConfigError> {
+    let list = OptionList::parse("--device", input, &["path"])?;
+    let path = list.require("path")?;
+    if path.is_empty() {
+        return Err(list.invalid("path", path, "empty path"));
+    }
+    Ok(PathBuf::from(path))
+}
+
 /// Parses the arguments after the program name.
 pub fn parse_args<I, S>(args: I) -> Result<Command, ConfigError>
 where
@@ -274,6 +289,7 @@ where
     let mut memory = None;
     let mut viommu = None;
     let mut stats_json = None;
+    let mut devices = Vec::new();
 
     let mut it = args.into_iter().map(Into::into).peekable();
     while let Some(arg) = it.next() {
@@ -292,6 +308,7 @@ where
             "--memory" => "--memory",
             "--viommu" => "--viommu",
             "--stats-json" => "--stats-json",
+            "--device" => "--device",
             _ => return Err(ConfigError::UnknownArgument(arg)),
         };
         let value = match inline {
@@ -309,6 +326,10 @@ where
             "--cpus" => vcpus.replace(parse_cpus(&value)?).is_some(),
             "--viommu" => viommu.replace(parse_viommu(&value)?).is_some(),
             "--stats-json" => stats_json.replace(PathBuf::from(&value)).is_some(),
+            "--device" => {
+                devices.push(parse_device(&value)?);
+                false
+            }
             _ => memory.replace(parse_memory(&value)?).is_some(),
         };
         if dup {
@@ -324,6 +345,7 @@ where
         memory_size: memory.unwrap_or(DEFAULT_MEMORY_SIZE),
         viommu,
         stats_json,
+        devices,
     }))
 }
 
@@ -340,6 +362,41 @@ mod tests {
 
     fn err(args: &[&str]) -> String {
         parse_args(args.iter().copied()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn device_repeats_in_cloud_hypervisors_form() {
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:00:01.0",
+            "--device=path=/sys/bus/pci/devices/0000:00:02.0",
+        ]);
+        assert_eq!(
+            c.devices,
+            vec![
+                PathBuf::from("/sys/bus/pci/devices/0000:00:01.0"),
+                PathBuf::from("/sys/bus/pci/devices/0000:00:02.0")
+            ]
+        );
+        assert_eq!(
+            err(&[
+                "--kernel",
+                "/k",
+                "--device",
+                "/sys/bus/pci/devices/0000:00:01.0"
+            ]),
+            "--device: expected key=value, got '/sys/bus/pci/devices/0000:00:01.0'"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--device", "iommu=on"]),
+            "--device: unknown key 'iommu' (known: path)"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--device", "path="]),
+            "--device: invalid path '': empty path"
+        );
     }
 
     #[test]

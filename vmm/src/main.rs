@@ -49,10 +49,17 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
 
-    let vmm = match Vmm::build(MachineConfig::from_vm_config(&cfg)) {
+    // Bad --device input fails here, before any VM state exists.
+    if let Err(e) = vmm::pci::vfio::check_devices(&cfg.devices) {
+        return fail(e);
+    }
+    let mut vmm = match Vmm::build(MachineConfig::from_vm_config(&cfg)) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    if let Err(e) = vmm.assign_devices(&cfg.devices) {
+        return fail(e);
+    }
     let vtd = vmm.vtd().cloned();
     let outcome = vmm.run();
     if let Some(path) = &cfg.stats_json {

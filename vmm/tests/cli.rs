@@ -177,3 +177,35 @@ fn no_dev_kvm() {
          (is KVM available and accessible?)"
     );
 }
+
+#[test]
+fn bad_device_fails_with_its_fix_before_anything_is_built() {
+    // The kernel does not exist either: the device is checked first, so nothing is built.
+    fails_with(
+        &[
+            "--kernel",
+            "/nonexistent/bzImage",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:ff:1f.7",
+        ],
+        "no such PCI device; give /sys/bus/pci/devices/DDDD:BB:DD.F",
+    );
+    fails_with(
+        &["--kernel", "/k", "--device", "path=/tmp"],
+        "not a PCI device address",
+    );
+    // A real device of this host that is not bound to vfio-pci, if there is one.
+    let not_vfio = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::read_link(p.join("driver")).map_or(true, |d| !d.ends_with("vfio-pci")));
+    if let Some(dev) = not_vfio {
+        let arg = format!("path={}", dev.display());
+        fails_with(
+            &["--kernel", "/nonexistent/bzImage", "--device", &arg],
+            "not vfio-pci; bind it with",
+        );
+    }
+}

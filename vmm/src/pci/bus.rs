@@ -218,14 +218,25 @@ impl PciBus {
     }
 
     fn apply_move(&self, slot: u8, dev: &mut dyn PciDevice, mv: &BarMove) {
-        let result = if dev.bar_is_trapped(mv.index) {
+        let trapped = dev.bar_is_trapped(mv.index);
+        let result = if trapped {
             self.bus_for(mv.kind)
                 .relocate(mv.old, mv.new)
                 .map_err(|e| e.to_string())
         } else {
             Ok(())
         };
-        let result = result.and_then(|()| dev.move_bar(mv).map_err(|e| e.to_string()));
+        let result = result.and_then(|()| {
+            dev.move_bar(mv).map_err(|e| {
+                // The bus moved but the device could not follow: put the bus back too.
+                if trapped {
+                    if let Err(back) = self.bus_for(mv.kind).relocate(mv.new, mv.old) {
+                        log::error!("BAR{} back to {:#x}: {back}", mv.index, mv.old);
+                    }
+                }
+                e.to_string()
+            })
+        });
         match result {
             Ok(()) => log::debug!(
                 "PCI {slot:02x}.0 BAR{} moved {:#x} -> {:#x}",

@@ -178,6 +178,76 @@ fn refused_move_keeps_old_place() {
     assert!(mmio.read(0xc000_0000, &mut [0u8; 4]));
 }
 
+/// A function that cannot follow BAR moves (like a VFIO BAR whose memory slot KVM refuses).
+struct Stuck(Fake);
+
+impl PciDevice for Stuck {
+    fn read_config_register(&mut self, reg: usize) -> u32 {
+        self.0.read_config_register(reg)
+    }
+    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+        self.0.write_config_register(reg, offset, data)
+    }
+    fn allocate_bars(
+        &mut self,
+        alloc: &mut PciAllocator,
+    ) -> Result<Vec<(usize, crate::pci::configuration::Bar)>, PciDeviceError> {
+        self.0.allocate_bars(alloc)
+    }
+    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        self.0.read_bar(base, offset, data)
+    }
+    fn move_bar(&mut self, mv: &BarMove) -> Result<(), PciDeviceError> {
+        Err(PciDeviceError::MoveBar {
+            index: mv.index,
+            old: mv.old,
+            new: mv.new,
+            reason: "stuck".into(),
+        })
+    }
+    fn revert_bar(&mut self, index: usize, addr: u64) {
+        self.0.revert_bar(index, addr)
+    }
+}
+
+#[test]
+fn a_move_the_device_cannot_follow_puts_the_bus_back() {
+    let (bus, mmio, writes) = setup();
+    let stuck = Stuck(Fake {
+        config: PciConfiguration::new(PciIds {
+            vendor: 0x1234,
+            device: 0x0bad,
+            class: 0xff,
+            subclass: 0,
+            prog_if: 0,
+            revision: 0,
+        }),
+        writes,
+    });
+    let slot = bus
+        .lock()
+        .unwrap()
+        .add_device(Arc::new(Mutex::new(stuck)))
+        .unwrap() as u64;
+    let mut ecam = PciConfigMmio::new(bus);
+    let bar0 = (slot << 15) | (REG_BAR0 as u64 * 4);
+    let mut d = [0u8; 4];
+    ecam.read(0, bar0, &mut d);
+    let old = u64::from(u32::from_le_bytes(d));
+    ecam.write(0, (slot << 15) | 4, &[2, 0]);
+    ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
+    ecam.read(0, bar0, &mut d);
+    assert_eq!(u64::from(u32::from_le_bytes(d)), old, "register reverted");
+    assert!(
+        mmio.read(old, &mut [0u8; 4]),
+        "still decoding at the old place"
+    );
+    assert!(
+        !mmio.read(0xd000_0000, &mut [0u8; 4]),
+        "nothing left at the new place"
+    );
+}
+
 #[test]
 fn intx_swizzle_covers_pins_16_to_23() {
     assert_eq!(intx_gsi(0, 0), 16);

@@ -9,3 +9,4 @@ pub mod bus;
 pub mod configuration;
 pub mod device;
 pub mod root;
+pub mod vfio;
