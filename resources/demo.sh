@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Demo: builds the nested testbed if needed, boots L1 (Linux under QEMU TCG with real KVM, an
-# emulated VT-d and VFIO) and, inside it, our vmm running an L2 Linux with 2 vCPUs and 512 MiB.
+# emulated VT-d and VFIO) and, inside it, our vmm running an L2 Linux with 2 vCPUs and 512 MiB
+# and L1's NVMe controller passed through (--device): the L2 kernel's own nvme driver reads the
+# first 16 MiB of the disk with O_DIRECT and prints their md5, which must match the L0 image.
 # The whole console is shown as it comes; a summary follows.
-# Usage: bash resources/demo.sh [extra resources/testbed/run.sh arguments, e.g. --action shell]
+# Usage: bash resources/demo.sh [extra resources/testbed/run.sh arguments, e.g. --timeout 900]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,19 +19,38 @@ echo "demo: L0 QEMU -> L1 Linux -> vmm -> L2 Linux (console below; log in $log)"
 start=$SECONDS
 set +e
 # Without `quiet`, so the L2 kernel's boot log shows; the L2 init then prints what it sees.
-bash resources/testbed/run.sh --vmm target/release/vmm --cpus 2 --memory 512M \
-  --l2-cmdline "console=ttyS0 panic=-1 tb.action=info" --timeout 600 --log "$log" "$@"
+# In L1: bind the NVMe (1b36:0010) to vfio-pci, then run the vmm with it.
+script="$(mktemp)"
+trap 'rm -f "$script"' EXIT
+cat >"$script" <<'L1'
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] && nvme=$d && break
+done
+echo vfio-pci >"$nvme/driver_override"
+echo "${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+echo "@@TB L1 vfio-bound bdf=${nvme##*/}"
+vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --cpus boot=2 --memory size=512M \
+  --cmdline "console=ttyS0 panic=-1 tb.action=nvme-pt" --device path="$nvme"
+echo "@@TB VMM exit=$? "
+L1
+bash resources/testbed/run.sh --vmm target/release/vmm --script "$script" --timeout 600 \
+  --log "$log" "$@"
 set -e
+want="$(head -c 16777216 target/testbed/disk.img | md5sum | cut -d' ' -f1)"
 
 marker() { grep -a "@@TB $1" "$log" | head -1 | tr -d '\r' | sed 's/.*@@TB //'; }
 l1="$(marker 'L1 ready')" l2="$(marker 'L2 init')" vmm="$(marker 'VMM exit')"
+nvme_read="$(marker 'L2 nvme-pt read')"
 echo
 echo "=== demo summary ($((SECONDS - start)) s) ==="
 echo "L1 booted with KVM and IOMMU: ${l1:-NO (no '@@TB L1 ready')}"
 echo "L2 Linux reached its init:    ${l2:-NO (no '@@TB L2 init')}"
 echo "vmm exit:                     ${vmm:-NO (no '@@TB VMM exit')}"
-if [[ "$vmm" == *"exit=0 "* && -n "$l2" ]]; then
-  echo "demo: OK: our vmm booted Linux to init with 2 vCPUs and exited 0 when it powered off"
+echo "L2 read the passed-through NVMe: ${nvme_read:-NO (no '@@TB L2 nvme-pt read')}"
+echo "first 16 MiB of the L0 image:  md5=$want"
+if [[ "$vmm" == *"exit=0 "* && -n "$l2" && "$nvme_read" == *"md5=$want"* ]]; then
+  echo "demo: OK: our vmm booted Linux with 2 vCPUs and the host's NVMe, the guest read the disk"
+  echo "      through VFIO with the L0 image's md5, and the vmm exited 0 when it powered off"
 else
   echo "demo: FAILED: see $log"
   exit 1
