@@ -103,6 +103,17 @@ pub enum BootSource {
         /// Start state.
         mode: CpuMode,
     },
+    /// Code of our own that takes interrupts (e.g. a passed-through device's MSIs): like `Raw`
+    /// but with the in-kernel irqchip, so HLT waits for an interrupt instead of ending the run;
+    /// the guest ends it with an ACPI power-off.
+    RawWithIrqchip {
+        /// The bytes.
+        image: Vec<u8>,
+        /// Guest address to copy them to.
+        load_addr: u64,
+        /// Start state.
+        mode: CpuMode,
+    },
 }
 
 /// Everything needed to build a VM.
@@ -172,7 +183,7 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the VM described by `cfg`.
     pub fn build(cfg: MachineConfig) -> Result<Self, BuildError> {
-        let linux = matches!(cfg.boot, BootSource::Linux { .. });
+        let irqchip = !matches!(cfg.boot, BootSource::Raw { .. });
         if let BootSource::Linux {
             kernel, initramfs, ..
         } = &cfg.boot
@@ -183,7 +194,7 @@ impl Vmm {
         let mut vm = Vm::new()?;
         let mem = create_guest_memory(cfg.memory_size)?;
         vm.register_memory(&mem)?;
-        if linux {
+        if irqchip {
             vm.setup_irqchip()?;
         }
         let exit = ExitHandle::new().map_err(host("cannot create the exit eventfd"))?;
@@ -507,6 +518,11 @@ fn load_payload(
             Ok(CpuMode::LongMode { rip: entry.entry })
         }
         BootSource::Raw {
+            image,
+            load_addr,
+            mode,
+        }
+        | BootSource::RawWithIrqchip {
             image,
             load_addr,
             mode,

@@ -1,0 +1,238 @@
+//! A small guest of ours (not Linux) driving QEMU's `edu` device passed through by the vmm
+//! library: it finds the device on PCI bus 0, enables MSI towards its local APIC, has edu copy a
+//! pattern from guest RAM into the device buffer and back with DMA, and waits for each completion
+//! MSI with HLT. The host side then checks the data round-tripped exactly and two MSIs came in.
+//! Runs in the testbed's L1 (`tests/tests/passthrough_edu_guest.rs`):
+//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F` prints
+//! `@@TB L1 edu-guest exit=PowerOff status=0x600d msis=2 dma=ok`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use integration::small_guest::{asm64, CODE, RESULTS};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
+
+/// Guest RAM the DMA reads (the host fills it) and writes.
+const SRC: u64 = 0x30_0000;
+const DST: u64 = 0x30_1000;
+/// Bytes copied: under the 4 KiB device buffer (QEMU 7.2's edu refuses a transfer ending at
+/// the buffer's end with a hardware error that stops L0).
+const LEN: u64 = 2048;
+/// The guest's IDT and IDTR.
+const IDT: u64 = 0x31_0000;
+const IDTR: u64 = 0x31_1000;
+/// The vector edu's MSI carries.
+const VECTOR: u64 = 0x40;
+/// Local APIC registers (Intel SDM Vol. 3, 11.4.1): EOI and spurious-interrupt vector.
+const LAPIC_EOI: u64 = 0xfee0_00b0;
+const LAPIC_SVR: u64 = 0xfee0_00f0;
+/// edu (QEMU hw/misc/edu.c): DMA registers, interrupt acknowledge, the device buffer.
+const EDU_DMA_SRC: i32 = 0x80;
+const EDU_DMA_DST: i32 = 0x88;
+const EDU_DMA_CNT: i32 = 0x90;
+const EDU_DMA_CMD: i32 = 0x98;
+const EDU_INTR_ACK: i32 = 0x64;
+const EDU_BUF: u64 = 0x4_0000;
+/// Results: +0 MSIs taken (u64), +8 status (0x600d, or the failed step), +16 ID, +24 BAR0.
+const OK: u32 = 0x600d;
+/// ACPI PM1a control port and the S5 + SLP_EN value the vmm powers off on.
+const PM1A_CNT: u32 = 0x3c0;
+const SLP_S5: u32 = (5 << 2) | 0x20;
+
+/// `eax` = config dword `reg_reg` (a register holding the offset) of 00:01.0 via 0xCF8/0xCFC.
+fn cfg_addr(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError> {
+    a.mov(eax, reg)?;
+    a.or(eax, 0x8000_0800u32)?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)
+}
+
+fn cfg_read(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError> {
+    cfg_addr(a, reg)?;
+    a.in_(eax, dx)
+}
+
+/// Writes `ebx` to config dword at offset `reg`.
+fn cfg_write(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError> {
+    cfg_addr(a, reg)?;
+    a.mov(eax, ebx)?;
+    a.out(dx, eax)
+}
+
+fn guest() -> Vec<u8> {
+    asm64(|a| {
+        let mut handler = a.create_label();
+        let mut fail = a.create_label();
+        let mut off = a.create_label();
+        a.mov(rdi, RESULTS)?;
+        // IDT entry VECTOR: a 64-bit interrupt gate to `handler` (SDM Vol. 3, 6.14.1).
+        a.lea(rax, ptr(handler))?;
+        a.mov(rbx, IDT + VECTOR * 16)?;
+        a.mov(word_ptr(rbx), ax)?;
+        a.mov(cx, cs)?;
+        a.mov(word_ptr(rbx + 2), cx)?;
+        a.mov(word_ptr(rbx + 4), 0x8e00u32)?;
+        a.shr(rax, 16u32)?;
+        a.mov(word_ptr(rbx + 6), ax)?;
+        a.shr(rax, 16u32)?;
+        a.mov(dword_ptr(rbx + 8), eax)?;
+        a.mov(dword_ptr(rbx + 12), 0u32)?;
+        a.mov(rbx, IDTR)?;
+        a.mov(word_ptr(rbx), 0xfffu32)?;
+        a.mov(rax, IDT)?;
+        a.mov(qword_ptr(rbx + 2), rax)?;
+        a.lidt(ptr(rbx))?;
+        // Software-enable the local APIC.
+        a.mov(rbx, LAPIC_SVR)?;
+        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        // Step 1: 00:01.0 is edu.
+        a.mov(dword_ptr(rdi + 8), 1u32)?;
+        a.xor(esi, esi)?;
+        cfg_read(a, esi)?;
+        a.mov(dword_ptr(rdi + 16), eax)?;
+        a.cmp(eax, 0x11e8_1234u32)?;
+        a.jne(fail)?;
+        // BAR0 (32-bit memory), then memory decode and bus mastering.
+        a.mov(esi, 0x10u32)?;
+        cfg_read(a, esi)?;
+        a.and(eax, 0xffff_fff0u32)?;
+        a.mov(r12d, eax)?;
+        a.mov(dword_ptr(rdi + 24), eax)?;
+        a.mov(esi, 4u32)?;
+        a.mov(ebx, 6u32)?;
+        cfg_write(a, esi)?;
+        // Step 2: the first capability is MSI, 64-bit.
+        a.mov(dword_ptr(rdi + 8), 2u32)?;
+        a.mov(esi, 0x34u32)?;
+        cfg_read(a, esi)?;
+        a.and(eax, 0xfcu32)?;
+        a.mov(r13d, eax)?;
+        cfg_read(a, r13d)?;
+        a.mov(r14d, eax)?;
+        a.cmp(al, 5u32)?;
+        a.jne(fail)?;
+        a.bt(r14d, 23u32)?;
+        a.jnc(fail)?;
+        // Address 0xFEE00000 (APIC 0), upper 0, data VECTOR, then enable.
+        a.lea(esi, dword_ptr(r13 + 4))?;
+        a.mov(ebx, 0xfee0_0000u32)?;
+        cfg_write(a, esi)?;
+        a.lea(esi, dword_ptr(r13 + 8))?;
+        a.xor(ebx, ebx)?;
+        cfg_write(a, esi)?;
+        a.lea(esi, dword_ptr(r13 + 12))?;
+        a.mov(ebx, VECTOR as u32)?;
+        cfg_write(a, esi)?;
+        a.mov(ebx, r14d)?;
+        a.or(ebx, 0x1_0000u32)?;
+        cfg_write(a, r13d)?;
+        // Step 3: RAM -> device buffer, then device buffer -> RAM, each raising an MSI.
+        a.mov(dword_ptr(rdi + 8), 3u32)?;
+        for (n, (src, dst, dir)) in [(SRC, EDU_BUF, 0u64), (EDU_BUF, DST, 2)]
+            .into_iter()
+            .enumerate()
+        {
+            a.mov(rax, src)?;
+            a.mov(qword_ptr(r12 + EDU_DMA_SRC), rax)?;
+            a.mov(rax, dst)?;
+            a.mov(qword_ptr(r12 + EDU_DMA_DST), rax)?;
+            a.mov(rax, LEN)?;
+            a.mov(qword_ptr(r12 + EDU_DMA_CNT), rax)?;
+            a.mov(rax, 1 | 4 | dir)?;
+            a.mov(qword_ptr(r12 + EDU_DMA_CMD), rax)?;
+            // Wait for MSI n+1 without losing a wake-up: check with interrupts off, then
+            // STI;HLT (the STI shadow covers the HLT).
+            let mut wait = a.create_label();
+            let mut done = a.create_label();
+            a.set_label(&mut wait)?;
+            a.cli()?;
+            a.cmp(qword_ptr(rdi), (n + 1) as i32)?;
+            a.jae(done)?;
+            a.sti()?;
+            a.hlt()?;
+            a.jmp(wait)?;
+            a.set_label(&mut done)?;
+            a.mov(dword_ptr(r12 + EDU_INTR_ACK), 0x100u32)?;
+        }
+        a.mov(dword_ptr(rdi + 8), OK)?;
+        a.jmp(off)?;
+        a.set_label(&mut fail)?;
+        a.or(dword_ptr(rdi + 8), 0x100u32)?;
+        a.set_label(&mut off)?;
+        a.mov(dx, PM1A_CNT)?;
+        a.mov(al, SLP_S5)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        a.jmp(off)?;
+        // The MSI handler: count, EOI.
+        a.set_label(&mut handler)?;
+        a.push(rax)?;
+        a.push(rbx)?;
+        a.mov(rbx, RESULTS)?;
+        a.inc(qword_ptr(rbx))?;
+        a.mov(rax, LAPIC_EOI)?;
+        a.mov(dword_ptr(rax), 0u32)?;
+        a.pop(rbx)?;
+        a.pop(rax)?;
+        a.iretq()
+    })
+}
+
+fn main() {
+    let path = PathBuf::from(std::env::args().nth(1).unwrap_or_default());
+    let image = guest();
+    if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&path)) {
+        println!("@@TB L1 edu-guest error: {e}");
+        std::process::exit(1);
+    }
+    let built = Vmm::build(MachineConfig {
+        vcpus: 1,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(std::io::stdout()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: None,
+    });
+    let mut vm = match built {
+        Ok(v) => v,
+        Err(e) => {
+            println!("@@TB L1 edu-guest error: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = vm.assign_devices(std::slice::from_ref(&path)) {
+        println!("@@TB L1 edu-guest error: {e}");
+        std::process::exit(1);
+    }
+    let mem = vm.guest_memory().clone();
+    let pattern: Vec<u8> = (0..LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
+    mem.write_slice(&pattern, GuestAddress(SRC))
+        .expect("pattern into guest RAM");
+    let exit = vm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        exit.request(VmExit::Failed("edu guest: no power-off within 60 s".into()));
+    });
+    let outcome = vm.run();
+    let msis: u64 = mem.read_obj(GuestAddress(RESULTS)).unwrap_or(0);
+    let status: u32 = mem.read_obj(GuestAddress(RESULTS + 8)).unwrap_or(0);
+    let id: u32 = mem.read_obj(GuestAddress(RESULTS + 16)).unwrap_or(0);
+    let bar0: u32 = mem.read_obj(GuestAddress(RESULTS + 24)).unwrap_or(0);
+    let mut back = vec![0u8; LEN as usize];
+    let _ = mem.read_slice(&mut back, GuestAddress(DST));
+    let dma = if back == pattern { "ok" } else { "bad" };
+    println!(
+        "@@TB L1 edu-guest exit={:?} status={status:#x} msis={msis} dma={dma} id={id:#x} bar0={bar0:#x}",
+        outcome.map_err(|e| e.to_string())
+    );
+    let good = status == OK && msis == 2 && dma == "ok";
+    std::process::exit(if good { 0 } else { 1 });
+}
