@@ -6,7 +6,9 @@
 //! - Expansion ROM: hidden (reads zero, writes ignored).
 //! - Command: forwarded (the device needs memory decode and bus mastering), and the guest's
 //!   I/O and memory decode bits decide where BARs decode.
-//! - Interrupt line: ours. Interrupt pin: the device's when INTx is what it has, else 0.
+//! - Interrupt line: ours (the GSI INTx is wired to). Interrupt pin: the device's when we can
+//!   wire its INTx, else 0. As on real hardware, INTx is live until the guest enables MSI or
+//!   MSI-X and comes back when it turns them off (VFIO allows one kind at a time).
 //! - MSI and MSI-X capabilities: emulated (`msi.rs`, `msix.rs`); the rest of the capability
 //!   list and everything else: the device's, through VFIO (which filters what is unsafe).
 
@@ -40,6 +42,9 @@ pub struct PciFunction<D: VfioAccess> {
     msix: Option<MsixCap>,
     msi_vectors: Vectors,
     msix_vectors: Vectors,
+    /// The GSI INTx is wired to, when the device has INTx and the VMM gave one.
+    intx_gsi: Option<u32>,
+    /// INTx while live.
     intx: Option<Intx>,
     command: u16,
     interrupt_line: u8,
@@ -54,14 +59,14 @@ fn config_u32(dev: &dyn VfioAccess, off: usize) -> u32 {
 
 impl<D: VfioAccess> PciFunction<D> {
     /// Takes over `dev` (named `name` in logs): resets it, finds its BARs and capabilities.
-    /// `ram` lists guest RAM ranges BARs must avoid. With `intx_gsi`, a device that has
-    /// neither MSI nor MSI-X gets its INTx wired to that GSI.
+    /// `ram` lists guest RAM ranges BARs must avoid. A device with an interrupt pin (1 = INTA
+    /// .. 4 = INTD) gets its INTx wired to the GSI `intx_gsi(pin)` gives, if any.
     pub fn new(
         name: impl Into<String>,
         dev: D,
         mut routes: Box<dyn IrqRoutes>,
         ram: Vec<(u64, u64)>,
-        intx_gsi: Option<u32>,
+        intx_gsi: &dyn Fn(u8) -> Option<u32>,
     ) -> Result<Self, IrqError> {
         let name = name.into();
         dev.reset();
@@ -71,12 +76,12 @@ impl<D: VfioAccess> PciFunction<D> {
         let mut intx = None;
         let mut interrupt_pin = 0;
         let mut interrupt_line = 0;
-        if msi.is_none() && msix.is_none() && pin != 0 && dev.irq_count(IrqKind::Intx) > 0 {
-            if let Some(gsi) = intx_gsi {
-                intx = Some(Intx::enable(&dev, routes.as_mut(), gsi)?);
-                interrupt_pin = pin;
-                interrupt_line = gsi as u8;
-            }
+        let has_intx = (1..=4).contains(&pin) && dev.irq_count(IrqKind::Intx) > 0;
+        let wired = if has_intx { intx_gsi(pin) } else { None };
+        if let Some(gsi) = wired {
+            intx = Some(Intx::enable(&dev, routes.as_mut(), gsi)?);
+            interrupt_pin = pin;
+            interrupt_line = gsi as u8;
         }
         log::info!(
             "{name}: BARs {:?}, MSI {}, MSI-X {}, INTx {}",
@@ -99,6 +104,7 @@ impl<D: VfioAccess> PciFunction<D> {
             msix,
             msi_vectors: Vectors::new(IrqKind::Msi),
             msix_vectors: Vectors::new(IrqKind::Msix),
+            intx_gsi: wired,
             intx,
             command: 0,
             interrupt_line,
@@ -328,6 +334,29 @@ impl<D: VfioAccess> PciFunction<D> {
         }
     }
 
+    /// INTx off before MSI or MSI-X goes on.
+    fn intx_off(&mut self) {
+        if let Some(mut intx) = self.intx.take() {
+            intx.disable(&self.dev, self.routes.as_mut());
+        }
+    }
+
+    /// INTx back once neither MSI nor MSI-X is on.
+    fn intx_on(&mut self) {
+        let msi_on = self.msi.as_ref().is_some_and(MsiCap::enabled);
+        let msix_on = self.msix.as_ref().is_some_and(MsixCap::enabled);
+        let Some(gsi) = self
+            .intx_gsi
+            .filter(|_| self.intx.is_none() && !msi_on && !msix_on)
+        else {
+            return;
+        };
+        match Intx::enable(&self.dev, self.routes.as_mut(), gsi) {
+            Ok(intx) => self.intx = Some(intx),
+            Err(e) => log::error!("{}: INTx back on GSI {gsi}: {e}", self.name),
+        }
+    }
+
     fn msi_write(&mut self, off: usize, data: &[u8]) {
         let Some(msi) = self.msi.as_mut() else { return };
         let update = msi.write(off, data);
@@ -335,6 +364,7 @@ impl<D: VfioAccess> PciFunction<D> {
         let r = match update {
             MsiUpdate::None => Ok(()),
             MsiUpdate::Enable { vectors } => {
+                self.intx_off();
                 self.msix_vectors.disable(&self.dev, self.routes.as_mut());
                 self.msi_vectors
                     .enable(&self.dev, self.routes.as_mut(), vectors, |i| {
@@ -343,6 +373,7 @@ impl<D: VfioAccess> PciFunction<D> {
             }
             MsiUpdate::Disable => {
                 self.msi_vectors.disable(&self.dev, self.routes.as_mut());
+                self.intx_on();
                 Ok(())
             }
             MsiUpdate::Reprogram => (0..self.msi_vectors.len()).try_for_each(|i| {
@@ -362,6 +393,9 @@ impl<D: VfioAccess> PciFunction<D> {
     }
 
     fn apply_msix(&mut self, update: MsixUpdate) {
+        if let MsixUpdate::Enable { .. } = update {
+            self.intx_off();
+        }
         let Some(msix) = self.msix.as_ref() else {
             return;
         };
@@ -376,6 +410,7 @@ impl<D: VfioAccess> PciFunction<D> {
             }
             MsixUpdate::Disable => {
                 self.msix_vectors.disable(&self.dev, self.routes.as_mut());
+                self.intx_on();
                 Ok(())
             }
             MsixUpdate::MaskAll => (0..self.msix_vectors.len()).try_for_each(|i| {

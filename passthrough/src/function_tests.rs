@@ -23,7 +23,7 @@ fn function(dev: &FakeDevice, routes: &FakeRoutes) -> PciFunction<FakeDevice> {
         dev.clone(),
         Box::new(routes.clone()),
         vec![RAM],
-        Some(10),
+        &|pin| Some(9 + u32::from(pin)),
     )
     .unwrap();
     f.place_bars(&mut Alloc(0xc000_0000)).unwrap();
@@ -174,9 +174,9 @@ fn capability_list_passes_through_with_msix_emulated() {
         "PM capability is the device's"
     );
     assert_eq!(
-        f.read_config(0x3c / 4) >> 8 & 0xff,
-        0,
-        "pin hidden: MSI-X is used"
+        f.read_config(0x3c / 4) & 0xffff,
+        0x010a,
+        "INTA on line 10 until MSI-X"
     );
     w16(&mut f, 0x42, PCI_MSIX_FLAGS_ENABLE);
     assert!(dev.state().log.contains(&"enable MSI-X 4".to_string()));
@@ -233,7 +233,11 @@ fn msix_vectors_route_unmask_reroute_and_mask() {
     w16(&mut f, 0x42, 0);
     assert!(dev.state().log.contains(&"disable MSI-X".to_string()));
     assert_eq!(routes.state().freed.len(), 4);
-    assert!(routes.state().attached.is_empty());
+    assert_eq!(
+        routes.state().attached.iter().collect::<Vec<_>>(),
+        vec![&10],
+        "only INTx again"
+    );
 }
 
 #[test]
@@ -308,22 +312,67 @@ fn msi_enable_routes_each_vector_and_bad_addresses_are_not_delivered() {
     assert!(routes.state().attached.contains(&gsi));
     assert_eq!(routes.state().routes[&gsi].data, 0x41);
     w16(&mut f, 0x42, 0);
-    assert!(routes.state().attached.is_empty());
+    assert_eq!(
+        routes.state().attached.iter().collect::<Vec<_>>(),
+        vec![&10],
+        "only INTx again"
+    );
 }
 
 #[test]
-fn intx_is_wired_with_resample_only_when_nothing_else_exists() {
-    let dev = FakeDevice::intx_only();
-    let routes = FakeRoutes::default();
-    let f = function(&dev, &routes);
-    assert_eq!(f.read_config(0x3c / 4) & 0xffff, 0x010a, "pin A, line 10");
-    assert_eq!(routes.state().resampled, vec![10]);
-    drop(f);
-    assert!(dev.state().log.contains(&"disable INTx".to_string()));
+fn intx_is_live_until_the_guest_enables_msi_and_comes_back_after() {
     let dev = FakeDevice::edu_like();
     let routes = FakeRoutes::default();
-    let _f = function(&dev, &routes);
-    assert!(routes.state().resampled.is_empty(), "edu has MSI");
+    let mut f = function(&dev, &routes);
+    assert_eq!(f.read_config(0x3c / 4) & 0xffff, 0x010a, "pin A, line 10");
+    assert_eq!(
+        routes.state().resampled,
+        vec![10],
+        "level-triggered with a resample fd"
+    );
+    assert!(routes.state().attached.contains(&10));
+    w32(&mut f, 0x44, 0xfee0_0000);
+    w16(&mut f, 0x42, PCI_MSI_FLAGS_ENABLE);
+    {
+        let log = &dev.state().log;
+        let off = log.iter().position(|l| l == "disable INTx");
+        let msi = log.iter().position(|l| l == "enable MSI 1");
+        assert!(
+            off.is_some() && off < msi,
+            "VFIO wants INTx off before MSI: {log:?}"
+        );
+    }
+    assert!(!routes.state().attached.contains(&10));
+    w16(&mut f, 0x42, 0);
+    assert_eq!(
+        routes.state().resampled,
+        vec![10, 10],
+        "INTx back after MSI"
+    );
+    assert!(routes.state().attached.contains(&10));
+    drop(f);
+    assert_eq!(
+        dev.state()
+            .log
+            .iter()
+            .filter(|l| *l == "disable INTx")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn a_device_without_an_interrupt_pin_gets_no_intx() {
+    let dev = FakeDevice::edu_like();
+    dev.put32(0x3c, 0);
+    let routes = FakeRoutes::default();
+    let f = function(&dev, &routes);
+    assert_eq!(f.read_config(0x3c / 4) & 0xffff, 0);
+    assert!(routes.state().resampled.is_empty());
+    let only = FakeDevice::intx_only();
+    let routes = FakeRoutes::default();
+    let _f = function(&only, &routes);
+    assert_eq!(routes.state().resampled, vec![10], "INTx-only device");
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! A small guest of ours (not Linux) driving QEMU's `edu` device passed through by the vmm
-//! library: it finds the device on PCI bus 0, enables MSI towards its local APIC, has edu copy a
-//! pattern from guest RAM into the device buffer and back with DMA, and waits for each completion
-//! MSI with HLT. The host side then checks the data round-tripped exactly and two MSIs came in.
+//! library: it finds the device on PCI bus 0, enables MSI towards its local APIC (or, in `intx`
+//! mode, routes the device's INTx line through the IOAPIC), has edu copy a pattern from guest RAM
+//! into the device buffer and back with DMA, and waits for each completion interrupt with HLT.
+//! The host side then checks the data round-tripped exactly and two interrupts came in.
 //! Runs in the testbed's L1 (`tests/tests/passthrough_edu_guest.rs`):
-//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F` prints
-//! `@@TB L1 edu-guest exit=PowerOff status=0x600d msis=2 dma=ok`.
+//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F [msi|intx]` prints
+//! `@@TB L1 edu-guest mode=msi exit=Ok(PowerOff) status=0x600d irqs=2 dma=ok ...`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,6 +26,10 @@ const IDT: u64 = 0x31_0000;
 const IDTR: u64 = 0x31_1000;
 /// The vector edu's MSI carries.
 const VECTOR: u64 = 0x40;
+/// IOAPIC register select and window (82093AA datasheet, 3.0); redirection entry N is
+/// registers 0x10 + 2N (low: vector, bit 13 active low, bit 15 level) and 0x11 + 2N (destination).
+const IOAPIC_SEL: u64 = 0xfec0_0000;
+const IOAPIC_WIN: u64 = 0xfec0_0010;
 /// Local APIC registers (Intel SDM Vol. 3, 11.4.1): EOI and spurious-interrupt vector.
 const LAPIC_EOI: u64 = 0xfee0_00b0;
 const LAPIC_SVR: u64 = 0xfee0_00f0;
@@ -35,7 +40,8 @@ const EDU_DMA_CNT: i32 = 0x90;
 const EDU_DMA_CMD: i32 = 0x98;
 const EDU_INTR_ACK: i32 = 0x64;
 const EDU_BUF: u64 = 0x4_0000;
-/// Results: +0 MSIs taken (u64), +8 status (0x600d, or the failed step), +16 ID, +24 BAR0.
+/// Results: +0 interrupts taken (u64), +8 status (0x600d, or 0x100 | the failed step), +16 ID,
+/// +24 BAR0, +28 interrupt line.
 const OK: u32 = 0x600d;
 /// ACPI PM1a control port and the S5 + SLP_EN value the vmm powers off on.
 const PM1A_CNT: u32 = 0x3c0;
@@ -62,7 +68,7 @@ fn cfg_write(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError>
     a.out(dx, eax)
 }
 
-fn guest() -> Vec<u8> {
+fn guest(intx: bool) -> Vec<u8> {
     asm64(|a| {
         let mut handler = a.create_label();
         let mut fail = a.create_label();
@@ -104,31 +110,52 @@ fn guest() -> Vec<u8> {
         a.mov(esi, 4u32)?;
         a.mov(ebx, 6u32)?;
         cfg_write(a, esi)?;
-        // Step 2: the first capability is MSI, 64-bit.
-        a.mov(dword_ptr(rdi + 8), 2u32)?;
-        a.mov(esi, 0x34u32)?;
-        cfg_read(a, esi)?;
-        a.and(eax, 0xfcu32)?;
-        a.mov(r13d, eax)?;
-        cfg_read(a, r13d)?;
-        a.mov(r14d, eax)?;
-        a.cmp(al, 5u32)?;
-        a.jne(fail)?;
-        a.bt(r14d, 23u32)?;
-        a.jnc(fail)?;
-        // Address 0xFEE00000 (APIC 0), upper 0, data VECTOR, then enable.
-        a.lea(esi, dword_ptr(r13 + 4))?;
-        a.mov(ebx, 0xfee0_0000u32)?;
-        cfg_write(a, esi)?;
-        a.lea(esi, dword_ptr(r13 + 8))?;
-        a.xor(ebx, ebx)?;
-        cfg_write(a, esi)?;
-        a.lea(esi, dword_ptr(r13 + 12))?;
-        a.mov(ebx, VECTOR as u32)?;
-        cfg_write(a, esi)?;
-        a.mov(ebx, r14d)?;
-        a.or(ebx, 0x1_0000u32)?;
-        cfg_write(a, r13d)?;
+        if intx {
+            // Step 2: INTx on the line the config space names, through the IOAPIC.
+            a.mov(dword_ptr(rdi + 8), 2u32)?;
+            a.mov(esi, 0x3cu32)?;
+            cfg_read(a, esi)?;
+            a.movzx(esi, al)?;
+            a.mov(dword_ptr(rdi + 28), esi)?;
+            a.cmp(esi, 16u32)?;
+            a.jb(fail)?;
+            a.cmp(esi, 24u32)?;
+            a.jae(fail)?;
+            a.mov(rbx, IOAPIC_SEL)?;
+            a.mov(rcx, IOAPIC_WIN)?;
+            a.lea(eax, dword_ptr(rsi * 2 + 0x10))?;
+            a.mov(dword_ptr(rbx), eax)?;
+            a.mov(dword_ptr(rcx), (VECTOR as u32) | (1 << 13) | (1 << 15))?;
+            a.inc(eax)?;
+            a.mov(dword_ptr(rbx), eax)?;
+            a.mov(dword_ptr(rcx), 0u32)?;
+        } else {
+            // Step 2: the first capability is MSI, 64-bit.
+            a.mov(dword_ptr(rdi + 8), 2u32)?;
+            a.mov(esi, 0x34u32)?;
+            cfg_read(a, esi)?;
+            a.and(eax, 0xfcu32)?;
+            a.mov(r13d, eax)?;
+            cfg_read(a, r13d)?;
+            a.mov(r14d, eax)?;
+            a.cmp(al, 5u32)?;
+            a.jne(fail)?;
+            a.bt(r14d, 23u32)?;
+            a.jnc(fail)?;
+            // Address 0xFEE00000 (APIC 0), upper 0, data VECTOR, then enable.
+            a.lea(esi, dword_ptr(r13 + 4))?;
+            a.mov(ebx, 0xfee0_0000u32)?;
+            cfg_write(a, esi)?;
+            a.lea(esi, dword_ptr(r13 + 8))?;
+            a.xor(ebx, ebx)?;
+            cfg_write(a, esi)?;
+            a.lea(esi, dword_ptr(r13 + 12))?;
+            a.mov(ebx, VECTOR as u32)?;
+            cfg_write(a, esi)?;
+            a.mov(ebx, r14d)?;
+            a.or(ebx, 0x1_0000u32)?;
+            cfg_write(a, r13d)?;
+        }
         // Step 3: RAM -> device buffer, then device buffer -> RAM, each raising an MSI.
         a.mov(dword_ptr(rdi + 8), 3u32)?;
         for (n, (src, dst, dir)) in [(SRC, EDU_BUF, 0u64), (EDU_BUF, DST, 2)]
@@ -155,7 +182,6 @@ fn guest() -> Vec<u8> {
             a.hlt()?;
             a.jmp(wait)?;
             a.set_label(&mut done)?;
-            a.mov(dword_ptr(r12 + EDU_INTR_ACK), 0x100u32)?;
         }
         a.mov(dword_ptr(rdi + 8), OK)?;
         a.jmp(off)?;
@@ -167,12 +193,14 @@ fn guest() -> Vec<u8> {
         a.out(dx, al)?;
         a.hlt()?;
         a.jmp(off)?;
-        // The MSI handler: count, EOI.
+        // The handler: count, acknowledge edu (which lowers INTx), EOI (which, for a level
+        // interrupt, makes KVM signal the resample fd and VFIO unmask the line).
         a.set_label(&mut handler)?;
         a.push(rax)?;
         a.push(rbx)?;
         a.mov(rbx, RESULTS)?;
         a.inc(qword_ptr(rbx))?;
+        a.mov(dword_ptr(r12 + EDU_INTR_ACK), 0x100u32)?;
         a.mov(rax, LAPIC_EOI)?;
         a.mov(dword_ptr(rax), 0u32)?;
         a.pop(rbx)?;
@@ -183,7 +211,8 @@ fn guest() -> Vec<u8> {
 
 fn main() {
     let path = PathBuf::from(std::env::args().nth(1).unwrap_or_default());
-    let image = guest();
+    let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
+    let image = guest(mode == "intx");
     if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&path)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
@@ -222,17 +251,19 @@ fn main() {
         exit.request(VmExit::Failed("edu guest: no power-off within 60 s".into()));
     });
     let outcome = vm.run();
-    let msis: u64 = mem.read_obj(GuestAddress(RESULTS)).unwrap_or(0);
+    let irqs: u64 = mem.read_obj(GuestAddress(RESULTS)).unwrap_or(0);
     let status: u32 = mem.read_obj(GuestAddress(RESULTS + 8)).unwrap_or(0);
     let id: u32 = mem.read_obj(GuestAddress(RESULTS + 16)).unwrap_or(0);
     let bar0: u32 = mem.read_obj(GuestAddress(RESULTS + 24)).unwrap_or(0);
+    let line: u32 = mem.read_obj(GuestAddress(RESULTS + 28)).unwrap_or(0);
     let mut back = vec![0u8; LEN as usize];
     let _ = mem.read_slice(&mut back, GuestAddress(DST));
     let dma = if back == pattern { "ok" } else { "bad" };
     println!(
-        "@@TB L1 edu-guest exit={:?} status={status:#x} msis={msis} dma={dma} id={id:#x} bar0={bar0:#x}",
+        "@@TB L1 edu-guest mode={mode} exit={:?} status={status:#x} irqs={irqs} dma={dma} \
+         id={id:#x} bar0={bar0:#x} line={line}",
         outcome.map_err(|e| e.to_string())
     );
-    let good = status == OK && msis == 2 && dma == "ok";
+    let good = status == OK && irqs == 2 && dma == "ok";
     std::process::exit(if good { 0 } else { 1 });
 }

@@ -131,6 +131,11 @@ impl PciBus {
         }
     }
 
+    /// The slot [`PciBus::add_device`] will use next, if any is free.
+    pub fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(Option::is_none)
+    }
+
     /// Adds `device` in the first free slot, placing and registering its BARs. Returns the slot.
     pub fn add_device(&mut self, device: SharedPciDevice) -> Result<usize, PciBusError> {
         let slot = self

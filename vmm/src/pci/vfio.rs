@@ -18,7 +18,7 @@ use vfio_ioctls::VfioContainer;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::pci::allocator::{AllocError, PciAllocator};
-use crate::pci::bus::PciBus;
+use crate::pci::bus::{intx_gsi, PciBus};
 use crate::pci::configuration::{Bar, BarKind, BarMove};
 use crate::pci::device::{PciDevice, PciDeviceError};
 use crate::vstate::vm::{SlotAllocator, Vm};
@@ -91,12 +91,18 @@ pub fn attach(
     for path in paths {
         let dev = host.open(path)?;
         let name = dev.bdf().to_string();
+        // INTx (for a device with neither MSI nor MSI-X) goes where the DSDT's _PRT says for
+        // the slot the device is about to take.
+        let slot = bus
+            .free_slot()
+            .ok_or(crate::pci::bus::PciBusError::NoFreeSlot)?;
+        let intx = |pin: u8| Some(intx_gsi(slot as u8, pin.saturating_sub(1)));
         let function = PciFunction::new(
             name.clone(),
             dev,
             Box::new(routing.routes()),
             ram.clone(),
-            None,
+            &intx,
         )
         .map_err(|e| VfioError::Device {
             device: name.clone(),
