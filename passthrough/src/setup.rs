@@ -218,9 +218,10 @@ pub struct VfioHost {
 
 impl VfioHost {
     /// Opens /dev/vfio/vfio. With `kvm_vfio`, every group joins KVM's VFIO device (KVM then
-    /// knows the guest does non-coherent DMA and the like).
-    pub fn new(paths: HostPaths, kvm_vfio: Option<VfioDeviceFd>) -> Result<Self, SetupError> {
-        let container = VfioContainer::new(kvm_vfio.map(Arc::new)).map_err(|source| {
+    /// knows the guest does non-coherent DMA and the like); KVM has one such device per VM,
+    /// which every container shares.
+    pub fn new(paths: HostPaths, kvm_vfio: Option<Arc<VfioDeviceFd>>) -> Result<Self, SetupError> {
+        let container = VfioContainer::new(kvm_vfio).map_err(|source| {
             let path = paths.dev.join("vfio/vfio").display().to_string();
             match &source {
                 VfioError::OpenContainer(e) if e.kind() == ErrorKind::PermissionDenied => {

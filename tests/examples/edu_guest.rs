@@ -13,6 +13,7 @@ use std::time::Duration;
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64, CODE, RESULTS};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::config::DeviceConfig;
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Guest RAM the DMA reads (the host fills it) and writes.
@@ -210,10 +211,13 @@ fn guest(intx: bool) -> Vec<u8> {
 }
 
 fn main() {
-    let path = PathBuf::from(std::env::args().nth(1).unwrap_or_default());
+    let device = DeviceConfig {
+        path: PathBuf::from(std::env::args().nth(1).unwrap_or_default()),
+        iommu: false,
+    };
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
     let image = guest(mode == "intx");
-    if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&path)) {
+    if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&device)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
     }
@@ -237,7 +241,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = vm.assign_devices(std::slice::from_ref(&path)) {
+    if let Err(e) = vm.assign_devices(std::slice::from_ref(&device)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
     }

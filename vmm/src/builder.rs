@@ -17,7 +17,7 @@ use vmm_sys_util::signal::Killable;
 use crate::acpi::{AcpiConfig, AcpiTables};
 use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START, VTD_REGS_SIZE, VTD_REGS_START};
 use crate::arch::x86_64::{boot, regs};
-use crate::config::{ViommuConfig, VmConfig};
+use crate::config::{DeviceConfig, ViommuConfig, VmConfig};
 use crate::devices::acpi_pm::{AcpiPm, ACPI_PM_LEN, ACPI_PM_PORT};
 use crate::devices::bus::{Bus, SharedDevice};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
@@ -262,11 +262,9 @@ impl Vmm {
     /// Assigns the host PCI functions at `paths` (VFIO) and maps all guest RAM for their DMA.
     /// Call once, before [`Vmm::run`]; check the paths first with
     /// [`crate::pci::vfio::check_devices`] so bad input fails before anything is built.
-    pub fn assign_devices(&mut self, paths: &[PathBuf]) -> Result<(), BuildError> {
-        if !paths.is_empty() && self.vtd.is_some() {
-            return Err(crate::pci::vfio::VfioError::BehindViommu.into());
-        }
-        self.vfio = crate::pci::vfio::attach(&self.vm, &self.mem, &self.pci, paths)?;
+    pub fn assign_devices(&mut self, devices: &[DeviceConfig]) -> Result<(), BuildError> {
+        self.vfio =
+            crate::pci::vfio::attach(&self.vm, &self.mem, &self.pci, devices, self.vtd.as_ref())?;
         Ok(())
     }
 

@@ -89,7 +89,7 @@ pub struct VmConfig {
     /// Where to write the VT-d counters as JSON when the VM stops.
     pub stats_json: Option<PathBuf>,
     /// Host PCI functions to assign (`--device path=/sys/bus/pci/devices/DDDD:BB:DD.F`).
-    pub devices: Vec<PathBuf>,
+    pub devices: Vec<DeviceConfig>,
 }
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred]`.
@@ -116,7 +116,7 @@ vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
            [--viommu [aw-bits=39|48][,flush=strict|deferred]] [--stats-json PATH]
-           [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F]...
+           [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
 
 Options:
   --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
@@ -128,8 +128,10 @@ Options:
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
                        deferred lets a device reach unmapped memory for up to 10 ms)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops
-  --device path=PATH   assign a host PCI function bound to vfio-pci (repeatable); without
-                       --viommu all guest RAM is mapped for its DMA
+  --device path=PATH[,iommu=on]
+                       assign a host PCI function bound to vfio-pci (repeatable); without
+                       --viommu all guest RAM is mapped for its DMA; with --viommu it must
+                       say iommu=on and its DMA follows the guest's VT-d tables
   -h, --help           print this help
   -V, --version        print the version
 
@@ -266,14 +268,61 @@ fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
-/// Parses `--device path=PATH` (Cloud Hypervisor's form).
-fn parse_device(input: &str) -> Result<PathBuf, ConfigError> {
-    let list = OptionList::parse("--device", input, &["path"])?;
+/// `--device path=PATH[,iommu=on|off]` (Cloud Hypervisor's form).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// The host PCI function's sysfs path.
+    pub path: PathBuf,
+    /// Behind the virtual VT-d: its DMA mappings follow the guest's IOMMU tables.
+    pub iommu: bool,
+}
+
+/// Parses `--device path=PATH[,iommu=on|off]`.
+fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
+    let list = OptionList::parse("--device", input, &["path", "iommu"])?;
     let path = list.require("path")?;
     if path.is_empty() {
         return Err(list.invalid("path", path, "empty path"));
     }
-    Ok(PathBuf::from(path))
+    let iommu = match list.get("iommu") {
+        None | Some("off") => false,
+        Some("on") => true,
+        Some(raw) => return Err(list.invalid("iommu", raw, "must be on or off")),
+    };
+    Ok(DeviceConfig {
+        path: PathBuf::from(path),
+        iommu,
+    })
+}
+
+/// Devices and the VT-d must agree: the DMAR table puts every PCI device behind the unit, so a
+/// device it does not remap would have the guest program IOVAs the host never learns of.
+fn check_devices_and_viommu(
+    devices: &[DeviceConfig],
+    viommu: Option<ViommuConfig>,
+) -> Result<(), ConfigError> {
+    for d in devices {
+        let invalid = |reason: &str| ConfigError::InvalidValue {
+            option: "--device",
+            key: "iommu",
+            value: format!(
+                "{} for {}",
+                if d.iommu { "on" } else { "off" },
+                d.path.display()
+            ),
+            reason: reason.to_string(),
+        };
+        match (d.iommu, viommu.is_some()) {
+            (true, false) => return Err(invalid("iommu=on needs --viommu")),
+            (false, true) => {
+                return Err(invalid(
+                    "with --viommu every device must be behind it (add iommu=on)",
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Parses the arguments after the program name.
@@ -337,6 +386,7 @@ where
         }
     }
 
+    check_devices_and_viommu(&devices, viommu)?;
     Ok(Command::Run(VmConfig {
         kernel: kernel.ok_or(ConfigError::MissingKernel)?,
         initramfs,
@@ -373,13 +423,15 @@ mod tests {
             "path=/sys/bus/pci/devices/0000:00:01.0",
             "--device=path=/sys/bus/pci/devices/0000:00:02.0",
         ]);
+        let paths: Vec<&PathBuf> = c.devices.iter().map(|d| &d.path).collect();
         assert_eq!(
-            c.devices,
-            vec![
-                PathBuf::from("/sys/bus/pci/devices/0000:00:01.0"),
-                PathBuf::from("/sys/bus/pci/devices/0000:00:02.0")
+            paths,
+            [
+                &PathBuf::from("/sys/bus/pci/devices/0000:00:01.0"),
+                &PathBuf::from("/sys/bus/pci/devices/0000:00:02.0")
             ]
         );
+        assert!(c.devices.iter().all(|d| !d.iommu));
         assert_eq!(
             err(&[
                 "--kernel",
@@ -390,8 +442,12 @@ mod tests {
             "--device: expected key=value, got '/sys/bus/pci/devices/0000:00:01.0'"
         );
         assert_eq!(
+            err(&["--kernel", "/k", "--device", "bus=1"]),
+            "--device: unknown key 'bus' (known: path, iommu)"
+        );
+        assert_eq!(
             err(&["--kernel", "/k", "--device", "iommu=on"]),
-            "--device: unknown key 'iommu' (known: path)"
+            "--device: missing path="
         );
         assert_eq!(
             err(&["--kernel", "/k", "--device", "path="]),
@@ -535,5 +591,21 @@ mod tests {
             err(&["--kernel", "/k", "--stats-json"]),
             "option --stats-json needs a value"
         );
+    }
+
+    #[test]
+    fn devices_behind_the_viommu_say_iommu_on_and_need_it() {
+        let c = run(&["--kernel", "/k", "--viommu", "--device", "path=/d,iommu=on"]);
+        assert!(c.devices[0].iommu);
+        assert_eq!(
+            err(&["--kernel", "/k", "--device", "path=/d,iommu=on"]),
+            "--device: invalid iommu 'on for /d': iommu=on needs --viommu"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "--device", "path=/d"]),
+            "--device: invalid iommu 'off for /d': with --viommu every device must be behind \
+             it (add iommu=on)"
+        );
+        assert!(err(&["--kernel", "/k", "--device", "path=/d,iommu=yes"]).contains("on or off"));
     }
 }

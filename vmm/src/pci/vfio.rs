@@ -2,7 +2,6 @@
 //! virtualized function on our PCI bus, its BAR areas as KVM memory slots, its vectors as KVM
 //! irqfds, and (without a vIOMMU) all guest RAM mapped for its DMA at IOVA = GPA.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -17,6 +16,8 @@ use passthrough::slots::{BarSlots, GuestMapper};
 use vfio_ioctls::VfioContainer;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::config::DeviceConfig;
+use crate::devices::vtd::SharedVtd;
 use crate::pci::allocator::{AllocError, PciAllocator};
 use crate::pci::bus::{intx_gsi, PciBus};
 use crate::pci::configuration::{Bar, BarKind, BarMove};
@@ -30,8 +31,8 @@ pub enum VfioError {
     #[error(transparent)]
     Setup(#[from] SetupError),
     /// Devices behind the virtual VT-d are not wired yet.
-    #[error("--device with --viommu is not supported yet: assign the device without --viommu")]
-    BehindViommu,
+    #[error("putting {device} behind the virtual VT-d: {reason}")]
+    Viommu { device: String, reason: String },
     /// MSI routing needs KVM's in-kernel irqchip.
     #[error("--device needs the in-kernel irqchip (a Linux guest)")]
     NoIrqchip,
@@ -50,28 +51,33 @@ pub enum VfioError {
 }
 
 /// Checks every `--device` before anything is built, so a bad one costs nothing.
-pub fn check_devices(paths: &[PathBuf]) -> Result<(), VfioError> {
-    for p in paths {
-        check(&HostPaths::default(), p)?;
+pub fn check_devices(devices: &[DeviceConfig]) -> Result<(), VfioError> {
+    for d in devices {
+        check(&HostPaths::default(), &d.path)?;
     }
     Ok(())
 }
 
-/// What VFIO holds for the VM's lifetime: the container and its DMA mappings of guest RAM.
+/// What VFIO holds for the VM's lifetime: the containers and the DMA mappings of guest RAM.
 pub struct VfioDevices {
-    // The mappings go before the container (field order).
-    _dma: ContainerDma<Arc<VfioContainer>, GuestMemoryMmap>,
-    _host: VfioHost,
+    // The mappings go before the containers (field order).
+    /// All guest RAM mapped for the devices not behind the VT-d.
+    _dma: Option<ContainerDma<Arc<VfioContainer>, GuestMemoryMmap>>,
+    /// One container for those devices, and one for each device behind the VT-d: its own IOVA
+    /// space, whose mappings the VT-d owns.
+    _hosts: Vec<VfioHost>,
 }
 
-/// Opens each device, puts it on `pci` and maps all guest RAM for their DMA.
+/// Opens each device and puts it on `pci`. A device behind the VT-d gets a container of its
+/// own, attached to `vtd`; the others share one that maps all guest RAM for their DMA.
 pub fn attach(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     pci: &Mutex<PciBus>,
-    paths: &[PathBuf],
+    devices: &[DeviceConfig],
+    vtd: Option<&SharedVtd>,
 ) -> Result<Option<VfioDevices>, VfioError> {
-    if paths.is_empty() {
+    if devices.is_empty() {
         return Ok(None);
     }
     if !vm.has_irqchip() {
@@ -81,15 +87,27 @@ pub fn attach(
         what: "creating the KVM VFIO device",
         reason: e.to_string(),
     })?;
-    let host = VfioHost::new(HostPaths::default(), Some(kvm_vfio))?;
+    let kvm_vfio = Arc::new(kvm_vfio);
+    let mut shared: Option<VfioHost> = None;
+    let mut behind_vtd: Vec<VfioHost> = Vec::new();
     let routing = KvmRouting::new(vm.shared_fd());
     let ram: Vec<(u64, u64)> = mem
         .iter()
         .map(|r| (r.start_addr().0, r.start_addr().0 + r.len()))
         .collect();
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    for path in paths {
-        let dev = host.open(path)?;
+    for d in devices {
+        let host = match (d.iommu, &shared) {
+            (false, Some(h)) => h,
+            (false, None) => {
+                shared.insert(VfioHost::new(HostPaths::default(), Some(kvm_vfio.clone()))?)
+            }
+            (true, _) => {
+                behind_vtd.push(VfioHost::new(HostPaths::default(), Some(kvm_vfio.clone()))?);
+                behind_vtd.last().expect("just pushed")
+            }
+        };
+        let dev = host.open(&d.path)?;
         let name = dev.bdf().to_string();
         // INTx (for a device with neither MSI nor MSI-X) goes where the DSDT's _PRT says for
         // the slot the device is about to take.
@@ -120,14 +138,38 @@ pub fn attach(
         };
         let slot = bus.add_device(Arc::new(Mutex::new(device)))?;
         log::info!("{name}: assigned as PCI 00:{slot:02x}.0");
+        if d.iommu {
+            // From now on the VT-d decides what this device's container maps: all guest RAM
+            // while the guest has translation off, then exactly what its tables say.
+            let vtd = vtd.ok_or_else(|| VfioError::Viommu {
+                device: name.clone(),
+                reason: "no --viommu".into(),
+            })?;
+            let source = viommu::SourceId::new(0, slot as u8, 0);
+            let dma = ContainerDma::new(host.container().clone(), mem.clone());
+            crate::devices::vtd::lock(vtd)
+                .attach(source, Box::new(dma))
+                .map_err(|e| VfioError::Viommu {
+                    device: name.clone(),
+                    reason: e.to_string(),
+                })?;
+            log::info!("{name}: behind the virtual VT-d as source {source}");
+        }
     }
     // The container has an IOMMU (type1) only once a group joined it, i.e. after the first
     // open; the guest has not run yet, so no device can DMA before its RAM is mapped.
-    let mut dma = ContainerDma::new(host.container().clone(), mem.clone());
-    dma.map_guest_ram().map_err(VfioError::Dma)?;
+    let dma = match &shared {
+        Some(host) => {
+            let mut dma = ContainerDma::new(host.container().clone(), mem.clone());
+            dma.map_guest_ram().map_err(VfioError::Dma)?;
+            Some(dma)
+        }
+        None => None,
+    };
+    behind_vtd.extend(shared);
     Ok(Some(VfioDevices {
         _dma: dma,
-        _host: host,
+        _hosts: behind_vtd,
     }))
 }
 
