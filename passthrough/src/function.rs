@@ -478,6 +478,21 @@ impl<D: VfioAccess> PciFunction<D> {
         }
     }
 
+    /// The emulated MSI capability, if the device has one.
+    pub fn msi(&self) -> Option<&MsiCap> {
+        self.msi.as_ref()
+    }
+
+    /// The emulated MSI-X capability and table, if the device has them.
+    pub fn msix(&self) -> Option<&MsixCap> {
+        self.msix.as_ref()
+    }
+
+    /// The GSI INTx is delivered on while it is live.
+    pub fn intx_live(&self) -> Option<u32> {
+        self.intx.as_ref().map(Intx::gsi)
+    }
+
     /// MSI-X vectors enabled now (for tests and diagnostics).
     pub fn msix_vectors(&self) -> &Vectors {
         &self.msix_vectors

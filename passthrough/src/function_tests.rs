@@ -1,21 +1,8 @@
 use super::*;
-use crate::fake::{FakeDevice, FakeRoutes};
 use crate::msi::MsiMessage;
+use crate::testing::{BumpAllocator, FakeDevice, FakeRoutes};
 
 const RAM: (u64, u64) = (0, 0x8000_0000);
-
-struct Alloc(u64);
-
-impl BarAllocator for Alloc {
-    fn allocate(&mut self, kind: BarKind, size: u64) -> Result<u64, String> {
-        if kind == BarKind::Io {
-            return Ok(0xc000);
-        }
-        let a = self.0.next_multiple_of(size);
-        self.0 = a + size;
-        Ok(a)
-    }
-}
 
 fn function(dev: &FakeDevice, routes: &FakeRoutes) -> PciFunction<FakeDevice> {
     let mut f = PciFunction::new(
@@ -26,7 +13,7 @@ fn function(dev: &FakeDevice, routes: &FakeRoutes) -> PciFunction<FakeDevice> {
         &|pin| Some(9 + u32::from(pin)),
     )
     .unwrap();
-    f.place_bars(&mut Alloc(0xc000_0000)).unwrap();
+    f.place_bars(&mut BumpAllocator(0xc000_0000)).unwrap();
     f
 }
 

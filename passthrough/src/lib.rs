@@ -5,6 +5,7 @@
 //! - [`function`]: the function as the guest sees it (config space, BARs, MSI/MSI-X/INTx),
 //!   written against [`access::VfioAccess`] and [`irq::IrqRoutes`] so it is tested with fakes.
 //! - [`kvm`]: the KVM side of interrupt routing.
+//! - [`testing`]: a fake VFIO device and fake interrupt routes, for tests and fuzzing.
 
 pub mod access;
 pub mod bar;
@@ -18,6 +19,4 @@ pub mod msix;
 pub mod setup;
 pub mod slots;
 pub mod spec;
-
-#[cfg(test)]
-mod fake;
+pub mod testing;

@@ -1,10 +1,12 @@
-//! A fake VFIO device and fake interrupt routes for unit tests.
+//! A fake VFIO device and fake interrupt routes, for unit tests and the fuzz target: devices
+//! shaped like QEMU's NVMe and edu, and a routing table that records what is attached.
 
 use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::access::{IrqKind, IrqSetError, MmapArea, RegionInfo, VfioAccess, CONFIG_REGION};
+use crate::bar::{BarAllocator, BarKind};
 use crate::irq::{IrqRoutes, RouteError};
 use crate::msi::MsiMessage;
 
@@ -232,5 +234,20 @@ impl IrqRoutes for FakeRoutes {
     fn detach_irqfd(&mut self, _fd: &EventFd, gsi: u32) -> Result<(), RouteError> {
         self.state().attached.remove(&gsi);
         Ok(())
+    }
+}
+
+/// Places memory BARs one after another from the address it holds, naturally aligned; every
+/// I/O BAR at port 0xc000.
+pub struct BumpAllocator(pub u64);
+
+impl BarAllocator for BumpAllocator {
+    fn allocate(&mut self, kind: BarKind, size: u64) -> Result<u64, String> {
+        if kind == BarKind::Io {
+            return Ok(0xc000);
+        }
+        let a = self.0.next_multiple_of(size);
+        self.0 = a + size;
+        Ok(a)
     }
 }
