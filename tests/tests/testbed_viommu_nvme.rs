@@ -1,0 +1,154 @@
+//! L2 Linux with L1's NVMe passed through behind our virtual VT-d (`--viommu`, `--device
+//! ...,iommu=on`): the guest's intel-iommu driver controls what the real device can reach, and
+//! the device still reads the L0 disk image exactly. Also with `iommu=pt`, with
+//! `intel_iommu=off`, and in deferred mode.
+
+use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
+
+/// Binds L1's NVMe controllers to vfio-pci and sets `$DEVS` to `--device` options putting each
+/// behind the VT-d.
+const BIND_NVME_BEHIND_VTD: &str = r#"
+DEVS=""
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] || continue
+  [ -e "$d/driver" ] && echo "${d##*/}" >"$d/driver/unbind"
+  echo vfio-pci >"$d/driver_override"
+  echo "${d##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+  DEVS="$DEVS --device path=$d,iommu=on"
+done
+"#;
+
+fn run(name: &str, viommu: &str, l2_args: &[&str]) -> Result<Option<Outcome>, TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(None);
+    };
+    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
+        .memory_mib(384)
+        .action("nvme-iommu")
+        .vmm_arg(&format!("--viommu {viommu}"))
+        .vmm_arg("--stats-json /tmp/stats.json")
+        .vmm_arg("$DEVS");
+    for a in l2_args {
+        boot = boot.l2_cmdline_arg(a);
+    }
+    let script = format!(
+        "{BIND_NVME_BEHIND_VTD}{}echo \"@@TB L1 stats $(tr -d ' \\n' </tmp/stats.json)\"\n",
+        boot.l1_script_text()
+    );
+    let s = Scenario::l1_script(name, &script).with_vmm();
+    Ok(Some(tb.run(&s)?))
+}
+
+/// The counter `key` of the stats JSON the run printed.
+fn counter(out: &Outcome, key: &str) -> Result<u64, TestbedError> {
+    let json = out
+        .lines
+        .iter()
+        .find_map(|l| {
+            l.text
+                .split_once("@@TB L1 stats ")
+                .map(|(_, j)| j.to_string())
+        })
+        .ok_or_else(|| out.error("no stats marker: the vmm wrote no --stats-json file"))?;
+    json.split_once(&format!("\"{key}\":"))
+        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| out.error(format!("no counter {key} in {json}")))
+}
+
+/// The guest read the first 16 MiB of the L0 disk image exactly, and the vmm exited 0.
+fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let want = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 16777216 {} | md5sum | cut -d' ' -f1",
+            tb.out_dir().join("disk.img").display()
+        ))
+        .output()
+        .map_err(|e| TestbedError::io("md5sum of disk.img".to_string(), e))?;
+    let want = String::from_utf8_lossy(&want.stdout).trim().to_string();
+    let read = out
+        .markers_named("L2", "nvme-pt")
+        .find(|m| m.words.first().map(String::as_str) == Some("read"))
+        .ok_or_else(|| out.error("no `nvme-pt read` marker: the guest found no NVMe disk"))?;
+    let got = read.fields.get("md5").cloned().unwrap_or_default();
+    out.ensure(
+        got == want,
+        format!("L2 read md5 {got}, the image's is {want}"),
+    )?;
+    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")
+}
+
+#[test]
+fn l2_drives_the_nvme_behind_our_vtd_in_strict_mode_with_exact_data() -> Result<(), TestbedError> {
+    let Some(out) = run("viommu-nvme-strict", "", &["intel_iommu=on"])? else {
+        return Ok(());
+    };
+    read_the_disk_exactly(&out)?;
+    out.ensure(
+        out.console_contains("DMAR: IOMMU batching disallowed due to virtualization"),
+        "the guest did not see caching mode",
+    )?;
+    let groups = out
+        .lines
+        .iter()
+        .filter(|l| l.text.contains("Adding to iommu group"))
+        .count();
+    out.ensure(groups >= 2, "the NVMe was not put in an IOMMU group")?;
+    // The guest's maps and unmaps reached the host, and nothing was refused.
+    out.ensure(counter(&out, "host_map_calls")? > 0, "no host map calls")?;
+    out.ensure(
+        counter(&out, "host_unmap_calls")? > 0,
+        "no host unmap calls",
+    )?;
+    out.ensure(counter(&out, "waits")? > 0, "no waits")?;
+    out.ensure(
+        counter(&out, "host_errors")? == 0,
+        "the host refused a call",
+    )?;
+    out.ensure(counter(&out, "faults")? == 0, "the unit recorded faults")
+}
+
+#[test]
+fn l2_drives_the_nvme_behind_our_vtd_with_iommu_pt() -> Result<(), TestbedError> {
+    let Some(out) = run("viommu-nvme-pt", "", &["intel_iommu=on", "iommu=pt"])? else {
+        return Ok(());
+    };
+    read_the_disk_exactly(&out)?;
+    out.ensure(
+        out.console_contains("iommu: Default domain type: Passthrough"),
+        "the guest did not choose pass-through",
+    )
+}
+
+#[test]
+fn l2_drives_the_nvme_behind_our_vtd_with_intel_iommu_off() -> Result<(), TestbedError> {
+    let Some(out) = run("viommu-nvme-off", "", &["intel_iommu=off"])? else {
+        return Ok(());
+    };
+    read_the_disk_exactly(&out)?;
+    out.ensure(
+        counter(&out, "descriptors")? == 0,
+        "a guest without its IOMMU driver sent descriptors",
+    )
+}
+
+#[test]
+fn l2_drives_the_nvme_behind_our_vtd_in_deferred_mode() -> Result<(), TestbedError> {
+    let Some(out) = run(
+        "viommu-nvme-deferred",
+        "flush=deferred",
+        &["intel_iommu=on"],
+    )?
+    else {
+        return Ok(());
+    };
+    read_the_disk_exactly(&out)?;
+    out.ensure(
+        counter(&out, "host_errors")? == 0,
+        "the host refused a call",
+    )
+}
