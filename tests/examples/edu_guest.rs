@@ -3,8 +3,13 @@
 //! mode, routes the device's INTx line through the IOAPIC), has edu copy a pattern from guest RAM
 //! into the device buffer and back with DMA, and waits for each completion interrupt with HLT.
 //! The host side then checks the data round-tripped exactly and two interrupts came in.
+//! In `viommu` mode the device sits behind our virtual VT-d: the guest programs the unit (root
+//! table, queued invalidation, translation on) and gives edu IOVAs its tables map; then it asks
+//! edu to write to an IOVA its tables do not map, which is the guest-physical address of a
+//! canary page (an identity mapping left over would let it through), and does one more mapped
+//! round trip to show the device still works.
 //! Runs in the testbed's L1 (`tests/tests/passthrough_edu_guest.rs`):
-//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F [msi|intx]` prints
+//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F [msi|intx|viommu]` prints
 //! `@@TB L1 edu-guest mode=msi exit=Ok(PowerOff) status=0x600d irqs=2 dma=ok ...`.
 
 use std::path::PathBuf;
@@ -12,13 +17,37 @@ use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64, CODE, RESULTS};
+use viommu::descriptor::encode;
+use viommu::testing::Tables;
+use viommu::{Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::config::DeviceConfig;
+use vmm::config::{DeviceConfig, ViommuConfig};
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Guest RAM the DMA reads (the host fills it) and writes.
 const SRC: u64 = 0x30_0000;
 const DST: u64 = 0x30_1000;
+/// viommu mode: a second destination, a canary page no IOVA maps, the guest's tables and
+/// invalidation queue, the wait's status word, and the IOVAs the tables map.
+const DST2: u64 = 0x30_2000;
+const CANARY: u64 = 0x32_0000;
+const TABLES: u64 = 0x40_0000;
+const QUEUE: u64 = 0x34_0000;
+const QSTATUS: u64 = 0x34_1000;
+/// IOVAs: under edu's 28-bit DMA mask (QEMU clamps higher addresses) and above guest RAM, so
+/// no IOVA could pass for a guest-physical address.
+const IOVA_SRC: u64 = 0x0800_0000;
+const IOVA_DST: u64 = 0x0800_1000;
+const IOVA_DST2: u64 = 0x0800_2000;
+/// The VT-d registers (VT-d spec 11.4): RTADDR, GCMD, IQT, IQA; GCMD's TE, SRTP and QIE.
+const VTD_RTADDR: i32 = 0x20;
+const VTD_GCMD: i32 = 0x18;
+const VTD_IQT: i32 = 0x88;
+const VTD_IQA: i32 = 0x90;
+const GCMD_TE: u32 = 1 << 31;
+const GCMD_SRTP: u32 = 1 << 30;
+const GCMD_QIE: u32 = 1 << 26;
+const VTD_REGS: u64 = 0xfed9_0000;
 /// Bytes copied: under the 4 KiB device buffer (QEMU 7.2's edu refuses a transfer ending at
 /// the buffer's end with a hardware error that stops L0).
 const LEN: u64 = 2048;
@@ -69,7 +98,7 @@ fn cfg_write(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError>
     a.out(dx, eax)
 }
 
-fn guest(intx: bool) -> Vec<u8> {
+fn guest(intx: bool, viommu: Option<u64>) -> Vec<u8> {
     asm64(|a| {
         let mut handler = a.create_label();
         let mut fail = a.create_label();
@@ -157,12 +186,42 @@ fn guest(intx: bool) -> Vec<u8> {
             a.or(ebx, 0x1_0000u32)?;
             cfg_write(a, r13d)?;
         }
+        let dmas: &[(u64, u64, u64)] = match viommu {
+            None => &[(SRC, EDU_BUF, 0), (EDU_BUF, DST, 2)],
+            Some(root) => {
+                // Step 2b: the VT-d, as a driver brings it up: root table, queued invalidation
+                // (the host wrote global context and IOTLB invalidations and a wait at QUEUE),
+                // then translation on.
+                a.mov(dword_ptr(rdi + 8), 0x2bu32)?;
+                a.mov(rbx, VTD_REGS)?;
+                a.mov(rax, root)?;
+                a.mov(qword_ptr(rbx + VTD_RTADDR), rax)?;
+                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_SRTP)?;
+                a.xor(eax, eax)?;
+                a.mov(qword_ptr(rbx + VTD_IQT), rax)?;
+                a.mov(rax, QUEUE)?;
+                a.mov(qword_ptr(rbx + VTD_IQA), rax)?;
+                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_QIE)?;
+                a.mov(rax, 3u64 << 4)?;
+                a.mov(qword_ptr(rbx + VTD_IQT), rax)?;
+                a.mov(rax, QSTATUS)?;
+                a.cmp(dword_ptr(rax), 1)?;
+                a.jne(fail)?;
+                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_QIE | GCMD_TE)?;
+                // Through IOVAs; the third write targets an IOVA no table maps (the canary's
+                // guest-physical address); the last round trip shows the device still works.
+                &[
+                    (IOVA_SRC, EDU_BUF, 0),
+                    (EDU_BUF, IOVA_DST, 2),
+                    (EDU_BUF, CANARY, 2),
+                    (IOVA_SRC, EDU_BUF, 0),
+                    (EDU_BUF, IOVA_DST2, 2),
+                ]
+            }
+        };
         // Step 3: RAM -> device buffer, then device buffer -> RAM, each raising an MSI.
         a.mov(dword_ptr(rdi + 8), 3u32)?;
-        for (n, (src, dst, dir)) in [(SRC, EDU_BUF, 0u64), (EDU_BUF, DST, 2)]
-            .into_iter()
-            .enumerate()
-        {
+        for (n, &(src, dst, dir)) in dmas.iter().enumerate() {
             a.mov(rax, src)?;
             a.mov(qword_ptr(r12 + EDU_DMA_SRC), rax)?;
             a.mov(rax, dst)?;
@@ -210,13 +269,34 @@ fn guest(intx: bool) -> Vec<u8> {
     })
 }
 
+/// The guest's VT-d tables for viommu mode: edu (00:01.0) in domain 1 with a 3-level table
+/// mapping IOVA_SRC, IOVA_DST and IOVA_DST2 to SRC, DST and DST2, and nothing else; and the
+/// descriptors the guest submits: global context and IOTLB invalidations and a wait.
+fn write_vtd_tables(mem: &vm_memory::GuestMemoryMmap) {
+    let mut t = Tables::at(mem, TABLES);
+    let pt = t.context(SourceId::new(0, 1, 0), 1, 3);
+    for (iova, gpa) in [(IOVA_SRC, SRC), (IOVA_DST, DST), (IOVA_DST2, DST2)] {
+        t.map(pt, iova, gpa, 0x1000, Perm::RW);
+    }
+    let descs = [
+        encode::context_global(),
+        encode::iotlb_global(),
+        encode::wait(Some((QSTATUS, 1)), false, false),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(QUEUE + i as u64 * 16))
+            .expect("queue in guest RAM");
+    }
+}
+
 fn main() {
     let device = DeviceConfig {
         path: PathBuf::from(std::env::args().nth(1).unwrap_or_default()),
-        iommu: false,
+        iommu: std::env::args().nth(2).as_deref() == Some("viommu"),
     };
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
-    let image = guest(mode == "intx");
+    let behind_vtd = mode == "viommu";
+    let image = guest(mode == "intx", behind_vtd.then_some(TABLES));
     if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&device)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
@@ -232,7 +312,7 @@ fn main() {
         serial_out: Box::new(std::io::stdout()),
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
-        viommu: None,
+        viommu: device.iommu.then(ViommuConfig::default),
     });
     let mut vm = match built {
         Ok(v) => v,
@@ -249,6 +329,13 @@ fn main() {
     let pattern: Vec<u8> = (0..LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
     mem.write_slice(&pattern, GuestAddress(SRC))
         .expect("pattern into guest RAM");
+    let canary = vec![0xa5u8; LEN as usize];
+    let vtd = vm.vtd().cloned();
+    if behind_vtd {
+        write_vtd_tables(&mem);
+        mem.write_slice(&canary, GuestAddress(CANARY))
+            .expect("canary into guest RAM");
+    }
     let exit = vm.exit_handle();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(60));
@@ -263,11 +350,33 @@ fn main() {
     let mut back = vec![0u8; LEN as usize];
     let _ = mem.read_slice(&mut back, GuestAddress(DST));
     let dma = if back == pattern { "ok" } else { "bad" };
+    let ok = |addr: u64, want: &[u8]| {
+        let mut got = vec![0u8; want.len()];
+        let _ = mem.read_slice(&mut got, GuestAddress(addr));
+        if got == want {
+            "ok"
+        } else {
+            "bad"
+        }
+    };
+    let (dma2, canary_state, maps) = match &vtd {
+        Some(v) => (
+            ok(DST2, &pattern),
+            ok(CANARY, &canary),
+            vmm::devices::vtd::lock(v).stats().host_map_calls,
+        ),
+        None => ("-", "-", 0),
+    };
     println!(
         "@@TB L1 edu-guest mode={mode} exit={:?} status={status:#x} irqs={irqs} dma={dma} \
-         id={id:#x} bar0={bar0:#x} line={line}",
+         dma2={dma2} canary={canary_state} host_maps={maps} id={id:#x} bar0={bar0:#x} line={line}",
         outcome.map_err(|e| e.to_string())
     );
-    let good = status == OK && irqs == 2 && dma == "ok";
+    let good = status == OK
+        && if behind_vtd {
+            irqs == 5 && dma == "ok" && dma2 == "ok" && canary_state == "ok"
+        } else {
+            irqs == 2 && dma == "ok"
+        };
     std::process::exit(if good { 0 } else { 1 });
 }
