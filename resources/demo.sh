@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Demo: builds the nested testbed if needed, boots L1 (Linux under QEMU TCG with real KVM, an
 # emulated VT-d and VFIO) and, inside it, our vmm running an L2 Linux with 2 vCPUs and 512 MiB
-# and L1's NVMe controller passed through (--device): the L2 kernel's own nvme driver reads the
-# first 16 MiB of the disk with O_DIRECT and prints their md5, which must match the L0 image.
-# The whole console is shown as it comes; a summary follows.
+# with our virtual VT-d (--viommu) and L1's NVMe controller passed through behind it
+# (--device ...,iommu=on): the L2 kernel's intel-iommu driver controls what the device can
+# reach while its nvme driver reads the first 16 MiB of the disk with O_DIRECT and prints their
+# md5, which must match the L0 image. The whole console is shown as it comes; a summary follows
+# with the VT-d's counters (--stats-json).
 # Usage: bash resources/demo.sh [extra resources/testbed/run.sh arguments, e.g. --timeout 900]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +32,10 @@ echo vfio-pci >"$nvme/driver_override"
 echo "${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
 echo "@@TB L1 vfio-bound bdf=${nvme##*/}"
 vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --cpus boot=2 --memory size=512M \
-  --cmdline "console=ttyS0 panic=-1 tb.action=nvme-pt" --device path="$nvme"
+  --cmdline "console=ttyS0 panic=-1 intel_iommu=on tb.action=nvme-iommu" \
+  --viommu --stats-json /tmp/stats.json --device path="$nvme",iommu=on
 echo "@@TB VMM exit=$? "
+echo "@@TB L1 stats $(tr -d ' \n' </tmp/stats.json)"
 L1
 bash resources/testbed/run.sh --vmm target/release/vmm --script "$script" --timeout 600 \
   --log "$log" "$@"
@@ -41,16 +45,25 @@ want="$(head -c 16777216 target/testbed/disk.img | md5sum | cut -d' ' -f1)"
 marker() { grep -a "@@TB $1" "$log" | head -1 | tr -d '\r' | sed 's/.*@@TB //'; }
 l1="$(marker 'L1 ready')" l2="$(marker 'L2 init')" vmm="$(marker 'VMM exit')"
 nvme_read="$(marker 'L2 nvme-pt read')"
+stats="$(marker 'L1 stats')"
+stats="${stats#L1 stats }"
+vtd_up="$(grep -a -c 'Intel(R) Virtualization Technology for Directed I/O' "$log" || true)"
+counter() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$stats"; }
 echo
 echo "=== demo summary ($((SECONDS - start)) s) ==="
 echo "L1 booted with KVM and IOMMU: ${l1:-NO (no '@@TB L1 ready')}"
 echo "L2 Linux reached its init:    ${l2:-NO (no '@@TB L2 init')}"
 echo "vmm exit:                     ${vmm:-NO (no '@@TB VMM exit')}"
+echo "L2 intel-iommu on our VT-d:   $([[ $vtd_up -gt 0 ]] && echo yes || echo NO)"
 echo "L2 read the passed-through NVMe: ${nvme_read:-NO (no '@@TB L2 nvme-pt read')}"
 echo "first 16 MiB of the L0 image:  md5=$want"
-if [[ "$vmm" == *"exit=0 "* && -n "$l2" && "$nvme_read" == *"md5=$want"* ]]; then
-  echo "demo: OK: our vmm booted Linux with 2 vCPUs and the host's NVMe, the guest read the disk"
-  echo "      through VFIO with the L0 image's md5, and the vmm exited 0 when it powered off"
+echo "VT-d: $(counter descriptors) descriptors ($(counter waits) waits) -> $(counter host_map_calls) host maps," \
+  "$(counter host_unmap_calls) host unmap calls removing $(counter host_mappings_removed) mappings," \
+  "$(counter faults) faults"
+if [[ "$vmm" == *"exit=0 "* && -n "$l2" && "$nvme_read" == *"md5=$want"* && $vtd_up -gt 0 ]]; then
+  echo "demo: OK: our vmm booted Linux with 2 vCPUs, our VT-d and the host's NVMe behind it; the"
+  echo "      guest's IOMMU driver mapped what the device may reach, the device read the disk with"
+  echo "      the L0 image's md5, and the vmm exited 0 when the guest powered off"
 else
   echo "demo: FAILED: see $log"
   exit 1
