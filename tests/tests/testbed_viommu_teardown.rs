@@ -1,0 +1,98 @@
+//! Nothing outlives a VM whose device sits behind our VT-d: killing the vmm (SIGKILL) or
+//! crashing the guest kernel in the middle of NVMe I/O leaves no VFIO file open in L1, and the
+//! same device then works for a new VM, which reads the L0 disk image exactly.
+
+use integration::testbed::{self, Outcome, Scenario, TestbedError};
+
+const SCRIPT: &str = r#"
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] && nvme=$d && break
+done
+echo vfio-pci >"$nvme/driver_override"
+echo "${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+# Runs the vmm itself (not in a subshell), so that `$!` after `run ... &` is the vmm's pid.
+vmm_args() {
+  echo "--kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --memory size=384M --viommu"
+  echo "--device path=$nvme,iommu=on"
+}
+cmdline() { echo "console=ttyS0 panic=-1 quiet intel_iommu=on tb.action=$1"; }
+vfio_fds() { ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /dev/vfio; }
+
+# 1. SIGKILL while the guest reads.
+vmm $(vmm_args) --cmdline "$(cmdline dd-loop)" >/tmp/run1.log 2>&1 &
+pid=$!
+i=0
+while ! grep -q "io-running" /tmp/run1.log && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
+grep -q "io-running" /tmp/run1.log && echo "@@TB L1 io-seen run=1"
+sleep 1
+kill -9 $pid
+wait $pid
+echo "@@TB L1 killed rc=$? vfio_fds=$(vfio_fds)"
+
+# 2. The guest kernel panics while it reads.
+vmm $(vmm_args) --cmdline "$(cmdline io-panic)" >/tmp/run2.log 2>&1
+rc=$?
+grep -q "panicking mid-io" /tmp/run2.log && echo "@@TB L1 io-seen run=2"
+echo "@@TB L1 guest-panicked rc=$rc vfio_fds=$(vfio_fds)"
+
+# 3. The same device in a new VM.
+vmm $(vmm_args) --cmdline "$(cmdline nvme-pt)"
+echo "@@TB VMM exit=$?"
+"#;
+
+fn outcome() -> Result<Option<Outcome>, TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(None);
+    };
+    let s = Scenario::l1_script("viommu-teardown", SCRIPT).with_vmm();
+    Ok(Some(tb.run(&s)?))
+}
+
+#[test]
+fn killed_vmm_or_crashed_guest_mid_io_leaves_the_device_free_and_whole() -> Result<(), TestbedError>
+{
+    let Some(out) = outcome()? else {
+        return Ok(());
+    };
+    let seen: Vec<String> = out
+        .markers_named("L1", "io-seen")
+        .filter_map(|m| m.fields.get("run").cloned())
+        .collect();
+    out.ensure(
+        seen == ["1", "2"],
+        format!("I/O was not running when the VMs died (runs seen: {seen:?})"),
+    )?;
+    let killed = out.expect_marker("L1", "killed")?;
+    out.ensure(
+        killed.fields.get("rc").map(String::as_str) == Some("137")
+            && killed.fields.get("vfio_fds").map(String::as_str) == Some("0"),
+        format!("after SIGKILL: {}", killed.raw),
+    )?;
+    let panicked = out.expect_marker("L1", "guest-panicked")?;
+    out.ensure(
+        panicked.fields.get("rc").map(String::as_str) == Some("1")
+            && panicked.fields.get("vfio_fds").map(String::as_str) == Some("0"),
+        format!("after the guest panic: {}", panicked.raw),
+    )?;
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let want = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 16777216 {} | md5sum | cut -d' ' -f1",
+            tb.out_dir().join("disk.img").display()
+        ))
+        .output()
+        .map_err(|e| TestbedError::io("md5sum of disk.img".to_string(), e))?;
+    let want = String::from_utf8_lossy(&want.stdout).trim().to_string();
+    let read = out
+        .markers_named("L2", "nvme-pt")
+        .find(|m| m.words.first().map(String::as_str) == Some("read"))
+        .ok_or_else(|| out.error("the third VM found no NVMe disk"))?;
+    out.ensure(
+        read.fields.get("md5") == Some(&want),
+        format!("the third VM read {}, the image is {want}", read.raw),
+    )?;
+    out.ensure(out.vmm_exit()? == 0, "the third vmm did not exit 0")
+}
