@@ -65,19 +65,6 @@ fn outcome() -> Result<Option<(Arc<Outcome>, std::path::PathBuf)>, TestbedError>
     Ok(Some((tb.run_shared(&s)?, scratch)))
 }
 
-fn md5_of_first_16_mib(tb: &testbed::Testbed) -> Result<String, TestbedError> {
-    let img = tb.out_dir().join("disk.img");
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c 16777216 {} | md5sum | cut -d' ' -f1",
-            img.display()
-        ))
-        .output()
-        .map_err(|e| TestbedError::io("md5sum of disk.img".to_string(), e))?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 #[test]
 fn vmm_refuses_an_unbound_device_with_one_line_and_no_vm() -> Result<(), TestbedError> {
     let Some((out, _)) = outcome()? else {
@@ -105,12 +92,7 @@ fn l2_reads_the_passed_through_nvme_with_the_l0_image_md5() -> Result<(), Testbe
     let Some(tb) = testbed::require() else {
         return Ok(());
     };
-    let want = md5_of_first_16_mib(tb)?;
-    let read = out
-        .markers_named("L2", "nvme-pt")
-        .find(|m| m.words.first().map(String::as_str) == Some("read"))
-        .ok_or_else(|| out.error("no `nvme-pt read` marker"))?;
-    let got = read.fields.get("md5").cloned().unwrap_or_default();
+    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
     out.ensure(
         got == want,
         format!("L2 read md5 {got}, first 16 MiB of disk.img is {want}"),

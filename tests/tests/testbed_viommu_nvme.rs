@@ -61,20 +61,7 @@ fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(());
     };
-    let want = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "head -c 16777216 {} | md5sum | cut -d' ' -f1",
-            tb.out_dir().join("disk.img").display()
-        ))
-        .output()
-        .map_err(|e| TestbedError::io("md5sum of disk.img".to_string(), e))?;
-    let want = String::from_utf8_lossy(&want.stdout).trim().to_string();
-    let read = out
-        .markers_named("L2", "nvme-pt")
-        .find(|m| m.words.first().map(String::as_str) == Some("read"))
-        .ok_or_else(|| out.error("no `nvme-pt read` marker: the guest found no NVMe disk"))?;
-    let got = read.fields.get("md5").cloned().unwrap_or_default();
+    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
     out.ensure(
         got == want,
         format!("L2 read md5 {got}, the image's is {want}"),

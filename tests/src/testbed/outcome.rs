@@ -98,6 +98,16 @@ impl Outcome {
         }
     }
 
+    /// The md5 the L2 `nvme-pt` action read from the passed-through NVMe disk
+    /// (`@@TB L2 nvme-pt read ... md5=M`).
+    pub fn nvme_read_md5(&self) -> Result<String, TestbedError> {
+        let read = self
+            .markers_named("L2", "nvme-pt")
+            .find(|m| m.words.first().map(String::as_str) == Some("read"))
+            .ok_or_else(|| self.error("no `nvme-pt read` marker: the guest found no NVMe disk"))?;
+        Ok(read.fields.get("md5").cloned().unwrap_or_default())
+    }
+
     /// The L2 VMM's exit code (`@@TB VMM exit=RC`).
     pub fn vmm_exit(&self) -> Result<i32, TestbedError> {
         let m = self.expect_marker("VMM", "exit")?;

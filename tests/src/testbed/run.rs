@@ -147,6 +147,21 @@ impl Testbed {
             .map_err(|e| TestbedError::io(format!("reading {}", path.display()), e))
     }
 
+    /// The md5 of the first `bytes` bytes of the disk image L0 attaches as NVMe: what a guest
+    /// reading that much of the passed-through disk must see.
+    pub fn disk_head_md5(&self, bytes: u64) -> Result<String, TestbedError> {
+        let img = self.out.join("disk.img");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c {bytes} '{}' | md5sum | cut -d' ' -f1",
+                img.display()
+            ))
+            .output()
+            .map_err(|e| TestbedError::io(format!("md5sum of {}", img.display()), e))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     /// Our vmm binary: `$TB_VMM` if set, else built once per process by [`Testbed::cargo_release`].
     pub fn vmm_binary(&self) -> Result<PathBuf, TestbedError> {
         self.vmm
