@@ -1,5 +1,6 @@
 //! The virtual VT-d in a real KVM VM on this machine: a small guest of our own reaches its
-//! registers through MMIO exits and drives its invalidation queue in guest RAM.
+//! registers through MMIO exits, drives its invalidation queue in guest RAM, and takes its
+//! completion and fault-event interrupts as MSIs delivered through KVM.
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
@@ -92,4 +93,152 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
     assert_eq!(stats.descriptors, 2);
     assert_eq!(stats.waits, 1);
     assert_eq!(stats.descriptors_by_type.invalid, 1);
+}
+
+/// Vectors the unit's two interrupts carry, and where the guest's handlers count them.
+const COMPLETION_VECTOR: u64 = 0x50;
+const FAULT_VECTOR: u64 = 0x51;
+const IDT: u64 = 0x31_1000;
+const IDTR: u64 = 0x31_2000;
+const LAPIC_SVR: u64 = 0xfee0_00f0;
+const LAPIC_EOI: u64 = 0xfee0_00b0;
+/// ACPI PM1a control: S5 with SLP_EN, which the vmm powers off on.
+const PM1A_CNT: u32 = 0x3c0;
+const SLP_S5: u32 = (5 << 2) | 0x20;
+
+/// Writes a 64-bit interrupt gate for `vector` to `handler` (Intel SDM Vol. 3, 6.14.1).
+fn gate(a: &mut CodeAssembler, vector: u64, handler: CodeLabel) -> Result<(), IcedError> {
+    a.lea(rax, ptr(handler))?;
+    a.mov(rbx, IDT + vector * 16)?;
+    a.mov(word_ptr(rbx), ax)?;
+    a.mov(cx, cs)?;
+    a.mov(word_ptr(rbx + 2), cx)?;
+    a.mov(word_ptr(rbx + 4), 0x8e00u32)?;
+    a.shr(rax, 16u32)?;
+    a.mov(word_ptr(rbx + 6), ax)?;
+    a.shr(rax, 16u32)?;
+    a.mov(dword_ptr(rbx + 8), eax)?;
+    a.mov(dword_ptr(rbx + 12), 0u32)
+}
+
+/// A handler that counts into the u64 at `counter` and signals end of interrupt.
+fn counting_handler(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
+    a.push(rax)?;
+    a.mov(rax, counter)?;
+    a.inc(qword_ptr(rax))?;
+    a.mov(rax, LAPIC_EOI)?;
+    a.mov(dword_ptr(rax), 0u32)?;
+    a.pop(rax)?;
+    a.iretq()
+}
+
+/// Spins until the u64 at `counter` is at least 1, with interrupts on.
+fn wait_for(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
+    let mut again = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut again)?;
+    a.cli()?;
+    a.mov(rax, counter)?;
+    a.cmp(qword_ptr(rax), 1)?;
+    a.jae(done)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(again)?;
+    a.set_label(&mut done)?;
+    a.sti()
+}
+
+#[test]
+fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
+    if !kvm_available() {
+        return;
+    }
+    // A wait asking for the completion interrupt, then an invalid descriptor (type 7), whose
+    // queue error raises the fault event.
+    let wait_lo: u64 = 0x5 | 1 << 4;
+    let completions = RESULTS;
+    let faults = RESULTS + 8;
+    let code = asm64(|a| {
+        let mut on_completion = a.create_label();
+        let mut on_fault = a.create_label();
+        let mut off = a.create_label();
+        gate(a, COMPLETION_VECTOR, on_completion)?;
+        gate(a, FAULT_VECTOR, on_fault)?;
+        a.mov(rbx, IDTR)?;
+        a.mov(word_ptr(rbx), 0xfffu32)?;
+        a.mov(rax, IDT)?;
+        a.mov(qword_ptr(rbx + 2), rax)?;
+        a.lidt(ptr(rbx))?;
+        a.mov(rbx, LAPIC_SVR)?;
+        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        a.sti()?;
+        a.mov(rbx, VTD)?;
+        // Both events at APIC 0 (address 0xFEE00000), fixed delivery of their vectors, unmasked.
+        a.mov(dword_ptr(rbx + 0xa4), COMPLETION_VECTOR as u32)?; // IEDATA
+        a.mov(dword_ptr(rbx + 0xa8), 0xfee0_0000u32)?; // IEADDR
+        a.mov(dword_ptr(rbx + 0xa0), 0u32)?; // IECTL: unmask
+        a.mov(dword_ptr(rbx + 0x3c), FAULT_VECTOR as u32)?; // FEDATA
+        a.mov(dword_ptr(rbx + 0x40), 0xfee0_0000u32)?; // FEADDR
+        a.mov(dword_ptr(rbx + 0x38), 0u32)?; // FECTL: unmask
+        a.mov(rcx, QUEUE)?;
+        a.mov(rax, wait_lo)?;
+        a.mov(qword_ptr(rcx), rax)?;
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(rcx + 8), rax)?;
+        a.mov(rax, 7u64)?;
+        a.mov(qword_ptr(rcx + 16), rax)?;
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(rcx + 24), rax)?;
+        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+        a.mov(rax, QUEUE)?;
+        a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA
+        a.mov(dword_ptr(rbx + 0x18), 1u32 << 26)?; // GCMD.QIE
+        a.mov(rax, 1u64 << 4)?;
+        a.mov(qword_ptr(rbx + 0x88), rax)?; // the wait
+        wait_for(a, completions)?;
+        a.mov(rax, 2u64 << 4)?;
+        a.mov(qword_ptr(rbx + 0x88), rax)?; // the invalid descriptor
+        wait_for(a, faults)?;
+        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(rcx, RESULTS + 16)?;
+        a.mov(dword_ptr(rcx), eax)?;
+        a.mov(eax, dword_ptr(rbx + 0x9c))?; // ICS
+        a.mov(dword_ptr(rcx + 4), eax)?;
+        a.set_label(&mut off)?;
+        a.mov(dx, PM1A_CNT)?;
+        a.mov(al, SLP_S5)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        a.jmp(off)?;
+        a.set_label(&mut on_completion)?;
+        counting_handler(a, completions)?;
+        a.set_label(&mut on_fault)?;
+        counting_handler(a, faults)
+    });
+    let out = Capture::default();
+    let vmm = Vmm::build(MachineConfig {
+        vcpus: 1,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: Some(ViommuConfig::default()),
+    })
+    .expect("build the VM");
+    let mem = vmm.guest_memory().clone();
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        exit.request(VmExit::Failed("no power-off within 20 s".into()));
+    });
+    assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
+    assert_eq!(read_u64(&mem, completions), 1, "one completion MSI");
+    assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
+    assert!(read_u32(&mem, RESULTS + 16) & 1 << 4 != 0, "FSTS.IQE");
+    assert!(read_u32(&mem, RESULTS + 20) & 1 != 0, "ICS.IWC");
 }
