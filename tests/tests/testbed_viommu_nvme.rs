@@ -1,7 +1,7 @@
 //! L2 Linux with L1's NVMe passed through behind our virtual VT-d (`--viommu`, `--device
-//! ...,iommu=on`): the guest's intel-iommu driver controls what the real device can reach, and
-//! the device still reads the L0 disk image exactly. Also with `iommu=pt`, with
-//! `intel_iommu=off`, and in deferred mode.
+//! ...,iommu=on`): the guest's intel-iommu driver controls what the real device can reach, the
+//! device still reads the L0 disk image exactly, and what the guest writes lands in the L0 file.
+//! Also with `iommu=pt`, with `intel_iommu=off`, and in deferred mode.
 
 use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
 
@@ -18,7 +18,30 @@ for d in /sys/bus/pci/devices/*; do
 done
 "#;
 
+/// Where the guest's `nvme-pt` action writes its pattern on the scratch disk, and the pattern.
+const PATTERN_OFFSET: usize = 1 << 20;
+
+fn pattern() -> Vec<u8> {
+    b"tb-pt-pattern\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect()
+}
+
 fn run(name: &str, viommu: &str, l2_args: &[&str]) -> Result<Option<Outcome>, TestbedError> {
+    run_with(name, viommu, l2_args, None)
+}
+
+/// As [`run`]; with `scratch`, L0 also attaches that file as a second, writable NVMe
+/// (`serial=nvme1`) the guest writes its pattern to.
+fn run_with(
+    name: &str,
+    viommu: &str,
+    l2_args: &[&str],
+    scratch: Option<&std::path::Path>,
+) -> Result<Option<Outcome>, TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
@@ -35,7 +58,20 @@ fn run(name: &str, viommu: &str, l2_args: &[&str]) -> Result<Option<Outcome>, Te
         "{BIND_NVME_BEHIND_VTD}{}echo \"@@TB L1 stats $(tr -d ' \\n' </tmp/stats.json)\"\n",
         boot.l1_script_text()
     );
-    let s = Scenario::l1_script(name, &script).with_vmm();
+    let mut s = Scenario::l1_script(name, &script).with_vmm();
+    if let Some(path) = scratch {
+        // A fresh scratch disk each run: zeros where the pattern goes.
+        std::fs::write(path, vec![0u8; 4 << 20])
+            .map_err(|e| TestbedError::io(format!("creating {}", path.display()), e))?;
+        s = s
+            .l0_arg("-drive")
+            .l0_arg(&format!(
+                "file={},if=none,id=scratch,format=raw",
+                path.display()
+            ))
+            .l0_arg("-device")
+            .l0_arg("nvme,drive=scratch,serial=nvme1");
+    }
     Ok(Some(tb.run(&s)?))
 }
 
@@ -71,10 +107,27 @@ fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
 
 #[test]
 fn l2_drives_the_nvme_behind_our_vtd_in_strict_mode_with_exact_data() -> Result<(), TestbedError> {
-    let Some(out) = run("viommu-nvme-strict", "", &["intel_iommu=on"])? else {
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let scratch = tb.out_dir().join("viommu-scratch.img");
+    let Some(out) = run_with(
+        "viommu-nvme-strict",
+        "",
+        &["intel_iommu=on"],
+        Some(&scratch),
+    )?
+    else {
         return Ok(());
     };
     read_the_disk_exactly(&out)?;
+    // What the guest wrote through our VT-d reached the disk.
+    let img = std::fs::read(&scratch)
+        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
+    out.ensure(
+        img.get(PATTERN_OFFSET..PATTERN_OFFSET + 4096) == Some(&pattern()[..]),
+        "the pattern the guest wrote is not at byte 1 MiB of the scratch image",
+    )?;
     out.ensure(
         out.console_contains("DMAR: IOMMU batching disallowed due to virtualization"),
         "the guest did not see caching mode",
