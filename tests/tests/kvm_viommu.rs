@@ -1,11 +1,16 @@
 //! The virtual VT-d in a real KVM VM on this machine: a small guest of our own reaches its
 //! registers through MMIO exits, drives its invalidation queue in guest RAM, and takes its
-//! completion and fault-event interrupts as MSIs delivered through KVM.
+//! completion and fault-event interrupts as MSIs delivered through KVM; an emulated DMA device
+//! behind it faults on an unmapped IOVA and the guest reads the fault record.
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, kvm_available, print, read_u32, read_u64, Capture, CODE, RESULTS,
 };
+use viommu::descriptor::encode;
+use viommu::testing::Tables;
+use viommu::{Perm, SourceId};
+use vm_memory::{Bytes, GuestAddress};
 use vmm::config::ViommuConfig;
 use vmm::devices::vtd;
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
@@ -241,4 +246,205 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
     assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
     assert!(read_u32(&mem, RESULTS + 16) & 1 << 4 != 0, "FSTS.IQE");
     assert!(read_u32(&mem, RESULTS + 20) & 1 != 0, "ICS.IWC");
+}
+
+/// The emulated-edu test's memory: source, two destinations, a canary no IOVA maps, the guest's
+/// VT-d tables, its invalidation queue and wait status.
+const E_SRC: u64 = 0x50_0000;
+const E_DST: u64 = 0x50_1000;
+const E_DST2: u64 = 0x50_2000;
+const E_CANARY: u64 = 0x52_0000;
+const E_TABLES: u64 = 0x60_0000;
+const E_QUEUE: u64 = 0x54_0000;
+const E_STATUS: u64 = 0x54_1000;
+const E_IOVA_SRC: u64 = 0x0800_0000;
+const E_IOVA_DST: u64 = 0x0800_1000;
+const E_IOVA_DST2: u64 = 0x0800_2000;
+const E_LEN: u64 = 2048;
+/// edu's DMA registers and buffer (QEMU docs/specs/edu.rst).
+const EDU_DMA_SRC: i32 = 0x80;
+const EDU_DMA_DST: i32 = 0x88;
+const EDU_DMA_CNT: i32 = 0x90;
+const EDU_DMA_CMD: i32 = 0x98;
+const EDU_BUF: u64 = 0x4_0000;
+
+/// Emits one edu DMA (`to_ram`: buffer to `ram`, else `ram` to buffer) through BAR0 in r12.
+fn edu_dma(a: &mut CodeAssembler, ram: u64, to_ram: bool) -> Result<(), IcedError> {
+    let (src, dst) = if to_ram {
+        (EDU_BUF, ram)
+    } else {
+        (ram, EDU_BUF)
+    };
+    a.mov(rax, src)?;
+    a.mov(qword_ptr(r12 + EDU_DMA_SRC), rax)?;
+    a.mov(rax, dst)?;
+    a.mov(qword_ptr(r12 + EDU_DMA_DST), rax)?;
+    a.mov(rax, E_LEN)?;
+    a.mov(qword_ptr(r12 + EDU_DMA_CNT), rax)?;
+    a.mov(rax, if to_ram { 3u64 } else { 1 })?;
+    a.mov(qword_ptr(r12 + EDU_DMA_CMD), rax)
+}
+
+#[test]
+fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_reads() {
+    if !kvm_available() {
+        return;
+    }
+    let faults = RESULTS;
+    let code = asm64(|a| {
+        let mut on_fault = a.create_label();
+        let mut off = a.create_label();
+        let mut fail = a.create_label();
+        gate(a, FAULT_VECTOR, on_fault)?;
+        a.mov(rbx, IDTR)?;
+        a.mov(word_ptr(rbx), 0xfffu32)?;
+        a.mov(rax, IDT)?;
+        a.mov(qword_ptr(rbx + 2), rax)?;
+        a.lidt(ptr(rbx))?;
+        a.mov(rbx, LAPIC_SVR)?;
+        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        a.sti()?;
+        // edu is 00:01.0: BAR0, then memory decode and bus mastering.
+        a.mov(dx, 0xcf8u32)?;
+        a.mov(eax, 0x8000_0810u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcfcu32)?;
+        a.in_(eax, dx)?;
+        a.and(eax, 0xffff_fff0u32)?;
+        a.mov(r12d, eax)?;
+        a.mov(dx, 0xcf8u32)?;
+        a.mov(eax, 0x8000_0804u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcfcu32)?;
+        a.mov(eax, 6u32)?;
+        a.out(dx, eax)?;
+        // The VT-d: fault events to the handler, root table, queued invalidation, translation.
+        a.mov(rbx, VTD)?;
+        a.mov(dword_ptr(rbx + 0x3c), FAULT_VECTOR as u32)?; // FEDATA
+        a.mov(dword_ptr(rbx + 0x40), 0xfee0_0000u32)?; // FEADDR
+        a.mov(dword_ptr(rbx + 0x38), 0u32)?; // FECTL: unmask
+        a.mov(rax, E_TABLES)?;
+        a.mov(qword_ptr(rbx + 0x20), rax)?; // RTADDR
+        a.mov(dword_ptr(rbx + 0x18), 1u32 << 30)?; // GCMD.SRTP
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+        a.mov(rax, E_QUEUE)?;
+        a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA
+        a.mov(dword_ptr(rbx + 0x18), 1u32 << 26)?; // GCMD.QIE
+        a.mov(rax, 3u64 << 4)?;
+        a.mov(qword_ptr(rbx + 0x88), rax)?; // context + IOTLB global, wait
+        a.mov(rax, E_STATUS)?;
+        a.cmp(dword_ptr(rax), 1)?;
+        a.jne(fail)?;
+        a.mov(dword_ptr(rbx + 0x18), (1u32 << 26) | (1u32 << 31))?; // QIE | TE
+                                                                    // Mapped: source to buffer, buffer to destination.
+        edu_dma(a, E_IOVA_SRC, false)?;
+        edu_dma(a, E_IOVA_DST, true)?;
+        // Not mapped: the canary's guest-physical address as an IOVA.
+        edu_dma(a, E_CANARY, true)?;
+        wait_for(a, faults)?;
+        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(rcx, RESULTS + 16)?;
+        a.mov(dword_ptr(rcx), eax)?;
+        a.mov(rax, qword_ptr(rbx + 0x200))?; // fault record 0, low: the page address
+        a.mov(qword_ptr(rcx + 8), rax)?;
+        a.mov(rax, qword_ptr(rbx + 0x208))?; // high: F, type, reason, source id
+        a.mov(qword_ptr(rcx + 16), rax)?;
+        // The device still works.
+        edu_dma(a, E_IOVA_DST2, true)?;
+        a.jmp(off)?;
+        a.set_label(&mut fail)?;
+        a.mov(rax, RESULTS + 40)?;
+        a.mov(dword_ptr(rax), 0xbad_u32)?;
+        a.set_label(&mut off)?;
+        a.mov(dx, PM1A_CNT)?;
+        a.mov(al, SLP_S5)?;
+        a.out(dx, al)?;
+        a.hlt()?;
+        a.jmp(off)?;
+        a.set_label(&mut on_fault)?;
+        counting_handler(a, faults)
+    });
+    let vmm = Vmm::build(MachineConfig {
+        vcpus: 1,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(Capture::default()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: Some(ViommuConfig::default()),
+    })
+    .expect("build the VM");
+    let mem = vmm.guest_memory().clone();
+    let source = vmm::devices::edu::add_edu(vmm.pci_bus(), &mem, vmm.vtd()).expect("add edu");
+    assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
+    let pattern: Vec<u8> = (0..E_LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
+    let canary = vec![0xa5u8; E_LEN as usize];
+    mem.write_slice(&pattern, GuestAddress(E_SRC)).unwrap();
+    mem.write_slice(&canary, GuestAddress(E_CANARY)).unwrap();
+    let mut t = Tables::at(&mem, E_TABLES);
+    let pt = t.context(source, 1, 3);
+    for (iova, gpa) in [
+        (E_IOVA_SRC, E_SRC),
+        (E_IOVA_DST, E_DST),
+        (E_IOVA_DST2, E_DST2),
+    ] {
+        t.map(pt, iova, gpa, 0x1000, Perm::RW);
+    }
+    let descs = [
+        encode::context_global(),
+        encode::iotlb_global(),
+        encode::wait(Some((E_STATUS, 1)), false, false),
+    ];
+    for (i, d) in descs.iter().enumerate() {
+        mem.write_obj(*d, GuestAddress(E_QUEUE + i as u64 * 16))
+            .unwrap();
+    }
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        exit.request(VmExit::Failed("no power-off within 20 s".into()));
+    });
+    assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
+    assert_eq!(
+        read_u32(&mem, RESULTS + 40),
+        0,
+        "the guest's VT-d set-up failed"
+    );
+    let read = |addr: u64| {
+        let mut v = vec![0u8; E_LEN as usize];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    };
+    assert_eq!(read(E_DST), pattern, "DMA through mapped IOVAs");
+    assert_eq!(
+        read(E_CANARY),
+        canary,
+        "the unmapped IOVA reached no guest memory"
+    );
+    assert_eq!(read(E_DST2), pattern, "the device works after the fault");
+    assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
+    assert!(read_u32(&mem, RESULTS + 16) & 1 << 1 != 0, "FSTS.PPF");
+    assert_eq!(
+        read_u64(&mem, RESULTS + 24),
+        E_CANARY,
+        "the fault record's address"
+    );
+    let hi = read_u64(&mem, RESULTS + 32);
+    assert!(hi & 1 << 63 != 0, "F set");
+    assert_eq!(
+        hi & 0xffff,
+        u64::from(source.0),
+        "the fault record's source id"
+    );
+    assert_eq!(
+        (hi >> 32) & 0xff,
+        0x5,
+        "reason: write to a page without write permission"
+    );
+    assert_eq!(hi & 1 << 62, 0, "a write request");
 }

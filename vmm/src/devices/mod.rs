@@ -3,6 +3,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod edu;
 pub mod legacy;
 pub mod pvpanic;
 pub mod vtd;
