@@ -41,8 +41,8 @@ pub(crate) struct SyncEnv<'a, M> {
     pub ram: &'a [Range],
     /// Start and end of every guest RAM region, sorted.
     pub ram_bounds: &'a [u64],
-    /// Most walk visits one sync may make.
-    pub walk_budget: u64,
+    /// Walk visits left for this and the following syncs; each sync takes what it uses.
+    pub walk_budget: std::cell::Cell<u64>,
 }
 
 /// What a sync did.
@@ -155,7 +155,7 @@ impl Space {
         }
         let mut desired = Vec::new();
         let mut unchanged = Vec::new();
-        let mut counters = WalkCounters::new(env.walk_budget);
+        let mut counters = WalkCounters::new(env.walk_budget.get());
         let snapshots = &mut self.snapshots;
         for &r in &ranges {
             let mut hook = |base, table, perm, entries: &[u64]| {
@@ -178,16 +178,21 @@ impl Space {
             );
         }
         report.tables_read = counters.tables_read;
-        if report.budget_exceeded {
-            self.snapshots.clear();
+        env.walk_budget.set(counters.budget);
+        let (desired, defer) = if report.budget_exceeded {
+            // Fail safe: what the guest invalidated is unmapped on the host, so the device
+            // reaches less than the guest's tables allow, never more (never a page the guest
+            // took away).
             log::warn!(
-                "{}: guest tables exceed the walk budget of {} entries; leaving host mappings as they were",
-                self.source,
-                env.walk_budget
+                "{}: guest tables exceed the walk budget; unmapping the invalidated ranges",
+                self.source
             );
-            return report;
-        }
-        let desired = coalesce(desired, env.ram_bounds);
+            self.snapshots.clear();
+            unchanged.clear();
+            (Vec::new(), false)
+        } else {
+            (coalesce(desired, env.ram_bounds), defer)
+        };
         // Spans whose tables did not change need no diff: the host is exact there.
         let to_plan = if unchanged.is_empty() {
             ranges.clone()
@@ -196,7 +201,7 @@ impl Space {
         };
         let plan = self.shadow.plan(&to_plan, &desired, env.ram_bounds, defer);
         self.apply(plan, &mut report);
-        if report.failed.is_empty() {
+        if report.failed.is_empty() && !report.budget_exceeded {
             self.snapshots.commit(&ranges, &unchanged);
         } else {
             self.snapshots.clear();
@@ -215,7 +220,7 @@ impl Space {
         self.view_changed = false;
         self.pending.clear();
         let mut items = Vec::new();
-        let mut counters = WalkCounters::new(env.walk_budget);
+        let mut counters = WalkCounters::new(env.walk_budget.get());
         Self::items(
             self.view,
             env,
@@ -226,8 +231,13 @@ impl Space {
             None,
         );
         report.tables_read = counters.tables_read;
+        env.walk_budget.set(counters.budget);
         if report.budget_exceeded {
-            return report;
+            // Fail safe, as the batched sync.
+            items = vec![WalkItem::Hole {
+                iova: range.0,
+                len: range.1 - range.0,
+            }];
         }
         report.failed = self.shadow.sync_per_leaf(
             &items,

@@ -193,12 +193,13 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             caps: &self.caps,
             ram: &self.ram,
             ram_bounds: &self.ram_bounds,
-            walk_budget: self.config.walk_budget,
+            walk_budget: std::cell::Cell::new(self.walk_left),
         };
         let reports: Vec<(SourceId, SyncReport)> = spaces
             .values_mut()
             .filter_map(|s| f(&env, s).map(|r| (s.source, r)))
             .collect();
+        self.walk_left = env.walk_budget.get();
         self.spaces = spaces;
         for (source, report) in reports {
             self.account(source, report);

@@ -67,7 +67,9 @@ pub struct VtdConfig {
     pub fault_records: usize,
     pub flush: FlushMode,
     pub strategy: SyncStrategy,
-    /// Most page-table entries one sync may visit before giving up on hostile tables.
+    /// Most page-table entries the syncs that one register access triggers may visit, all
+    /// together: hostile tables (entries pointing back at their own table) bound the work, and
+    /// a sync that runs out unmaps what it was to sync rather than leave it stale.
     pub walk_budget: u64,
 }
 
@@ -170,6 +172,8 @@ pub struct Vtd<M: GuestMemoryBackend> {
     stats: Stats,
     /// When the oldest deferred unmap was queued.
     deferred_since: Option<Duration>,
+    /// What is left of the walk budget for the current register access.
+    walk_left: u64,
 }
 
 /// Which bits of a 64-bit register an access wrote.
@@ -291,6 +295,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             spaces: BTreeMap::new(),
             stats: Stats::default(),
             deferred_since: None,
+            walk_left: config.walk_budget,
         })
     }
 
@@ -329,6 +334,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         let mut space = Space::new(source, host);
         space.set_view(self.view_of(source));
         self.spaces.insert(source, space);
+        self.walk_left = self.config.walk_budget;
         self.sync_pending();
         Ok(())
     }
@@ -511,6 +517,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Handles a guest write of `data` at `offset` in the register window.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        // Everything one write triggers (a whole queue of descriptors) shares one walk budget.
+        self.walk_left = self.config.walk_budget;
         match (data.len(), data) {
             (4, d) if offset.is_multiple_of(4) => {
                 let v = u64::from(u32::from_le_bytes([d[0], d[1], d[2], d[3]]));

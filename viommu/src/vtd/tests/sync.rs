@@ -371,6 +371,66 @@ fn hostile_self_referencing_tables_stop_at_the_walk_budget() {
 }
 
 #[test]
+fn tables_beyond_the_walk_budget_lose_their_host_mappings_rather_than_keep_stale_ones() {
+    let config = VtdConfig {
+        walk_budget: 4096,
+        ..VtdConfig::default()
+    };
+    let mut f = fixture_with(config, SimHost::new());
+    let (_, pt) = f.linux_boot();
+    let mut t = f.tables();
+    map(&mut t, pt, 0x1000, 0x5000, 4);
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    assert_eq!(f.host_pages().len(), 4);
+    // The guest unmaps its pages and turns the rest of its tables into a loop.
+    t.unmap(pt, 0x1000, 4 * P);
+    for i in 1..512 {
+        t.write_u64(pt.root + i * 8, pt.root | 3);
+    }
+    f.sync(&[encode::iotlb_domain(DOMAIN)]);
+    assert_eq!(f.vtd.stats().walk_budget_exceeded, 1);
+    assert!(
+        f.host_pages().is_empty(),
+        "the device must not keep reaching pages the guest unmapped"
+    );
+}
+
+#[test]
+fn one_submission_shares_one_walk_budget_however_many_waits_it_holds() {
+    let config = VtdConfig {
+        walk_budget: 4096,
+        ..VtdConfig::default()
+    };
+    let mut f = fixture_with(config, SimHost::new());
+    let (_, pt) = f.linux_boot();
+    let t = f.tables();
+    for i in 0..512 {
+        t.write_u64(pt.root + i * 8, pt.root | 3);
+    }
+    // 100 global invalidations, each followed by a wait: one tail write.
+    let status = f.drv.status;
+    let descs: Vec<[u64; 2]> = (0..100)
+        .flat_map(|_| {
+            [
+                encode::iotlb_global(),
+                encode::wait(Some((status, 1)), false, false),
+            ]
+        })
+        .collect();
+    let before = f.vtd.stats().pages_walked;
+    f.drv.submit(&mut f.vtd, &f.mem, &descs);
+    assert_eq!(
+        f.vtd.stats().waits,
+        100 + 1,
+        "every wait completed (plus the boot one)"
+    );
+    // The first sync reads about a dozen tables before the shared budget runs out; the others
+    // stop after one descent of 4 levels. With a budget per sync, each would read a dozen.
+    let read = f.vtd.stats().pages_walked - before;
+    assert!(read < 100 * 6, "{read} tables read");
+}
+
+#[test]
 fn domain_invalidation_after_a_partial_sync_does_not_trust_an_old_table_snapshot() {
     let mut f = fixture();
     let (_, pt) = f.linux_boot();
