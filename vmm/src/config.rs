@@ -127,7 +127,8 @@ Options:
   --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
                        deferred lets a device reach unmapped memory for up to 10 ms)
-  --stats-json PATH    write the VT-d counters as JSON when the VM stops
+  --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
+                       100 ms while it runs)
   --device path=PATH[,iommu=on]
                        assign a host PCI function bound to vfio-pci (repeatable); without
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must

@@ -29,7 +29,34 @@ fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Resu
             viommu::FlushMode::Deferred { .. } => "deferred",
         },
     })));
-    std::fs::write(path, format!("{json:#}\n"))
+    // Written whole and renamed into place, so a reader never sees a half-written file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{json:#}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// While the VM runs, rewrites the stats file every 100 ms, so a benchmark can read the counters
+/// between workloads of one guest boot (the final write after the VM stops is the caller's).
+fn spawn_stats_writer(
+    path: std::path::PathBuf,
+    vtd: SharedVtd,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        while !flag.load(Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            if let Err(e) = write_stats(&path, Some(&vtd)) {
+                log::warn!("cannot write {}: {e}", path.display());
+                return;
+            }
+        }
+    });
+    (stop, handle)
 }
 
 fn main() -> ExitCode {
@@ -61,7 +88,15 @@ fn main() -> ExitCode {
         return fail(e);
     }
     let vtd = vmm.vtd().cloned();
+    let writer = match (&cfg.stats_json, &vtd) {
+        (Some(path), Some(v)) => Some(spawn_stats_writer(path.clone(), v.clone())),
+        _ => None,
+    };
     let outcome = vmm.run();
+    if let Some((stop, handle)) = writer {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = handle.join();
+    }
     if let Some(path) = &cfg.stats_json {
         if let Err(e) = write_stats(path, vtd.as_ref()) {
             return fail(format!("cannot write {}: {e}", path.display()));
