@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Benchmark (not a test), issue 6: what a vIOMMU costs a passed-through NVMe, ours against QEMU's.
+# In ONE L1 session (one L0 boot), the same L2 Linux (2 vCPUs, 512M) runs the same workloads on
+# L1's NVMe (bench-viommu-io.sh: dd 4 KiB QD1, dd 128 KiB, fio 2-job random 4 KiB) under five
+# configurations:
+#   qemu-viommu   QEMU 7.2 (Debian's, in L1), q35 + -device intel-iommu,caching-mode=on + vfio-pci
+#   qemu          QEMU, q35 + vfio-pci, no vIOMMU (the ceiling)
+#   ours-strict   our vmm --viommu (flush=strict)
+#   ours-deferred our vmm --viommu flush=deferred
+#   ours          our vmm, no vIOMMU
+# For each cell it measures:
+#   - throughput: MB/s from L2's clock around the workload (fio's own IOPS too);
+#   - VFIO map/unmap calls: ours from --stats-json (rewritten every 100 ms, read by L1 at each
+#     marker); QEMU's from `strace -f -X raw -e trace=ioctl` (0x3b71 = VFIO_IOMMU_MAP_DMA, 0x3b72 =
+#     VFIO_IOMMU_UNMAP_DMA) in a second, untimed pass of the two QEMU configurations, because
+#     strace stops QEMU at every ioctl (KVM_RUN included) and would distort the timed pass;
+#   - L2's VM exits (L1 KVM's debugfs counters, read at each marker);
+#   - host IOTLB invalidations: L0 QEMU traces every invalidation descriptor L1's kernel sends to
+#     its VT-d (-trace 'vtd_inv_desc*' -D, wall-clock timestamps with -msg timestamp=on); this
+#     script stamps every console line with the host's clock as it arrives, and a cell's
+#     invalidations are the trace lines between the arrival of its begin and end markers (the L2
+#     stays idle 1 s after begin and before end, so nothing else falls in the window).
+# Writes a table on stdout, RESULTS.json and RESULTS.png (bench-viommu-report.py, matplotlib).
+# Usage: bench-viommu.sh [--vmm PATH] [--out DIR] [--count4k N] [--count128k N] [--fio-ios N]
+#                        [--l1-smp N] [--no-strace]
+#   --vmm PATH  default: cargo build --release -p vmm (target dir target/testbed/cargo)
+#   --out DIR   default target/testbed/bench-viommu (log, L0 trace, results.json, results.png)
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=2 strace_pass=1
+while (($#)); do
+  case "$1" in
+    --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    --count4k) count4k="$2"; shift 2 ;;
+    --count128k) count128k="$2"; shift 2 ;;
+    --fio-ios) fioios="$2"; shift 2 ;;
+    --l1-smp) l1smp="$2"; shift 2 ;;
+    --no-strace) strace_pass=0; shift ;;
+    *) tb_die "bench-viommu.sh: unknown argument $1" ;;
+  esac
+done
+python3=/usr/bin/python3
+"$python3" -c 'import matplotlib' 2>/dev/null ||
+  tb_die "the chart needs Debian's matplotlib: apt-get install -y python3-matplotlib"
+
+bash "$TB_SRC/build.sh"
+if [[ -z "$vmm" ]]; then
+  (cd "$TB_REPO" && cargo build --release -q -p vmm --bin vmm --target-dir "$TB_OUT/cargo")
+  vmm="$TB_OUT/cargo/release/vmm"
+fi
+mkdir -p "$out"
+run="$out/run"
+rm -rf "$run" && mkdir -p "$run"
+
+# The L2 initramfs: the testbed's (uncompressed, so the two archives concatenate without
+# alignment trouble) + an overlay with fio, its libraries and the benchmark action.
+ov="$run/l2-overlay"
+mkdir -p "$ov/tb/actions"
+tb_copy_bin "$ov" /usr/bin/fio
+install -m 0644 "$TB_SRC/bench-viommu-io.sh" "$ov/tb/actions/bench-io.sh"
+{ gzip -dc "$TB_OUT/l2.cpio.gz"; tb_cpio "$ov"; } >"$run/l2-bench.cpio"
+
+l2cmd="console=ttyS0 panic=-1 quiet tb.action=bench-io tb.count4k=$count4k tb.count128k=$count128k tb.fioios=$fioios"
+cat >"$run/scenario.sh" <<'SCRIPT'
+now() { cut -d' ' -f1 /proc/uptime; }
+K=/sys/kernel/debug/kvm
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+tb-vfio-bind 1b36:0010 || exit 1
+bdf=$(basename "$(ls -d /sys/bus/pci/drivers/vfio-pci/0000:* | head -n 1)")
+nvme=/sys/bus/pci/devices/$bdf
+
+# One line with every counter L1 can read now: KVM's exit counters (all VMs; one runs at a
+# time), our vmm's stats file, and QEMU's VFIO ioctls so far in the strace output.
+snap() {
+  set -- $1 $(echo "$2" | tr -d '\r' | sed 's/.*@@TB L2 bench //')
+  vfio=""
+  [ -f /tmp/strace.out ] &&
+    vfio="vfio_map=$(grep -c ', 0x3b71' /tmp/strace.out) vfio_unmap=$(grep -c ', 0x3b72' /tmp/strace.out)"
+  st=""; [ -f /tmp/stats.json ] && st=$(tr -d ' \n' </tmp/stats.json)
+  echo "@@TB BENCH snap cfg=$1 ev=$2 $3 up=$(now) exits=$(cat $K/exits) mmio_exits=$(cat $K/mmio_exits) io_exits=$(cat $K/io_exits) halt_exits=$(cat $K/halt_exits) irq_exits=$(cat $K/irq_exits) $vfio stats=$st"
+}
+# Echoes the L2 console and snapshots the counters at each workload marker.
+reader() {
+  while IFS= read -r line; do
+    echo "$line"
+    case "$line" in *"@@TB L2 bench begin"* | *"@@TB L2 bench end"*) snap "$1" "$line" ;; esac
+  done
+}
+# run_cfg NAME COMMAND...: one L2 boot under COMMAND.
+run_cfg() {
+  cfg=$1; shift
+  rm -f /tmp/stats.json /tmp/strace.out
+  echo "@@TB BENCH cfg=$cfg start up=$(now)"
+  { "$@"; echo "@@TB BENCH cfg=$cfg exit=$?"; } </dev/null 2>&1 | reader "$cfg"
+  [ -f /tmp/stats.json ] && echo "@@TB BENCH final cfg=$cfg stats=$(tr -d ' \n' </tmp/stats.json)"
+  return 0
+}
+# The vfio-pci device comes last: QEMU puts a device behind intel-iommu only when the IOMMU is
+# created first (with it before, L2 ran with translation on but QEMU never mapped its IOVAs).
+qemu_l2() {
+  timeout $TMO $WRAP qemu-system-x86_64 -enable-kvm -cpu host -smp 2 -m 512M -nodefaults -display none \
+    -serial stdio -no-reboot -kernel /testbed/vmlinuz -initrd /testbed/l2-bench.cpio \
+    "$@" -device vfio-pci,host=$bdf
+}
+ours_l2() {
+  timeout $TMO vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2-bench.cpio --cpus boot=2 \
+    --memory size=512M --stats-json /tmp/stats.json "$@"
+}
+# One L2 boot that hangs must not sink the others: it is killed (and its cells reported missing).
+WRAP="" TMO=150
+
+# QEMU's vIOMMU without interrupt remapping (ours has none either), and the same machine without
+# it, so the intel-iommu device is the only difference.
+QEMU_VIOMMU="-machine q35 -device intel-iommu,caching-mode=on"
+QEMU_PLAIN="-machine q35"
+# The timed pass: the vIOMMU configurations, then the ceilings, QEMU's next to ours, so slow
+# drift in the machine's load hits the pairs being compared alike.
+run_cfg qemu-viommu qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
+run_cfg ours-strict ours_l2 --viommu --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+run_cfg ours-deferred ours_l2 --viommu flush=deferred --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+run_cfg qemu qemu_l2 $QEMU_PLAIN -append "$L2CMD"
+run_cfg ours ours_l2 --device path=$nvme --cmdline "$L2CMD"
+# The counting pass: QEMU's VFIO calls under strace (its times are not used).
+if [ "$STRACE_PASS" = 1 ]; then
+  # strace stops only at ioctls (seccomp-bpf) and prints their numbers raw, so map and unmap
+  # can be told apart whatever strace knows of VFIO.
+  TMO=400 WRAP="strace -f -qq --seccomp-bpf -X raw -e trace=ioctl -e signal=none -o /tmp/strace.out"
+  run_cfg qemu-viommu+strace qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
+  run_cfg qemu+strace qemu_l2 $QEMU_PLAIN -append "$L2CMD"
+fi
+echo "@@TB BENCH all-done"
+SCRIPT
+# The scenario's parameters, ahead of its (quoted, so literal) body.
+sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass" "$run/scenario.sh"
+
+bash "$TB_SRC/mkinitrd.sh" --out "$run/initrd" --vmm "$vmm" --script "$run/scenario.sh" \
+  --add "$run/l2-bench.cpio=/testbed/l2-bench.cpio"
+
+# Other testbed users (tests, demo) take this lock: waiting for it keeps their runs from
+# sharing the 2 cores with ours and skewing the figures.
+exec 8>"$TB_OUT/run.lock"
+tb_log "bench-viommu: waiting for the testbed lock" && flock 8
+log="$out/console.log" trace="$out/vtd-trace.log"
+tb_log "bench-viommu: L1 with $l1smp vCPU(s); console in $log, L0 VT-d trace in $trace"
+start=$SECONDS
+# Every console line gets the host's wall clock (EPOCHREALTIME, us), the clock of QEMU's trace.
+timeout 1200 bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
+  -trace 'vtd_inv_desc*' -D "$trace" -msg timestamp=on </dev/null 2>&1 |
+  while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$log" || true
+flock -u 8
+tb_log "bench-viommu: L0 ran $((SECONDS - start)) s"
+
+"$python3" "$TB_SRC/bench-viommu-report.py" --log "$log" --trace "$trace" \
+  --json "$out/results.json" --png "$out/results.png"
