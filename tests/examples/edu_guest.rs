@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use integration::small_guest::{asm64, CODE, RESULTS};
+use integration::small_guest::{asm64, idt_gate, load_idt_and_enable_apic, CODE, RESULTS};
 use viommu::descriptor::encode;
 use viommu::testing::Tables;
 use viommu::{Perm, SourceId};
@@ -60,9 +60,8 @@ const VECTOR: u64 = 0x40;
 /// registers 0x10 + 2N (low: vector, bit 13 active low, bit 15 level) and 0x11 + 2N (destination).
 const IOAPIC_SEL: u64 = 0xfec0_0000;
 const IOAPIC_WIN: u64 = 0xfec0_0010;
-/// Local APIC registers (Intel SDM Vol. 3, 11.4.1): EOI and spurious-interrupt vector.
+/// The local APIC's EOI register (Intel SDM Vol. 3, 11.4.1).
 const LAPIC_EOI: u64 = 0xfee0_00b0;
-const LAPIC_SVR: u64 = 0xfee0_00f0;
 /// edu (QEMU hw/misc/edu.c): DMA registers, interrupt acknowledge, the device buffer.
 const EDU_DMA_SRC: i32 = 0x80;
 const EDU_DMA_DST: i32 = 0x88;
@@ -104,26 +103,9 @@ fn guest(intx: bool, viommu: Option<u64>) -> Vec<u8> {
         let mut fail = a.create_label();
         let mut off = a.create_label();
         a.mov(rdi, RESULTS)?;
-        // IDT entry VECTOR: a 64-bit interrupt gate to `handler` (SDM Vol. 3, 6.14.1).
-        a.lea(rax, ptr(handler))?;
-        a.mov(rbx, IDT + VECTOR * 16)?;
-        a.mov(word_ptr(rbx), ax)?;
-        a.mov(cx, cs)?;
-        a.mov(word_ptr(rbx + 2), cx)?;
-        a.mov(word_ptr(rbx + 4), 0x8e00u32)?;
-        a.shr(rax, 16u32)?;
-        a.mov(word_ptr(rbx + 6), ax)?;
-        a.shr(rax, 16u32)?;
-        a.mov(dword_ptr(rbx + 8), eax)?;
-        a.mov(dword_ptr(rbx + 12), 0u32)?;
-        a.mov(rbx, IDTR)?;
-        a.mov(word_ptr(rbx), 0xfffu32)?;
-        a.mov(rax, IDT)?;
-        a.mov(qword_ptr(rbx + 2), rax)?;
-        a.lidt(ptr(rbx))?;
-        // Software-enable the local APIC.
-        a.mov(rbx, LAPIC_SVR)?;
-        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        // IDT entry VECTOR: a 64-bit interrupt gate to `handler`; then the local APIC on.
+        idt_gate(a, IDT, VECTOR, handler)?;
+        load_idt_and_enable_apic(a, IDT, IDTR)?;
         // Step 1: 00:01.0 is edu.
         a.mov(dword_ptr(rdi + 8), 1u32)?;
         a.xor(esi, esi)?;

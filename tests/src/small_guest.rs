@@ -74,3 +74,43 @@ pub fn print(a: &mut CodeAssembler, s: &str) -> Result<(), IcedError> {
     }
     Ok(())
 }
+
+/// Emits code that writes a 64-bit interrupt gate for `vector` to `handler` into the IDT at
+/// `idt` (Intel SDM Vol. 3, 6.14.1). Clobbers rax, rbx, cx.
+pub fn idt_gate(
+    a: &mut CodeAssembler,
+    idt: u64,
+    vector: u64,
+    handler: iced_x86::code_asm::CodeLabel,
+) -> Result<(), IcedError> {
+    use iced_x86::code_asm::{ax, cs, cx, dword_ptr, eax, ptr, rax, rbx, word_ptr};
+    a.lea(rax, ptr(handler))?;
+    a.mov(rbx, idt + vector * 16)?;
+    a.mov(word_ptr(rbx), ax)?;
+    a.mov(cx, cs)?;
+    a.mov(word_ptr(rbx + 2), cx)?;
+    a.mov(word_ptr(rbx + 4), 0x8e00u32)?;
+    a.shr(rax, 16u32)?;
+    a.mov(word_ptr(rbx + 6), ax)?;
+    a.shr(rax, 16u32)?;
+    a.mov(dword_ptr(rbx + 8), eax)?;
+    a.mov(dword_ptr(rbx + 12), 0u32)
+}
+
+/// Emits code that loads the IDT at `idt` through a descriptor written at `idtr`, and
+/// software-enables the local APIC (spurious-vector register, SDM Vol. 3, 11.9). Clobbers rax,
+/// rbx.
+pub fn load_idt_and_enable_apic(
+    a: &mut CodeAssembler,
+    idt: u64,
+    idtr: u64,
+) -> Result<(), IcedError> {
+    use iced_x86::code_asm::{dword_ptr, ptr, qword_ptr, rax, rbx, word_ptr};
+    a.mov(rbx, idtr)?;
+    a.mov(word_ptr(rbx), 0xfffu32)?;
+    a.mov(rax, idt)?;
+    a.mov(qword_ptr(rbx + 2), rax)?;
+    a.lidt(ptr(rbx))?;
+    a.mov(rbx, 0xfee0_00f0u64)?;
+    a.mov(dword_ptr(rbx), 0x1ffu32)
+}

@@ -5,7 +5,8 @@
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
-    asm64, kvm_available, print, read_u32, read_u64, Capture, CODE, RESULTS,
+    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, print, read_u32, read_u64, Capture,
+    CODE, RESULTS,
 };
 use viommu::descriptor::encode;
 use viommu::testing::Tables;
@@ -19,6 +20,44 @@ const VTD: u64 = 0xfed9_0000;
 const QUEUE: u64 = 0x30_0000;
 const STATUS: u64 = 0x31_0000;
 const TOKEN: u32 = 0xc0_ffee;
+
+/// A VM with our VT-d running `code` at CODE in long mode, its serial output in `out`; with
+/// `irqchip` the guest has the in-kernel LAPIC/IOAPIC (and powers off rather than halts).
+fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture) -> Vmm {
+    let mode = CpuMode::LongMode { rip: CODE };
+    let boot = if irqchip {
+        BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode,
+        }
+    } else {
+        BootSource::Raw {
+            image: code,
+            load_addr: CODE,
+            mode,
+        }
+    };
+    Vmm::build(MachineConfig {
+        vcpus: 1,
+        memory_size: 64 << 20,
+        boot,
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: Some(ViommuConfig::default()),
+    })
+    .expect("build the VM")
+}
+
+/// Ends the run with a failure if the guest has not powered off within 20 s.
+fn watchdog(vmm: &Vmm) {
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(20));
+        exit.request(VmExit::Failed("no power-off within 20 s".into()));
+    });
+}
 
 #[test]
 fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
@@ -63,20 +102,7 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
         a.hlt()
     });
     let out = Capture::default();
-    let vmm = Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot: BootSource::Raw {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
-    })
-    .expect("build the VM");
+    let vmm = vm_with_vtd(code, false, &out);
     let mem = vmm.guest_memory().clone();
     let unit = vmm.vtd().expect("a VT-d was asked for").clone();
     assert_eq!(vmm.run().expect("run"), VmExit::Halted);
@@ -105,26 +131,10 @@ const COMPLETION_VECTOR: u64 = 0x50;
 const FAULT_VECTOR: u64 = 0x51;
 const IDT: u64 = 0x31_1000;
 const IDTR: u64 = 0x31_2000;
-const LAPIC_SVR: u64 = 0xfee0_00f0;
 const LAPIC_EOI: u64 = 0xfee0_00b0;
 /// ACPI PM1a control: S5 with SLP_EN, which the vmm powers off on.
 const PM1A_CNT: u32 = 0x3c0;
 const SLP_S5: u32 = (5 << 2) | 0x20;
-
-/// Writes a 64-bit interrupt gate for `vector` to `handler` (Intel SDM Vol. 3, 6.14.1).
-fn gate(a: &mut CodeAssembler, vector: u64, handler: CodeLabel) -> Result<(), IcedError> {
-    a.lea(rax, ptr(handler))?;
-    a.mov(rbx, IDT + vector * 16)?;
-    a.mov(word_ptr(rbx), ax)?;
-    a.mov(cx, cs)?;
-    a.mov(word_ptr(rbx + 2), cx)?;
-    a.mov(word_ptr(rbx + 4), 0x8e00u32)?;
-    a.shr(rax, 16u32)?;
-    a.mov(word_ptr(rbx + 6), ax)?;
-    a.shr(rax, 16u32)?;
-    a.mov(dword_ptr(rbx + 8), eax)?;
-    a.mov(dword_ptr(rbx + 12), 0u32)
-}
 
 /// A handler that counts into the u64 at `counter` and signals end of interrupt.
 fn counting_handler(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
@@ -167,15 +177,9 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
         let mut on_completion = a.create_label();
         let mut on_fault = a.create_label();
         let mut off = a.create_label();
-        gate(a, COMPLETION_VECTOR, on_completion)?;
-        gate(a, FAULT_VECTOR, on_fault)?;
-        a.mov(rbx, IDTR)?;
-        a.mov(word_ptr(rbx), 0xfffu32)?;
-        a.mov(rax, IDT)?;
-        a.mov(qword_ptr(rbx + 2), rax)?;
-        a.lidt(ptr(rbx))?;
-        a.mov(rbx, LAPIC_SVR)?;
-        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        idt_gate(a, IDT, COMPLETION_VECTOR, on_completion)?;
+        idt_gate(a, IDT, FAULT_VECTOR, on_fault)?;
+        load_idt_and_enable_apic(a, IDT, IDTR)?;
         a.sti()?;
         a.mov(rbx, VTD)?;
         // Both events at APIC 0 (address 0xFEE00000), fixed delivery of their vectors, unmasked.
@@ -221,26 +225,9 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
         counting_handler(a, faults)
     });
     let out = Capture::default();
-    let vmm = Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot: BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
-    })
-    .expect("build the VM");
+    let vmm = vm_with_vtd(code, true, &out);
     let mem = vmm.guest_memory().clone();
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(20));
-        exit.request(VmExit::Failed("no power-off within 20 s".into()));
-    });
+    watchdog(&vmm);
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
     assert_eq!(read_u64(&mem, completions), 1, "one completion MSI");
     assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
@@ -295,14 +282,8 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         let mut on_fault = a.create_label();
         let mut off = a.create_label();
         let mut fail = a.create_label();
-        gate(a, FAULT_VECTOR, on_fault)?;
-        a.mov(rbx, IDTR)?;
-        a.mov(word_ptr(rbx), 0xfffu32)?;
-        a.mov(rax, IDT)?;
-        a.mov(qword_ptr(rbx + 2), rax)?;
-        a.lidt(ptr(rbx))?;
-        a.mov(rbx, LAPIC_SVR)?;
-        a.mov(dword_ptr(rbx), 0x1ffu32)?;
+        idt_gate(a, IDT, FAULT_VECTOR, on_fault)?;
+        load_idt_and_enable_apic(a, IDT, IDTR)?;
         a.sti()?;
         // edu is 00:01.0: BAR0, then memory decode and bus mastering.
         a.mov(dx, 0xcf8u32)?;
@@ -365,20 +346,7 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         a.set_label(&mut on_fault)?;
         counting_handler(a, faults)
     });
-    let vmm = Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot: BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(Capture::default()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
-    })
-    .expect("build the VM");
+    let vmm = vm_with_vtd(code, true, &Capture::default());
     let mem = vmm.guest_memory().clone();
     let source = vmm::devices::edu::add_edu(vmm.pci_bus(), &mem, vmm.vtd()).expect("add edu");
     assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
@@ -404,11 +372,7 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         mem.write_obj(*d, GuestAddress(E_QUEUE + i as u64 * 16))
             .unwrap();
     }
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(20));
-        exit.request(VmExit::Failed("no power-off within 20 s".into()));
-    });
+    watchdog(&vmm);
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
     assert_eq!(
         read_u32(&mem, RESULTS + 40),

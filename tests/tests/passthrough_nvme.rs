@@ -43,25 +43,17 @@ fn outcome() -> Result<Option<(Arc<Outcome>, std::path::PathBuf)>, TestbedError>
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
-    let scratch = tb.out_dir().join("passthrough-scratch.img");
     let _ = tb.vmm_binary()?;
     let boot = Scenario::l2_boot("passthrough-nvme", L2Vmm::Ours)
         .memory_mib(384)
         .action("nvme-pt")
         .vmm_arg("$DEVS");
     let script = format!("{BIND_NVME}{}", boot.l1_script_text());
+    // A fresh scratch disk each run: zeros where the pattern goes.
+    let scratch = tb.fresh_scratch_disk("passthrough-scratch.img")?;
     let s = Scenario::l1_script("passthrough-nvme", &script)
         .with_vmm()
-        .l0_arg("-drive")
-        .l0_arg(&format!(
-            "file={},if=none,id=scratch,format=raw",
-            scratch.display()
-        ))
-        .l0_arg("-device")
-        .l0_arg("nvme,drive=scratch,serial=nvme1");
-    // A fresh scratch disk each run: zeros where the pattern goes.
-    std::fs::write(&scratch, vec![0u8; 4 << 20])
-        .map_err(|e| TestbedError::io(format!("creating {}", scratch.display()), e))?;
+        .scratch_nvme(&scratch, "nvme1");
     Ok(Some((tb.run_shared(&s)?, scratch)))
 }
 

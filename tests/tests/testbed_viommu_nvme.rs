@@ -60,17 +60,7 @@ fn run_with(
     );
     let mut s = Scenario::l1_script(name, &script).with_vmm();
     if let Some(path) = scratch {
-        // A fresh scratch disk each run: zeros where the pattern goes.
-        std::fs::write(path, vec![0u8; 4 << 20])
-            .map_err(|e| TestbedError::io(format!("creating {}", path.display()), e))?;
-        s = s
-            .l0_arg("-drive")
-            .l0_arg(&format!(
-                "file={},if=none,id=scratch,format=raw",
-                path.display()
-            ))
-            .l0_arg("-device")
-            .l0_arg("nvme,drive=scratch,serial=nvme1");
+        s = s.scratch_nvme(path, "nvme1");
     }
     Ok(Some(tb.run(&s)?))
 }
@@ -110,7 +100,8 @@ fn l2_drives_the_nvme_behind_our_vtd_in_strict_mode_with_exact_data() -> Result<
     let Some(tb) = testbed::require() else {
         return Ok(());
     };
-    let scratch = tb.out_dir().join("viommu-scratch.img");
+    // A fresh scratch disk each run: zeros where the pattern goes.
+    let scratch = tb.fresh_scratch_disk("viommu-scratch.img")?;
     let Some(out) = run_with(
         "viommu-nvme-strict",
         "",

@@ -162,6 +162,15 @@ impl Testbed {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// A zeroed 4 MiB disk image `name` under the testbed's output folder, created afresh, for
+    /// [`crate::testbed::Scenario::scratch_nvme`].
+    pub fn fresh_scratch_disk(&self, name: &str) -> Result<PathBuf, TestbedError> {
+        let path = self.out.join(name);
+        fs::write(&path, vec![0u8; 4 << 20])
+            .map_err(|e| TestbedError::io(format!("creating {}", path.display()), e))?;
+        Ok(path)
+    }
+
     /// Our vmm binary: `$TB_VMM` if set, else built once per process by [`Testbed::cargo_release`].
     pub fn vmm_binary(&self) -> Result<PathBuf, TestbedError> {
         self.vmm

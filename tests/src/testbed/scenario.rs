@@ -178,6 +178,19 @@ impl Scenario {
         self
     }
 
+    /// Attaches the raw image at `path` to L0 as one more NVMe controller with serial `serial`,
+    /// writable (no snapshot), so what a guest writes can be read back from the file.
+    pub fn scratch_nvme(self, path: &std::path::Path, serial: &str) -> Self {
+        let id = format!("scratch-{serial}");
+        self.l0_arg("-drive")
+            .l0_arg(&format!(
+                "file={},if=none,id={id},format=raw",
+                path.display()
+            ))
+            .l0_arg("-device")
+            .l0_arg(&format!("nvme,drive={id},serial={serial}"))
+    }
+
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
