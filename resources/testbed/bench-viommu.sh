@@ -28,7 +28,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=2 strace_pass=1
+vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=2 strace_pass=1 queue=""
 while (($#)); do
   case "$1" in
     --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
@@ -38,6 +38,7 @@ while (($#)); do
     --fio-ios) fioios="$2"; shift 2 ;;
     --l1-smp) l1smp="$2"; shift 2 ;;
     --no-strace) strace_pass=0; shift ;;
+    --queue) queue="$2"; shift 2 ;;
     *) tb_die "bench-viommu.sh: unknown argument $1" ;;
   esac
 done
@@ -118,8 +119,8 @@ QEMU_PLAIN="-machine q35"
 # The timed pass: the vIOMMU configurations, then the ceilings, QEMU's next to ours, so slow
 # drift in the machine's load hits the pairs being compared alike.
 run_cfg qemu-viommu qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
-run_cfg ours-strict ours_l2 --viommu --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
-run_cfg ours-deferred ours_l2 --viommu flush=deferred --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+run_cfg ours-strict ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+run_cfg ours-deferred ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
 run_cfg qemu qemu_l2 $QEMU_PLAIN -append "$L2CMD"
 run_cfg ours ours_l2 --device path=$nvme --cmdline "$L2CMD"
 # The counting pass: QEMU's VFIO calls under strace (its times are not used).
@@ -133,7 +134,7 @@ fi
 echo "@@TB BENCH all-done"
 SCRIPT
 # The scenario's parameters, ahead of its (quoted, so literal) body.
-sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass" "$run/scenario.sh"
+sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass QUEUE='${queue:+,queue=$queue}'" "$run/scenario.sh"
 
 bash "$TB_SRC/mkinitrd.sh" --out "$run/initrd" --vmm "$vmm" --script "$run/scenario.sh" \
   --add "$run/l2-bench.cpio=/testbed/l2-bench.cpio"

@@ -24,6 +24,10 @@ const TOKEN: u32 = 0xc0_ffee;
 /// A VM with our VT-d running `code` at CODE in long mode, its serial output in `out`; with
 /// `irqchip` the guest has the in-kernel LAPIC/IOAPIC (and powers off rather than halts).
 fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture) -> Vmm {
+    vm_with_vtd_config(code, irqchip, out, ViommuConfig::default())
+}
+
+fn vm_with_vtd_config(code: Vec<u8>, irqchip: bool, out: &Capture, vtd: ViommuConfig) -> Vmm {
     let mode = CpuMode::LongMode { rip: CODE };
     let boot = if irqchip {
         BootSource::RawWithIrqchip {
@@ -45,7 +49,7 @@ fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture) -> Vmm {
         serial_out: Box::new(out.clone()),
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
+        viommu: Some(vtd),
     })
     .expect("build the VM")
 }
@@ -57,6 +61,17 @@ fn watchdog(vmm: &Vmm) {
         std::thread::sleep(std::time::Duration::from_secs(20));
         exit.request(VmExit::Failed("no power-off within 20 s".into()));
     });
+}
+
+/// Emits code (rbx = the register block) that enables the queue at QUEUE, 256 entries, after
+/// writing IQT = 0 with 8 bytes, as Linux's `dmar_enable_qi` does. Clobbers rax.
+fn enable_queue(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.xor(eax, eax)?;
+    a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+    a.mov(rax, QUEUE)?;
+    a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA: 256 entries at QUEUE
+    a.mov(eax, 1u32 << 26)?;
+    a.mov(dword_ptr(rbx + 0x18), eax) // GCMD.QIE
 }
 
 #[test]
@@ -82,11 +97,7 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
         a.mov(qword_ptr(rcx + 16), rax)?;
         a.xor(eax, eax)?;
         a.mov(qword_ptr(rcx + 24), rax)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
-        a.mov(rax, QUEUE)?;
-        a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA: 256 entries at QUEUE
-        a.mov(eax, 1u32 << 26)?;
-        a.mov(dword_ptr(rbx + 0x18), eax)?; // GCMD.QIE
+        enable_queue(a)?;
         a.mov(rax, 1u64 << 4)?;
         a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT: one descriptor
         a.mov(eax, dword_ptr(rbx + 0x1c))?; // GSTS
@@ -124,6 +135,83 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
     assert_eq!(stats.descriptors, 2);
     assert_eq!(stats.waits, 1);
     assert_eq!(stats.descriptors_by_type.invalid, 1);
+}
+
+#[test]
+fn async_queue_tail_write_completes_through_a_kvm_doorbell_while_the_guest_polls_memory() {
+    if !kvm_available() {
+        return;
+    }
+    let wait_lo: u64 = 0x5 | 1 << 5 | u64::from(TOKEN) << 32;
+    let code = asm64(|a| {
+        let mut poll = a.create_label();
+        let mut done = a.create_label();
+        let mut end = a.create_label();
+        a.mov(rbx, VTD)?;
+        a.mov(rcx, QUEUE)?;
+        a.mov(rax, wait_lo)?;
+        a.mov(qword_ptr(rcx), rax)?;
+        a.mov(rax, STATUS)?;
+        a.mov(qword_ptr(rcx + 8), rax)?;
+        enable_queue(a)?;
+        // IQT: the doorbell of tail 1, written with 4 bytes as Linux does.
+        a.mov(eax, 1u32 << 4)?;
+        a.mov(dword_ptr(rbx + 0x88), eax)?;
+        // Poll the status word as Linux's qi_submit_sync does, reading FSTS each round (from
+        // the read-only register page), for at most 2^32 rounds.
+        a.mov(rcx, STATUS)?;
+        a.mov(rdx, 1u64 << 32)?;
+        a.set_label(&mut poll)?;
+        a.mov(eax, dword_ptr(rcx))?;
+        a.cmp(eax, TOKEN)?;
+        a.je(done)?;
+        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.pause()?;
+        a.dec(rdx)?;
+        a.jnz(poll)?;
+        print(a, "timeout\n")?;
+        a.hlt()?;
+        // IQH, from the register page, moves past the wait once the queue ran.
+        a.set_label(&mut done)?;
+        let mut head = a.create_label();
+        a.mov(rdx, 1u64 << 32)?;
+        a.set_label(&mut head)?;
+        a.mov(rax, qword_ptr(rbx + 0x80))?;
+        a.cmp(rax, 1 << 4)?;
+        a.je(end)?;
+        a.pause()?;
+        a.dec(rdx)?;
+        a.jnz(head)?;
+        a.set_label(&mut end)?;
+        a.mov(qword_ptr(RESULTS), rax)?;
+        print(a, "done\n")?;
+        a.hlt()
+    });
+    let out = Capture::default();
+    let config = ViommuConfig {
+        async_queue: true,
+        ..ViommuConfig::default()
+    };
+    let vmm = vm_with_vtd_config(code, false, &out, config);
+    let mem = vmm.guest_memory().clone();
+    let unit = vmm.vtd().expect("a VT-d was asked for").clone();
+    assert_eq!(vmm.run().expect("run"), VmExit::Halted);
+    assert_eq!(out.text(), "done\n");
+    assert_eq!(read_u32(&mem, STATUS), TOKEN, "the wait wrote its status");
+    assert_eq!(
+        read_u64(&mem, RESULTS),
+        1 << 4,
+        "the page shows the new IQH"
+    );
+    let bells = unit.doorbells().expect("queue=async sets up doorbells");
+    // Both IQT writes (8 bytes of 0 at set-up, then 4 bytes of tail 1) rang; the trapped IQA
+    // and GCMD writes in between carried the first out before themselves.
+    assert_eq!(
+        bells.carried_out(),
+        2,
+        "the tail writes went through KVM's doorbells"
+    );
+    assert_eq!(vtd::lock(&unit).stats().waits, 1);
 }
 
 /// Vectors the unit's two interrupts carry, and where the guest's handlers count them.

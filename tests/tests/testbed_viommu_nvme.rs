@@ -183,3 +183,33 @@ fn l2_drives_the_nvme_behind_our_vtd_in_deferred_mode() -> Result<(), TestbedErr
         "the host refused a call",
     )
 }
+
+#[test]
+fn l2_drives_the_nvme_behind_our_vtd_with_queue_tail_writes_taken_by_kvm(
+) -> Result<(), TestbedError> {
+    let Some(out) = run(
+        "viommu-nvme-async-queue",
+        "queue=async",
+        &["intel_iommu=on"],
+    )?
+    else {
+        return Ok(());
+    };
+    read_the_disk_exactly(&out)?;
+    // Linux's submissions went through the doorbells, and strict mode's work still reached
+    // the host before each wait completed (the data is exact, nothing was refused).
+    let (waits, rung) = (counter(&out, "waits")?, counter(&out, "queue_doorbells")?);
+    out.ensure(
+        rung > 0 && rung * 2 >= waits,
+        format!("{rung} doorbells for {waits} waits: the tail writes were trapped"),
+    )?;
+    out.ensure(
+        counter(&out, "host_unmap_calls")? > 0,
+        "no host unmap calls",
+    )?;
+    out.ensure(
+        counter(&out, "host_errors")? == 0,
+        "the host refused a call",
+    )?;
+    out.ensure(counter(&out, "faults")? == 0, "the unit recorded faults")
+}

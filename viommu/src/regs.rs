@@ -5,6 +5,8 @@
 
 /// Size of the MMIO window the register block occupies (one 4 KiB page).
 pub const REG_WINDOW_SIZE: u64 = 0x1000;
+/// The window in 8-byte words, the unit of [`crate::Vtd::register_image`].
+pub const REG_IMAGE_WORDS: usize = (REG_WINDOW_SIZE / 8) as usize;
 
 // 11.4.1 - 11.4.12: register offsets.
 /// Version register (32-bit).

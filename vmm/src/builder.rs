@@ -25,7 +25,11 @@ use crate::devices::legacy::serial::{
     InputSource, SerialDevice, SerialInput, COM1_IRQ, COM1_LEN, COM1_PORT,
 };
 use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
-use crate::devices::vtd::{self, DeferredFlushTimer, KvmMsi, SharedVtd, VtdRegisters};
+use crate::devices::vtd::doorbell::QueueDoorbells;
+use crate::devices::vtd::mirror::RegisterMirror;
+use crate::devices::vtd::{
+    self, DeferredFlushTimer, DoorbellWatcher, KvmMsi, SharedVtd, VtdRegisters, VtdUnit,
+};
 use crate::exit::{ExitHandle, VmExit};
 use crate::pci::allocator::PciAllocator;
 use crate::pci::bus::{PciBus, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
@@ -362,6 +366,9 @@ impl Vmm {
             {
                 em.add_subscriber(Box::new(timer));
             }
+            if vtd.doorbells().is_some() {
+                em.add_subscriber(Box::new(DoorbellWatcher(vtd.clone())));
+            }
         }
         let serial_in = self.serial_in.take();
         let is_stdin = matches!(serial_in, Some(SerialIn::Stdin));
@@ -420,7 +427,30 @@ fn create_vtd(
         what: "virtual VT-d",
         reason: e.to_string(),
     })?;
-    let shared: SharedVtd = Arc::new(Mutex::new(unit));
+    // Register reads as memory loads where KVM can map a read-only page; writes still trap.
+    let mirror = if vm.has_readonly_mem() {
+        let page = RegisterMirror::new().map_err(host("cannot allocate the VT-d register page"))?;
+        // SAFETY: the page lives in the unit, which the register device on the MMIO bus keeps
+        // alive as long as vCPUs can run.
+        unsafe { vm.map_readonly(VTD_REGS_START, VTD_REGS_SIZE, page.host_address())? };
+        Some(page)
+    } else {
+        log::info!("KVM cannot map read-only memory: VT-d register reads will exit");
+        None
+    };
+    let shared = VtdUnit::new(unit, mirror);
+    if c.async_queue {
+        let bells =
+            QueueDoorbells::new().map_err(host("cannot create the VT-d queue doorbells"))?;
+        bells
+            .register(vm.fd(), VTD_REGS_START)
+            .map_err(|source| BuildError::Host {
+                what: "VT-d queue doorbells (KVM_IOEVENTFD)",
+                reason: source.to_string(),
+            })?;
+        // A fresh unit has no doorbells yet.
+        let _ = shared.set_doorbells(bells);
+    }
     mmio.insert(
         Arc::new(Mutex::new(VtdRegisters(shared.clone()))),
         VTD_REGS_START,

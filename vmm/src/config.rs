@@ -92,13 +92,16 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
 }
 
-/// `--viommu [aw-bits=39|48][,flush=strict|deferred]`.
+/// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
     /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
     pub aw_bits: u32,
     /// Deferred host unmaps (Linux's flush-queue bounds) instead of strict ones.
     pub deferred: bool,
+    /// Queue tail writes taken by KVM (ioeventfds) and carried out on the event loop instead
+    /// of in the writing vCPU's exit.
+    pub async_queue: bool,
 }
 
 impl Default for ViommuConfig {
@@ -106,6 +109,7 @@ impl Default for ViommuConfig {
         ViommuConfig {
             aw_bits: 48,
             deferred: false,
+            async_queue: false,
         }
     }
 }
@@ -115,7 +119,8 @@ pub const USAGE: &str = "\
 vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
-           [--viommu [aw-bits=39|48][,flush=strict|deferred]] [--stats-json PATH]
+           [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]]
+           [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
 
 Options:
@@ -126,7 +131,10 @@ Options:
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
   --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
-                       deferred lets a device reach unmapped memory for up to 10 ms)
+                       deferred lets a device reach unmapped memory for up to 10 ms),
+                       queue=sync|async (default sync; async: a queue tail write returns to
+                       the guest at once and the VMM runs the queue, as hardware does, so
+                       IQT may read back stale until it ran)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -234,7 +242,7 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     if input.is_empty() {
         return Ok(c);
     }
-    let list = OptionList::parse("--viommu", input, &["aw-bits", "flush"])?;
+    let list = OptionList::parse("--viommu", input, &["aw-bits", "flush", "queue"])?;
     if let Some(raw) = list.get("aw-bits") {
         c.aw_bits = match raw {
             "39" => 39,
@@ -247,6 +255,13 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             "strict" => false,
             "deferred" => true,
             _ => return Err(list.invalid("flush", raw, "must be strict or deferred")),
+        };
+    }
+    if let Some(raw) = list.get("queue") {
+        c.async_queue = match raw {
+            "sync" => false,
+            "async" => true,
+            _ => return Err(list.invalid("queue", raw, "must be sync or async")),
         };
     }
     Ok(c)
@@ -562,9 +577,12 @@ mod tests {
             c.viommu,
             Some(ViommuConfig {
                 aw_bits: 39,
-                deferred: true
+                deferred: true,
+                async_queue: false,
             })
         );
+        let c = run(&["--kernel", "/k", "--viommu", "queue=async"]);
+        assert!(c.viommu.is_some_and(|v| v.async_queue && !v.deferred));
         let c = run(&[
             "--kernel",
             "/k",
@@ -586,6 +604,10 @@ mod tests {
         assert_eq!(
             err(&["--kernel", "/k", "--viommu", "flush=lazy"]),
             "--viommu: invalid flush 'lazy': must be strict or deferred"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "queue=fast"]),
+            "--viommu: invalid queue 'fast': must be sync or async"
         );
         assert!(err(&["--kernel", "/k", "--viommu", "caching=off"]).contains("unknown key"));
         assert_eq!(

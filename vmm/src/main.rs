@@ -22,13 +22,17 @@ fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Resu
         None => (viommu::Stats::default(), None),
     };
     let mut json = serde_json::to_value(stats).map_err(std::io::Error::other)?;
+    let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
     json["viommu"] = serde_json::json!(config.map(|c| serde_json::json!({
         "aw_bits": c.aw_bits,
         "flush": match c.flush {
             viommu::FlushMode::Strict => "strict",
             viommu::FlushMode::Deferred { .. } => "deferred",
         },
+        "queue": if doorbells.is_some() { "async" } else { "sync" },
     })));
+    // Tail writes KVM took through the queue doorbells (queue=async).
+    json["queue_doorbells"] = serde_json::json!(doorbells.unwrap_or(0));
     // Written whole and renamed into place, so a reader never sees a half-written file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json:#}\n"))?;

@@ -3,7 +3,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::{FlushMode, SyncStrategy, Vtd};
+use super::{iq_entries, FlushMode, SyncStrategy, Vtd};
 use crate::descriptor::{self, ContextScope, Descriptor, IotlbScope};
 use crate::fault::{Access, Fault, FaultReason};
 use crate::host::HostOp;
@@ -34,7 +34,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if self.gsts & GSTS_QIES == 0 || self.fsts_errors & FSTS_IQE != 0 {
             return;
         }
-        let entries = 256u64 << (self.iqa & IQA_QS_MASK);
+        let entries = iq_entries(self.iqa);
         if self.iqt >= entries {
             let tail = self.iqt;
             return self.queue_error(QueueError::TailBeyondQueue { tail, entries });

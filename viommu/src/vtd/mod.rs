@@ -180,6 +180,11 @@ pub struct Vtd<M: GuestMemoryBackend> {
 const LOW_HALF: u64 = 0xffff_ffff;
 const HIGH_HALF: u64 = !LOW_HALF;
 
+/// Descriptors the queue holds: 256 << IQA.QS (11.4.9.3; 128-bit descriptors, legacy mode).
+pub(crate) fn iq_entries(iqa: u64) -> u64 {
+    256 << (iqa & IQA_QS_MASK)
+}
+
 fn is_reg64(offset: u64) -> bool {
     matches!(
         offset,
@@ -513,6 +518,32 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         let bytes = value.to_le_bytes();
         let n = data.len().min(8);
         data[..n].copy_from_slice(&bytes[..n]);
+    }
+
+    /// The register window as the guest would read it with 8-byte loads: `image[i]` is what an
+    /// 8-byte read at offset `8 * i` returns (a 4-byte read returns one half of it). Reads have
+    /// no side effects in VT-d, so a VMM can publish this image in a read-only page and let the
+    /// guest read registers without exits. `image` holds `REG_WINDOW_SIZE / 8` entries.
+    pub fn register_image(&self, image: &mut [u64; REG_IMAGE_WORDS]) {
+        image.fill(0);
+        // Only these words hold registers; the rest of the window reads as zero.
+        let records = self.config.fault_records as u64 * FRCD_REG_SIZE;
+        let live = (0..IOTLB_REG_BASE + 16)
+            .step_by(8)
+            .chain((FRCD_REG_BASE..FRCD_REG_BASE + records).step_by(8));
+        for offset in live {
+            image[(offset / 8) as usize] = if is_reg64(offset) {
+                self.read64(offset)
+            } else {
+                u64::from(self.read32(offset)) | u64::from(self.read32(offset + 4)) << 32
+            };
+        }
+    }
+
+    /// The queue's current head and size in descriptors (256 << IQA.QS), for a VMM that takes
+    /// tail writes asynchronously and must order several of them.
+    pub fn queue_head_and_len(&self) -> (u64, u64) {
+        (self.iqh, iq_entries(self.iqa))
     }
 
     /// Handles a guest write of `data` at `offset` in the register window.

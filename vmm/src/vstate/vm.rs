@@ -1,7 +1,7 @@
 //! The KVM VM: /dev/kvm, memory slots, in-kernel irqchip and PIT, irqfds.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,6 +67,7 @@ pub struct Vm {
     supported_cpuid: CpuId,
     irqchip: bool,
     tsc_deadline: bool,
+    readonly_mem: bool,
     slots: Arc<SlotAllocator>,
 }
 
@@ -91,6 +92,7 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
@@ -99,6 +101,7 @@ impl Vm {
             supported_cpuid,
             irqchip: false,
             tsc_deadline,
+            readonly_mem,
             slots: Arc::new(SlotAllocator::default()),
         })
     }
@@ -126,6 +129,35 @@ impl Vm {
             })?;
         }
         Ok(())
+    }
+
+    /// Whether KVM can map read-only memory (guest writes to it exit as MMIO).
+    pub fn has_readonly_mem(&self) -> bool {
+        self.readonly_mem
+    }
+
+    /// Maps `size` bytes at `host` into the guest at `gpa`, read-only: reads are memory loads,
+    /// writes exit as MMIO. Returns the slot.
+    ///
+    /// # Safety
+    /// `host..host + size` must stay mapped for as long as the VM can run.
+    pub unsafe fn map_readonly(&self, gpa: u64, size: u64, host: u64) -> Result<u32, VmError> {
+        let slot = self.slots.allocate();
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: KVM_MEM_READONLY,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host,
+        };
+        // SAFETY: the caller keeps the mapping alive while the VM can run.
+        unsafe { self.fd.set_user_memory_region(r) }.map_err(|source| VmError::MemorySlot {
+            slot,
+            addr: gpa,
+            size,
+            source,
+        })?;
+        Ok(slot)
     }
 
     /// Creates the in-kernel PIC/IOAPIC pair and the PIT. Must precede vCPU creation.

@@ -238,6 +238,39 @@ fn odd_sized_or_misaligned_accesses_are_ignored() {
 }
 
 #[test]
+fn register_image_matches_every_guest_read() {
+    let mut f = fixture();
+    f.linux_boot();
+    // Some state in every kind of register: a fault record, FSTS, the queue, FECTL.
+    let _ = f.vtd.translate(DEV, 0x9000, Access::Write);
+    f.vtd.mmio_write(FEDATA_REG, &0x4321u32.to_le_bytes());
+    let mut image = [0u64; REG_IMAGE_WORDS];
+    f.vtd.register_image(&mut image);
+    assert_ne!(
+        image[(FRCD_REG_BASE / 8) as usize + 1],
+        0,
+        "the fault is recorded"
+    );
+    for (i, &word) in image.iter().enumerate() {
+        let offset = i as u64 * 8;
+        let mut q = [0u8; 8];
+        f.vtd.mmio_read(offset, &mut q);
+        assert_eq!(u64::from_le_bytes(q), word, "8-byte read at {offset:#x}");
+        for half in 0..2u64 {
+            let mut d = [0u8; 4];
+            f.vtd.mmio_read(offset + half * 4, &mut d);
+            let want = (word >> (half * 32)) as u32;
+            assert_eq!(
+                u32::from_le_bytes(d),
+                want,
+                "4-byte read at {:#x}",
+                offset + half * 4
+            );
+        }
+    }
+}
+
+#[test]
 fn srtp_latches_the_root_and_repeating_it_changes_nothing() {
     let mut f = fixture();
     let (root, pt) = f.linux_boot();

@@ -1,0 +1,246 @@
+//! The virtual VT-d on the VMM's buses: its register block as an MMIO device (reads from a
+//! read-only page where KVM allows, see [`mirror`]), its queue's tail writes taken by KVM when
+//! asked (see [`doorbell`]), its interrupts as KVM MSIs, the timer that bounds deferred unmaps,
+//! and the DMAR table that announces it.
+
+pub mod doorbell;
+pub mod mirror;
+
+use std::ops::{Deref, DerefMut};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use kvm_bindings::kvm_msi;
+use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::timerfd::TimerFd;
+
+use viommu::dmar::{Dmar, Drhd};
+use viommu::{FlushMode, MsiSink, Vtd};
+
+use crate::arch::x86_64::layout::VTD_REGS_START;
+use crate::devices::bus::BusDevice;
+use doorbell::QueueDoorbells;
+use mirror::RegisterMirror;
+
+/// The remapping unit, shared by the vCPUs (register accesses), the devices behind it, the
+/// event loop (doorbells, deferred-flush timer) and the stats writer.
+pub type SharedVtd = Arc<VtdUnit>;
+
+/// The model plus what publishes it to the guest.
+pub struct VtdUnit {
+    vtd: Mutex<Vtd<GuestMemoryMmap>>,
+    mirror: Option<RegisterMirror>,
+    doorbells: OnceLock<QueueDoorbells>,
+}
+
+impl VtdUnit {
+    /// Wraps `vtd`; with `mirror`, every change is rendered into its page (rendered once now).
+    pub fn new(vtd: Vtd<GuestMemoryMmap>, mirror: Option<RegisterMirror>) -> SharedVtd {
+        if let Some(m) = &mirror {
+            m.render(&vtd);
+        }
+        Arc::new(VtdUnit {
+            vtd: Mutex::new(vtd),
+            mirror,
+            doorbells: OnceLock::new(),
+        })
+    }
+
+    /// Locks the unit. A vCPU that panicked while holding it leaves consistent state (every
+    /// operation completes or is dropped whole), so a poisoned lock is taken over.
+    pub fn lock(&self) -> VtdGuard<'_> {
+        VtdGuard {
+            vtd: self.vtd.lock().unwrap_or_else(|e| e.into_inner()),
+            mirror: self.mirror.as_ref(),
+            changed: false,
+        }
+    }
+
+    /// Locks the unit after carrying out the tail writes KVM took so far: a trapped register
+    /// write must not overtake a queue submission the guest made before it.
+    pub fn lock_in_order(&self) -> VtdGuard<'_> {
+        let mut guard = self.lock();
+        if let Some(bells) = self.doorbells.get() {
+            bells.drain(&mut *guard);
+        }
+        guard
+    }
+
+    /// Hands tail writes of the queue to `bells` (already registered with KVM). Once only.
+    pub fn set_doorbells(&self, bells: QueueDoorbells) -> Result<(), QueueDoorbells> {
+        self.doorbells.set(bells)
+    }
+
+    /// The doorbells, when the queue runs asynchronously.
+    pub fn doorbells(&self) -> Option<&QueueDoorbells> {
+        self.doorbells.get()
+    }
+
+    /// The read-only register page, when KVM supports one.
+    pub fn mirror(&self) -> Option<&RegisterMirror> {
+        self.mirror.as_ref()
+    }
+}
+
+/// Locks `vtd` (see [`VtdUnit::lock`]).
+pub fn lock(vtd: &SharedVtd) -> VtdGuard<'_> {
+    vtd.lock()
+}
+
+/// The locked model. Mutable use marks the registers changed; dropping the guard then
+/// re-renders the guest's read-only register page, so the guest never reads a register older
+/// than the last operation that finished.
+pub struct VtdGuard<'a> {
+    vtd: MutexGuard<'a, Vtd<GuestMemoryMmap>>,
+    mirror: Option<&'a RegisterMirror>,
+    changed: bool,
+}
+
+impl Deref for VtdGuard<'_> {
+    type Target = Vtd<GuestMemoryMmap>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.vtd
+    }
+}
+
+impl DerefMut for VtdGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.changed = true;
+        &mut self.vtd
+    }
+}
+
+impl Drop for VtdGuard<'_> {
+    fn drop(&mut self) {
+        if let (true, Some(mirror)) = (self.changed, self.mirror) {
+            mirror.render(&self.vtd);
+        }
+    }
+}
+
+/// The register block as an MMIO device at [`VTD_REGS_START`]. With the mirror in place only
+/// writes reach it.
+pub struct VtdRegisters(pub SharedVtd);
+
+impl BusDevice for VtdRegisters {
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.0.lock_in_order().mmio_read(offset, data);
+    }
+
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.0.lock_in_order().mmio_write(offset, data);
+    }
+}
+
+/// Carries out rung queue doorbells on the event loop.
+pub struct DoorbellWatcher(pub SharedVtd);
+
+impl MutEventSubscriber for DoorbellWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if let Some(bells) = self.0.doorbells() {
+            bells.drain(&mut *self.0.lock());
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let Some(bells) = self.0.doorbells() else {
+            return;
+        };
+        if let Err(e) = ops.add(Events::new_raw(bells.as_raw_fd(), EventSet::IN)) {
+            log::error!("VT-d: cannot watch the queue doorbells: {e:?}");
+        }
+    }
+}
+
+/// Delivers the unit's fault-event and invalidation-completion interrupts as KVM MSIs.
+pub struct KvmMsi(pub Arc<VmFd>);
+
+impl MsiSink for KvmMsi {
+    fn send(&self, addr: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            log::warn!("VT-d: cannot deliver MSI {addr:#x}/{data:#x}: {e}");
+        }
+    }
+}
+
+/// The DMAR table: one remapping unit at [`VTD_REGS_START`] covering every PCI device.
+pub fn dmar_table(aw_bits: u32) -> Vec<u8> {
+    Dmar {
+        host_address_width: aw_bits as u8,
+        flags: 0,
+        units: vec![Drhd {
+            segment: 0,
+            register_base: VTD_REGS_START,
+            include_pci_all: true,
+            scopes: Vec::new(),
+        }],
+        reserved_regions: Vec::new(),
+    }
+    .to_bytes(*b"RVMM  ", *b"RVMMDMAR", 1)
+}
+
+/// In deferred mode, carries out queued host unmaps once their time bound passes even if the
+/// guest submits nothing more: a periodic timer at a quarter of the bound.
+pub struct DeferredFlushTimer {
+    vtd: SharedVtd,
+    timer: TimerFd,
+}
+
+impl DeferredFlushTimer {
+    /// A timer for `vtd`, or None when its flush mode is strict.
+    pub fn new(vtd: SharedVtd) -> std::io::Result<Option<Self>> {
+        let FlushMode::Deferred { max_delay, .. } = lock(&vtd).config().flush else {
+            return Ok(None);
+        };
+        let mut timer = TimerFd::new()?;
+        let period = (max_delay / 4).max(Duration::from_millis(1));
+        timer.reset(period, Some(period))?;
+        Ok(Some(DeferredFlushTimer { vtd, timer }))
+    }
+}
+
+impl MutEventSubscriber for DeferredFlushTimer {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Reading the expiration count re-arms the level-triggered fd.
+        if let Err(e) = self.timer.wait() {
+            log::warn!("VT-d: deferred-flush timer: {e}");
+        }
+        lock(&self.vtd).poll();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.timer.as_raw_fd();
+        if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+            log::error!("VT-d: cannot watch the deferred-flush timer: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dmar_table_names_one_include_all_unit_at_the_register_block() {
+        let t = dmar_table(48);
+        assert_eq!(&t[0..4], b"DMAR");
+        assert_eq!(t[36], 47, "host address width minus one");
+        let drhd = &t[48..];
+        assert_eq!(drhd[4] & 1, 1, "INCLUDE_PCI_ALL");
+        assert_eq!(
+            u64::from_le_bytes(drhd[8..16].try_into().unwrap()),
+            VTD_REGS_START
+        );
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    }
+}
