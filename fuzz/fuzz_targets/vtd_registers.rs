@@ -3,7 +3,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use viommu::regs::REG_WINDOW_SIZE;
+use viommu::regs::{REG_IMAGE_WORDS, REG_WINDOW_SIZE};
 use viommu::VtdConfig;
 use viommu_fuzz::Guest;
 
@@ -44,6 +44,19 @@ fuzz_target!(|ops: Vec<Op>| {
             }
         }
         g.check_always();
+    }
+    // The image a VMM publishes as the guest's read-only register page reads as the registers do.
+    let mut image = [0u64; REG_IMAGE_WORDS];
+    g.vtd.register_image(&mut image);
+    for (i, &word) in image.iter().enumerate() {
+        let mut b = [0u8; 8];
+        g.vtd.mmio_read(i as u64 * 8, &mut b);
+        assert_eq!(
+            u64::from_le_bytes(b),
+            word,
+            "register image at {:#x}",
+            i * 8
+        );
     }
     g.check_quiesced();
 });
