@@ -33,6 +33,10 @@ fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Resu
     })));
     // Tail writes KVM took through the queue doorbells (queue=async).
     json["queue_doorbells"] = serde_json::json!(doorbells.unwrap_or(0));
+    // What handling the guest's register writes (queue runs included) cost the VMM.
+    let (writes, write_ns) = vtd.map(|v| v.write_time()).unwrap_or((0, 0));
+    json["register_writes"] = serde_json::json!(writes);
+    json["register_write_ns"] = serde_json::json!(write_ns);
     // Written whole and renamed into place, so a reader never sees a half-written file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json:#}\n"))?;
