@@ -60,4 +60,7 @@ bench fio-rand4k $((2 * fioios * 4096)) fio --name=mq --filename="$dev" --direct
   --bs=4k --ioengine=libaio --iodepth=4 --numjobs=2 --thread --cpus_allowed=0-1 \
   --cpus_allowed_policy=split --number_ios="$fioios" --norandommap --randrepeat=1 \
   --group_reporting --minimal
+# What one exit costs under this VMM, by where it is handled (exit-cost.sh; the bench's L2 runs
+# with iomem=relaxed for it): the floor under every vIOMMU row.
+TB_N=5000 . /tb/actions/exit-cost.sh
 mark "bench done"

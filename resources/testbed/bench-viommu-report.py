@@ -36,6 +36,7 @@ WLABELS = {
 }
 # Stats counters of our engine worth diffing per cell.
 ENGINE = [
+    "register_write_ns",
     "descriptors",
     "submissions",
     "waits",
@@ -61,6 +62,8 @@ def parse_log(path):
     cur = None
     cells = defaultdict(lambda: defaultdict(dict))
     exits = {}
+    # Per config: nanoseconds per access by where the exit is handled (exit-cost.sh).
+    exit_cost = defaultdict(dict)
     with open(path, errors="replace") as f:
         for raw in f:
             ts, _, text = raw.rstrip("\r\n").partition(" ")
@@ -77,6 +80,12 @@ def parse_log(path):
             if m:
                 exits[m.group(1)] = int(m.group(2))
                 continue
+            m = re.search(r"@@TB L2 exitcost (.*)", text)
+            if m and cur:
+                f_ = fields(m.group(1))
+                if f_.get("ns", "").isdigit():
+                    exit_cost[cur][f_["what"]] = int(f_["ns"])
+                continue
             m = re.search(r"@@TB L2 bench (begin|end) (.*)", text)
             if m and cur:
                 f_ = fields(m.group(2))
@@ -91,7 +100,25 @@ def parse_log(path):
                 stats = json.loads(m.group(2)) if m.group(2).startswith("{") else {}
                 f_["stats"] = stats
                 cells[f_["cfg"]][f_["w"]]["snap_" + f_["ev"]] = f_
-    return cells, exits
+    return cells, exits, exit_cost
+
+
+def exit_cost_table(exit_cost):
+    """What one 4-byte access costs the L2 under each VMM, by where it is handled."""
+    whats = ["ioapic-write", "vtd-read", "vtd-write"]
+    lines = [
+        "exit cost, us per access: ioapic-write = exit handled in L1's kernel; vtd-read, vtd-write"
+        " = VT-d register (our read-only page, or an exit to the VMM; no VT-d: unassigned MMIO)",
+        f"{'config':<14} " + " ".join(f"{w:>12}" for w in whats),
+    ]
+    for cfg in CONFIGS:
+        got = exit_cost.get(cfg)
+        if got:
+            cols = " ".join(
+                f"{got[w] / 1000:>12.2f}" if w in got else f"{'-':>12}" for w in whats
+            )
+            lines.append(f"{cfg:<14} {cols}")
+    return "\n".join(lines)
 
 
 def parse_trace(path):
@@ -185,10 +212,18 @@ def per_io(v, ios):
     return "-" if v is None or not ios else f"{v / ios:.2f}"
 
 
+def vmm_us(r):
+    """Microseconds per I/O our vmm spent handling the VT-d register writes (queue runs and
+    host calls included), from its --stats-json; "-" where that does not apply."""
+    ns = r.get("engine", {}).get("register_write_ns")
+    return "-" if ns is None or not r.get("ios") else f"{ns / r['ios'] / 1000:.1f}"
+
+
 def table(rows):
     hdr = (
         f"{'workload':<11} {'config':<14} {'secs':>6} {'MB/s':>7} {'IOPS':>6} "
-        f"{'VFIO map':>8} {'unmap':>6} {'host IOTLB inv':>14} {'inv/IO':>6} {'exits/IO':>8}"
+        f"{'VFIO map':>8} {'unmap':>6} {'host IOTLB inv':>14} {'inv/IO':>6} {'exits/IO':>8} "
+        f"{'vmm us/IO':>9}"
     )
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
@@ -204,7 +239,8 @@ def table(rows):
             f"{r['workload']:<11} {r['config']:<14} {r['secs']:>6.2f} {r['mb_s']:>7.2f} "
             f"{iops:>6.0f} {n(r.get('vfio_map')):>8} {n(r.get('vfio_unmap')):>6} "
             f"{r['host_iotlb_inv']:>14} {per_io(r['host_iotlb_inv'], r['ios']):>6} "
-            f"{per_io(r['vm_exits'].get('exits'), r['ios']):>8}"
+            f"{per_io(r['vm_exits'].get('exits'), r['ios']):>8} "
+            f"{vmm_us(r):>9}"
         )
     return "\n".join(lines)
 
@@ -271,12 +307,19 @@ def main():
     ap.add_argument("--json", required=True)
     ap.add_argument("--png", required=True)
     a = ap.parse_args()
-    cells, exits = parse_log(a.log)
+    cells, exits, exit_cost = parse_log(a.log)
     trace = parse_trace(a.trace)
     rows = build(cells, trace)
     print(table(rows))
+    if exit_cost:
+        print(exit_cost_table(exit_cost))
     bad = [r for r in rows if r.get("missing") or r.get("rc")]
-    result = {"vmm_exit": exits, "cells": rows, "trace_descriptors": len(trace)}
+    result = {
+        "vmm_exit": exits,
+        "cells": rows,
+        "exit_cost_ns": exit_cost,
+        "trace_descriptors": len(trace),
+    }
     with open(a.json, "w") as f:
         json.dump(result, f, indent=1)
     chart([r for r in rows if not r.get("missing")], a.png)

@@ -25,7 +25,7 @@ flock 9
 # The cache key: our scripts, the kernel version and the versions of the packages we copy from.
 key="$( {
   cat "$TB_SRC"/lib.sh "$TB_SRC"/build.sh "$TB_SRC"/l1-init.sh "$TB_SRC"/l2-init.sh "$TB_SRC"/actions/*.sh \
-    "$TB_SRC"/tb-vfio-bind.sh
+    "$TB_SRC"/tb-vfio-bind.sh "$TB_SRC"/tools/*.c
   echo "$kver"
   dpkg-query -W -f='${Package} ${Version}\n' qemu-system-x86 busybox-static strace fio seabios \
     "linux-image-$kver" 2>/dev/null || true
@@ -48,8 +48,10 @@ cp "/boot/vmlinuz-$kver" "$work/vmlinuz"
 
 # --- L2 initramfs -------------------------------------------------------------------------------
 l2="$work/l2"
-mkdir -p "$l2"/{proc,sys,dev,tmp,tb/modules,tb/actions}
+mkdir -p "$l2"/{proc,sys,dev,tmp,tb/modules,tb/actions,tb/bin}
 tb_install_busybox "$l2"
+# Measuring tools the actions run (static: the L2 has no libc).
+gcc -static -O2 -Wall -o "$l2/tb/bin/mmio-cost" "$TB_SRC/tools/mmio-cost.c"
 install -m 0755 "$TB_SRC/l2-init.sh" "$l2/init"
 install -m 0644 "$TB_SRC"/actions/*.sh "$l2/tb/actions/"
 tb_copy_modules "$l2" "$kver" pvpanic-mmio pvpanic-pci >"$l2/tb/modules/pvpanic.list"

@@ -23,12 +23,14 @@ done
 # snapshot=on: every run sees the same known disk, whatever L1 or L2 write to it.
 # idle=poll: an L1 that halts while running an L2 can miss its wake-up under TCG with nested SVM
 # (seen in CI, and in 1 of 3 boots of a repro loop: L0 QEMU at 0% CPU, L1's clock stopped, the L2
-# boot frozen); an L1 that never halts went 12 boots out of 12. TB_L1_EXTRA adds L1 arguments.
+# boot frozen); an L1 that never halts went 12 boots out of 12. It costs the tests about 10%
+# (a spinning L1 vCPU takes a host core from L0's I/O thread); benchmarks that want L0's cores
+# for I/O set TB_L1_IDLE=halt. TB_L1_EXTRA adds L1 kernel arguments.
 exec qemu-system-x86_64 \
   -accel tcg -cpu qemu64,+svm -smp "$smp" -m "$mem" \
   -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on \
   -drive "file=$TB_OUT/disk.img,if=none,id=d0,format=raw,snapshot=on" \
   -device nvme,drive=d0,serial=nvme0 -device edu \
   -kernel "$TB_OUT/vmlinuz" -initrd "$initrd" \
-  -append "console=ttyS0 panic=-1 intel_iommu=on quiet idle=poll ${TB_L1_EXTRA:-} $append" \
+  -append "console=ttyS0 panic=-1 intel_iommu=on quiet idle=${TB_L1_IDLE:-poll} ${TB_L1_EXTRA:-} $append" \
   -nodefaults -nographic -serial mon:stdio -no-reboot "$@"
