@@ -523,20 +523,27 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// The register window as the guest would read it with 8-byte loads: `image[i]` is what an
     /// 8-byte read at offset `8 * i` returns (a 4-byte read returns one half of it). Reads have
     /// no side effects in VT-d, so a VMM can publish this image in a read-only page and let the
-    /// guest read registers without exits. `image` holds `REG_WINDOW_SIZE / 8` entries.
+    /// guest read registers without exits.
     pub fn register_image(&self, image: &mut [u64; REG_IMAGE_WORDS]) {
         image.fill(0);
-        // Only these words hold registers; the rest of the window reads as zero.
+        self.visit_registers(|offset, word| image[(offset / 8) as usize] = word);
+    }
+
+    /// Calls `f(offset, word)` for every 8-byte word of the window that holds a register, with
+    /// the value an 8-byte read there returns; every other word reads as zero. Cheaper than
+    /// [`Vtd::register_image`] for a VMM that keeps its page up to date after each change.
+    pub fn visit_registers(&self, mut f: impl FnMut(u64, u64)) {
         let records = self.config.fault_records as u64 * FRCD_REG_SIZE;
         let live = (0..IOTLB_REG_BASE + 16)
             .step_by(8)
             .chain((FRCD_REG_BASE..FRCD_REG_BASE + records).step_by(8));
         for offset in live {
-            image[(offset / 8) as usize] = if is_reg64(offset) {
+            let word = if is_reg64(offset) {
                 self.read64(offset)
             } else {
                 u64::from(self.read32(offset)) | u64::from(self.read32(offset + 4)) << 32
             };
+            f(offset, word);
         }
     }
 

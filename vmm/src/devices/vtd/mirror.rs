@@ -49,12 +49,12 @@ impl RegisterMirror {
         self.page.as_ptr() as u64
     }
 
-    /// Copies the unit's registers into the page. Only words that changed are stored, each as
-    /// one aligned 8-byte store, so a guest never reads a torn register.
+    /// Copies the unit's registers into the page (the words that hold registers; the rest stay
+    /// zero). Only words that changed are stored, each as one aligned 8-byte store, so a guest
+    /// never reads a torn register.
     pub fn render(&self, vtd: &Vtd<GuestMemoryMmap>) {
-        let mut image = [0u64; REG_IMAGE_WORDS];
-        vtd.register_image(&mut image);
-        for (i, &word) in image.iter().enumerate() {
+        vtd.visit_registers(|offset, word| {
+            let i = (offset / 8) as usize % REG_IMAGE_WORDS;
             // SAFETY: `i` < REG_IMAGE_WORDS, so the pointer stays inside the page we own.
             let p = unsafe { self.page.as_ptr().add(i) };
             // SAFETY: `p` is an aligned word of the live page; volatile because the guest
@@ -64,7 +64,7 @@ impl RegisterMirror {
                     std::ptr::write_volatile(p, word);
                 }
             }
-        }
+        });
     }
 
     /// The page as the guest sees it (tests).
