@@ -530,20 +530,45 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     }
 
     /// Calls `f(offset, word)` for every 8-byte word of the window that holds a register, with
-    /// the value an 8-byte read there returns; every other word reads as zero. Cheaper than
-    /// [`Vtd::register_image`] for a VMM that keeps its page up to date after each change.
+    /// the value an 8-byte read there returns; every other word reads as zero. Built from the
+    /// fields directly, not through the read path, because a VMM calls it after every change
+    /// (tests and the fuzz target hold it equal to what reads return).
     pub fn visit_registers(&self, mut f: impl FnMut(u64, u64)) {
-        let records = self.config.fault_records as u64 * FRCD_REG_SIZE;
-        let live = (0..IOTLB_REG_BASE + 16)
-            .step_by(8)
-            .chain((FRCD_REG_BASE..FRCD_REG_BASE + records).step_by(8));
-        for offset in live {
-            let word = if is_reg64(offset) {
-                self.read64(offset)
-            } else {
-                u64::from(self.read32(offset)) | u64::from(self.read32(offset + 4)) << 32
-            };
+        let pair = |lo: u32, hi: u32| u64::from(lo) | u64::from(hi) << 32;
+        // GCMD (0x18) is write-only and reads as zero; the low halves of 0x30, 0x60 and 0x98
+        // are reserved.
+        let words = [
+            (VER_REG, u64::from(VER_VALUE)),
+            (CAP_REG, self.cap),
+            (ECAP_REG, self.ecap),
+            (GCMD_REG, pair(0, self.gsts)),
+            (RTADDR_REG, self.rtaddr),
+            (CCMD_REG, self.ccmd),
+            (FSTS_REG & !7, pair(0, self.fsts())),
+            (FECTL_REG, pair(self.fectl, self.fedata)),
+            (FEADDR_REG, pair(self.feaddr, self.feuaddr)),
+            (AFLOG_REG, self.aflog),
+            (PMEN_REG & !7, pair(0, self.pmen)),
+            (PLMBASE_REG, pair(self.plmbase, self.plmlimit)),
+            (PHMBASE_REG, self.phmbase),
+            (PHMLIMIT_REG, self.phmlimit),
+            (IQH_REG, self.iqh << IQ_INDEX_SHIFT),
+            (IQT_REG, self.iqt << IQ_INDEX_SHIFT),
+            (IQA_REG, self.iqa),
+            (ICS_REG & !7, pair(0, self.ics)),
+            (IECTL_REG, pair(self.iectl, self.iedata)),
+            (IEADDR_REG, pair(self.ieaddr, self.ieuaddr)),
+            (IRTA_REG, self.irta),
+            (IVA_REG, self.iva),
+            (IOTLB_REG, self.iotlb),
+        ];
+        for (offset, word) in words {
             f(offset, word);
+        }
+        for record in 0..self.config.fault_records {
+            let base = FRCD_REG_BASE + record as u64 * FRCD_REG_SIZE;
+            f(base, self.faults.read(record, 0));
+            f(base + 8, self.faults.read(record, 1));
         }
     }
 

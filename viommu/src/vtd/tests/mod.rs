@@ -243,7 +243,33 @@ fn register_image_matches_every_guest_read() {
     f.linux_boot();
     // Some state in every kind of register: a fault record, FSTS, the queue, FECTL.
     let _ = f.vtd.translate(DEV, 0x9000, Access::Write);
-    f.vtd.mmio_write(FEDATA_REG, &0x4321u32.to_le_bytes());
+    // A distinct value in every register a write can set without starting a command.
+    for (i, reg) in [
+        FEDATA_REG,
+        FEADDR_REG,
+        FEUADDR_REG,
+        PLMBASE_REG,
+        PLMLIMIT_REG,
+        PHMBASE_REG,
+        PHMBASE_REG + 4,
+        PHMLIMIT_REG,
+        PHMLIMIT_REG + 4,
+        IEDATA_REG,
+        IEADDR_REG,
+        IEUADDR_REG,
+        IRTA_REG,
+        IRTA_REG + 4,
+        RTADDR_REG + 4,
+        AFLOG_REG,
+        IVA_REG,
+        IVA_REG + 4,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let v = 0x1111_1000u32.wrapping_mul(i as u32 + 1) | 0x10;
+        f.vtd.mmio_write(reg, &v.to_le_bytes());
+    }
     let mut image = [0u64; REG_IMAGE_WORDS];
     f.vtd.register_image(&mut image);
     assert_ne!(
