@@ -143,7 +143,7 @@ impl Space {
     /// Syncs the pending ranges (or the whole space after a view change) in one batch.
     pub fn sync<M: GuestMemoryBackend>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        let (ranges, defer) = if self.view_changed {
+        let (mut ranges, defer) = if self.view_changed {
             (vec![FULL], false)
         } else {
             (ranges::normalize(std::mem::take(&mut self.pending)), defer)
@@ -151,6 +151,7 @@ impl Space {
         self.pending.clear();
         self.view_changed = false;
         if ranges.is_empty() {
+            self.recycle_pending(ranges);
             return report;
         }
         let mut desired = Vec::new();
@@ -195,9 +196,9 @@ impl Space {
         };
         // Spans whose tables did not change need no diff: the host is exact there.
         let to_plan = if unchanged.is_empty() {
-            ranges.clone()
+            std::borrow::Cow::Borrowed(&ranges[..])
         } else {
-            ranges::subtract(&ranges, &unchanged)
+            std::borrow::Cow::Owned(ranges::subtract(&ranges, &unchanged))
         };
         let plan = self.shadow.plan(&to_plan, &desired, env.ram_bounds, defer);
         self.apply(plan, &mut report);
@@ -206,7 +207,18 @@ impl Space {
         } else {
             self.snapshots.clear();
         }
+        ranges.clear();
+        self.recycle_pending(ranges);
         report
+    }
+
+    /// Gives an emptied range buffer back to `pending`, so the next invalidation of this space
+    /// does not allocate (one sync per wait descriptor makes this the hot path).
+    fn recycle_pending(&mut self, mut buffer: Vec<Range>) {
+        if self.pending.capacity() == 0 {
+            buffer.clear();
+            self.pending = buffer;
+        }
     }
 
     /// Syncs `range` at once, leaf by leaf, the way QEMU does: the measured baseline.
