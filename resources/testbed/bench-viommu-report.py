@@ -84,7 +84,7 @@ def parse_log(path):
             if m and cur:
                 f_ = fields(m.group(1))
                 if f_.get("ns", "").isdigit():
-                    exit_cost[cur][f_["what"]] = int(f_["ns"])
+                    exit_cost[cur.split("#")[0]].setdefault(f_["what"], []).append(int(f_["ns"]))
                 continue
             m = re.search(r"@@TB L2 bench (begin|end) (.*)", text)
             if m and cur:
@@ -103,8 +103,14 @@ def parse_log(path):
     return cells, exits, exit_cost
 
 
+def median(xs):
+    xs = sorted(xs)
+    return xs[(len(xs) - 1) // 2]
+
+
 def exit_cost_table(exit_cost):
-    """What one 4-byte access costs the L2 under each VMM, by where it is handled."""
+    """What one 4-byte access costs the L2 under each VMM, by where it is handled (median over
+    the rounds)."""
     whats = ["ioapic-write", "vtd-read", "vtd-write"]
     lines = [
         "exit cost, us per access: ioapic-write = exit handled in L1's kernel; vtd-read, vtd-write"
@@ -115,7 +121,7 @@ def exit_cost_table(exit_cost):
         got = exit_cost.get(cfg)
         if got:
             cols = " ".join(
-                f"{got[w] / 1000:>12.2f}" if w in got else f"{'-':>12}" for w in whats
+                f"{median(got[w]) / 1000:>12.2f}" if w in got else f"{'-':>12}" for w in whats
             )
             lines.append(f"{cfg:<14} {cols}")
     return "\n".join(lines)
@@ -162,49 +168,69 @@ def diff(snaps, key, sub=None):
     return int(ve) - int(vb)
 
 
+def cell_row(cfg, w, c, cells, trace):
+    """One round of one configuration on one workload."""
+    row = {"config": cfg, "workload": w}
+    if not c or "end" not in c or "begin_t" not in c:
+        row["missing"] = True
+        return row
+    end = c["end"]
+    secs, nbytes = float(end["secs"]), int(end["bytes"])
+    ios = nbytes // (131072 if w == "dd-128k" else 4096)
+    row.update(
+        rc=int(end["rc"]),
+        secs=secs,
+        bytes=nbytes,
+        ios=ios,
+        mb_s=round(nbytes / secs / 1e6, 2) if secs > 0 else None,
+        iops=round(ios / secs) if secs > 0 else None,
+    )
+    if "iops" in end:
+        row["fio_iops"] = float(end["iops"])
+    inv = count_window(trace, c["begin_t"], c["end_t"])
+    row["host_iotlb_inv"] = inv.get("iotlb", 0)
+    row["host_inv_desc"] = inv
+    row["vm_exits"] = {k: diff(c, k) for k in EXITS}
+    if cfg == "ours":
+        # No vIOMMU: all guest RAM is mapped once at start, nothing per I/O.
+        row["vfio_map"] = row["vfio_unmap"] = 0
+        row["vfio_source"] = "no vIOMMU: guest RAM mapped once at start"
+    elif cfg.startswith("ours"):
+        eng = {k: diff(c, k, sub=True) for k in ENGINE}
+        row["engine"] = eng
+        row["vfio_map"] = eng["host_map_calls"] or 0
+        row["vfio_unmap"] = eng["host_unmap_calls"] or 0
+        row["vfio_source"] = "--stats-json"
+    else:
+        s = cells.get(cfg + "+strace", {}).get(w)
+        if s:
+            row["vfio_map"] = diff(s, "vfio_map")
+            row["vfio_unmap"] = diff(s, "vfio_unmap")
+            row["vfio_source"] = "strace (untimed pass)"
+    return row
+
+
+def rounds_of(cells, cfg):
+    """The timed boots of `cfg`: CFG#1, CFG#2, ... (or plain CFG from a one-round log)."""
+    names = [n for n in cells if n == cfg or n.startswith(cfg + "#")]
+    return sorted(names, key=lambda n: int(n.split("#")[1]) if "#" in n else 0)
+
+
 def build(cells, trace):
+    """A row per configuration and workload: the round with the median time, plus every
+    round's time."""
     rows = []
     for cfg in CONFIGS:
         for w in WORKLOADS:
-            c = cells.get(cfg, {}).get(w)
-            row = {"config": cfg, "workload": w}
-            rows.append(row)
-            if not c or "end" not in c or "begin_t" not in c:
-                row["missing"] = True
+            rounds = [cell_row(cfg, w, cells[n].get(w), cells, trace) for n in rounds_of(cells, cfg)]
+            done = sorted((r for r in rounds if not r.get("missing")), key=lambda r: r["secs"])
+            if not done:
+                rows.append({"config": cfg, "workload": w, "missing": True})
                 continue
-            end = c["end"]
-            secs, nbytes = float(end["secs"]), int(end["bytes"])
-            ios = nbytes // (131072 if w == "dd-128k" else 4096)
-            row.update(
-                rc=int(end["rc"]),
-                secs=secs,
-                bytes=nbytes,
-                ios=ios,
-                mb_s=round(nbytes / secs / 1e6, 2) if secs > 0 else None,
-                iops=round(ios / secs) if secs > 0 else None,
-            )
-            if "iops" in end:
-                row["fio_iops"] = float(end["iops"])
-            inv = count_window(trace, c["begin_t"], c["end_t"])
-            row["host_iotlb_inv"] = inv.get("iotlb", 0)
-            row["host_inv_desc"] = inv
-            row["vm_exits"] = {k: diff(c, k) for k in EXITS}
-            if cfg == "ours":
-                # No vIOMMU: all guest RAM is mapped once at start, nothing per I/O.
-                row["vfio_map"] = row["vfio_unmap"] = 0
-                row["vfio_source"] = "no vIOMMU: guest RAM mapped once at start"
-            elif cfg.startswith("ours"):
-                eng = {k: diff(c, k, sub=True) for k in ENGINE}
-                row["engine"] = eng
-                row["vfio_map"] = eng["host_map_calls"] or 0
-                row["vfio_unmap"] = eng["host_unmap_calls"] or 0
-                row["vfio_source"] = "--stats-json"
-            else:
-                s = cells.get(cfg + "+strace", {}).get(w)
-                if s:
-                    row["vfio_map"] = diff(s, "vfio_map")
-                    row["vfio_unmap"] = diff(s, "vfio_unmap")
-                    row["vfio_source"] = "strace (untimed pass)"
+            row = dict(done[(len(done) - 1) // 2])
+            row["secs_rounds"] = [r.get("secs") for r in rounds]
+            row["rounds_missing"] = sum(1 for r in rounds if r.get("missing"))
+            rows.append(row)
     return rows
 
 
@@ -223,7 +249,7 @@ def table(rows):
     hdr = (
         f"{'workload':<11} {'config':<14} {'secs':>6} {'MB/s':>7} {'IOPS':>6} "
         f"{'VFIO map':>8} {'unmap':>6} {'host IOTLB inv':>14} {'inv/IO':>6} {'exits/IO':>8} "
-        f"{'vmm us/IO':>9}"
+        f"{'vmm us/IO':>9}  secs per round"
     )
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
@@ -240,7 +266,7 @@ def table(rows):
             f"{iops:>6.0f} {n(r.get('vfio_map')):>8} {n(r.get('vfio_unmap')):>6} "
             f"{r['host_iotlb_inv']:>14} {per_io(r['host_iotlb_inv'], r['ios']):>6} "
             f"{per_io(r['vm_exits'].get('exits'), r['ios']):>8} "
-            f"{vmm_us(r):>9}"
+            f"{vmm_us(r):>9}  {' '.join(f'{x:.2f}' if x is not None else '-' for x in r['secs_rounds'])}"
         )
     return "\n".join(lines)
 

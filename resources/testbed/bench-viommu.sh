@@ -21,14 +21,17 @@
 #     invalidations are the trace lines between the arrival of its begin and end markers (the L2
 #     stays idle 1 s after begin and before end, so nothing else falls in the window).
 # Writes a table on stdout, RESULTS.json and RESULTS.png (bench-viommu-report.py, matplotlib).
+# Every configuration's timed boot runs --rounds times (default 3), interleaved; a cell's time is
+# the median over its rounds (the others are in the JSON), its counts those of that round.
 # Usage: bench-viommu.sh [--vmm PATH] [--out DIR] [--count4k N] [--count128k N] [--fio-ios N]
-#                        [--l1-smp N] [--no-strace]
+#                        [--l1-smp N] [--no-strace] [--queue sync|async] [--rounds N]
 #   --vmm PATH  default: cargo build --release -p vmm (target dir target/testbed/cargo)
 #   --out DIR   default target/testbed/bench-viommu (log, L0 trace, results.json, results.png)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=2 strace_pass=1 queue=""
+rounds=3
 while (($#)); do
   case "$1" in
     --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
@@ -39,6 +42,7 @@ while (($#)); do
     --l1-smp) l1smp="$2"; shift 2 ;;
     --no-strace) strace_pass=0; shift ;;
     --queue) queue="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     *) tb_die "bench-viommu.sh: unknown argument $1" ;;
   esac
 done
@@ -116,13 +120,18 @@ WRAP="" TMO=150
 # it, so the intel-iommu device is the only difference.
 QEMU_VIOMMU="-machine q35 -device intel-iommu,caching-mode=on"
 QEMU_PLAIN="-machine q35"
-# The timed pass: the vIOMMU configurations, then the ceilings, QEMU's next to ours, so slow
-# drift in the machine's load hits the pairs being compared alike.
-run_cfg qemu-viommu qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
-run_cfg ours-strict ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
-run_cfg ours-deferred ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
-run_cfg qemu qemu_l2 $QEMU_PLAIN -append "$L2CMD"
-run_cfg ours ours_l2 --device path=$nvme --cmdline "$L2CMD"
+# The timed pass, ROUNDS times over: the vIOMMU configurations, then the ceilings, QEMU's next to
+# ours, so slow drift in the machine's load hits the pairs being compared alike. Round r of a
+# configuration is named CFG#r; the report takes each cell's median time over the rounds.
+r=1
+while [ "$r" -le "$ROUNDS" ]; do
+  run_cfg "qemu-viommu#$r" qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
+  run_cfg "ours-strict#$r" ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+  run_cfg "ours-deferred#$r" ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+  run_cfg "qemu#$r" qemu_l2 $QEMU_PLAIN -append "$L2CMD"
+  run_cfg "ours#$r" ours_l2 --device path=$nvme --cmdline "$L2CMD"
+  r=$((r + 1))
+done
 # The counting pass: QEMU's VFIO calls under strace (its times are not used).
 if [ "$STRACE_PASS" = 1 ]; then
   # strace stops only at ioctls (seccomp-bpf) and prints their numbers raw, so map and unmap
@@ -134,7 +143,7 @@ fi
 echo "@@TB BENCH all-done"
 SCRIPT
 # The scenario's parameters, ahead of its (quoted, so literal) body.
-sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass QUEUE='${queue:+,queue=$queue}'" "$run/scenario.sh"
+sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass QUEUE='${queue:+,queue=$queue}' ROUNDS=$rounds" "$run/scenario.sh"
 
 bash "$TB_SRC/mkinitrd.sh" --out "$run/initrd" --vmm "$vmm" --script "$run/scenario.sh" \
   --add "$run/l2-bench.cpio=/testbed/l2-bench.cpio"
@@ -150,7 +159,7 @@ start=$SECONDS
 # I/O thread and every configuration runs about 40% slower (a hung L1 costs one rerun).
 export TB_L1_IDLE=halt
 # Every console line gets the host's wall clock (EPOCHREALTIME, us), the clock of QEMU's trace.
-timeout 1200 bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
+timeout $((600 + 300 * rounds)) bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
   -trace 'vtd_inv_desc*' -D "$trace" -msg timestamp=on </dev/null 2>&1 |
   while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$log" || true
 flock -u 8
