@@ -30,7 +30,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=2 strace_pass=1 queue=""
+vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=1 strace_pass=1 queue=""
 rounds=3
 while (($#)); do
   case "$1" in
@@ -155,9 +155,10 @@ tb_log "bench-viommu: waiting for the testbed lock" && flock 8
 log="$out/console.log" trace="$out/vtd-trace.log"
 tb_log "bench-viommu: L1 with $l1smp vCPU(s); console in $log, L0 VT-d trace in $trace"
 start=$SECONDS
-# L1 halts when idle here: with idle=poll its 2 spinning vCPUs take both host cores from L0's
-# I/O thread and every configuration runs about 40% slower (a hung L1 costs one rerun).
-export TB_L1_IDLE=halt
+# L1 has one vCPU and polls when idle (l0-qemu.sh's default): the configuration that ran clean. With
+# `--l1-smp 2` the L2's two vCPUs get an L1 CPU each (fio runs 2x faster), but two L1 vCPUs that
+# poll take both host cores from L0's I/O thread (every cell ~40% slower), and two that halt
+# (TB_L1_IDLE=halt) froze L1 in 2 of 3 runs (resources/testbed/README.md).
 # Every console line gets the host's wall clock (EPOCHREALTIME, us), the clock of QEMU's trace.
 timeout $((600 + 300 * rounds)) bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
   -trace 'vtd_inv_desc*' -D "$trace" -msg timestamp=on </dev/null 2>&1 |
