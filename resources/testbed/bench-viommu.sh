@@ -158,7 +158,7 @@ start=$SECONDS
 # L1 has one vCPU and polls when idle (l0-qemu.sh's default): the configuration that ran clean. With
 # `--l1-smp 2` the L2's two vCPUs get an L1 CPU each (fio runs 2x faster), but two L1 vCPUs that
 # poll take both host cores from L0's I/O thread (every cell ~40% slower), and two that halt
-# (TB_L1_IDLE=halt) froze L1 in 2 of 3 runs (resources/testbed/README.md).
+# (TB_L1_IDLE=halt) froze L1 in both of the last two runs (resources/testbed/README.md).
 # Every console line gets the host's wall clock (EPOCHREALTIME, us), the clock of QEMU's trace.
 timeout $((600 + 300 * rounds)) bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
   -trace 'vtd_inv_desc*' -D "$trace" -msg timestamp=on </dev/null 2>&1 |
