@@ -26,6 +26,9 @@ done
 # boot frozen); an L1 that never halts went 12 boots out of 12. It costs the tests about 10%
 # (a spinning L1 vCPU takes a host core from L0's I/O thread); benchmarks that want L0's cores
 # for I/O set TB_L1_IDLE=halt. TB_L1_EXTRA adds L1 kernel arguments.
+# TB_L1_HEARTBEAT=FILE: L1's second serial port, where it writes its uptime every 5 s.
+heartbeat=()
+[[ -n "${TB_L1_HEARTBEAT:-}" ]] && heartbeat=(-serial "file:$TB_L1_HEARTBEAT")
 exec qemu-system-x86_64 \
   -accel tcg -cpu qemu64,+svm -smp "$smp" -m "$mem" \
   -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on \
@@ -33,4 +36,4 @@ exec qemu-system-x86_64 \
   -device nvme,drive=d0,serial=nvme0 -device edu \
   -kernel "$TB_OUT/vmlinuz" -initrd "$initrd" \
   -append "console=ttyS0 panic=-1 intel_iommu=on quiet idle=${TB_L1_IDLE:-poll} ${TB_L1_EXTRA:-} $append" \
-  -nodefaults -nographic -serial mon:stdio -no-reboot "$@"
+  -nodefaults -nographic -serial mon:stdio ${heartbeat[@]+"${heartbeat[@]}"} -no-reboot "$@"

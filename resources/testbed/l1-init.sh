@@ -20,6 +20,12 @@ iommu=no; [ -n "$(ls /sys/class/iommu 2>/dev/null)" ] && iommu=yes
 cpus=$(grep -c ^processor /proc/cpuinfo)
 echo "@@TB L1 ready kernel=$(uname -r) cpus=$cpus kvm=$kvm iommu=$iommu uptime=$(cut -d' ' -f1 /proc/uptime)"
 
+# A heartbeat on the second serial port (a file on the host when the harness asks for one): lets
+# the harness tell a frozen L1 (TCG nested-SVM weakness, see README) from a hung L2 or VMM.
+if [ -c /dev/ttyS1 ]; then
+  ( while sleep 5; do cut -d' ' -f1 /proc/uptime >/dev/ttyS1; done ) 2>/dev/null &
+fi
+
 rc=0
 if grep -q 'tb.l1=shell' /proc/cmdline || [ ! -f /testbed/scenario.sh ]; then
   echo "@@TB L1 shell (exit the shell to power off)"

@@ -211,3 +211,24 @@ fn vmm_exits_nonzero_when_l2_kernel_panics() -> Result<(), TestbedError> {
         format!("vmm's last stderr line does not say the guest panicked: {said:?}"),
     )
 }
+
+// --- The harness ----------------------------------------------------------------------------------
+
+/// A run that goes silent while L1 lives (what a hung VMM or L2 looks like) fails as such: only a
+/// frozen L1, whose heartbeat stops too, is taken for a testbed freeze and run again.
+#[test]
+fn a_silent_run_with_l1_alive_fails_as_a_hang_not_as_a_testbed_freeze() -> Result<(), TestbedError>
+{
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let silent = Scenario::l1_script("harness-silent-l1", "sleep 120\n")
+        .silence_timeout(std::time::Duration::from_secs(30));
+    match tb.run(&silent) {
+        Err(TestbedError::Run { what, .. }) if what.contains("no console output") => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Err(TestbedError::Unavailable(
+            "a scenario silent for 120 s finished inside a 30 s silence limit".into(),
+        )),
+    }
+}

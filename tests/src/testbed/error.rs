@@ -28,6 +28,16 @@ pub enum TestbedError {
         log: PathBuf,
         tail: String,
     },
+    /// L1 itself stopped, its heartbeat too: the nested testbed froze (a TCG nested-SVM weakness,
+    /// resources/testbed/README.md), not the code under test. [`super::Testbed::run`] runs such a
+    /// scenario once more before it reports this.
+    #[error("scenario `{scenario}`: the testbed froze: {what}\n  full log: {log}\n--- last console lines ---\n{tail}\n--- end ---", log = log.display())]
+    Frozen {
+        scenario: String,
+        what: String,
+        log: PathBuf,
+        tail: String,
+    },
 }
 
 // Tests return `Result<(), TestbedError>`; the test runner prints errors with Debug, so make Debug

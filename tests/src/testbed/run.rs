@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::console::{Line, LineSplitter, Marker};
 use super::error::TestbedError;
@@ -232,6 +232,24 @@ impl Testbed {
     /// L1 ran the scenario to its end (`@@TB L1 scenario-exit`); what happened inside is for the
     /// caller to check on the [`Outcome`]. Timeouts and runs that never finish are errors.
     pub fn run(&self, scenario: &Scenario) -> Result<Outcome, TestbedError> {
+        match self.run_once(scenario) {
+            Err(TestbedError::Frozen { what, log, .. }) => {
+                // Keep the frozen run's log, and say so loudly: a freeze that keeps coming back
+                // must get looked at.
+                let kept = log.with_extension("frozen.log");
+                let _ = fs::rename(&log, &kept);
+                eprintln!(
+                    "testbed: `{}` froze ({what}; log {}): running it once more",
+                    scenario.name,
+                    kept.display()
+                );
+                self.run_once(scenario)
+            }
+            other => other,
+        }
+    }
+
+    fn run_once(&self, scenario: &Scenario) -> Result<Outcome, TestbedError> {
         let vmm = if scenario.with_vmm {
             Some(self.vmm_binary()?)
         } else {
@@ -266,7 +284,10 @@ impl Testbed {
         run_cmd(&mut mk, "resources/testbed/mkinitrd.sh").map_err(TestbedError::Unavailable)?;
 
         let log = logs.join(format!("{}.log", scenario.name));
+        let heartbeat = run_dir.join("l1-heartbeat");
+        let _ = fs::remove_file(&heartbeat);
         let mut l0 = self.script_cmd("l0-qemu.sh");
+        l0.env("TB_L1_HEARTBEAT", &heartbeat);
         l0.arg("--initrd")
             .arg(&initrd)
             .args(["--smp", &scenario.l1_smp.to_string()])
@@ -282,8 +303,22 @@ impl Testbed {
             scenario.name,
             log.display()
         );
-        stream(scenario, &mut l0, &log, limits)
+        stream(scenario, &mut l0, &log, &heartbeat, limits)
     }
+}
+
+/// L1 writes its heartbeat every 5 s; this long without one means L1 is not running.
+const HEARTBEAT_STALE: Duration = Duration::from_secs(20);
+
+/// How long ago L1 last wrote its heartbeat file, or None if it never did.
+fn heartbeat_age(heartbeat: &Path) -> Option<Duration> {
+    let meta = fs::metadata(heartbeat).ok().filter(|m| m.len() > 0)?;
+    let written = meta.modified().ok()?;
+    Some(
+        SystemTime::now()
+            .duration_since(written)
+            .unwrap_or_default(),
+    )
 }
 
 /// When a run is given up.
@@ -338,6 +373,7 @@ fn stream(
     scenario: &Scenario,
     cmd: &mut Command,
     log: &Path,
+    heartbeat: &Path,
     limits: Limits,
 ) -> Result<Outcome, TestbedError> {
     let verbose = std::env::var("TB_VERBOSE").is_ok_and(|v| v != "0" && !v.is_empty());
@@ -365,6 +401,7 @@ fn stream(
     let mut lines = Vec::new();
     let mut markers = Vec::new();
     let mut timed_out = None;
+    let mut l1_stalled: Option<String> = None;
     loop {
         let last_output = lines.last().map_or(Duration::ZERO, |l: &Line| l.at);
         let now = start.elapsed();
@@ -389,6 +426,15 @@ fn stream(
                 } else {
                     format!("no console output for {:.0}s", limits.silence.as_secs_f64())
                 });
+                // Before L0 is killed: is L1 itself still running?
+                l1_stalled = match heartbeat_age(heartbeat) {
+                    Some(age) if age < HEARTBEAT_STALE => None,
+                    Some(age) => Some(format!(
+                        "L1's heartbeat stopped {:.0}s ago",
+                        age.as_secs_f64()
+                    )),
+                    None => Some("L1 never wrote a heartbeat".to_string()),
+                };
                 break;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -418,7 +464,16 @@ fn stream(
     };
     if let Some(why) = timed_out {
         let last = markers.last().map_or("none".to_string(), |m| m.raw.clone());
-        return Err(fail(format!("{why} (killed L0 QEMU); last marker: {last}")));
+        let what = format!("{why} (killed L0 QEMU); last marker: {last}");
+        if let Some(stalled) = l1_stalled {
+            return Err(TestbedError::Frozen {
+                scenario: scenario.name.clone(),
+                what: format!("{what}; {stalled}"),
+                log: log.to_path_buf(),
+                tail: tail(&lines, TAIL_LINES),
+            });
+        }
+        return Err(fail(what));
     }
     let exit = markers
         .iter()
@@ -437,4 +492,23 @@ fn stream(
         elapsed,
         scenario_exit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_age_is_none_until_l1_writes_and_small_after() {
+        let dir = std::env::temp_dir().join(format!("tb-heartbeat-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let hb = dir.join("l1-heartbeat");
+        let _ = fs::remove_file(&hb);
+        assert!(heartbeat_age(&hb).is_none(), "no file");
+        fs::write(&hb, "").unwrap();
+        assert!(heartbeat_age(&hb).is_none(), "nothing written yet");
+        fs::write(&hb, "12.5\n").unwrap();
+        assert!(heartbeat_age(&hb).is_some_and(|a| a < HEARTBEAT_STALE));
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }
