@@ -22,8 +22,16 @@ vfio_fds() { ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c /dev/vfio; }
 vmm $(vmm_args) --cmdline "$(cmdline dd-loop)" >/tmp/run1.log 2>&1 &
 pid=$!
 i=0
-while ! grep -q "io-running" /tmp/run1.log && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
-grep -q "io-running" /tmp/run1.log && echo "@@TB L1 io-seen run=1"
+while ! grep -q "io-running" /tmp/run1.log && [ $i -lt 900 ]; do
+  sleep 0.1; i=$((i + 1))
+  # Progress, so the harness can tell a slow boot from a silent one, and what the guest printed.
+  [ $((i % 150)) -eq 0 ] && echo "@@TB L1 waiting run=1 secs=$((i / 10)) log_lines=$(wc -l </tmp/run1.log)"
+done
+if grep -q "io-running" /tmp/run1.log; then
+  echo "@@TB L1 io-seen run=1"
+else
+  echo "@@TB L1 no-io run=1: the guest's console follows"; tail -n 40 /tmp/run1.log
+fi
 sleep 1
 kill -9 $pid
 wait $pid
