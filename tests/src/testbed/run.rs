@@ -234,11 +234,13 @@ impl Testbed {
     pub fn run(&self, scenario: &Scenario) -> Result<Outcome, TestbedError> {
         match self.run_once(scenario) {
             Err(TestbedError::Frozen { what, log, .. }) => {
-                // Keep the frozen run's log, and say so loudly: a freeze that keeps coming back
-                // must get looked at.
+                // Keep the frozen run's log, and say so loudly (straight to stderr: the test
+                // runner's capture would swallow eprintln! in a test that then passes), since a
+                // freeze that keeps coming back must get looked at.
                 let kept = log.with_extension("frozen.log");
                 let _ = fs::rename(&log, &kept);
-                eprintln!(
+                let _ = writeln!(
+                    std::io::stderr(),
                     "testbed: `{}` froze ({what}; log {}): running it once more",
                     scenario.name,
                     kept.display()
