@@ -143,7 +143,7 @@ impl Space {
     /// Syncs the pending ranges (or the whole space after a view change) in one batch.
     pub fn sync<M: GuestMemoryBackend>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        let (mut ranges, defer) = if self.view_changed {
+        let (ranges, defer) = if self.view_changed {
             (vec![FULL], false)
         } else {
             (ranges::normalize(std::mem::take(&mut self.pending)), defer)
@@ -207,7 +207,6 @@ impl Space {
         } else {
             self.snapshots.clear();
         }
-        ranges.clear();
         self.recycle_pending(ranges);
         report
     }

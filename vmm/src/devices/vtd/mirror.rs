@@ -67,8 +67,9 @@ impl RegisterMirror {
         });
     }
 
-    /// The page as the guest sees it (tests).
-    pub fn word(&self, offset: u64) -> u64 {
+    /// The page as the guest sees it.
+    #[cfg(test)]
+    fn word(&self, offset: u64) -> u64 {
         let i = (offset / 8) as usize % REG_IMAGE_WORDS;
         // SAFETY: in bounds by the modulo; aligned word of the live page.
         unsafe { std::ptr::read_volatile(self.page.as_ptr().add(i)) }
