@@ -83,9 +83,9 @@ impl Guest {
             "shadow and host disagree"
         );
         // Registers stay within their fields.
-        let iqh = Driver::read64(&mut self.vtd, IQH_REG) >> 4;
-        let qs = Driver::read64(&mut self.vtd, IQA_REG) & IQA_QS_MASK;
-        let fsts = Driver::read32(&mut self.vtd, FSTS_REG);
+        let iqh = Driver::read64(&self.vtd, IQH_REG) >> 4;
+        let qs = Driver::read64(&self.vtd, IQA_REG) & IQA_QS_MASK;
+        let fsts = Driver::read32(&self.vtd, FSTS_REG);
         assert!(
             iqh < 256 << qs || fsts & FSTS_IQE != 0,
             "IQH {iqh} outside the queue"
@@ -97,7 +97,7 @@ impl Guest {
     /// current root, global context and IOTLB invalidation), then checks the host translates
     /// exactly what the guest's tables say, page by page.
     pub fn check_quiesced(&mut self) {
-        let gsts = Driver::read32(&mut self.vtd, GSTS_REG);
+        let gsts = Driver::read32(&self.vtd, GSTS_REG);
         let te = gsts & GSTS_TES;
         // Stop the queue, clear errors, point it at the clean area and restart it.
         Driver::write32(&mut self.vtd, GCMD_REG, te);

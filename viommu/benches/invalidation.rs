@@ -160,7 +160,7 @@ impl Guest {
             false,
         ));
         // Write the descriptors, then time only the unit's handling of the tail write.
-        let tail_before = Driver::read64(&mut self.vtd, viommu::regs::IQT_REG) >> 4;
+        let tail_before = Driver::read64(&self.vtd, viommu::regs::IQT_REG) >> 4;
         let entries = self.drv.queue_entries;
         for (i, d) in descs.iter().enumerate() {
             let slot = (tail_before + i as u64) % entries;

@@ -27,6 +27,7 @@ pub mod walk;
 pub use fault::{Access, Fault, FaultReason};
 pub use host::{HostDma, HostDmaError};
 pub use stats::Stats;
+pub use vtd::registers;
 pub use vtd::{Clock, ConfigError, FlushMode, MsiSink, SyncStrategy, SystemClock, Vtd, VtdConfig};
 
 /// Size of a VT-d page.

@@ -1,83 +1,87 @@
 //! Register map and bit definitions of the remapping hardware unit.
 //!
-//! Offsets and fields follow the Intel VT-d specification, chapter 11.4 ("Register Descriptions").
-//! Only legacy (non-scalable) mode is modelled.
+//! Offsets and fields follow the Intel VT-d specification (section numbers are those of revision
+//! 5.10), chapter 11.4 ("Register Descriptions"). Only legacy (non-scalable) mode is modelled. How
+//! each register behaves (its read-only, read-write and write-1-to-clear bits, its reset value,
+//! what a write starts) is described once, in [`crate::registers::REGISTERS`].
 
 /// Size of the MMIO window the register block occupies (one 4 KiB page).
 pub const REG_WINDOW_SIZE: u64 = 0x1000;
 /// The window in 8-byte words, the unit of [`crate::Vtd::register_image`].
 pub const REG_IMAGE_WORDS: usize = (REG_WINDOW_SIZE / 8) as usize;
 
-// 11.4.1 - 11.4.12: register offsets.
-/// Version register (32-bit).
+// 11.4: register offsets.
+/// Version register (32-bit), 11.4.1.
 pub const VER_REG: u64 = 0x00;
-/// Capability register (64-bit).
+/// Capability register (64-bit), 11.4.2.
 pub const CAP_REG: u64 = 0x08;
-/// Extended capability register (64-bit).
+/// Extended capability register (64-bit), 11.4.3.
 pub const ECAP_REG: u64 = 0x10;
-/// Global command register (32-bit, write-only).
+/// Global command register (32-bit, write-only), 11.4.4.1.
 pub const GCMD_REG: u64 = 0x18;
-/// Global status register (32-bit, read-only).
+/// Global status register (32-bit, read-only), 11.4.4.2.
 pub const GSTS_REG: u64 = 0x1c;
-/// Root table address register (64-bit).
+/// Root table address register (64-bit), 11.4.5.
 pub const RTADDR_REG: u64 = 0x20;
-/// Context command register (64-bit).
+/// Context command register (64-bit), 11.4.6.1.
 pub const CCMD_REG: u64 = 0x28;
-/// Fault status register (32-bit).
+/// Fault status register (32-bit), 11.4.7.1.
 pub const FSTS_REG: u64 = 0x34;
-/// Fault event control register (32-bit).
+/// Fault event control register (32-bit), 11.4.7.2.
 pub const FECTL_REG: u64 = 0x38;
-/// Fault event data register (32-bit).
+/// Fault event data register (32-bit), 11.4.7.3.
 pub const FEDATA_REG: u64 = 0x3c;
-/// Fault event address register (32-bit).
+/// Fault event address register (32-bit), 11.4.7.4.
 pub const FEADDR_REG: u64 = 0x40;
-/// Fault event upper address register (32-bit).
+/// Fault event upper address register (32-bit), 11.4.7.5.
 pub const FEUADDR_REG: u64 = 0x44;
-/// Advanced fault log register (64-bit).
+/// Advanced fault log register (64-bit): described by revisions up to 3.x (10.4.15), gone from
+/// 5.10, where the offset is reserved. Kept as a plain register for drivers that still write it.
 pub const AFLOG_REG: u64 = 0x58;
-/// Protected memory enable register (32-bit).
+/// Protected memory enable register (32-bit), 11.4.8.1.
 pub const PMEN_REG: u64 = 0x64;
-/// Protected low-memory base register (32-bit).
+/// Protected low-memory base register (32-bit), 11.4.8.2.
 pub const PLMBASE_REG: u64 = 0x68;
-/// Protected low-memory limit register (32-bit).
+/// Protected low-memory limit register (32-bit), 11.4.8.3.
 pub const PLMLIMIT_REG: u64 = 0x6c;
-/// Protected high-memory base register (64-bit).
+/// Protected high-memory base register (64-bit), 11.4.8.4.
 pub const PHMBASE_REG: u64 = 0x70;
-/// Protected high-memory limit register (64-bit).
+/// Protected high-memory limit register (64-bit), 11.4.8.5.
 pub const PHMLIMIT_REG: u64 = 0x78;
-/// Invalidation queue head register (64-bit, read-only).
+/// Invalidation queue head register (64-bit, read-only), 11.4.9.1.
 pub const IQH_REG: u64 = 0x80;
-/// Invalidation queue tail register (64-bit).
+/// Invalidation queue tail register (64-bit), 11.4.9.2.
 pub const IQT_REG: u64 = 0x88;
-/// Invalidation queue address register (64-bit).
+/// Invalidation queue address register (64-bit), 11.4.9.3.
 pub const IQA_REG: u64 = 0x90;
-/// Invalidation completion status register (32-bit).
+/// Invalidation completion status register (32-bit), 11.4.9.4.
 pub const ICS_REG: u64 = 0x9c;
-/// Invalidation event control register (32-bit).
+/// Invalidation event control register (32-bit), 11.4.9.5.
 pub const IECTL_REG: u64 = 0xa0;
-/// Invalidation event data register (32-bit).
+/// Invalidation event data register (32-bit), 11.4.9.6.
 pub const IEDATA_REG: u64 = 0xa4;
-/// Invalidation event address register (32-bit).
+/// Invalidation event address register (32-bit), 11.4.9.7.
 pub const IEADDR_REG: u64 = 0xa8;
-/// Invalidation event upper address register (32-bit).
+/// Invalidation event upper address register (32-bit), 11.4.9.8.
 pub const IEUADDR_REG: u64 = 0xac;
-/// Interrupt remapping table address register (64-bit); kept for the interrupt-remapping work.
+/// Interrupt remapping table address register (64-bit), 11.4.10; a plain register until
+/// interrupt remapping is modelled.
 pub const IRTA_REG: u64 = 0xb8;
 
 /// Offset of the IOTLB register pair (IVA at +0, IOTLB at +8), advertised through ECAP.IRO.
 pub const IOTLB_REG_BASE: u64 = 0x100;
-/// Invalidate address register (64-bit), 11.4.8.2.
+/// Invalidate address register (64-bit), 11.4.6.4.
 pub const IVA_REG: u64 = IOTLB_REG_BASE;
-/// IOTLB invalidate register (64-bit), 11.4.8.1.
+/// IOTLB invalidate register (64-bit), 11.4.6.3.
 pub const IOTLB_REG: u64 = IOTLB_REG_BASE + 8;
 /// Offset of the first fault recording register, advertised through CAP.FRO.
 pub const FRCD_REG_BASE: u64 = 0x200;
-/// Size of one fault recording register (128-bit), 11.4.14.
+/// Size of one fault recording register (128-bit), 11.4.7.6.
 pub const FRCD_REG_SIZE: u64 = 16;
 /// Most fault recording registers the window above FRCD_REG_BASE leaves room for.
 pub const MAX_FAULT_RECORDS: usize = ((REG_WINDOW_SIZE - FRCD_REG_BASE) / FRCD_REG_SIZE) as usize;
 
-// 11.4.1: version 1.0.
+/// 11.4.1: version 1.0 (major in bits 7:4, minor in 3:0).
 pub const VER_VALUE: u32 = 0x10;
 
 // 11.4.2: capability register fields.
@@ -122,7 +126,7 @@ pub const ECAP_DT: u64 = 1 << 2;
 pub const ECAP_PT: u64 = 1 << 6;
 pub const ECAP_IRO_SHIFT: u64 = 8;
 
-// 11.4.4 / 11.4.5: global command and status bits (same positions in both registers).
+// 11.4.4.1 / 11.4.4.2: global command and status bits (same positions in both registers).
 /// Translation enable / status.
 pub const GCMD_TE: u32 = 1 << 31;
 pub const GSTS_TES: u32 = 1 << 31;
@@ -131,8 +135,10 @@ pub const GCMD_SRTP: u32 = 1 << 30;
 pub const GSTS_RTPS: u32 = 1 << 30;
 /// Set fault log / status.
 pub const GCMD_SFL: u32 = 1 << 29;
+pub const GSTS_FLS: u32 = 1 << 29;
 /// Enable advanced fault logging / status.
 pub const GCMD_EAFL: u32 = 1 << 28;
+pub const GSTS_AFLS: u32 = 1 << 28;
 /// Write buffer flush / status.
 pub const GCMD_WBF: u32 = 1 << 27;
 pub const GSTS_WBFS: u32 = 1 << 27;
@@ -141,36 +147,56 @@ pub const GCMD_QIE: u32 = 1 << 26;
 pub const GSTS_QIES: u32 = 1 << 26;
 /// Interrupt remapping enable / status (reserved here: no IR support yet).
 pub const GCMD_IRE: u32 = 1 << 25;
-/// Set interrupt remap table pointer (reserved here: no IR support yet).
+pub const GSTS_IRES: u32 = 1 << 25;
+/// Set interrupt remap table pointer / status (reserved here: no IR support yet).
 pub const GCMD_SIRTP: u32 = 1 << 24;
-/// Compatibility format interrupt (reserved here: no IR support yet).
+pub const GSTS_IRTPS: u32 = 1 << 24;
+/// Compatibility format interrupt / status (reserved here: no IR support yet).
 pub const GCMD_CFI: u32 = 1 << 23;
+pub const GSTS_CFIS: u32 = 1 << 23;
 
-// 11.4.6: root table address register.
+// 11.4.5: root table address register.
 /// Translation table mode (bits 11:10); 00 is legacy mode, the only one modelled.
 pub const RTADDR_TTM_MASK: u64 = 0b11 << 10;
 pub const RTADDR_RTA_MASK: u64 = !0xfff;
 
-// 11.4.7: context command register.
+// 11.4.6.1: context command register.
 /// Invalidate context-cache (set by software, cleared by hardware when done).
 pub const CCMD_ICC: u64 = 1 << 63;
+/// Requested granularity (62:61).
 pub const CCMD_CIRG_SHIFT: u64 = 61;
+pub const CCMD_CIRG_MASK: u64 = 0b11 << CCMD_CIRG_SHIFT;
+/// Actual granularity (60:59), written by hardware.
 pub const CCMD_CAIG_SHIFT: u64 = 59;
+pub const CCMD_CAIG_MASK: u64 = 0b11 << CCMD_CAIG_SHIFT;
+/// Function mask (33:32), source id (31:16) and domain id (15:0) of the request.
 pub const CCMD_FM_SHIFT: u64 = 32;
+pub const CCMD_FM_MASK: u64 = 0b11 << CCMD_FM_SHIFT;
 pub const CCMD_SID_SHIFT: u64 = 16;
+pub const CCMD_SID_MASK: u64 = 0xffff << CCMD_SID_SHIFT;
+pub const CCMD_DID_MASK: u64 = 0xffff;
 
-// 11.4.8.1: IOTLB invalidate register.
+// 11.4.6.3: IOTLB invalidate register.
 /// Invalidate IOTLB (set by software, cleared by hardware when done).
 pub const IOTLB_IVT: u64 = 1 << 63;
+/// Requested granularity (61:60).
 pub const IOTLB_IIRG_SHIFT: u64 = 60;
+pub const IOTLB_IIRG_MASK: u64 = 0b11 << IOTLB_IIRG_SHIFT;
+/// Actual granularity (58:57), written by hardware.
 pub const IOTLB_IAIG_SHIFT: u64 = 57;
+pub const IOTLB_IAIG_MASK: u64 = 0b11 << IOTLB_IAIG_SHIFT;
+/// Drain reads and drain writes.
+pub const IOTLB_DR: u64 = 1 << 49;
+pub const IOTLB_DW: u64 = 1 << 48;
+/// Domain id of a domain- or page-selective request (47:32).
 pub const IOTLB_DID_SHIFT: u64 = 32;
-// 11.4.8.2: invalidate address register.
+pub const IOTLB_DID_MASK: u64 = 0xffff << IOTLB_DID_SHIFT;
+// 11.4.6.4: invalidate address register.
 pub const IVA_AM_MASK: u64 = 0x3f;
 pub const IVA_IH: u64 = 1 << 6;
 pub const IVA_ADDR_MASK: u64 = !0xfff;
 
-// 11.4.9.1: fault status register.
+// 11.4.7.1: fault status register.
 /// Primary fault overflow (RW1C).
 pub const FSTS_PFO: u32 = 1 << 0;
 /// Primary pending fault (RO: some fault record has F set).
@@ -181,19 +207,27 @@ pub const FSTS_IQE: u32 = 1 << 4;
 pub const FSTS_ICE: u32 = 1 << 5;
 /// Invalidation time-out error (RW1C).
 pub const FSTS_ITE: u32 = 1 << 6;
+/// Fault record index (RO, 15:8).
 pub const FSTS_FRI_SHIFT: u32 = 8;
+pub const FSTS_FRI_MASK: u32 = 0xff << FSTS_FRI_SHIFT;
 /// Bits software clears by writing 1.
 pub const FSTS_RW1C: u32 = FSTS_PFO | FSTS_IQE | FSTS_ICE | FSTS_ITE;
 /// Conditions that keep the fault event pending.
 pub const FSTS_EVENT_CONDITIONS: u32 = FSTS_PFO | FSTS_PPF | FSTS_IQE | FSTS_ICE | FSTS_ITE;
 
-// 11.4.9.2 and 11.4.9.7: event control registers (fault and invalidation completion).
+// 11.4.7.4 and 11.4.9.7: event address registers hold a dword-aligned message address (31:2).
+pub const EADDR_MA_MASK: u32 = !0x3;
+
+// Advanced fault log register (revision 3.x, 10.4.15): the log's address (63:12).
+pub const AFLOG_FLA_MASK: u64 = !0xfff;
+
+// 11.4.7.2 and 11.4.9.5: event control registers (fault and invalidation completion).
 /// Interrupt mask.
 pub const ECTL_IM: u32 = 1 << 31;
 /// Interrupt pending (read-only).
 pub const ECTL_IP: u32 = 1 << 30;
 
-// 11.4.9.6: invalidation completion status register.
+// 11.4.9.4: invalidation completion status register.
 /// Invalidation wait descriptor complete (RW1C).
 pub const ICS_IWC: u32 = 1 << 0;
 
@@ -208,13 +242,22 @@ pub const IQ_INDEX_MASK: u64 = 0x7fff << IQ_INDEX_SHIFT;
 /// Size of one legacy invalidation descriptor.
 pub const DESCRIPTOR_SIZE: u64 = 16;
 
-// 11.4.14: fault recording register, upper quadword.
+// 11.4.7.6: fault recording register.
+/// Lower quadword: the faulting page's address (63:12).
+pub const FRCD_LO_FI_MASK: u64 = !0xfff;
+// Upper quadword:
 /// Fault bit (RW1C).
 pub const FRCD_HI_F: u64 = 1 << 63;
 /// Type: set for a read request, clear for a write.
 pub const FRCD_HI_T: u64 = 1 << 62;
+/// Address type of the faulted request (61:60).
+pub const FRCD_HI_AT_MASK: u64 = 0b11 << 60;
+/// Fault reason (39:32).
 pub const FRCD_HI_FR_SHIFT: u64 = 32;
+pub const FRCD_HI_FR_MASK: u64 = 0xff << FRCD_HI_FR_SHIFT;
+/// Source id of the faulted request (15:0).
+pub const FRCD_HI_SID_MASK: u64 = 0xffff;
 
-// 11.4.10: protected memory enable register.
+// 11.4.8.1: protected memory enable register.
 pub const PMEN_EPM: u32 = 1 << 31;
 pub const PMEN_PRS: u32 = 1 << 0;

@@ -407,13 +407,13 @@ impl Driver {
         vtd.mmio_write(off, &v.to_le_bytes());
     }
 
-    pub fn read32<M: vm_memory::GuestMemoryBackend>(vtd: &mut crate::Vtd<M>, off: u64) -> u32 {
+    pub fn read32<M: vm_memory::GuestMemoryBackend>(vtd: &crate::Vtd<M>, off: u64) -> u32 {
         let mut b = [0u8; 4];
         vtd.mmio_read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    pub fn read64<M: vm_memory::GuestMemoryBackend>(vtd: &mut crate::Vtd<M>, off: u64) -> u64 {
+    pub fn read64<M: vm_memory::GuestMemoryBackend>(vtd: &crate::Vtd<M>, off: u64) -> u64 {
         let mut b = [0u8; 8];
         vtd.mmio_read(off, &mut b);
         u64::from_le_bytes(b)

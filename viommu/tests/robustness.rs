@@ -65,7 +65,7 @@ fn a_full_queue_of_descriptors_is_processed_in_one_tail_write() {
         s.mem.read_obj::<u32>(GuestAddress(s.drv.status)).unwrap(),
         7
     );
-    assert_eq!(Driver::read32(&mut s.vtd, FSTS_REG) & FSTS_IQE, 0);
+    assert_eq!(Driver::read32(&s.vtd, FSTS_REG) & FSTS_IQE, 0);
     assert_eq!(s.host.get().page_map().len(), 1024);
     // One sync for the whole submission: each page mapped once.
     assert_eq!(
@@ -150,7 +150,7 @@ fn a_host_at_its_mapping_limit_gives_faults_not_crashes_and_recovers() {
     let stats = s.vtd.stats();
     assert_eq!(stats.host_errors, 48);
     assert!(stats.faults >= 1);
-    assert!(Driver::read32(&mut s.vtd, FSTS_REG) & FSTS_PPF != 0);
+    assert!(Driver::read32(&s.vtd, FSTS_REG) & FSTS_PPF != 0);
     assert_eq!(s.host.get().mappings(), 16);
     // The guest unmaps most of them; the next sync maps what fits again.
     s.tables.unmap(s.pt, 0, 120 * P);

@@ -31,24 +31,25 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// Processes descriptors from IQH up to IQT, as hardware does after a tail write. Stops at
     /// the first bad descriptor with FSTS.IQE set and IQH left pointing at it.
     pub(super) fn process_queue(&mut self) {
-        if self.gsts & GSTS_QIES == 0 || self.fsts_errors & FSTS_IQE != 0 {
+        if self.regs.get32::<GSTS_REG>() & GSTS_QIES == 0 || self.fsts_errors & FSTS_IQE != 0 {
             return;
         }
-        let entries = iq_entries(self.iqa);
-        if self.iqt >= entries {
-            let tail = self.iqt;
+        let entries = iq_entries(self.regs.get::<IQA_REG>());
+        let tail = self.regs.get::<IQT_REG>() >> IQ_INDEX_SHIFT;
+        if tail >= entries {
             return self.queue_error(QueueError::TailBeyondQueue { tail, entries });
         }
         if self.iqh >= entries {
             let head = self.iqh;
             return self.queue_error(QueueError::HeadBeyondQueue { head, entries });
         }
-        if self.iqh != self.iqt {
+        if self.iqh != tail {
             self.stats.submissions += 1;
         }
-        let base = self.iqa & IQA_IQA_MASK;
-        // Bounded: IQH advances modulo the queue size until it meets IQT, which is inside it.
-        while self.iqh != self.iqt {
+        let base = self.regs.get::<IQA_REG>() & IQA_IQA_MASK;
+        // Bounded: IQH advances modulo the queue size until it meets IQT, which is inside it
+        // (descriptors cannot write IQT).
+        while self.iqh != tail {
             // The guest can put the queue at the top of the address space: no wrapping.
             let addr = base.checked_add(self.iqh * DESCRIPTOR_SIZE);
             let fetched = addr
@@ -309,19 +310,19 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.deferred_since = None;
     }
 
-    /// CCMD (11.4.7): register-based context-cache invalidation, used while QI is off.
+    /// CCMD (11.4.6.1): register-based context-cache invalidation, used while QI is off.
     pub(super) fn register_context_invalidation(&mut self) {
-        let v = self.ccmd;
-        let granularity = (v >> CCMD_CIRG_SHIFT) & 0b11;
-        let domain = (v & 0xffff) as u16;
+        let v = self.regs.get::<CCMD_REG>();
+        let granularity = (v & CCMD_CIRG_MASK) >> CCMD_CIRG_SHIFT;
+        let domain = (v & CCMD_DID_MASK) as u16;
         let scope = match granularity {
-            _ if self.gsts & GSTS_QIES != 0 => None,
+            _ if self.regs.get32::<GSTS_REG>() & GSTS_QIES != 0 => None,
             1 => Some(ContextScope::Global),
             2 => Some(ContextScope::Domain(domain)),
             3 => Some(ContextScope::Device {
                 domain,
-                source: SourceId(((v >> CCMD_SID_SHIFT) & 0xffff) as u16),
-                function_mask: ((v >> CCMD_FM_SHIFT) & 0b11) as u8,
+                source: SourceId(((v & CCMD_SID_MASK) >> CCMD_SID_SHIFT) as u16),
+                function_mask: ((v & CCMD_FM_MASK) >> CCMD_FM_SHIFT) as u8,
             }),
             _ => None,
         };
@@ -338,24 +339,26 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 0
             }
         };
-        self.ccmd = (v & !(CCMD_ICC | 0b11 << CCMD_CAIG_SHIFT)) | actual << CCMD_CAIG_SHIFT;
+        self.regs
+            .set::<CCMD_REG>((v & !(CCMD_ICC | CCMD_CAIG_MASK)) | actual << CCMD_CAIG_SHIFT);
     }
 
-    /// IOTLB register (11.4.8): register-based IOTLB invalidation, used while QI is off.
+    /// IOTLB register (11.4.6.3): register-based IOTLB invalidation, used while QI is off.
     pub(super) fn register_iotlb_invalidation(&mut self) {
-        let v = self.iotlb;
-        let granularity = (v >> IOTLB_IIRG_SHIFT) & 0b11;
-        let domain = ((v >> IOTLB_DID_SHIFT) & 0xffff) as u16;
-        let am = self.iva & IVA_AM_MASK;
+        let v = self.regs.get::<IOTLB_REG>();
+        let iva = self.regs.get::<IVA_REG>();
+        let granularity = (v & IOTLB_IIRG_MASK) >> IOTLB_IIRG_SHIFT;
+        let domain = ((v & IOTLB_DID_MASK) >> IOTLB_DID_SHIFT) as u16;
+        let am = iva & IVA_AM_MASK;
         let scope = match granularity {
-            _ if self.gsts & GSTS_QIES != 0 => None,
+            _ if self.regs.get32::<GSTS_REG>() & GSTS_QIES != 0 => None,
             1 => Some(IotlbScope::Global),
             2 => Some(IotlbScope::Domain(domain)),
             3 if am <= MAMV => Some(IotlbScope::Page {
                 domain,
-                addr: self.iva & IVA_ADDR_MASK,
+                addr: iva & IVA_ADDR_MASK,
                 am: am as u8,
-                ih: self.iva & IVA_IH != 0,
+                ih: iva & IVA_IH != 0,
             }),
             _ => None,
         };
@@ -368,10 +371,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 granularity
             }
             None => {
-                log::warn!("VT-d: IOTLB command {v:#x} (IVA {:#x}) ignored", self.iva);
+                log::warn!("VT-d: IOTLB command {v:#x} (IVA {iva:#x}) ignored");
                 0
             }
         };
-        self.iotlb = (v & !(IOTLB_IVT | 0b11 << IOTLB_IAIG_SHIFT)) | actual << IOTLB_IAIG_SHIFT;
+        self.regs
+            .set::<IOTLB_REG>((v & !(IOTLB_IVT | IOTLB_IAIG_MASK)) | actual << IOTLB_IAIG_SHIFT);
     }
 }

@@ -52,11 +52,11 @@ pub(super) fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    pub(super) fn r32(&mut self, off: u64) -> u32 {
-        Driver::read32(&mut self.vtd, off)
+    pub(super) fn r32(&self, off: u64) -> u32 {
+        Driver::read32(&self.vtd, off)
     }
-    pub(super) fn r64(&mut self, off: u64) -> u64 {
-        Driver::read64(&mut self.vtd, off)
+    pub(super) fn r64(&self, off: u64) -> u64 {
+        Driver::read64(&self.vtd, off)
     }
     pub(super) fn w32(&mut self, off: u64, v: u32) {
         Driver::write32(&mut self.vtd, off, v)
@@ -111,28 +111,8 @@ pub(super) fn map(t: &mut Tables, pt: PageTable, iova: u64, gpa: u64, pages: u64
     t.map(pt, iova, gpa, pages * P, Perm::RW);
 }
 
+mod registers;
 mod sync;
-
-#[test]
-fn reset_values_report_the_configured_capabilities() {
-    let mut f = fixture();
-    assert_eq!(f.r32(VER_REG), 0x10);
-    let cap = f.r64(CAP_REG);
-    assert_eq!(cap & 7, 6, "16-bit domain ids");
-    assert!(cap & CAP_CM != 0);
-    assert_eq!((cap >> 8) & 0x1f, 0b110, "SAGAW 39 and 48");
-    assert_eq!((cap >> 16) & 0x3f, 47, "MGAW");
-    assert_eq!(((cap >> 24) & 0x3ff) * 16, FRCD_REG_BASE);
-    assert_eq!((cap >> 40) & 0xff, 7, "NFR is 8");
-    assert_eq!((cap >> 48) & 0x3f, 18, "MAMV");
-    assert!(cap & CAP_PSI != 0 && cap & CAP_SLLPS_2M != 0 && cap & CAP_SLLPS_1G != 0);
-    let ecap = f.r64(ECAP_REG);
-    assert!(ecap & ECAP_QI != 0 && ecap & ECAP_PT != 0 && ecap & ECAP_C != 0);
-    assert_eq!(((ecap >> 8) & 0x3ff) * 16, IOTLB_REG_BASE);
-    assert_eq!(f.r32(GSTS_REG), 0);
-    assert_eq!(f.r32(FECTL_REG), ECTL_IM, "fault event masked at reset");
-    assert_eq!(f.r32(IECTL_REG), ECTL_IM);
-}
 
 #[test]
 fn config_changes_width_caching_mode_and_fault_records() {
@@ -149,7 +129,7 @@ fn config_changes_width_caching_mode_and_fault_records() {
         Box::new(ManualClock::default()),
     )
     .unwrap();
-    let cap = Driver::read64(&mut vtd, CAP_REG);
+    let cap = Driver::read64(&vtd, CAP_REG);
     assert_eq!((cap >> 8) & 0x1f, 0b010);
     assert_eq!((cap >> 16) & 0x3f, 38);
     assert_eq!(cap & CAP_CM, 0);
@@ -179,120 +159,6 @@ fn config_changes_width_caching_mode_and_fault_records() {
             Box::new(ManualClock::default())
         )
         .is_err());
-    }
-}
-
-#[test]
-fn read_only_registers_ignore_writes() {
-    let mut f = fixture();
-    let (cap, ecap) = (f.r64(CAP_REG), f.r64(ECAP_REG));
-    f.w64(CAP_REG, 0);
-    f.w64(ECAP_REG, 0);
-    f.w32(VER_REG, 0);
-    f.w32(GSTS_REG, u32::MAX);
-    f.w64(IQH_REG, 0x50);
-    assert_eq!((f.r64(CAP_REG), f.r64(ECAP_REG)), (cap, ecap));
-    assert_eq!(f.r32(VER_REG), 0x10);
-    assert_eq!(f.r32(GSTS_REG), 0);
-    assert_eq!(f.r64(IQH_REG), 0);
-    assert_eq!(f.r32(GCMD_REG), 0, "GCMD is write-only");
-}
-
-#[test]
-fn sixty_four_bit_registers_take_two_32_bit_halves() {
-    let mut f = fixture();
-    f.w32(RTADDR_REG, 0x1234_5000);
-    f.w32(RTADDR_REG + 4, 0x1);
-    assert_eq!(f.r64(RTADDR_REG), 0x1_1234_5000);
-    assert_eq!(f.r32(RTADDR_REG + 4), 1);
-    f.w32(RTADDR_REG, 0x7000);
-    assert_eq!(
-        f.r64(RTADDR_REG),
-        0x1_0000_7000,
-        "a low write keeps the high half"
-    );
-}
-
-#[test]
-fn eight_byte_access_to_a_32_bit_pair_reaches_both_registers() {
-    let mut f = fixture();
-    f.w64(FEADDR_REG, 0x1_fee0_0000);
-    assert_eq!(f.r32(FEADDR_REG), 0xfee0_0000);
-    assert_eq!(f.r32(FEUADDR_REG), 0x1);
-    assert_eq!(f.r64(FEADDR_REG), 0x1_fee0_0000);
-}
-
-#[test]
-fn odd_sized_or_misaligned_accesses_are_ignored() {
-    let mut f = fixture();
-    f.vtd.mmio_write(FEDATA_REG, &[1, 2]);
-    f.vtd.mmio_write(FEDATA_REG + 1, &[1, 2, 3, 4]);
-    assert_eq!(f.r32(FEDATA_REG), 0);
-    let mut b = [0xffu8; 2];
-    f.vtd.mmio_read(VER_REG, &mut b);
-    assert_eq!(b, [0, 0]);
-    let mut b = [0xffu8; 4];
-    f.vtd.mmio_read(0xfff, &mut b[..1]);
-    f.vtd.mmio_read(REG_WINDOW_SIZE + 0x100, &mut b);
-    assert_eq!(b, [0; 4], "beyond the window reads zero");
-}
-
-#[test]
-fn register_image_matches_every_guest_read() {
-    let mut f = fixture();
-    f.linux_boot();
-    // Some state in every kind of register: a fault record, FSTS, the queue, FECTL.
-    let _ = f.vtd.translate(DEV, 0x9000, Access::Write);
-    // A distinct value in every register a write can set without starting a command.
-    for (i, reg) in [
-        FEDATA_REG,
-        FEADDR_REG,
-        FEUADDR_REG,
-        PLMBASE_REG,
-        PLMLIMIT_REG,
-        PHMBASE_REG,
-        PHMBASE_REG + 4,
-        PHMLIMIT_REG,
-        PHMLIMIT_REG + 4,
-        IEDATA_REG,
-        IEADDR_REG,
-        IEUADDR_REG,
-        IRTA_REG,
-        IRTA_REG + 4,
-        RTADDR_REG + 4,
-        AFLOG_REG,
-        IVA_REG,
-        IVA_REG + 4,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let v = 0x1111_1000u32.wrapping_mul(i as u32 + 1) | 0x10;
-        f.vtd.mmio_write(reg, &v.to_le_bytes());
-    }
-    let mut image = [0u64; REG_IMAGE_WORDS];
-    f.vtd.register_image(&mut image);
-    assert_ne!(
-        image[(FRCD_REG_BASE / 8) as usize + 1],
-        0,
-        "the fault is recorded"
-    );
-    for (i, &word) in image.iter().enumerate() {
-        let offset = i as u64 * 8;
-        let mut q = [0u8; 8];
-        f.vtd.mmio_read(offset, &mut q);
-        assert_eq!(u64::from_le_bytes(q), word, "8-byte read at {offset:#x}");
-        for half in 0..2u64 {
-            let mut d = [0u8; 4];
-            f.vtd.mmio_read(offset + half * 4, &mut d);
-            let want = (word >> (half * 32)) as u32;
-            assert_eq!(
-                u32::from_le_bytes(d),
-                want,
-                "4-byte read at {:#x}",
-                offset + half * 4
-            );
-        }
     }
 }
 

@@ -164,7 +164,7 @@ mod tests {
         bells.ring(4).expect("ring");
         bells.ring(2).expect("ring");
         assert_eq!(bells.drain(&mut vtd), 2);
-        assert_eq!(Driver::read64(&mut vtd, IQH_REG) >> IQ_INDEX_SHIFT, 4);
+        assert_eq!(Driver::read64(&vtd, IQH_REG) >> IQ_INDEX_SHIFT, 4);
         assert_eq!(
             (0..4).map(|i| status(&m, i)).collect::<Vec<_>>(),
             [1, 2, 3, 4]
@@ -186,8 +186,8 @@ mod tests {
             assert_eq!(status(&tm, i), status(&rm, i));
         }
         assert_eq!(
-            Driver::read64(&mut trapped, IQH_REG),
-            Driver::read64(&mut rung, IQH_REG)
+            Driver::read64(&trapped, IQH_REG),
+            Driver::read64(&rung, IQH_REG)
         );
     }
 }
