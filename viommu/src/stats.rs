@@ -22,7 +22,8 @@ pub struct Stats {
     /// Invalidation descriptors fetched from the queue, valid or not.
     pub descriptors: u64,
     pub descriptors_by_type: DescriptorCounts,
-    /// Register-based invalidations (CCMD and IOTLB registers, used when QI is off).
+    /// Register-based invalidations requested (CCMD.ICC and IOTLB.IVT writes), carried out or
+    /// not (they are refused while QI is on).
     pub register_invalidations: u64,
     /// Tail writes that found descriptors to process.
     pub submissions: u64,

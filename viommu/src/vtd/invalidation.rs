@@ -266,17 +266,25 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.spaces.values().map(|s| s.shadow.doomed()).sum()
     }
 
-    /// How long until the deferred unmaps are due, if any wait.
+    /// How long until the deferred unmaps reach their age bound (zero when overdue), or None
+    /// when no unmap waits. Measured from the first unmap deferred since the last flush, so it
+    /// is never later than the oldest waiting unmap's due time. The count bound is not part of
+    /// it: [`Vtd::poll`] checks that one.
     pub fn next_deadline(&self) -> Option<std::time::Duration> {
         let FlushMode::Deferred { max_delay, .. } = self.config.flush else {
             return None;
         };
         let since = self.deferred_since?;
+        if self.deferred_pending() == 0 {
+            return None;
+        }
         Some((since + max_delay).saturating_sub(self.clock.now()))
     }
 
-    /// Carries out the deferred unmaps if their count or age bound is reached. The VMM calls
-    /// this when [`Vtd::next_deadline`] passes; the unit also calls it after each submission.
+    /// Carries out the deferred unmaps if their count or age bound is reached. The unit calls
+    /// this after each queue submission and register-based IOTLB invalidation; a VMM calls it
+    /// from a timer too, so unmaps come due when the guest submits nothing more (by
+    /// [`Vtd::next_deadline`], or periodically as this VMM's timer does).
     pub fn poll(&mut self) {
         let FlushMode::Deferred {
             max_pending,

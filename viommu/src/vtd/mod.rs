@@ -1,5 +1,7 @@
-//! The remapping hardware unit: its register file (VT-d spec 11.4), global commands, fault and
-//! invalidation-completion events, and the devices attached behind it.
+//! The remapping hardware unit: its configuration and state, DMA translation for emulated
+//! devices, and the devices attached behind it. The register file is described in [`registers`];
+//! guest register accesses and what they start (global commands, fault and completion events)
+//! are in `mmio`, invalidation in `invalidation`.
 
 mod invalidation;
 mod mmio;
@@ -28,8 +30,9 @@ pub enum FlushMode {
     /// Before the guest's wait descriptor completes: once the guest sees its invalidation done,
     /// the device can no longer reach what was unmapped.
     Strict,
-    /// Queued, and carried out when `max_pending` host mappings wait or the oldest has waited
-    /// `max_delay` (Linux's flush queue: 256 entries, 10 ms). Until then the device can still
+    /// Queued, and carried out once `max_pending` host mappings wait or the oldest has waited
+    /// `max_delay` (Linux's flush queue: 256 entries, 10 ms), as [`Vtd::poll`] finds at each
+    /// submission and whenever the VMM calls it. Until then the device can still
     /// reach memory the guest unmapped: the guest gives up protection against a device that
     /// keeps using a buffer after its driver unmapped it, in exchange for far fewer host IOTLB
     /// flushes. Re-mapping the same IOVA to the same address cancels the pending unmap.

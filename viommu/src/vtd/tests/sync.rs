@@ -281,6 +281,23 @@ fn deferred_unmaps_wait_for_the_time_bound() {
 }
 
 #[test]
+fn no_deadline_once_no_deferred_unmap_waits() {
+    let mut f = deferred_fixture();
+    let (_, pt) = f.linux_boot();
+    let mut t = f.tables();
+    map(&mut t, pt, 0, 0x10_0000, 1);
+    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    t.unmap(pt, 0, P);
+    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    f.clock.advance(Duration::from_millis(4));
+    assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(6)));
+    // Detaching the device unmaps everything it had, the unmap that waited included.
+    f.vtd.detach(DEV);
+    assert_eq!(f.vtd.deferred_pending(), 0);
+    assert_eq!(f.vtd.next_deadline(), None);
+}
+
+#[test]
 fn deferred_remap_of_the_same_translation_cancels_the_unmap() {
     let mut f = deferred_fixture();
     let (_, pt) = f.linux_boot();
