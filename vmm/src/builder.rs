@@ -429,11 +429,12 @@ fn create_vtd(
     })?;
     // Register reads as memory loads where KVM can map a read-only page; writes still trap.
     let mirror = if vm.has_readonly_mem() {
-        let page = RegisterMirror::new().map_err(host("cannot allocate the VT-d register page"))?;
-        // SAFETY: the page lives in the unit, which the register device on the MMIO bus keeps
-        // alive as long as vCPUs can run.
-        unsafe { vm.map_readonly(VTD_REGS_START, VTD_REGS_SIZE, page.host_address())? };
-        Some(page)
+        Some(
+            RegisterMirror::map(vm, VTD_REGS_START).map_err(|e| BuildError::Host {
+                what: "virtual VT-d",
+                reason: e.to_string(),
+            })?,
+        )
     } else {
         log::info!("KVM cannot map read-only memory: VT-d register reads will exit");
         None

@@ -140,7 +140,8 @@ impl Vm {
     /// writes exit as MMIO. Returns the slot.
     ///
     /// # Safety
-    /// `host..host + size` must stay mapped for as long as the VM can run.
+    /// `host..host + size` must stay mapped for as long as the slot exists: until the VM is
+    /// gone, or the slot is deleted (a zero-sized KVM_SET_USER_MEMORY_REGION on it).
     pub unsafe fn map_readonly(&self, gpa: u64, size: u64, host: u64) -> Result<u32, VmError> {
         let slot = self.slots.allocate();
         let r = kvm_userspace_memory_region {

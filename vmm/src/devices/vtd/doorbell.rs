@@ -77,8 +77,9 @@ impl QueueDoorbells {
         self.carried_out.load(Ordering::Relaxed)
     }
 
-    /// Rings the doorbell of `tail` as KVM would (tests).
-    pub fn ring(&self, tail: u64) -> io::Result<()> {
+    /// Rings the doorbell of `tail` as KVM would.
+    #[cfg(test)]
+    fn ring(&self, tail: u64) -> io::Result<()> {
         let fd = self
             .fds
             .get(tail as usize)

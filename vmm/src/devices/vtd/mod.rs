@@ -32,8 +32,7 @@ pub type SharedVtd = Arc<VtdUnit>;
 
 /// The model plus what publishes it to the guest.
 pub struct VtdUnit {
-    vtd: Mutex<Vtd<GuestMemoryMmap>>,
-    mirror: Option<RegisterMirror>,
+    published: Mutex<Published>,
     doorbells: OnceLock<QueueDoorbells>,
     /// Guest register writes handled (trapped or through doorbells) and the time spent on them,
     /// queue processing and host calls included: what the VMM itself costs the guest.
@@ -41,15 +40,21 @@ pub struct VtdUnit {
     write_ns: AtomicU64,
 }
 
+/// The model and the page that shows its registers to the guest, under one lock: the page is
+/// rendered only by whoever holds the model.
+struct Published {
+    vtd: Vtd<GuestMemoryMmap>,
+    mirror: Option<RegisterMirror>,
+}
+
 impl VtdUnit {
     /// Wraps `vtd`; with `mirror`, every change is rendered into its page (rendered once now).
-    pub fn new(vtd: Vtd<GuestMemoryMmap>, mirror: Option<RegisterMirror>) -> SharedVtd {
-        if let Some(m) = &mirror {
+    pub fn new(vtd: Vtd<GuestMemoryMmap>, mut mirror: Option<RegisterMirror>) -> SharedVtd {
+        if let Some(m) = &mut mirror {
             m.render(&vtd);
         }
         Arc::new(VtdUnit {
-            vtd: Mutex::new(vtd),
-            mirror,
+            published: Mutex::new(Published { vtd, mirror }),
             doorbells: OnceLock::new(),
             writes: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
@@ -60,8 +65,7 @@ impl VtdUnit {
     /// operation completes or is dropped whole), so a poisoned lock is taken over.
     pub fn lock(&self) -> VtdGuard<'_> {
         VtdGuard {
-            vtd: self.vtd.lock().unwrap_or_else(|e| e.into_inner()),
-            mirror: self.mirror.as_ref(),
+            published: self.published.lock().unwrap_or_else(|e| e.into_inner()),
             changed: false,
         }
     }
@@ -101,9 +105,11 @@ impl VtdUnit {
         )
     }
 
-    /// The read-only register page, when KVM supports one.
-    pub fn mirror(&self) -> Option<&RegisterMirror> {
-        self.mirror.as_ref()
+    /// The guest's read-only register page at `offset`, when there is one.
+    #[cfg(test)]
+    fn mirror_word(&self, offset: u64) -> Option<u64> {
+        let published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        published.mirror.as_ref().map(|m| m.word(offset))
     }
 }
 
@@ -116,8 +122,7 @@ pub fn lock(vtd: &SharedVtd) -> VtdGuard<'_> {
 /// re-renders the guest's read-only register page, so the guest never reads a register older
 /// than the last operation that finished.
 pub struct VtdGuard<'a> {
-    vtd: MutexGuard<'a, Vtd<GuestMemoryMmap>>,
-    mirror: Option<&'a RegisterMirror>,
+    published: MutexGuard<'a, Published>,
     changed: bool,
 }
 
@@ -125,21 +130,22 @@ impl Deref for VtdGuard<'_> {
     type Target = Vtd<GuestMemoryMmap>;
 
     fn deref(&self) -> &Self::Target {
-        &self.vtd
+        &self.published.vtd
     }
 }
 
 impl DerefMut for VtdGuard<'_> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         self.changed = true;
-        &mut self.vtd
+        &mut self.published.vtd
     }
 }
 
 impl Drop for VtdGuard<'_> {
     fn drop(&mut self) {
-        if let (true, Some(mirror)) = (self.changed, self.mirror) {
-            mirror.render(&self.vtd);
+        let Published { vtd, mirror } = &mut *self.published;
+        if let (true, Some(mirror)) = (self.changed, mirror) {
+            mirror.render(vtd);
         }
     }
 }
@@ -255,6 +261,44 @@ impl MutEventSubscriber for DeferredFlushTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use viommu::regs::{FEDATA_REG, VER_REG};
+    use viommu::testing::RecordingMsi;
+    use vm_memory::GuestAddress;
+
+    fn unit_with_mirror() -> SharedVtd {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let vtd = Vtd::new(
+            viommu::VtdConfig::default(),
+            mem,
+            Box::new(RecordingMsi::default()),
+            Box::new(viommu::SystemClock::default()),
+        )
+        .expect("config");
+        VtdUnit::new(vtd, Some(RegisterMirror::unmapped().expect("page")))
+    }
+
+    #[test]
+    fn the_unit_is_shared_between_threads_and_its_page_follows_each_locked_change() {
+        fn shared<T: Send + Sync>() {}
+        shared::<VtdUnit>();
+        let unit = unit_with_mirror();
+        assert_eq!(
+            unit.mirror_word(VER_REG),
+            Some(0x10),
+            "rendered at creation"
+        );
+        let writer = {
+            let unit = unit.clone();
+            std::thread::spawn(move || unit.lock().mmio_write(FEDATA_REG, &0xabcdu32.to_le_bytes()))
+        };
+        writer.join().expect("writer thread");
+        let word = unit.mirror_word(FEDATA_REG & !7).expect("a mirror");
+        assert_eq!(
+            (word >> 32) as u32,
+            0xabcd,
+            "rendered when the guard dropped"
+        );
+    }
 
     #[test]
     fn dmar_table_names_one_include_all_unit_at_the_register_block() {
