@@ -261,8 +261,9 @@ fn deferred_unmaps_wait_for_the_count_bound() {
     );
 }
 
-#[test]
-fn deferred_unmaps_wait_for_the_time_bound() {
+/// A booted deferred-mode unit whose guest mapped page 0 and unmapped it again, so the host
+/// unmap waits; and the guest's tables.
+fn one_deferred_unmap() -> (Fixture, Tables) {
     let mut f = deferred_fixture();
     let (_, pt) = f.linux_boot();
     let mut t = f.tables();
@@ -270,6 +271,13 @@ fn deferred_unmaps_wait_for_the_time_bound() {
     f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
     t.unmap(pt, 0, P);
     f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    assert_eq!(f.vtd.deferred_pending(), 1);
+    (f, t)
+}
+
+#[test]
+fn deferred_unmaps_wait_for_the_time_bound() {
+    let (mut f, _) = one_deferred_unmap();
     assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(10)));
     f.clock.advance(Duration::from_millis(9));
     f.vtd.poll();
@@ -282,13 +290,7 @@ fn deferred_unmaps_wait_for_the_time_bound() {
 
 #[test]
 fn no_deadline_once_no_deferred_unmap_waits() {
-    let mut f = deferred_fixture();
-    let (_, pt) = f.linux_boot();
-    let mut t = f.tables();
-    map(&mut t, pt, 0, 0x10_0000, 1);
-    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
-    t.unmap(pt, 0, P);
-    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    let (mut f, _) = one_deferred_unmap();
     f.clock.advance(Duration::from_millis(4));
     assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(6)));
     // Detaching the device unmaps everything it had, the unmap that waited included.
@@ -319,13 +321,7 @@ fn deferred_remap_of_the_same_translation_cancels_the_unmap() {
 
 #[test]
 fn deferred_mode_still_unmaps_at_once_when_the_device_changes_domain() {
-    let mut f = deferred_fixture();
-    let (_, pt) = f.linux_boot();
-    let mut t = f.tables();
-    map(&mut t, pt, 0, 0x10_0000, 1);
-    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
-    t.unmap(pt, 0, P);
-    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    let (mut f, mut t) = one_deferred_unmap();
     assert_eq!(f.host_pages().len(), 1);
     t.write_context_raw(DEV, 0, 0);
     f.sync(&[encode::context_device(0, DEV, 0)]);
