@@ -18,9 +18,13 @@ use std::time::Duration;
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64, idt_gate, load_idt_and_enable_apic, CODE, RESULTS};
 use viommu::descriptor::encode;
+use viommu::regs::{
+    GCMD_QIE, GCMD_REG, GCMD_SRTP, GCMD_TE, IQA_REG, IQT_REG, IQ_INDEX_SHIFT, RTADDR_REG,
+};
 use viommu::testing::Tables;
 use viommu::{Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::{DeviceConfig, ViommuConfig};
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
@@ -39,15 +43,6 @@ const QSTATUS: u64 = 0x34_1000;
 const IOVA_SRC: u64 = 0x0800_0000;
 const IOVA_DST: u64 = 0x0800_1000;
 const IOVA_DST2: u64 = 0x0800_2000;
-/// The VT-d registers (VT-d spec 11.4): RTADDR, GCMD, IQT, IQA; GCMD's TE, SRTP and QIE.
-const VTD_RTADDR: i32 = 0x20;
-const VTD_GCMD: i32 = 0x18;
-const VTD_IQT: i32 = 0x88;
-const VTD_IQA: i32 = 0x90;
-const GCMD_TE: u32 = 1 << 31;
-const GCMD_SRTP: u32 = 1 << 30;
-const GCMD_QIE: u32 = 1 << 26;
-const VTD_REGS: u64 = 0xfed9_0000;
 /// Bytes copied: under the 4 KiB device buffer (QEMU 7.2's edu refuses a transfer ending at
 /// the buffer's end with a hardware error that stops L0).
 const LEN: u64 = 2048;
@@ -175,21 +170,21 @@ fn guest(intx: bool, viommu: Option<u64>) -> Vec<u8> {
                 // (the host wrote global context and IOTLB invalidations and a wait at QUEUE),
                 // then translation on.
                 a.mov(dword_ptr(rdi + 8), 0x2bu32)?;
-                a.mov(rbx, VTD_REGS)?;
+                a.mov(rbx, VTD_REGS_START)?;
                 a.mov(rax, root)?;
-                a.mov(qword_ptr(rbx + VTD_RTADDR), rax)?;
-                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_SRTP)?;
+                a.mov(qword_ptr(rbx + RTADDR_REG), rax)?;
+                a.mov(dword_ptr(rbx + GCMD_REG), GCMD_SRTP)?;
                 a.xor(eax, eax)?;
-                a.mov(qword_ptr(rbx + VTD_IQT), rax)?;
+                a.mov(qword_ptr(rbx + IQT_REG), rax)?;
                 a.mov(rax, QUEUE)?;
-                a.mov(qword_ptr(rbx + VTD_IQA), rax)?;
-                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_QIE)?;
-                a.mov(rax, 3u64 << 4)?;
-                a.mov(qword_ptr(rbx + VTD_IQT), rax)?;
+                a.mov(qword_ptr(rbx + IQA_REG), rax)?;
+                a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE)?;
+                a.mov(rax, 3u64 << IQ_INDEX_SHIFT)?;
+                a.mov(qword_ptr(rbx + IQT_REG), rax)?;
                 a.mov(rax, QSTATUS)?;
                 a.cmp(dword_ptr(rax), 1)?;
                 a.jne(fail)?;
-                a.mov(dword_ptr(rbx + VTD_GCMD), GCMD_QIE | GCMD_TE)?;
+                a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE | GCMD_TE)?;
                 // Through IOVAs; the third write targets an IOVA no table maps (the canary's
                 // guest-physical address); the last round trip shows the device still works.
                 &[

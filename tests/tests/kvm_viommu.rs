@@ -9,14 +9,15 @@ use integration::small_guest::{
     CODE, RESULTS,
 };
 use viommu::descriptor::encode;
+use viommu::regs::*;
 use viommu::testing::Tables;
-use viommu::{Perm, SourceId};
+use viommu::{FaultReason, Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress};
+use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::ViommuConfig;
 use vmm::devices::vtd;
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
-const VTD: u64 = 0xfed9_0000;
 const QUEUE: u64 = 0x30_0000;
 const STATUS: u64 = 0x31_0000;
 const TOKEN: u32 = 0xc0_ffee;
@@ -67,11 +68,11 @@ fn watchdog(vmm: &Vmm) {
 /// writing IQT = 0 with 8 bytes, as Linux's `dmar_enable_qi` does. Clobbers rax.
 fn enable_queue(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.xor(eax, eax)?;
-    a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+    a.mov(qword_ptr(rbx + IQT_REG), rax)?;
     a.mov(rax, QUEUE)?;
-    a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA: 256 entries at QUEUE
-    a.mov(eax, 1u32 << 26)?;
-    a.mov(dword_ptr(rbx + 0x18), eax) // GCMD.QIE
+    a.mov(qword_ptr(rbx + IQA_REG), rax)?; // 256 entries at QUEUE
+    a.mov(eax, GCMD_QIE)?;
+    a.mov(dword_ptr(rbx + GCMD_REG), eax)
 }
 
 #[test]
@@ -80,34 +81,34 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
         return;
     }
     // A wait descriptor writing TOKEN to STATUS (6.5.2.8), then an invalid one (type 7).
-    let wait_lo: u64 = 0x5 | 1 << 5 | u64::from(TOKEN) << 32;
+    let [wait_lo, wait_hi] = encode::wait(Some((STATUS, TOKEN)), false, false);
     let code = asm64(|a| {
-        a.mov(rbx, VTD)?;
-        a.mov(eax, dword_ptr(rbx))?; // VER
+        a.mov(rbx, VTD_REGS_START)?;
+        a.mov(eax, dword_ptr(rbx + VER_REG))?;
         a.mov(dword_ptr(RESULTS), eax)?;
-        a.mov(rax, qword_ptr(rbx + 0x08))?; // CAP
+        a.mov(rax, qword_ptr(rbx + CAP_REG))?;
         a.mov(rcx, RESULTS + 8)?;
         a.mov(qword_ptr(rcx), rax)?;
         a.mov(rcx, QUEUE)?;
         a.mov(rax, wait_lo)?;
         a.mov(qword_ptr(rcx), rax)?;
-        a.mov(rax, STATUS)?;
+        a.mov(rax, wait_hi)?;
         a.mov(qword_ptr(rcx + 8), rax)?;
         a.mov(rax, 7u64)?;
         a.mov(qword_ptr(rcx + 16), rax)?;
         a.xor(eax, eax)?;
         a.mov(qword_ptr(rcx + 24), rax)?;
         enable_queue(a)?;
-        a.mov(rax, 1u64 << 4)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT: one descriptor
-        a.mov(eax, dword_ptr(rbx + 0x1c))?; // GSTS
+        a.mov(rax, 1u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // one descriptor
+        a.mov(eax, dword_ptr(rbx + GSTS_REG))?;
         a.mov(rcx, RESULTS + 16)?;
         a.mov(dword_ptr(rcx), eax)?;
-        a.mov(rax, 2u64 << 4)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT: the invalid descriptor
-        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(rax, 2u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // the invalid descriptor
+        a.mov(eax, dword_ptr(rbx + FSTS_REG))?;
         a.mov(dword_ptr(rcx + 4), eax)?;
-        a.mov(rax, qword_ptr(rbx + 0x80))?; // IQH
+        a.mov(rax, qword_ptr(rbx + IQH_REG))?;
         a.mov(qword_ptr(rcx + 8), rax)?;
         print(a, "done\n")?;
         a.hlt()
@@ -119,16 +120,16 @@ fn guest_reads_vtd_registers_and_completes_a_wait_through_the_queue() {
     assert_eq!(vmm.run().expect("run"), VmExit::Halted);
     assert_eq!(out.text(), "done\n");
 
-    assert_eq!(read_u32(&mem, RESULTS), 0x10, "VER");
+    assert_eq!(read_u32(&mem, RESULTS), VER_VALUE, "VER");
     let cap = read_u64(&mem, RESULTS + 8);
-    assert!(cap & 1 << 7 != 0, "caching mode is on");
-    assert_eq!((cap >> 16) & 0x3f, 47, "MGAW");
+    assert!(cap & CAP_CM != 0, "caching mode is on");
+    assert_eq!((cap >> CAP_MGAW_SHIFT) & 0x3f, 47, "MGAW");
     assert_eq!(read_u32(&mem, STATUS), TOKEN, "the wait wrote its status");
-    assert!(read_u32(&mem, RESULTS + 16) & 1 << 26 != 0, "GSTS.QIES");
-    assert!(read_u32(&mem, RESULTS + 20) & 1 << 4 != 0, "FSTS.IQE");
+    assert!(read_u32(&mem, RESULTS + 16) & GSTS_QIES != 0, "GSTS.QIES");
+    assert!(read_u32(&mem, RESULTS + 20) & FSTS_IQE != 0, "FSTS.IQE");
     assert_eq!(
         read_u64(&mem, RESULTS + 24),
-        1 << 4,
+        1 << IQ_INDEX_SHIFT,
         "IQH stays at the bad one"
     );
     let stats = vtd::lock(&unit).stats();
@@ -142,21 +143,21 @@ fn async_queue_tail_write_completes_through_a_kvm_doorbell_while_the_guest_polls
     if !kvm_available() {
         return;
     }
-    let wait_lo: u64 = 0x5 | 1 << 5 | u64::from(TOKEN) << 32;
+    let [wait_lo, wait_hi] = encode::wait(Some((STATUS, TOKEN)), false, false);
     let code = asm64(|a| {
         let mut poll = a.create_label();
         let mut done = a.create_label();
         let mut end = a.create_label();
-        a.mov(rbx, VTD)?;
+        a.mov(rbx, VTD_REGS_START)?;
         a.mov(rcx, QUEUE)?;
         a.mov(rax, wait_lo)?;
         a.mov(qword_ptr(rcx), rax)?;
-        a.mov(rax, STATUS)?;
+        a.mov(rax, wait_hi)?;
         a.mov(qword_ptr(rcx + 8), rax)?;
         enable_queue(a)?;
         // IQT: the doorbell of tail 1, written with 4 bytes as Linux does.
-        a.mov(eax, 1u32 << 4)?;
-        a.mov(dword_ptr(rbx + 0x88), eax)?;
+        a.mov(eax, 1u32 << IQ_INDEX_SHIFT)?;
+        a.mov(dword_ptr(rbx + IQT_REG), eax)?;
         // Poll the status word as Linux's qi_submit_sync does, reading FSTS each round (from
         // the read-only register page), for at most 2^32 rounds.
         a.mov(rcx, STATUS)?;
@@ -165,7 +166,7 @@ fn async_queue_tail_write_completes_through_a_kvm_doorbell_while_the_guest_polls
         a.mov(eax, dword_ptr(rcx))?;
         a.cmp(eax, TOKEN)?;
         a.je(done)?;
-        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(eax, dword_ptr(rbx + FSTS_REG))?;
         a.pause()?;
         a.dec(rdx)?;
         a.jnz(poll)?;
@@ -176,8 +177,8 @@ fn async_queue_tail_write_completes_through_a_kvm_doorbell_while_the_guest_polls
         let mut head = a.create_label();
         a.mov(rdx, 1u64 << 32)?;
         a.set_label(&mut head)?;
-        a.mov(rax, qword_ptr(rbx + 0x80))?;
-        a.cmp(rax, 1 << 4)?;
+        a.mov(rax, qword_ptr(rbx + IQH_REG))?;
+        a.cmp(rax, 1 << IQ_INDEX_SHIFT)?;
         a.je(end)?;
         a.pause()?;
         a.dec(rdx)?;
@@ -200,7 +201,7 @@ fn async_queue_tail_write_completes_through_a_kvm_doorbell_while_the_guest_polls
     assert_eq!(read_u32(&mem, STATUS), TOKEN, "the wait wrote its status");
     assert_eq!(
         read_u64(&mem, RESULTS),
-        1 << 4,
+        1 << IQ_INDEX_SHIFT,
         "the page shows the new IQH"
     );
     let bells = unit.doorbells().expect("queue=async sets up doorbells");
@@ -258,7 +259,7 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
     }
     // A wait asking for the completion interrupt, then an invalid descriptor (type 7), whose
     // queue error raises the fault event.
-    let wait_lo: u64 = 0x5 | 1 << 4;
+    let [wait_lo, wait_hi] = encode::wait(None, true, false);
     let completions = RESULTS;
     let faults = RESULTS + 8;
     let code = asm64(|a| {
@@ -269,37 +270,37 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
         idt_gate(a, IDT, FAULT_VECTOR, on_fault)?;
         load_idt_and_enable_apic(a, IDT, IDTR)?;
         a.sti()?;
-        a.mov(rbx, VTD)?;
+        a.mov(rbx, VTD_REGS_START)?;
         // Both events at APIC 0 (address 0xFEE00000), fixed delivery of their vectors, unmasked.
-        a.mov(dword_ptr(rbx + 0xa4), COMPLETION_VECTOR as u32)?; // IEDATA
-        a.mov(dword_ptr(rbx + 0xa8), 0xfee0_0000u32)?; // IEADDR
-        a.mov(dword_ptr(rbx + 0xa0), 0u32)?; // IECTL: unmask
-        a.mov(dword_ptr(rbx + 0x3c), FAULT_VECTOR as u32)?; // FEDATA
-        a.mov(dword_ptr(rbx + 0x40), 0xfee0_0000u32)?; // FEADDR
-        a.mov(dword_ptr(rbx + 0x38), 0u32)?; // FECTL: unmask
+        a.mov(dword_ptr(rbx + IEDATA_REG), COMPLETION_VECTOR as u32)?;
+        a.mov(dword_ptr(rbx + IEADDR_REG), 0xfee0_0000u32)?;
+        a.mov(dword_ptr(rbx + IECTL_REG), 0u32)?; // unmask
+        a.mov(dword_ptr(rbx + FEDATA_REG), FAULT_VECTOR as u32)?;
+        a.mov(dword_ptr(rbx + FEADDR_REG), 0xfee0_0000u32)?;
+        a.mov(dword_ptr(rbx + FECTL_REG), 0u32)?; // unmask
         a.mov(rcx, QUEUE)?;
         a.mov(rax, wait_lo)?;
         a.mov(qword_ptr(rcx), rax)?;
-        a.xor(eax, eax)?;
+        a.mov(rax, wait_hi)?;
         a.mov(qword_ptr(rcx + 8), rax)?;
         a.mov(rax, 7u64)?;
         a.mov(qword_ptr(rcx + 16), rax)?;
         a.xor(eax, eax)?;
         a.mov(qword_ptr(rcx + 24), rax)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // 0
         a.mov(rax, QUEUE)?;
-        a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA
-        a.mov(dword_ptr(rbx + 0x18), 1u32 << 26)?; // GCMD.QIE
-        a.mov(rax, 1u64 << 4)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // the wait
+        a.mov(qword_ptr(rbx + IQA_REG), rax)?;
+        a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE)?;
+        a.mov(rax, 1u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // the wait
         wait_for(a, completions)?;
-        a.mov(rax, 2u64 << 4)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // the invalid descriptor
+        a.mov(rax, 2u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // the invalid descriptor
         wait_for(a, faults)?;
-        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(eax, dword_ptr(rbx + FSTS_REG))?;
         a.mov(rcx, RESULTS + 16)?;
         a.mov(dword_ptr(rcx), eax)?;
-        a.mov(eax, dword_ptr(rbx + 0x9c))?; // ICS
+        a.mov(eax, dword_ptr(rbx + ICS_REG))?;
         a.mov(dword_ptr(rcx + 4), eax)?;
         a.set_label(&mut off)?;
         a.mov(dx, PM1A_CNT)?;
@@ -319,8 +320,8 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
     assert_eq!(read_u64(&mem, completions), 1, "one completion MSI");
     assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
-    assert!(read_u32(&mem, RESULTS + 16) & 1 << 4 != 0, "FSTS.IQE");
-    assert!(read_u32(&mem, RESULTS + 20) & 1 != 0, "ICS.IWC");
+    assert!(read_u32(&mem, RESULTS + 16) & FSTS_IQE != 0, "FSTS.IQE");
+    assert!(read_u32(&mem, RESULTS + 20) & ICS_IWC != 0, "ICS.IWC");
 }
 
 /// The emulated-edu test's memory: source, two destinations, a canary no IOVA maps, the guest's
@@ -388,36 +389,36 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         a.mov(eax, 6u32)?;
         a.out(dx, eax)?;
         // The VT-d: fault events to the handler, root table, queued invalidation, translation.
-        a.mov(rbx, VTD)?;
-        a.mov(dword_ptr(rbx + 0x3c), FAULT_VECTOR as u32)?; // FEDATA
-        a.mov(dword_ptr(rbx + 0x40), 0xfee0_0000u32)?; // FEADDR
-        a.mov(dword_ptr(rbx + 0x38), 0u32)?; // FECTL: unmask
+        a.mov(rbx, VTD_REGS_START)?;
+        a.mov(dword_ptr(rbx + FEDATA_REG), FAULT_VECTOR as u32)?;
+        a.mov(dword_ptr(rbx + FEADDR_REG), 0xfee0_0000u32)?;
+        a.mov(dword_ptr(rbx + FECTL_REG), 0u32)?; // unmask
         a.mov(rax, E_TABLES)?;
-        a.mov(qword_ptr(rbx + 0x20), rax)?; // RTADDR
-        a.mov(dword_ptr(rbx + 0x18), 1u32 << 30)?; // GCMD.SRTP
+        a.mov(qword_ptr(rbx + RTADDR_REG), rax)?;
+        a.mov(dword_ptr(rbx + GCMD_REG), GCMD_SRTP)?;
         a.xor(eax, eax)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // IQT = 0
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // 0
         a.mov(rax, E_QUEUE)?;
-        a.mov(qword_ptr(rbx + 0x90), rax)?; // IQA
-        a.mov(dword_ptr(rbx + 0x18), 1u32 << 26)?; // GCMD.QIE
-        a.mov(rax, 3u64 << 4)?;
-        a.mov(qword_ptr(rbx + 0x88), rax)?; // context + IOTLB global, wait
+        a.mov(qword_ptr(rbx + IQA_REG), rax)?;
+        a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE)?;
+        a.mov(rax, 3u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // context + IOTLB global, wait
         a.mov(rax, E_STATUS)?;
         a.cmp(dword_ptr(rax), 1)?;
         a.jne(fail)?;
-        a.mov(dword_ptr(rbx + 0x18), (1u32 << 26) | (1u32 << 31))?; // QIE | TE
-                                                                    // Mapped: source to buffer, buffer to destination.
+        a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE | GCMD_TE)?;
+        // Mapped: source to buffer, buffer to destination.
         edu_dma(a, E_IOVA_SRC, false)?;
         edu_dma(a, E_IOVA_DST, true)?;
         // Not mapped: the canary's guest-physical address as an IOVA.
         edu_dma(a, E_CANARY, true)?;
         wait_for(a, faults)?;
-        a.mov(eax, dword_ptr(rbx + 0x34))?; // FSTS
+        a.mov(eax, dword_ptr(rbx + FSTS_REG))?;
         a.mov(rcx, RESULTS + 16)?;
         a.mov(dword_ptr(rcx), eax)?;
-        a.mov(rax, qword_ptr(rbx + 0x200))?; // fault record 0, low: the page address
+        a.mov(rax, qword_ptr(rbx + FRCD_REG_BASE))?; // fault record 0, low: the page address
         a.mov(qword_ptr(rcx + 8), rax)?;
-        a.mov(rax, qword_ptr(rbx + 0x208))?; // high: F, type, reason, source id
+        a.mov(rax, qword_ptr(rbx + FRCD_REG_BASE + 8))?; // high: F, type, reason, source id
         a.mov(qword_ptr(rcx + 16), rax)?;
         // The device still works.
         edu_dma(a, E_IOVA_DST2, true)?;
@@ -480,23 +481,23 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
     );
     assert_eq!(read(E_DST2), pattern, "the device works after the fault");
     assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
-    assert!(read_u32(&mem, RESULTS + 16) & 1 << 1 != 0, "FSTS.PPF");
+    assert!(read_u32(&mem, RESULTS + 16) & FSTS_PPF != 0, "FSTS.PPF");
     assert_eq!(
         read_u64(&mem, RESULTS + 24),
         E_CANARY,
         "the fault record's address"
     );
     let hi = read_u64(&mem, RESULTS + 32);
-    assert!(hi & 1 << 63 != 0, "F set");
+    assert!(hi & FRCD_HI_F != 0, "F set");
     assert_eq!(
-        hi & 0xffff,
+        hi & FRCD_HI_SID_MASK,
         u64::from(source.0),
         "the fault record's source id"
     );
     assert_eq!(
-        (hi >> 32) & 0xff,
-        0x5,
+        (hi & FRCD_HI_FR_MASK) >> FRCD_HI_FR_SHIFT,
+        FaultReason::WriteNotPermitted as u64,
         "reason: write to a page without write permission"
     );
-    assert_eq!(hi & 1 << 62, 0, "a write request");
+    assert_eq!(hi & FRCD_HI_T, 0, "a write request");
 }
