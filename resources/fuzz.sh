@@ -14,6 +14,22 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 
+# Runs target $1 once on each input in folder $2 (the inputs that once broke it). Fails, with
+# libFuzzer's report, when any of them breaks it again.
+replay() {
+  local t=$1 dir=$2 log
+  echo "fuzz: $t: replaying $(ls "$dir" | wc -l) regression input(s)"
+  log=$(mktemp)
+  if ! cargo fuzz run "$t" "$dir"/* -- -runs=1 >"$log" 2>&1; then
+    tail -n 60 "$log"
+    rm -f "$log"
+    echo "fuzz: $t FAILED: an input under $dir/ breaks it again" >&2
+    return 1
+  fi
+  sed -n "s/^\(Executed .*\)/fuzz: $t: \1/p" "$log"
+  rm -f "$log"
+}
+
 targets=$(cargo fuzz list)
 for t in $targets; do
   cargo fuzz build "$t" >/dev/null
@@ -21,8 +37,7 @@ done
 for t in $targets; do
   regressions="fuzz/regressions/$t"
   if compgen -G "$regressions/*" >/dev/null; then
-    echo "fuzz: $t: replaying $(ls "$regressions" | wc -l) regression input(s)"
-    cargo fuzz run "$t" "$regressions"/* -- -runs=1 2>&1 | grep -E "Executed|panicked|SUMMARY" || true
+    replay "$t" "$regressions"
   fi
   corpus=$(mktemp -d)
   echo "fuzz: $t: fuzzing for ${seconds}s"
@@ -32,6 +47,6 @@ for t in $targets; do
     echo "fuzz: $t FAILED: a crashing input is under fuzz/artifacts/$t/; add it to $regressions/" >&2
     exit 1
   fi
-  grep -E "^Done" "$log" | sed "s/^/fuzz: $t: /"
+  sed -n "s/^\(Done .*\)/fuzz: $t: \1/p" "$log"
   rm -rf "$corpus" "$log"
 done
