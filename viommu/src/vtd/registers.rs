@@ -7,7 +7,8 @@
 //! ([`Effect`]). Everything else is derived from the table: which offsets hold registers (the
 //! rest are reserved and read as zero), how 4-byte accesses reach the halves of 64-bit registers,
 //! what reads return, what writes keep, and the image of the window a VMM publishes. Modelling a
-//! new register is one entry here, plus its effect when a write to it must act.
+//! new register is one entry here (its offset named in [`crate::regs`]), plus its [`Effect`] when
+//! a write to it must act, or its [`Derived`] kind when the unit computes its value.
 
 use crate::regs::*;
 
@@ -568,7 +569,8 @@ const fn stored_slot(offset: u64) -> usize {
 
 /// The values of the stored registers, each at its place in the words of the window that hold
 /// single registers ([`WORDS`]); the places of the others read zero here. The unit names a
-/// register by its offset constant, checked at compile time.
+/// register by its offset constant; an offset that is not a stored register's fails to compile
+/// (when the unit is compiled for a memory type, as every test build does).
 #[derive(Clone, Debug)]
 pub(crate) struct RegisterFile {
     words: [u64; WORD_COUNT],
