@@ -3,6 +3,7 @@
 //! Decoding is strict: an unknown type or a reserved bit set makes the descriptor invalid, which
 //! the queue reports as FSTS.IQE (6.5.2.10) without acting on it.
 
+use crate::intremap::IecScope;
 use crate::regs::MAMV;
 use crate::SourceId;
 
@@ -27,8 +28,11 @@ const IOTLB_HI_IH: u64 = 1 << 6;
 /// Bits 51:48, 31:21 and 8:4 (PFSID is 63:52 and 15:12, SID 47:32, queue depth 20:16).
 const DEV_LO_RSVD: u64 = 0x000f_0000_ffe0_01f0;
 const DEV_HI_RSVD: u64 = 0xffe;
-// 6.5.2.7: interrupt entry cache invalidate descriptor.
+// 6.5.2.7: interrupt entry cache invalidate descriptor (G is bit 4, IM 31:27, IIDX 47:32).
 const IEC_LO_RSVD: u64 = 0xffff_0000_07ff_ffe0;
+const IEC_LO_INDEX_SELECTIVE: u64 = 1 << 4;
+const IEC_LO_IM_SHIFT: u64 = 27;
+const IEC_LO_IIDX_SHIFT: u64 = 32;
 // 6.5.2.8: invalidation wait descriptor. Bit 7 (page-request drain) needs ECAP.PDS: reserved.
 const WAIT_LO_IF: u64 = 1 << 4;
 const WAIT_LO_SW: u64 = 1 << 5;
@@ -104,9 +108,8 @@ pub enum Descriptor {
     Iotlb(IotlbScope),
     /// Device-TLB invalidation: validated and counted; there is no ATS to act on yet.
     DeviceIotlb,
-    /// Interrupt entry cache invalidation: validated and counted, for the interrupt-remapping
-    /// work to act on.
-    InterruptEntryCache,
+    /// Interrupt entry cache invalidation: cached interrupt remappings are dropped.
+    InterruptEntryCache(IecScope),
     Wait {
         /// Write `status_data` to `status_addr` when complete.
         status_write: Option<(u64, u32)>,
@@ -182,7 +185,15 @@ pub fn decode(lo: u64, hi: u64) -> Result<Descriptor, InvalidDescriptor> {
         }
         TYPE_IEC => {
             reserved(IEC_LO_RSVD, u64::MAX)?;
-            Ok(Descriptor::InterruptEntryCache)
+            let scope = if lo & IEC_LO_INDEX_SELECTIVE != 0 {
+                IecScope::Index {
+                    index: (lo >> IEC_LO_IIDX_SHIFT) as u16,
+                    mask: ((lo >> IEC_LO_IM_SHIFT) & 0x1f) as u8,
+                }
+            } else {
+                IecScope::Global
+            };
+            Ok(Descriptor::InterruptEntryCache(scope))
         }
         TYPE_WAIT => {
             reserved(WAIT_LO_RSVD, WAIT_HI_RSVD)?;
@@ -251,10 +262,14 @@ pub mod encode {
         ]
     }
 
-    pub fn interrupt_entry_cache(index: Option<u16>) -> [u64; 2] {
+    /// Global (`None`) or index-selective over the 2^`mask` entries at `index`.
+    pub fn interrupt_entry_cache(index: Option<(u16, u8)>) -> [u64; 2] {
         match index {
             None => [0x4, 0],
-            Some(i) => [0x4 | 1 << 4 | u64::from(i) << 32, 0],
+            Some((i, mask)) => [
+                0x4 | 1 << 4 | u64::from(mask & 0x1f) << 27 | u64::from(i) << 32,
+                0,
+            ],
         }
     }
 }
@@ -316,8 +331,15 @@ mod tests {
             Ok(Descriptor::DeviceIotlb)
         );
         assert_eq!(
-            dec(encode::interrupt_entry_cache(Some(4))),
-            Ok(Descriptor::InterruptEntryCache)
+            dec(encode::interrupt_entry_cache(Some((4, 2)))),
+            Ok(Descriptor::InterruptEntryCache(IecScope::Index {
+                index: 4,
+                mask: 2
+            }))
+        );
+        assert_eq!(
+            dec(encode::interrupt_entry_cache(None)),
+            Ok(Descriptor::InterruptEntryCache(IecScope::Global))
         );
     }
 

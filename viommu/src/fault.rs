@@ -31,6 +31,29 @@ pub enum FaultReason {
     ContextEntryReserved = 0xb,
     /// A reserved field of a second-level paging entry is set.
     PagingEntryReserved = 0xc,
+    // Interrupt-remapping fault conditions (7.1.3, reasons 20h-26h).
+    /// A reserved field of a remappable interrupt request is set.
+    IrRequestReserved = 0x20,
+    /// The request's interrupt_index is beyond the table size IRTA gives.
+    IrIndexBeyondTable = 0x21,
+    /// The IRTE the request references is not present.
+    IrEntryNotPresent = 0x22,
+    /// The interrupt remapping table could not be read.
+    IrTableAccess = 0x23,
+    /// A reserved field of a present IRTE is set.
+    IrEntryReserved = 0x24,
+    /// A compatibility-format request arrived while they are blocked (CFIS clear, or x2APIC
+    /// mode).
+    IrCompatibilityBlocked = 0x25,
+    /// The request's source id failed the IRTE's source validation.
+    IrSourceIdMismatch = 0x26,
+}
+
+impl FaultReason {
+    /// Is this an interrupt-remapping fault (whose fault info is an interrupt index)?
+    pub fn is_interrupt_remapping(self) -> bool {
+        self as u8 >= 0x20
+    }
 }
 
 /// The direction of a DMA request.
@@ -40,14 +63,28 @@ pub enum Access {
     Write,
 }
 
-/// A translation fault, as it is written into a fault record.
+/// A translation or interrupt-remapping fault, as it is written into a fault record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub source: SourceId,
-    /// The faulting address (page-aligned when recorded, per 11.4.14).
+    /// The fault info: the faulting address (page-aligned when recorded, per 11.4.14), or for
+    /// an interrupt-remapping fault the interrupt index in bits 63:48.
     pub addr: u64,
     pub reason: FaultReason,
     pub access: Access,
+}
+
+impl Fault {
+    /// An interrupt-remapping fault of the request from `source` referencing `index`.
+    /// Interrupt requests are writes.
+    pub fn interrupt(source: SourceId, index: u16, reason: FaultReason) -> Self {
+        Fault {
+            source,
+            addr: u64::from(index) << 48,
+            reason,
+            access: Access::Write,
+        }
+    }
 }
 
 /// What happened to a fault handed to [`FaultLog::record`].

@@ -13,6 +13,7 @@ pub mod descriptor;
 pub mod dmar;
 pub mod fault;
 pub mod host;
+pub mod intremap;
 pub mod ranges;
 pub mod regs;
 pub mod shadow;

@@ -97,7 +97,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.invalidate_iotlb(scope);
             }
             Descriptor::DeviceIotlb => counts.device_iotlb += 1,
-            Descriptor::InterruptEntryCache => counts.interrupt_entry_cache += 1,
+            Descriptor::InterruptEntryCache(_) => counts.interrupt_entry_cache += 1,
             Descriptor::Wait {
                 status_write,
                 interrupt,

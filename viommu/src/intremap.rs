@@ -1,0 +1,401 @@
+//! Interrupt remapping (VT-d spec chapter 5; the IRTE format, 9.10; IRTA, 11.4.x).
+//!
+//! An interrupt request is an MSI write: 32-bit data to an address in the 0xFEEx_xxxx window. In
+//! compatibility format (address bit 4 clear) the request names its destination and vector
+//! itself; with interrupt remapping enabled such requests are blocked unless software allowed
+//! them (GSTS.CFIS, and never in x2APIC mode). In remappable format (bit 4 set) the request only
+//! names an entry of the interrupt remapping table (IRTE) in guest memory, and what that entry
+//! says is delivered: a device cannot raise a vector, or reach a CPU, its entry does not allow.
+//!
+//! This module decodes requests and entries and turns a request into the interrupt to deliver
+//! or the fault to report. It has no state of its own: the unit owns the latched table and the
+//! enables, and the VMM owns the routes (see [`InterruptRoutes`]).
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::fault::FaultReason;
+use crate::SourceId;
+
+/// The interrupt address window, bits 31:20 of every interrupt request (5.1.2).
+pub const MSI_ADDR_WINDOW: u64 = 0xfee0_0000;
+const MSI_ADDR_WINDOW_MASK: u64 = 0xfff0_0000;
+
+// 5.1.2.2: interrupt requests in remappable format, address fields.
+/// Interrupt format: set for remappable format.
+pub const MSI_ADDR_IF_REMAPPABLE: u64 = 1 << 4;
+/// Subhandle valid: the data's low 16 bits are added to the handle.
+pub const MSI_ADDR_SHV: u64 = 1 << 3;
+/// Handle bit 15 sits in address bit 2.
+pub const MSI_ADDR_HANDLE_15: u64 = 1 << 2;
+/// Handle bits 14:0 sit in address bits 19:5.
+pub const MSI_ADDR_HANDLE_SHIFT: u32 = 5;
+const MSI_ADDR_HANDLE_LO_MASK: u64 = 0x7fff;
+/// Data bits 15:0 are the subhandle; bits 31:16 are reserved.
+const MSI_DATA_SUBHANDLE_MASK: u32 = 0xffff;
+
+// 5.1.2.1 and the Intel SDM (10.11): interrupt requests in compatibility format.
+const MSI_ADDR_DEST_SHIFT: u32 = 12;
+const MSI_ADDR_RH: u64 = 1 << 3;
+const MSI_ADDR_DM_LOGICAL: u64 = 1 << 2;
+const MSI_DATA_DLM_SHIFT: u32 = 8;
+const MSI_DATA_LEVEL_ASSERT: u32 = 1 << 14;
+const MSI_DATA_TM_LEVEL: u32 = 1 << 15;
+
+// 11.4.x: interrupt remapping table address register.
+/// Table address, bits 63:12.
+pub const IRTA_ADDR_MASK: u64 = !0xfff;
+/// Extended interrupt mode enable (x2APIC): 32-bit destination ids; needs ECAP.EIM.
+pub const IRTA_EIME: u64 = 1 << 11;
+/// Table size: 2^(S + 1) entries.
+pub const IRTA_S_MASK: u64 = 0xf;
+
+// 9.10: interrupt remapping table entry for remapped interrupts (IM = 0).
+const IRTE_SIZE: u64 = 16;
+const IRTE_LO_P: u64 = 1 << 0;
+const IRTE_LO_FPD: u64 = 1 << 1;
+const IRTE_LO_DM: u64 = 1 << 2;
+const IRTE_LO_RH: u64 = 1 << 3;
+const IRTE_LO_TM: u64 = 1 << 4;
+const IRTE_LO_DLM_SHIFT: u32 = 5;
+/// IRTE mode: set for posted interrupts, which need CAP.PI (not offered).
+const IRTE_LO_IM: u64 = 1 << 15;
+const IRTE_LO_VECTOR_SHIFT: u32 = 16;
+const IRTE_LO_DST_SHIFT: u32 = 32;
+/// Bits 14:12 and 31:24 are reserved (bits 11:8 are available to software).
+const IRTE_LO_RSVD: u64 = 0x7000 | 0xff00_0000;
+/// In xAPIC mode the destination is bits 47:40; bits 39:32 and 63:48 are reserved.
+const IRTE_LO_RSVD_XAPIC: u64 = 0xff << 32 | 0xffff << 48;
+const IRTE_HI_SID_MASK: u64 = 0xffff;
+const IRTE_HI_SQ_SHIFT: u32 = 16;
+const IRTE_HI_SVT_SHIFT: u32 = 18;
+/// Bits 127:84.
+const IRTE_HI_RSVD: u64 = !0xf_ffff;
+
+// 9.10: source validation type.
+const SVT_NONE: u64 = 0b00;
+const SVT_REQUESTER_ID: u64 = 0b01;
+const SVT_BUS_RANGE: u64 = 0b10;
+
+/// An MSI: the address and data a device (or the IOAPIC) writes to raise an interrupt.
+///
+/// A translated message for a destination above 255 (x2APIC) carries destination bits 31:8 in
+/// address bits 63:40, the extended destination convention KVM uses when user space enables
+/// `KVM_X2APIC_API_USE_32BIT_IDS`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    pub addr: u64,
+    pub data: u32,
+}
+
+impl MsiMessage {
+    pub const fn new(addr: u64, data: u32) -> Self {
+        MsiMessage { addr, data }
+    }
+
+    /// Is this an interrupt request at all (an address in the interrupt window)?
+    pub fn is_interrupt(&self) -> bool {
+        self.addr & MSI_ADDR_WINDOW_MASK == MSI_ADDR_WINDOW && self.addr >> 32 == 0
+    }
+
+    /// Is it in remappable format (address bit 4)?
+    pub fn is_remappable(&self) -> bool {
+        self.addr & MSI_ADDR_IF_REMAPPABLE != 0
+    }
+
+    /// The handle of a remappable request (5.1.2.2).
+    pub fn handle(&self) -> u32 {
+        let lo = (self.addr >> MSI_ADDR_HANDLE_SHIFT) & MSI_ADDR_HANDLE_LO_MASK;
+        let hi = u64::from(self.addr & MSI_ADDR_HANDLE_15 != 0) << 15;
+        (lo | hi) as u32
+    }
+
+    /// The interrupt_index of a remappable request: its handle, plus the subhandle when SHV is
+    /// set (5.1.3). May exceed 16 bits, which no table holds.
+    pub fn interrupt_index(&self) -> u32 {
+        if self.addr & MSI_ADDR_SHV != 0 {
+            self.handle() + (self.data & MSI_DATA_SUBHANDLE_MASK)
+        } else {
+            self.handle()
+        }
+    }
+
+    /// A remappable-format request for `index` without subhandle, as an IOAPIC or a driver
+    /// that gives each vector its own handle writes it.
+    pub fn remappable(index: u16) -> Self {
+        let index = u64::from(index);
+        let addr = MSI_ADDR_WINDOW
+            | (index & MSI_ADDR_HANDLE_LO_MASK) << MSI_ADDR_HANDLE_SHIFT
+            | if index & 0x8000 != 0 {
+                MSI_ADDR_HANDLE_15
+            } else {
+                0
+            }
+            | MSI_ADDR_IF_REMAPPABLE;
+        MsiMessage { addr, data: 0 }
+    }
+}
+
+/// The interrupt remapping table as the last SIRTP latched it from IRTA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemapTable {
+    pub base: u64,
+    /// Entries: 2^(S + 1), 2 to 65536.
+    pub entries: u32,
+    /// IRTA.EIME: destinations are 32-bit x2APIC ids; compatibility format is blocked.
+    pub x2apic: bool,
+}
+
+impl RemapTable {
+    /// Decodes IRTA. `eim` says whether the unit supports extended interrupt mode (ECAP.EIM):
+    /// without it EIME is reserved and reads as zero.
+    pub fn from_irta(irta: u64, eim: bool) -> Self {
+        RemapTable {
+            base: irta & IRTA_ADDR_MASK,
+            entries: 2 << (irta & IRTA_S_MASK),
+            x2apic: eim && irta & IRTA_EIME != 0,
+        }
+    }
+}
+
+/// What the unit's interrupt remapping is set to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RemapState {
+    /// GSTS.IRES.
+    pub enabled: bool,
+    /// GSTS.CFIS: compatibility-format requests pass through (xAPIC mode only).
+    pub compat_allowed: bool,
+    /// The table latched by SIRTP, if any.
+    pub table: Option<RemapTable>,
+}
+
+/// The interrupt to deliver, as a remapped IRTE (or a passed compatibility request) names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interrupt {
+    pub vector: u8,
+    /// APIC id (physical) or logical destination; 32 bits in x2APIC mode.
+    pub dest: u32,
+    pub logical: bool,
+    pub redirection_hint: bool,
+    pub level: bool,
+    /// Delivery mode as the MSI data encodes it (0 fixed, 1 lowest priority, 2 SMI, 4 NMI,
+    /// 5 INIT, 7 ExtINT).
+    pub delivery_mode: u8,
+}
+
+impl Interrupt {
+    /// The compatibility-format MSI that delivers this interrupt (destinations above 255 in
+    /// address bits 63:40, see [`MsiMessage`]).
+    pub fn to_msi(&self) -> MsiMessage {
+        let mut addr = MSI_ADDR_WINDOW
+            | u64::from(self.dest & 0xff) << MSI_ADDR_DEST_SHIFT
+            | u64::from(self.dest & !0xff) << 32;
+        if self.redirection_hint {
+            addr |= MSI_ADDR_RH;
+        }
+        if self.logical {
+            addr |= MSI_ADDR_DM_LOGICAL;
+        }
+        let mut data = u32::from(self.vector) | u32::from(self.delivery_mode) << MSI_DATA_DLM_SHIFT;
+        if self.level {
+            data |= MSI_DATA_TM_LEVEL | MSI_DATA_LEVEL_ASSERT;
+        }
+        MsiMessage { addr, data }
+    }
+}
+
+/// Why an interrupt request was blocked: the fault to record (7.1.3 table, reasons 0x20-0x26).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemapFault {
+    pub reason: FaultReason,
+    /// The interrupt_index the request referenced (recorded in FI bits 63:48; zero for a
+    /// compatibility-format request).
+    pub index: u16,
+    /// The IRTE was read and has FPD set: the fault is not recorded.
+    pub fpd: bool,
+}
+
+impl RemapFault {
+    fn new(reason: FaultReason, index: u32) -> Self {
+        RemapFault {
+            reason,
+            index: index as u16,
+            fpd: false,
+        }
+    }
+}
+
+/// A decoded, valid, present IRTE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Irte {
+    interrupt: Interrupt,
+    sid: u16,
+    sq: u8,
+    svt: u64,
+}
+
+/// Decodes the IRTE `[lo, hi]`; `Err(fpd)` when it is not present (reason 0x22) and
+/// `Err` with reason 0x24 when a reserved field is set.
+fn decode_irte(lo: u64, hi: u64, x2apic: bool, index: u32) -> Result<Irte, RemapFault> {
+    let fpd = lo & IRTE_LO_FPD != 0;
+    let fault = |reason| RemapFault {
+        fpd,
+        ..RemapFault::new(reason, index)
+    };
+    if lo & IRTE_LO_P == 0 {
+        return Err(fault(FaultReason::IrEntryNotPresent));
+    }
+    let svt = (hi >> IRTE_HI_SVT_SHIFT) & 0b11;
+    let delivery_mode = ((lo >> IRTE_LO_DLM_SHIFT) & 0b111) as u8;
+    let dest_rsvd = if x2apic { 0 } else { IRTE_LO_RSVD_XAPIC };
+    let reserved = lo & (IRTE_LO_RSVD | IRTE_LO_IM | dest_rsvd) != 0
+        || hi & IRTE_HI_RSVD != 0
+        || svt == 0b11
+        // Delivery modes 011b and 110b are reserved encodings.
+        || matches!(delivery_mode, 0b011 | 0b110);
+    if reserved {
+        return Err(fault(FaultReason::IrEntryReserved));
+    }
+    let dst = (lo >> IRTE_LO_DST_SHIFT) as u32;
+    Ok(Irte {
+        interrupt: Interrupt {
+            vector: (lo >> IRTE_LO_VECTOR_SHIFT) as u8,
+            dest: if x2apic { dst } else { (dst >> 8) & 0xff },
+            logical: lo & IRTE_LO_DM != 0,
+            redirection_hint: lo & IRTE_LO_RH != 0,
+            level: lo & IRTE_LO_TM != 0,
+            delivery_mode,
+        },
+        sid: (hi & IRTE_HI_SID_MASK) as u16,
+        sq: ((hi >> IRTE_HI_SQ_SHIFT) & 0b11) as u8,
+        svt,
+    })
+}
+
+impl Irte {
+    /// Source validation (9.10, SVT/SQ/SID): may `source` use this entry?
+    fn allows(&self, source: SourceId) -> bool {
+        match self.svt {
+            SVT_NONE => true,
+            SVT_REQUESTER_ID => {
+                // SQ says how many function bits to ignore: none, bit 2, bits 2:1, bits 2:0.
+                let ignored: u16 = match self.sq {
+                    0 => 0,
+                    1 => 0b100,
+                    2 => 0b110,
+                    _ => 0b111,
+                };
+                source.0 | ignored == self.sid | ignored
+            }
+            SVT_BUS_RANGE => {
+                let (first, last) = ((self.sid >> 8) as u8, self.sid as u8);
+                (first..=last).contains(&source.bus())
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Translates the interrupt request `msg` from `source` under `state`: the interrupt to deliver,
+/// or the fault that blocks it. Reads the IRTE from `mem`; records nothing.
+pub fn translate<M: GuestMemoryBackend>(
+    mem: &M,
+    state: &RemapState,
+    source: SourceId,
+    msg: MsiMessage,
+) -> Result<MsiMessage, RemapFault> {
+    if !state.enabled {
+        return Ok(msg);
+    }
+    if !msg.is_remappable() {
+        let x2apic = state.table.is_some_and(|t| t.x2apic);
+        if !state.compat_allowed || x2apic {
+            return Err(RemapFault::new(FaultReason::IrCompatibilityBlocked, 0));
+        }
+        return Ok(msg);
+    }
+    let index = msg.interrupt_index();
+    if msg.data & !MSI_DATA_SUBHANDLE_MASK != 0 || msg.addr >> 32 != 0 {
+        return Err(RemapFault::new(FaultReason::IrRequestReserved, index));
+    }
+    // IRE can only be set once a table pointer was latched; a unit without one behaves as if
+    // the table were empty.
+    let Some(table) = state.table else {
+        return Err(RemapFault::new(FaultReason::IrIndexBeyondTable, index));
+    };
+    if index >= table.entries {
+        return Err(RemapFault::new(FaultReason::IrIndexBeyondTable, index));
+    }
+    let entry = table
+        .base
+        .checked_add(u64::from(index) * IRTE_SIZE)
+        .and_then(|addr| {
+            let lo: u64 = mem.read_obj(GuestAddress(addr)).ok()?;
+            let hi: u64 = mem.read_obj(GuestAddress(addr.checked_add(8)?)).ok()?;
+            Some((u64::from_le(lo), u64::from_le(hi)))
+        });
+    let Some((lo, hi)) = entry else {
+        return Err(RemapFault::new(FaultReason::IrTableAccess, index));
+    };
+    let irte = decode_irte(lo, hi, table.x2apic, index)?;
+    if !irte.allows(source) {
+        return Err(RemapFault {
+            fpd: lo & IRTE_LO_FPD != 0,
+            ..RemapFault::new(FaultReason::IrSourceIdMismatch, index)
+        });
+    }
+    Ok(irte.interrupt.to_msi())
+}
+
+/// Which cached interrupt remappings an interrupt-entry-cache invalidation drops (6.5.2.7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IecScope {
+    /// Every entry (and compatibility-format decisions, which depend on no entry).
+    Global,
+    /// The 2^`mask` entries from `index` aligned down to that size.
+    Index { index: u16, mask: u8 },
+}
+
+impl IecScope {
+    /// Does the invalidation cover what the request `msg` was translated through?
+    pub fn covers(&self, msg: &MsiMessage) -> bool {
+        match *self {
+            IecScope::Global => true,
+            IecScope::Index { index, mask } => {
+                if !msg.is_remappable() {
+                    return false;
+                }
+                let size = 1u32 << mask.min(16);
+                let first = u32::from(index) & !(size - 1);
+                (first..first + size).contains(&msg.interrupt_index())
+            }
+        }
+    }
+
+    /// The smallest scope covering both.
+    pub fn merge(self, other: IecScope) -> IecScope {
+        match (self, other) {
+            (a, b) if a == b => a,
+            _ => IecScope::Global,
+        }
+    }
+}
+
+/// A translation without side effects, as [`InterruptRoutes::retranslate`] is given it.
+pub type Translate<'a> = dyn FnMut(SourceId, MsiMessage) -> Result<MsiMessage, RemapFault> + 'a;
+
+/// Holders of translated interrupt routes (a VMM's KVM GSI routes, which deliver a device's
+/// MSIs without a trip to user space). The unit calls `retranslate` whenever what a request
+/// means may have changed in a way software made visible: an interrupt-entry-cache invalidation
+/// (before the wait descriptor that follows it completes), a new table pointer, or interrupt
+/// remapping or compatibility format turned on or off. Like a hardware interrupt-entry cache,
+/// a route is not refreshed when software changes an IRTE without invalidating it.
+pub trait InterruptRoutes: Send {
+    /// Re-translates every route `scope` covers with `translate`. A route whose translation
+    /// now faults must stop delivering (the request is blocked); the holder decides how the
+    /// fault gets recorded when the device next raises it (e.g. through
+    /// [`crate::Vtd::remap_interrupt`] from a user-space path).
+    fn retranslate(&mut self, scope: IecScope, translate: &mut Translate<'_>);
+}
+
+#[cfg(test)]
+mod tests;
