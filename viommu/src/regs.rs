@@ -111,6 +111,9 @@ pub const CAP_DWD: u64 = 1 << 54;
 pub const CAP_DRD: u64 = 1 << 55;
 /// Enhanced set-root-table-pointer support: SRTP also invalidates all translation caches.
 pub const CAP_ESRTPS: u64 = 1 << 63;
+/// Enhanced set-interrupt-root-table-pointer support: SIRTP also invalidates the interrupt
+/// entry cache.
+pub const CAP_ESIRTPS: u64 = 1 << 62;
 /// Maximum address mask value for page-selective invalidation (QEMU uses 18 too).
 pub const MAMV: u64 = 18;
 
@@ -124,6 +127,10 @@ pub const ECAP_QI: u64 = 1 << 1;
 pub const ECAP_DT: u64 = 1 << 2;
 /// Pass-through context entries supported.
 pub const ECAP_PT: u64 = 1 << 6;
+/// Interrupt remapping support.
+pub const ECAP_IR: u64 = 1 << 3;
+/// Extended interrupt mode (x2APIC, 32-bit destination ids in IRTEs).
+pub const ECAP_EIM: u64 = 1 << 4;
 pub const ECAP_IRO_SHIFT: u64 = 8;
 
 // 11.4.4.1 / 11.4.4.2: global command and status bits (same positions in both registers).

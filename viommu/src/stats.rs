@@ -47,6 +47,14 @@ pub struct Stats {
     pub deferred_flushes: u64,
     /// Syncs cut short because the guest's tables held more entries than the walk budget.
     pub walk_budget_exceeded: u64,
+    /// Interrupt requests and interrupt routes translated through the guest's IRTE table (a
+    /// route delivers many interrupts in KVM for one translation).
+    pub interrupts_remapped: u64,
+    /// Interrupt requests blocked by a remapping fault, whether or not a record took them.
+    pub interrupt_faults: u64,
+    /// Interrupt-entry-cache invalidations carried out (descriptors and the implicit ones of
+    /// SIRTP, IRE and CFI changes).
+    pub iec_invalidations: u64,
 }
 
 #[cfg(test)]

@@ -456,6 +456,27 @@ impl Driver {
         Self::write32(vtd, GCMD_REG, self.gcmd);
     }
 
+    /// Points the unit at the interrupt remapping table `irta` and turns remapping on or off,
+    /// as Linux's `iommu_set_irq_remapping` and `iommu_enable_irq_remapping` do (compatibility
+    /// format stays blocked).
+    pub fn set_interrupt_remapping<M: vm_memory::GuestMemoryBackend>(
+        &mut self,
+        vtd: &mut crate::Vtd<M>,
+        irta: u64,
+        on: bool,
+    ) {
+        use crate::regs::*;
+        Self::write64(vtd, IRTA_REG, irta);
+        Self::write32(vtd, GCMD_REG, self.gcmd | GCMD_SIRTP);
+        if on {
+            self.gcmd |= GCMD_IRE;
+        } else {
+            self.gcmd &= !GCMD_IRE;
+        }
+        self.gcmd &= !GCMD_CFI;
+        Self::write32(vtd, GCMD_REG, self.gcmd);
+    }
+
     /// Queues `descs` at the tail and writes IQT once.
     pub fn submit<M: vm_memory::GuestMemoryBackend>(
         &mut self,

@@ -97,7 +97,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.invalidate_iotlb(scope);
             }
             Descriptor::DeviceIotlb => counts.device_iotlb += 1,
-            Descriptor::InterruptEntryCache(_) => counts.interrupt_entry_cache += 1,
+            Descriptor::InterruptEntryCache(scope) => {
+                counts.interrupt_entry_cache += 1;
+                // Routes are re-translated before any later wait can complete.
+                self.invalidate_interrupt_entries(scope);
+            }
             Descriptor::Wait {
                 status_write,
                 interrupt,

@@ -197,6 +197,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     self.regs.clear_bits::<IECTL_REG>(ECTL_IP);
                 }
             }
+            Effect::InterruptTableAddress => {
+                if !self.config.x2apic {
+                    self.regs.clear_bits::<IRTA_REG>(crate::intremap::IRTA_EIME);
+                }
+            }
             Effect::CompletionEventControl => {
                 let iectl = self.regs.get32::<IECTL_REG>();
                 if iectl & ECTL_IM == 0 && iectl & ECTL_IP != 0 {
@@ -323,7 +328,10 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             );
             self.refresh_views();
         }
+        if self.config.interrupt_remapping {
+            self.interrupt_remapping_command(v);
+        }
         // WBF completes at once: WBFS never reads as set. SFL and EAFL do nothing (no advanced
-        // fault logging); IRE, SIRTP and CFI are reserved (ECAP.IR clear) and never get here.
+        // fault logging).
     }
 }

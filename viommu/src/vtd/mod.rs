@@ -3,6 +3,7 @@
 //! guest register accesses and what they start (global commands, fault and completion events)
 //! are in `mmio`, invalidation in `invalidation`.
 
+mod interrupts;
 mod invalidation;
 mod mmio;
 pub mod registers;
@@ -16,6 +17,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::fault::{Access, Fault, FaultLog, RecordOutcome};
 use crate::host::HostDma;
+use crate::intremap::{InterruptRoutes, RemapState};
 use crate::ranges::{self, Range};
 use crate::regs::*;
 use crate::space::{Space, View};
@@ -77,6 +79,12 @@ pub struct VtdConfig {
     /// together: hostile tables (entries pointing back at their own table) bound the work, and
     /// a sync that runs out unmaps what it was to sync rather than leave it stale.
     pub walk_budget: u64,
+    /// Interrupt remapping (ECAP.IR): interrupt requests go through the guest's IRTE table
+    /// once it enables remapping.
+    pub interrupt_remapping: bool,
+    /// Extended interrupt mode (ECAP.EIM): IRTEs may name 32-bit x2APIC destinations.
+    /// Needs `interrupt_remapping`.
+    pub x2apic: bool,
 }
 
 impl Default for VtdConfig {
@@ -89,6 +97,8 @@ impl Default for VtdConfig {
             flush: FlushMode::Strict,
             strategy: SyncStrategy::Batched,
             walk_budget: 1 << 24,
+            interrupt_remapping: false,
+            x2apic: false,
         }
     }
 }
@@ -104,6 +114,8 @@ pub enum ConfigError {
     NoCachingMode(SourceId),
     #[error("device {0} is already attached")]
     AlreadyAttached(SourceId),
+    #[error("extended interrupt mode (x2APIC) needs interrupt remapping")]
+    ExtendedInterruptModeWithoutRemapping,
 }
 
 /// Where the unit's interrupts go: the VMM delivers an MSI with this address and data.
@@ -152,6 +164,10 @@ pub struct Vtd<M: GuestMemoryBackend> {
     fsts_errors: u32,
     /// Queue head as a descriptor index.
     iqh: u64,
+    /// Interrupt remapping as GCMD set it up.
+    remap: RemapState,
+    /// Who holds translated interrupt routes, told when they must re-translate.
+    interrupt_routes: Option<Box<dyn InterruptRoutes>>,
 
     spaces: BTreeMap<SourceId, Space>,
     stats: Stats,
@@ -180,6 +196,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if config.fault_records == 0 || config.fault_records > MAX_FAULT_RECORDS {
             return Err(ConfigError::FaultRecords(config.fault_records));
         }
+        if config.x2apic && !config.interrupt_remapping {
+            return Err(ConfigError::ExtendedInterruptModeWithoutRemapping);
+        }
         let caps = Capabilities {
             aw_bits: config.aw_bits,
             haw: config.aw_bits,
@@ -206,10 +225,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             | MAMV << CAP_MAMV_SHIFT
             | CAP_DWD
             | CAP_DRD
-            | CAP_ESRTPS;
+            | CAP_ESRTPS
+            | if config.interrupt_remapping {
+                CAP_ESIRTPS
+            } else {
+                0
+            };
         let ecap = ECAP_C
             | ECAP_QI
             | if config.pass_through { ECAP_PT } else { 0 }
+            | if config.interrupt_remapping {
+                ECAP_IR
+            } else {
+                0
+            }
+            | if config.x2apic { ECAP_EIM } else { 0 }
             | (IOTLB_REG_BASE / 16) << ECAP_IRO_SHIFT;
         let ram = ranges::normalize(
             mem.iter()
@@ -237,6 +267,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             faults: FaultLog::new(config.fault_records),
             fsts_errors: 0,
             iqh: 0,
+            remap: RemapState::default(),
+            interrupt_routes: None,
             spaces: BTreeMap::new(),
             stats: Stats::default(),
             deferred_since: None,
@@ -378,6 +410,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             fault.addr,
             fault.reason
         );
+        self.record_fault(fault, fpd);
+    }
+
+    /// Logs `fault` into the fault records unless `fpd` (7.2.1), raising the fault event.
+    fn record_fault(&mut self, fault: &Fault, fpd: bool) {
         if fpd {
             return;
         }

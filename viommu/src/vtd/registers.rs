@@ -10,6 +10,7 @@
 //! new register is one entry here (its offset named in [`crate::regs`]), plus its [`Effect`] when
 //! a write to it must act, or its [`Derived`] kind when the unit computes its value.
 
+use crate::intremap::{IRTA_ADDR_MASK, IRTA_EIME, IRTA_S_MASK};
 use crate::regs::*;
 
 /// How wide a register is.
@@ -95,6 +96,8 @@ pub enum Effect {
     CompletionStatus,
     /// IECTL: unmasking delivers a pending completion interrupt.
     CompletionEventControl,
+    /// IRTA: EIME is reserved without extended interrupt mode.
+    InterruptTableAddress,
 }
 
 /// One register, as the spec describes it.
@@ -202,15 +205,18 @@ pub const REGISTERS: &[Register] = &[
     Register::new("ECAP", ECAP_REG, W64)
         .ro(u64::MAX)
         .derived(Derived::ExtendedCapability),
-    // 11.4.4.1: commands take effect at once and show in GSTS. IRE, SIRTP and CFI are reserved
-    // while ECAP.IR is clear.
+    // 11.4.4.1: commands take effect at once and show in GSTS. IRE, SIRTP and CFI act only when
+    // the unit offers interrupt remapping (ECAP.IR); otherwise they are ignored as reserved.
     Register::new("GCMD", GCMD_REG, W32)
         .rw(b(GCMD_TE
             | GCMD_SRTP
             | GCMD_SFL
             | GCMD_EAFL
             | GCMD_WBF
-            | GCMD_QIE))
+            | GCMD_QIE
+            | GCMD_IRE
+            | GCMD_SIRTP
+            | GCMD_CFI))
         .write_only()
         .effect(Effect::GlobalCommand),
     // 11.4.4.2: set by the unit as it carries out GCMD.
@@ -284,8 +290,11 @@ pub const REGISTERS: &[Register] = &[
     Register::new("IEDATA", IEDATA_REG, W32).rw(0xffff_ffff),
     Register::new("IEADDR", IEADDR_REG, W32).rw(b(EADDR_MA_MASK)),
     Register::new("IEUADDR", IEUADDR_REG, W32).rw(0xffff_ffff),
-    // 11.4.10: held for software while interrupt remapping is not modelled.
-    Register::new("IRTA", IRTA_REG, W64).rw(u64::MAX),
+    // 11.4.10: latched by GCMD.SIRTP. EIME exists only with ECAP.EIM (the effect clears it
+    // otherwise).
+    Register::new("IRTA", IRTA_REG, W64)
+        .rw(IRTA_ADDR_MASK | IRTA_EIME | IRTA_S_MASK)
+        .effect(Effect::InterruptTableAddress),
     // 11.4.6.4: the page a page-selective IOTLB invalidation names.
     Register::new("IVA", IVA_REG, W64).rw(IVA_ADDR_MASK | IVA_IH | IVA_AM_MASK),
     // 11.4.6.3: the unit clears IVT and reports the granularity it used in IAIG.

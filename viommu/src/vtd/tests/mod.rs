@@ -111,6 +111,7 @@ pub(super) fn map(t: &mut Tables, pt: PageTable, iova: u64, gpa: u64, pages: u64
     t.map(pt, iova, gpa, pages * P, Perm::RW);
 }
 
+mod interrupts;
 mod registers;
 mod sync;
 

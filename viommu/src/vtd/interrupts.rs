@@ -1,0 +1,112 @@
+//! Interrupt remapping in the unit (VT-d spec chapter 5): the GCMD commands that set it up, the
+//! interrupt-entry cache as the routes a VMM holds, and the requests of emulated devices.
+
+use vm_memory::GuestMemoryBackend;
+
+use super::Vtd;
+use crate::fault::Fault;
+use crate::intremap::{self, IecScope, InterruptRoutes, MsiMessage, RemapFault, RemapTable};
+use crate::regs::*;
+use crate::SourceId;
+
+impl<M: GuestMemoryBackend> Vtd<M> {
+    /// GCMD's interrupt-remapping commands (11.4.4.1): SIRTP is one-shot; IRE and CFI are
+    /// persistent, written with their wanted state every time. Every change that alters what a
+    /// request means invalidates the interrupt-entry cache (ESIRTPS for SIRTP).
+    pub(super) fn interrupt_remapping_command(&mut self, v: u32) {
+        let mut changed = false;
+        if v & GCMD_SIRTP != 0 {
+            let irta = self.regs.get::<IRTA_REG>();
+            self.remap.table = Some(RemapTable::from_irta(irta, self.config.x2apic));
+            self.regs.set_bits::<GSTS_REG>(GSTS_IRTPS);
+            log::debug!("VT-d: interrupt remapping table {irta:#x}");
+            changed = true;
+        }
+        let ire = v & GCMD_IRE != 0;
+        if ire != self.remap.enabled {
+            self.remap.enabled = ire;
+            if ire {
+                self.regs.set_bits::<GSTS_REG>(GSTS_IRES);
+            } else {
+                self.regs.clear_bits::<GSTS_REG>(GSTS_IRES);
+            }
+            log::debug!(
+                "VT-d: interrupt remapping {}",
+                if ire { "enabled" } else { "disabled" }
+            );
+            changed = true;
+        }
+        let cfi = v & GCMD_CFI != 0;
+        if cfi != self.remap.compat_allowed {
+            self.remap.compat_allowed = cfi;
+            if cfi {
+                self.regs.set_bits::<GSTS_REG>(GSTS_CFIS);
+            } else {
+                self.regs.clear_bits::<GSTS_REG>(GSTS_CFIS);
+            }
+            changed = true;
+        }
+        if changed {
+            self.invalidate_interrupt_entries(IecScope::Global);
+        }
+    }
+
+    /// Drops the cached remappings `scope` covers: the route holder re-translates them now.
+    pub(super) fn invalidate_interrupt_entries(&mut self, scope: IecScope) {
+        self.stats.iec_invalidations += 1;
+        let Some(mut routes) = self.interrupt_routes.take() else {
+            return;
+        };
+        let mut translated = 0;
+        let (mem, state) = (&self.mem, &self.remap);
+        routes.retranslate(scope, &mut |source, msg| {
+            translated += u64::from(state.enabled);
+            intremap::translate(mem, state, source, msg)
+        });
+        self.stats.interrupts_remapped += translated;
+        self.interrupt_routes = Some(routes);
+    }
+
+    /// Hands the unit the holder of translated interrupt routes (the VMM's GSI routes), to be
+    /// told when they must re-translate.
+    pub fn set_interrupt_routes(&mut self, routes: Box<dyn InterruptRoutes>) {
+        self.interrupt_routes = Some(routes);
+    }
+
+    /// Is interrupt remapping enabled (GSTS.IRES)?
+    pub fn interrupt_remapping_enabled(&self) -> bool {
+        self.remap.enabled
+    }
+
+    /// What the interrupt request `msg` from `source` currently means, without side effects:
+    /// for a VMM computing a route. Unchanged while remapping is off.
+    pub fn translate_interrupt(
+        &self,
+        source: SourceId,
+        msg: MsiMessage,
+    ) -> Result<MsiMessage, RemapFault> {
+        intremap::translate(&self.mem, &self.remap, source, msg)
+    }
+
+    /// An interrupt request `msg` from `source` (an emulated device, or a route that faulted):
+    /// the interrupt to deliver, or None when remapping blocks it, in which case the fault is
+    /// recorded unless the IRTE disables fault processing, and the fault event raised.
+    pub fn remap_interrupt(&mut self, source: SourceId, msg: MsiMessage) -> Option<MsiMessage> {
+        match intremap::translate(&self.mem, &self.remap, source, msg) {
+            Ok(out) => {
+                self.stats.interrupts_remapped += u64::from(self.remap.enabled);
+                Some(out)
+            }
+            Err(f) => {
+                self.stats.interrupt_faults += 1;
+                log::debug!(
+                    "interrupt remapping fault: {source} {msg:x?} index {}: {:?}",
+                    f.index,
+                    f.reason
+                );
+                self.record_fault(&Fault::interrupt(source, f.index, f.reason), f.fpd);
+                None
+            }
+        }
+    }
+}
