@@ -1,4 +1,4 @@
-//! The viommu crate's host DMA trait over a VFIO type1 container: guest-physical addresses
+//! The host DMA trait (`vm-device`) over a VFIO type1 container: guest-physical addresses
 //! become host virtual addresses through guest memory, and each map or unmap is one
 //! VFIO_IOMMU_MAP_DMA or VFIO_IOMMU_UNMAP_DMA.
 //!
@@ -15,13 +15,43 @@ use vfio_bindings::bindings::vfio::{
     VFIO_DMA_MAP_FLAG_WRITE, VFIO_TYPE,
 };
 use vfio_ioctls::VfioContainer;
-use viommu::host::HostOp;
-use viommu::{HostDma, HostDmaError, Perm};
+use vm_device::dma::{HostDma, HostDmaError, HostOp, Perm};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 // linux/vfio.h: VFIO_IOMMU_MAP_DMA = _IO(VFIO_TYPE, VFIO_BASE + 13), UNMAP = + 14.
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
+
+/// Why a container refused a map or an unmap (the source of a [`HostDmaError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerDmaError {
+    /// A map with no bytes or no permission says nothing to the host.
+    #[error("nothing to map ({len:#x} bytes, permissions {perm:?})")]
+    Empty { len: u64, perm: Perm },
+    /// The guest-physical address is not guest RAM.
+    #[error("GPA {gpa:#x} is not guest RAM")]
+    NotGuestRam { gpa: u64 },
+    /// The range starts in guest RAM but runs past the end of its region.
+    #[error("GPA {gpa:#x}+{len:#x} runs past its RAM region ({region_len:#x} bytes at {region_start:#x})")]
+    PastRegion {
+        gpa: u64,
+        len: u64,
+        region_start: u64,
+        region_len: u64,
+    },
+    /// The RAM region has no host mapping to hand to the device.
+    #[error("GPA {gpa:#x} has no host address: {source}")]
+    NoHostAddress {
+        gpa: u64,
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The kernel refused the ioctl.
+    #[error("{ioctl}: {source}")]
+    Ioctl {
+        ioctl: &'static str,
+        source: std::io::Error,
+    },
+}
 
 /// The two type1 ioctls (the container implements them; tests fake them).
 pub trait DmaIoctls: Send {
@@ -111,36 +141,32 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> ContainerDma<C, M> {
         self.mappings.iter().map(|(&a, &l)| (a, l))
     }
 
-    fn host_address(&self, gpa: u64, len: u64) -> Result<u64, String> {
+    fn host_address(&self, gpa: u64, len: u64) -> Result<u64, ContainerDmaError> {
         let region = self
             .mem
             .find_region(GuestAddress(gpa))
-            .ok_or_else(|| format!("GPA {gpa:#x} is not guest RAM"))?;
+            .ok_or(ContainerDmaError::NotGuestRam { gpa })?;
         let off = gpa - region.start_addr().0;
         if off.checked_add(len).is_none_or(|end| end > region.len()) {
-            return Err(format!(
-                "GPA {gpa:#x}+{len:#x} runs past its RAM region ({:#x} bytes at {:#x})",
-                region.len(),
-                region.start_addr().0
-            ));
+            return Err(ContainerDmaError::PastRegion {
+                gpa,
+                len,
+                region_start: region.start_addr().0,
+                region_len: region.len(),
+            });
         }
         region
             .get_host_address(MemoryRegionAddress(off))
             .map(|p| p as u64)
-            .map_err(|e| format!("GPA {gpa:#x} has no host address: {e}"))
+            .map_err(|source| ContainerDmaError::NoHostAddress { gpa, source })
     }
 }
 
 impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> {
     fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), HostDmaError> {
-        let err = |cause: String| HostDmaError {
-            op: HostOp::Map,
-            iova,
-            len,
-            cause,
-        };
+        let err = |source: ContainerDmaError| HostDmaError::new(HostOp::Map, iova, len, source);
         if len == 0 || perm.is_none() {
-            return Err(err(format!("nothing to map (perm {perm:?})")));
+            return Err(err(ContainerDmaError::Empty { len, perm }));
         }
         let vaddr = self.host_address(gpa, len).map_err(err)?;
         let mut flags = 0;
@@ -153,18 +179,23 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> 
         // SAFETY: `vaddr..vaddr + len` lies inside one guest RAM region, mapped for the VM's
         // lifetime; guest memory is only ever accessed through volatile copies, and every
         // mapping is removed before this value (and the memory it borrows) goes away.
-        unsafe { self.ioctls.map_dma(iova, vaddr, len, flags) }
-            .map_err(|e| err(format!("VFIO_IOMMU_MAP_DMA: {e}")))?;
+        unsafe { self.ioctls.map_dma(iova, vaddr, len, flags) }.map_err(|source| {
+            err(ContainerDmaError::Ioctl {
+                ioctl: "VFIO_IOMMU_MAP_DMA",
+                source,
+            })
+        })?;
         self.mappings.insert(iova, len);
         Ok(())
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), HostDmaError> {
-        let done = self.ioctls.unmap_dma(iova, len).map_err(|e| HostDmaError {
-            op: HostOp::Unmap,
-            iova,
-            len,
-            cause: format!("VFIO_IOMMU_UNMAP_DMA: {e}"),
+        let done = self.ioctls.unmap_dma(iova, len).map_err(|source| {
+            let cause = ContainerDmaError::Ioctl {
+                ioctl: "VFIO_IOMMU_UNMAP_DMA",
+                source,
+            };
+            HostDmaError::new(HostOp::Unmap, iova, len, cause)
         })?;
         let end = iova.saturating_add(len);
         let inside: Vec<u64> = self

@@ -1,7 +1,7 @@
 //! VFIO PCI device assignment: a host PCI function given to a guest.
 //!
 //! - [`setup`]: container, group and device from a sysfs path, with errors that say the fix.
-//! - [`dma`]: the viommu crate's [`viommu::HostDma`] over a VFIO container.
+//! - [`dma`]: the host-DMA trait ([`vm_device::dma::HostDma`]) over a VFIO container.
 //! - [`function`]: the function as the guest sees it (config space, BARs, MSI/MSI-X/INTx),
 //!   written against [`access::VfioAccess`] and [`irq::IrqRoutes`] so it is tested with fakes.
 //! - [`kvm`]: the KVM side of interrupt routing.

@@ -56,12 +56,8 @@ impl FaultReason {
     }
 }
 
-/// The direction of a DMA request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Access {
-    Read,
-    Write,
-}
+/// The direction of a DMA request (shared with the host side, hence defined in `vm-device`).
+pub use vm_device::dma::Access;
 
 /// A translation or interrupt-remapping fault, as it is written into a fault record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

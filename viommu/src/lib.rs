@@ -28,6 +28,7 @@ pub mod walk;
 pub use fault::{Access, Fault, FaultReason};
 pub use host::{HostDma, HostDmaError};
 pub use stats::Stats;
+pub use vm_device::dma::Perm;
 pub use vtd::registers;
 pub use vtd::{Clock, ConfigError, FlushMode, MsiSink, SyncStrategy, SystemClock, Vtd, VtdConfig};
 
@@ -63,56 +64,6 @@ impl std::fmt::Display for SourceId {
             self.devfn() >> 3,
             self.devfn() & 7
         )
-    }
-}
-
-/// DMA permissions of a translation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct Perm {
-    pub read: bool,
-    pub write: bool,
-}
-
-impl Perm {
-    pub const NONE: Perm = Perm {
-        read: false,
-        write: false,
-    };
-    pub const READ: Perm = Perm {
-        read: true,
-        write: false,
-    };
-    pub const WRITE: Perm = Perm {
-        read: false,
-        write: true,
-    };
-    pub const RW: Perm = Perm {
-        read: true,
-        write: true,
-    };
-
-    pub fn is_none(self) -> bool {
-        !self.read && !self.write
-    }
-
-    /// The permissions both allow, as nested paging levels combine them.
-    pub fn and(self, other: Perm) -> Perm {
-        Perm {
-            read: self.read && other.read,
-            write: self.write && other.write,
-        }
-    }
-
-    pub fn allows(self, access: Access) -> bool {
-        match access {
-            Access::Read => self.read,
-            Access::Write => self.write,
-        }
-    }
-
-    /// As the R (bit 0) and W (bit 1) bits of a second-level entry.
-    pub fn bits(self) -> u64 {
-        u64::from(self.read) | u64::from(self.write) << 1
     }
 }
 

@@ -6,8 +6,13 @@ use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::host::{HostDma, HostDmaError, HostOp};
-use crate::walk::PageTable;
+use crate::walk::{perm_bits, PageTable};
 use crate::{Perm, SourceId, PAGE_SIZE};
+
+// The errnos VFIO type1 answers with (Linux include/uapi/asm-generic/errno-base.h).
+const EEXIST: i32 = 17;
+const EINVAL: i32 = 22;
+const ENOSPC: i32 = 28;
 
 /// Guest memory used by tests.
 pub type Mem = GuestMemoryMmap<()>;
@@ -81,13 +86,9 @@ impl SimHost {
         pages
     }
 
-    fn refuse(op: HostOp, iova: u64, len: u64, cause: &str) -> HostDmaError {
-        HostDmaError {
-            op,
-            iova,
-            len,
-            cause: cause.to_string(),
-        }
+    /// The error VFIO type1 would return, as its errno.
+    fn refuse(op: HostOp, iova: u64, len: u64, errno: i32) -> HostDmaError {
+        HostDmaError::new(op, iova, len, std::io::Error::from_raw_os_error(errno))
     }
 }
 
@@ -96,9 +97,9 @@ impl HostDma for SimHost {
         self.map_calls += 1;
         let end = iova
             .checked_add(len)
-            .ok_or_else(|| Self::refuse(HostOp::Map, iova, len, "range wraps"))?;
+            .ok_or_else(|| Self::refuse(HostOp::Map, iova, len, EINVAL))?;
         if len == 0 || !(iova | gpa | len).is_multiple_of(PAGE_SIZE) || perm.is_none() {
-            return Err(Self::refuse(HostOp::Map, iova, len, "EINVAL"));
+            return Err(Self::refuse(HostOp::Map, iova, len, EINVAL));
         }
         let overlaps = self
             .maps
@@ -106,10 +107,10 @@ impl HostDma for SimHost {
             .next_back()
             .is_some_and(|(&k, &(l, _, _))| k + l > iova);
         if overlaps {
-            return Err(Self::refuse(HostOp::Map, iova, len, "EEXIST"));
+            return Err(Self::refuse(HostOp::Map, iova, len, EEXIST));
         }
         if self.maps.len() >= self.limit {
-            return Err(Self::refuse(HostOp::Map, iova, len, "ENOSPC"));
+            return Err(Self::refuse(HostOp::Map, iova, len, ENOSPC));
         }
         self.maps.insert(iova, (len, gpa, perm));
         Ok(())
@@ -129,12 +130,8 @@ impl HostDma for SimHost {
             .next_back()
             .is_some_and(|(&k, &(l, _, _))| k + l > end);
         if cut_start || cut_end {
-            return Err(Self::refuse(
-                HostOp::Unmap,
-                iova,
-                len,
-                "EINVAL: would split a mapping",
-            ));
+            // Type1 refuses an unmap that would split a mapping.
+            return Err(Self::refuse(HostOp::Unmap, iova, len, EINVAL));
         }
         let keys: Vec<u64> = self.maps.range(iova..end).map(|(&k, _)| k).collect();
         for k in &keys {
@@ -287,14 +284,14 @@ impl Tables {
     pub fn map(&mut self, pt: PageTable, iova: u64, gpa: u64, len: u64, perm: Perm) {
         for off in (0..len).step_by(PAGE_SIZE as usize) {
             let e = self.entry_addr(pt, iova + off, 1);
-            self.write_u64(e, (gpa + off) | perm.bits());
+            self.write_u64(e, (gpa + off) | perm_bits(perm));
         }
     }
 
     /// Maps one large page at `level` (2: 2 MiB, 3: 1 GiB).
     pub fn map_large(&mut self, pt: PageTable, iova: u64, gpa: u64, level: u8, perm: Perm) {
         let e = self.entry_addr(pt, iova, level);
-        self.write_u64(e, gpa | perm.bits() | 1 << 7);
+        self.write_u64(e, gpa | perm_bits(perm) | 1 << 7);
     }
 
     /// Clears the 4 KiB entries over `len` bytes at `iova`.

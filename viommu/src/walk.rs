@@ -125,6 +125,11 @@ enum Entry {
     Table { addr: u64, perm: Perm },
 }
 
+/// The R (bit 0) and W (bit 1) bits of a second-level entry granting `perm`.
+pub fn perm_bits(perm: Perm) -> u64 {
+    (u64::from(perm.read) * SL_R) | (u64::from(perm.write) * SL_W)
+}
+
 fn decode(pte: u64, level: u8, caps: &Capabilities) -> Entry {
     let perm = Perm {
         read: pte & SL_R != 0,
