@@ -3,10 +3,12 @@
 //!
 //! - [`dma`]: the host-DMA trait a DMA remapping model drives and a device-assignment backend
 //!   implements (the viommu crate's VT-d engine and the passthrough crate's VFIO container), so
-//!   neither of those crates depends on the other.
+//!   neither of those crates depends on the other;
+//! - [`ratelimit`]: logging for lines a guest can trigger at will, bounded per call site.
 //!
 //! It lives at `vmm/vm-device` because the workspace's top level holds one directory per part of
 //! the project (`vmm`, `passthrough`, `viommu`, `tests`, `resources`) and this crate is the part
 //! of the VMM that its device crates build on, not a project of its own.
 
 pub mod dma;
+pub mod ratelimit;
