@@ -7,9 +7,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use passthrough::bar::BarKind;
 use passthrough::function::PciFunction;
 use passthrough::testing::{BumpAllocator, FakeDevice, FakeRoutes};
+use vm_device::pci::bar::BarKind;
 
 const RAM: [(u64, u64); 2] = [(0, 0x8000_0000), (0x1_0000_0000, 0x1_4000_0000)];
 
@@ -113,12 +113,11 @@ fuzz_target!(|input: Input| {
         "fuzz",
         dev,
         Box::new(routes.clone()),
-        RAM.to_vec(),
         &|pin| Some(9 + u32::from(pin)),
     ) else {
         return;
     };
-    f.place_bars(&mut BumpAllocator(0xc000_0000))
+    f.place_bars(&mut BumpAllocator::new(0xc000_0000, RAM.to_vec()))
         .expect("BARs fit");
     for op in input.ops.iter().take(512) {
         match op {

@@ -2,7 +2,8 @@
 //! the VFIO device, BAR accesses the VMM traps, and the interrupts behind MSI, MSI-X and INTx.
 //!
 //! What the guest reads and writes in configuration space:
-//! - BARs: ours (`bar.rs`); the device's stay where the host put them.
+//! - BARs: ours (the shared model, [`vm_device::pci::bar`]); the device's stay where the host
+//!   put them.
 //! - Expansion ROM: hidden (reads zero, writes ignored).
 //! - Command: forwarded (the device needs memory decode and bus mastering), and the guest's
 //!   I/O and memory decode bits decide where BARs decode.
@@ -12,25 +13,18 @@
 //! - MSI and MSI-X capabilities: emulated (`msi.rs`, `msix.rs`); the rest of the capability
 //!   list and everything else: the device's, through VFIO (which filters what is unsafe).
 
-use crate::access::{IrqKind, MmapArea, VfioAccess, CONFIG_REGION};
-use crate::bar::{merge_bytes, Bar, BarAllocator, BarKind, BarMove, Bars};
+use vm_device::pci::bar::{Bar, BarAllocator, BarKind, BarMove, Bars, PlaceError};
+use vm_device::pci::configuration::{merge_bytes, valid_access};
+use vm_device::pci::spec::*;
+use vm_device::{debug_limited, error_limited};
+
+use crate::access::{IrqKind, MmapArea, RegionInfo, VfioAccess, BAR0_REGION, CONFIG_REGION};
 use crate::irq::{Intx, IrqError, IrqRoutes, Vectors};
 use crate::msi::{MsiCap, MsiUpdate};
 use crate::msix::{MsixCap, MsixUpdate};
-use crate::spec::*;
 
 /// Host page size assumed for mmap granularity around the MSI-X table.
 pub const PAGE_SIZE: u64 = 4096;
-
-/// A BAR placement failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{device}: cannot place BAR{index} ({size:#x} bytes): {reason}")]
-pub struct PlaceError {
-    pub device: String,
-    pub index: usize,
-    pub size: u64,
-    pub reason: String,
-}
 
 /// A passed-through PCI function.
 pub struct PciFunction<D: VfioAccess> {
@@ -38,6 +32,8 @@ pub struct PciFunction<D: VfioAccess> {
     dev: D,
     routes: Box<dyn IrqRoutes>,
     bars: Bars,
+    /// The VFIO region behind each BAR (size 0 where there is none).
+    regions: [RegionInfo; PCI_NUM_BARS],
     msi: Option<MsiCap>,
     msix: Option<MsixCap>,
     msi_vectors: Vectors,
@@ -59,18 +55,22 @@ fn config_u32(dev: &dyn VfioAccess, off: usize) -> u32 {
 
 impl<D: VfioAccess> PciFunction<D> {
     /// Takes over `dev` (named `name` in logs): resets it, finds its BARs and capabilities.
-    /// `ram` lists guest RAM ranges BARs must avoid. A device with an interrupt pin (1 = INTA
-    /// .. 4 = INTD) gets its INTx wired to the GSI `intx_gsi(pin)` gives, if any.
+    /// A device with an interrupt pin (1 = INTA .. 4 = INTD) gets its INTx wired to the GSI
+    /// `intx_gsi(pin)` gives, if any.
     pub fn new(
         name: impl Into<String>,
         dev: D,
         mut routes: Box<dyn IrqRoutes>,
-        ram: Vec<(u64, u64)>,
         intx_gsi: &dyn Fn(u8) -> Option<u32>,
     ) -> Result<Self, IrqError> {
         let name = name.into();
         dev.reset();
-        let bars = Bars::discover(&dev, ram);
+        let regions: [RegionInfo; PCI_NUM_BARS] =
+            std::array::from_fn(|i| dev.region(BAR0_REGION + i as u32).unwrap_or_default());
+        let bars = Bars::discover(
+            |i| config_u32(&dev, PCI_BASE_ADDRESS_0 + 4 * i),
+            |i| regions[i].size,
+        );
         let (msi, msix) = Self::find_caps(&name, &dev);
         let pin = (config_u32(&dev, PCI_INTERRUPT_LINE) >> 8) as u8;
         let mut intx = None;
@@ -100,6 +100,7 @@ impl<D: VfioAccess> PciFunction<D> {
             dev,
             routes,
             bars,
+            regions,
             msi,
             msix,
             msi_vectors: Vectors::new(IrqKind::Msi),
@@ -156,14 +157,7 @@ impl<D: VfioAccess> PciFunction<D> {
 
     /// Places all BARs with `alloc`.
     pub fn place_bars(&mut self, alloc: &mut dyn BarAllocator) -> Result<Vec<Bar>, PlaceError> {
-        self.bars
-            .place(alloc)
-            .map_err(|(index, size, reason)| PlaceError {
-                device: self.name.clone(),
-                index,
-                size,
-                reason,
-            })
+        self.bars.place(alloc)
     }
 
     /// The BARs as they decode now.
@@ -186,6 +180,7 @@ impl<D: VfioAccess> PciFunction<D> {
         if bar.kind == BarKind::Io {
             return Vec::new();
         }
+        let region = &self.regions[index];
         let mut holes = Vec::new();
         if let Some(m) = &self.msix {
             let (tbar, toff) = m.table();
@@ -202,7 +197,7 @@ impl<D: VfioAccess> PciFunction<D> {
             .map(|(s, e)| (s & !(PAGE_SIZE - 1), e.next_multiple_of(PAGE_SIZE)))
             .collect();
         let mut out = Vec::new();
-        for area in &bar.region.mmap_areas {
+        for area in &region.mmap_areas {
             let mut pieces = vec![(area.offset, area.offset + area.size)];
             for &(hs, he) in &holes {
                 pieces = pieces
@@ -232,17 +227,10 @@ impl<D: VfioAccess> PciFunction<D> {
         out
     }
 
-    fn decoding(command: u16) -> impl Fn(BarKind) -> bool {
-        move |kind| match kind {
-            BarKind::Io => command & PCI_COMMAND_IO != 0,
-            _ => command & PCI_COMMAND_MEMORY != 0,
-        }
-    }
-
     /// Guest read of config dword `reg` (0..1024).
     pub fn read_config(&self, reg: usize) -> u32 {
         let off = reg * 4;
-        if reg >= PCIE_CONFIG_SIZE / 4 {
+        if reg >= PCIE_CONFIG_REGS {
             return u32::MAX;
         }
         match off {
@@ -276,9 +264,9 @@ impl<D: VfioAccess> PciFunction<D> {
     /// Guest write of `data` at byte `offset` of config dword `reg`; returns the BAR moves the
     /// VMM must apply. Malformed accesses are ignored.
     pub fn write_config(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
-        if reg >= PCIE_CONFIG_SIZE / 4 || data.is_empty() || offset + data.len() > 4 {
-            log::debug!(
-                "{}: config write reg {reg} offset {offset} len {} ignored",
+        if reg >= PCIE_CONFIG_REGS || !valid_access(offset, data.len()) {
+            debug_limited!(
+                "{}: config write of {} bytes at register {reg} offset {offset} ignored",
                 self.name,
                 data.len()
             );
@@ -289,12 +277,7 @@ impl<D: VfioAccess> PciFunction<D> {
         match dword {
             PCI_BASE_ADDRESS_0..PCI_BASE_ADDRESS_5_END => self
                 .bars
-                .write_reg(
-                    (dword - PCI_BASE_ADDRESS_0) / 4,
-                    offset,
-                    data,
-                    Self::decoding(self.command),
-                )
+                .write_reg((dword - PCI_BASE_ADDRESS_0) / 4, offset, data, self.command)
                 .into_iter()
                 .collect(),
             PCI_ROM_ADDRESS => Vec::new(),
@@ -302,7 +285,7 @@ impl<D: VfioAccess> PciFunction<D> {
                 self.dev.write(CONFIG_REGION, off as u64, data);
                 let cmd = merge_bytes(u32::from(self.command), offset, data) as u16;
                 self.command = cmd;
-                self.bars.sync_all(Self::decoding(cmd))
+                self.bars.sync_all(cmd)
             }
             PCI_INTERRUPT_LINE => {
                 if offset == 0 {
@@ -323,14 +306,14 @@ impl<D: VfioAccess> PciFunction<D> {
         }
     }
 
-    /// The VMM could not follow a BAR move: the BAR stays at `addr`.
+    /// The VMM could not follow a BAR move: the BAR (and its register) go back to `addr`.
     pub fn revert_bar(&mut self, index: usize, addr: u64) {
         self.bars.revert(index, addr);
     }
 
     fn log_irq(&self, what: &str, r: Result<(), IrqError>) {
         if let Err(e) = r {
-            log::error!("{}: {what}: {e}", self.name);
+            error_limited!("{}: {what}: {e}", self.name);
         }
     }
 
@@ -353,7 +336,7 @@ impl<D: VfioAccess> PciFunction<D> {
         };
         match Intx::enable(&self.dev, self.routes.as_mut(), gsi) {
             Ok(intx) => self.intx = Some(intx),
-            Err(e) => log::error!("{}: INTx back on GSI {gsi}: {e}", self.name),
+            Err(e) => error_limited!("{}: INTx back on GSI {gsi}: {e}", self.name),
         }
     }
 
@@ -437,10 +420,10 @@ impl<D: VfioAccess> PciFunction<D> {
     }
 
     fn in_bar(&self, index: usize, off: u64, len: usize) -> bool {
-        self.bars.get(index).is_some_and(|b| {
-            off.checked_add(len as u64)
-                .is_some_and(|e| e <= b.region.size)
-        })
+        self.bars.get(index).is_some() && {
+            let size = self.regions[index].size;
+            off.checked_add(len as u64).is_some_and(|e| e <= size)
+        }
     }
 
     /// Guest read inside BAR `index` at `off` (a trapped access).
@@ -459,7 +442,11 @@ impl<D: VfioAccess> PciFunction<D> {
     /// Guest write inside BAR `index` at `off` (a trapped access).
     pub fn write_bar(&mut self, index: usize, off: u64, data: &[u8]) {
         if !self.in_bar(index, off, data.len()) {
-            log::debug!("{}: write past BAR{index} at {off:#x} ignored", self.name);
+            debug_limited!(
+                "{}: write of {} bytes past BAR{index} at {off:#x} ignored",
+                self.name,
+                data.len()
+            );
             return;
         }
         match self.msix_part(index, off) {
@@ -473,7 +460,9 @@ impl<D: VfioAccess> PciFunction<D> {
                     self.apply_msix(u);
                 }
             }
-            Some((false, _)) => log::debug!("{}: write to the read-only PBA ignored", self.name),
+            Some((false, _)) => {
+                debug_limited!("{}: write to the read-only PBA ignored", self.name)
+            }
             None => self.dev.write(index as u32, off, data),
         }
     }

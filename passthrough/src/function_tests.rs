@@ -1,3 +1,5 @@
+use vm_device::pci::bar::BarKind;
+
 use super::*;
 use crate::msi::MsiMessage;
 use crate::testing::{BumpAllocator, FakeDevice, FakeRoutes};
@@ -9,11 +11,11 @@ fn function(dev: &FakeDevice, routes: &FakeRoutes) -> PciFunction<FakeDevice> {
         "0000:00:04.0",
         dev.clone(),
         Box::new(routes.clone()),
-        vec![RAM],
         &|pin| Some(9 + u32::from(pin)),
     )
     .unwrap();
-    f.place_bars(&mut BumpAllocator(0xc000_0000)).unwrap();
+    f.place_bars(&mut BumpAllocator::new(0xc000_0000, vec![RAM]))
+        .unwrap();
     f
 }
 

@@ -3,12 +3,16 @@
 //! - [`setup`]: container, group and device from a sysfs path, with errors that say the fix.
 //! - [`dma`]: the host-DMA trait ([`vm_device::dma::HostDma`]) over a VFIO container.
 //! - [`function`]: the function as the guest sees it (config space, BARs, MSI/MSI-X/INTx),
-//!   written against [`access::VfioAccess`] and [`irq::IrqRoutes`] so it is tested with fakes.
+//!   written against [`access::VfioAccess`] and [`irq::IrqRoutes`] so it is tested with fakes;
+//!   its configuration-space and BAR rules are the shared ones of [`vm_device::pci`].
+//! - [`device`]: the function on the VMM's PCI bus ([`vm_device::pci::device::PciDevice`]), its
+//!   mmappable BAR areas as memory slots ([`slots`]).
 //! - [`kvm`]: the KVM side of interrupt routing.
-//! - [`testing`]: a fake VFIO device and fake interrupt routes, for tests and fuzzing.
+//! - `testing` (feature `testing`, and in this crate's tests): a fake VFIO device and fake
+//!   interrupt routes, for tests and fuzzing.
 
 pub mod access;
-pub mod bar;
+pub mod device;
 pub mod dma;
 pub mod function;
 pub mod host;
@@ -18,5 +22,5 @@ pub mod msi;
 pub mod msix;
 pub mod setup;
 pub mod slots;
-pub mod spec;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -4,8 +4,8 @@
 //! own MSI registers when we enable MSI through VFIO_DEVICE_SET_IRQS, and the message the
 //! guest chose becomes the KVM route behind each vector's eventfd.
 
-use crate::bar::merge_bytes;
-use crate::spec::*;
+use vm_device::pci::configuration::merge_bytes;
+use vm_device::pci::spec::*;
 
 /// One interrupt message: where the guest wants the write and what it writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

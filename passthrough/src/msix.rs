@@ -7,9 +7,10 @@
 //! Accesses that are not one aligned dword or qword, or that fall past the last entry, are
 //! ignored (reads return zero), as the spec allows for malformed accesses.
 
-use crate::bar::merge_bytes;
+use vm_device::pci::configuration::merge_bytes;
+use vm_device::pci::spec::*;
+
 use crate::msi::MsiMessage;
-use crate::spec::*;
 
 /// What the interrupt side must do after a guest write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

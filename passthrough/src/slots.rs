@@ -2,28 +2,32 @@
 //! MSI-X pages) is mmapped from the VFIO device once and shown to the guest as a memory slot
 //! at the BAR's current address; a BAR move re-slots it. Guest accesses there never exit.
 
+use vm_device::error_limited;
+use vm_device::pci::bar::BarMove;
+
 use crate::access::MmapArea;
-use crate::bar::BarMove;
 use crate::function::PciFunction;
 use crate::host::{BarMapping, HostDevice};
 
-/// The hypervisor's memory slots (KVM_SET_USER_MEMORY_REGION).
+/// The hypervisor's memory slots (for KVM: KVM_SET_USER_MEMORY_REGION, whose errno is the
+/// error).
 pub trait GuestMapper: Send {
     /// Shows `size` bytes of our memory at `host` to the guest at `gpa`; returns a slot id.
-    fn map(&mut self, gpa: u64, size: u64, host: u64) -> Result<u32, String>;
+    fn map(&mut self, gpa: u64, size: u64, host: u64) -> Result<u32, std::io::Error>;
     /// Removes slot `slot` (which was at `gpa`).
-    fn unmap(&mut self, slot: u32, gpa: u64, size: u64) -> Result<(), String>;
+    fn unmap(&mut self, slot: u32, gpa: u64, size: u64) -> Result<(), std::io::Error>;
 }
 
-/// A mapping failed.
+/// A BAR area could not be shown to the guest.
 #[derive(Debug, thiserror::Error)]
-#[error("{device}: BAR{index} area {offset:#x}+{size:#x}: {cause}")]
+#[error("{device}: BAR{index} area {offset:#x}+{size:#x} at {gpa:#x}: {source}")]
 pub struct SlotError {
     pub device: String,
     pub index: usize,
     pub offset: u64,
     pub size: u64,
-    pub cause: String,
+    pub gpa: u64,
+    pub source: std::io::Error,
 }
 
 struct Area {
@@ -75,13 +79,14 @@ impl BarSlots {
         self.areas.iter().any(|a| a.index == index)
     }
 
-    fn err(&self, a: &Area, cause: String) -> SlotError {
+    fn err(&self, a: &Area, gpa: u64, source: std::io::Error) -> SlotError {
         SlotError {
             device: self.device.clone(),
             index: a.index,
             offset: a.area.offset,
             size: a.area.size,
-            cause,
+            gpa,
+            source,
         }
     }
 
@@ -100,7 +105,7 @@ impl BarSlots {
             let gpa = base + a.area.offset;
             let slot = mapper
                 .map(gpa, a.area.size, a.mapping.host_addr())
-                .map_err(|c| self.err(a, c))?;
+                .map_err(|e| self.err(a, gpa, e))?;
             self.areas[i].slot = Some((slot, gpa));
         }
         Ok(())
@@ -111,7 +116,7 @@ impl BarSlots {
         for a in self.areas.iter_mut().filter(|a| a.index == index) {
             if let Some((slot, gpa)) = a.slot.take() {
                 if let Err(e) = mapper.unmap(slot, gpa, a.area.size) {
-                    log::error!("{}: BAR{index} slot {slot}: {e}", self.device);
+                    error_limited!("{}: BAR{index} slot {slot} at {gpa:#x}: {e}", self.device);
                 }
             }
         }
@@ -131,7 +136,7 @@ impl BarSlots {
         if let Err(e) = self.map_bar(mv.index, mv.new, mapper) {
             self.unmap_bar(mv.index, mapper);
             if let Err(back) = self.map_bar(mv.index, mv.old, mapper) {
-                log::error!("{back}");
+                error_limited!("{back}");
             }
             return Err(e);
         }

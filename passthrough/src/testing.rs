@@ -5,8 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
+use vm_device::pci::bar::{AllocError, BarAllocator, BarKind};
+
 use crate::access::{IrqKind, IrqSetError, MmapArea, RegionInfo, VfioAccess, CONFIG_REGION};
-use crate::bar::{BarAllocator, BarKind};
 use crate::irq::{IrqRoutes, RouteError};
 use crate::msi::MsiMessage;
 
@@ -237,17 +238,31 @@ impl IrqRoutes for FakeRoutes {
     }
 }
 
-/// Places memory BARs one after another from the address it holds, naturally aligned; every
-/// I/O BAR at port 0xc000.
-pub struct BumpAllocator(pub u64);
+/// Places memory BARs one after another from an address, naturally aligned; every I/O BAR at
+/// port 0xc000. Guest RAM is what it is told.
+pub struct BumpAllocator {
+    next: u64,
+    ram: Vec<(u64, u64)>,
+}
+
+impl BumpAllocator {
+    /// Memory BARs from `start`, in a guest whose RAM is `ram` (`[start, end)` ranges).
+    pub fn new(start: u64, ram: Vec<(u64, u64)>) -> Self {
+        Self { next: start, ram }
+    }
+}
 
 impl BarAllocator for BumpAllocator {
-    fn allocate(&mut self, kind: BarKind, size: u64) -> Result<u64, String> {
+    fn allocate(&mut self, kind: BarKind, size: u64) -> Result<u64, AllocError> {
         if kind == BarKind::Io {
             return Ok(0xc000);
         }
-        let a = self.0.next_multiple_of(size);
-        self.0 = a + size;
+        let a = self.next.next_multiple_of(size);
+        self.next = a + size;
         Ok(a)
+    }
+
+    fn guest_ram(&self) -> Vec<(u64, u64)> {
+        self.ram.clone()
     }
 }

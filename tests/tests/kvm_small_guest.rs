@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64, kvm_available, print, read_u32, Capture, CODE, RESULTS};
+use vm_device::pci::bar::{Bar, BarAllocator, BarKind, BarMove};
+use vm_device::pci::configuration::{PciConfiguration, PciIds};
+use vm_device::pci::device::{PciDevice, PciDeviceError};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
-use vmm::pci::allocator::PciAllocator;
-use vmm::pci::configuration::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
-use vmm::pci::device::{PciDevice, PciDeviceError};
 use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Where real-mode test code is loaded and entered.
@@ -159,7 +159,8 @@ fn mmio_accesses_reach_the_device_with_their_values() {
     );
 }
 
-/// A PCI function with one 4 KiB MMIO BAR; records BAR accesses.
+/// A PCI function with one 4 KiB MMIO BAR; records BAR writes with the address the BAR decodes
+/// at.
 struct ProbeFn {
     config: PciConfiguration,
     bar_writes: BarLog,
@@ -169,34 +170,21 @@ impl PciDevice for ProbeFn {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.config.read_reg(reg)
     }
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+    fn write_config_register(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
         self.config.write_reg(reg, offset, data)
     }
-    fn allocate_bars(
-        &mut self,
-        alloc: &mut PciAllocator,
-    ) -> Result<Vec<(usize, Bar)>, PciDeviceError> {
-        let addr = alloc
-            .allocate_bar(BarKind::Mmio32, 0x1000)
-            .map_err(|source| PciDeviceError::Allocate {
-                index: 0,
-                size: 0x1000,
-                source,
-            })?;
-        let bar = Bar {
-            kind: BarKind::Mmio32,
-            size: 0x1000,
-            addr,
-            prefetchable: false,
-        };
-        self.config.add_bar(0, bar);
-        Ok(vec![(0, bar)])
+    fn place_bars(&mut self, alloc: &mut dyn BarAllocator) -> Result<Vec<Bar>, PciDeviceError> {
+        self.config
+            .add_bar(0, BarKind::Mmio32, 0x1000, false)
+            .expect("BAR0 is free");
+        Ok(self.config.place_bars(alloc)?)
     }
-    fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+    fn read_bar(&mut self, _index: usize, offset: u64, data: &mut [u8]) {
         let v = 0xba00_0000u32 | offset as u32;
         data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
     }
-    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+    fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
+        let base = self.config.bar(index).map_or(u64::MAX, |b| b.addr);
         let mut b = [0u8; 4];
         b[..data.len()].copy_from_slice(data);
         self.bar_writes

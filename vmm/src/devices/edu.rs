@@ -14,10 +14,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::{Access, SourceId, PAGE_SIZE};
 
+use vm_device::pci::bar::{Bar, BarAllocator, BarKind, BarMove};
+use vm_device::pci::configuration::{PciConfiguration, PciIds};
+use vm_device::pci::device::{PciDevice, PciDeviceError};
+
 use crate::devices::vtd::{self, SharedVtd};
-use crate::pci::allocator::PciAllocator;
-use crate::pci::configuration::{Bar, BarKind, BarMove, PciConfiguration, PciIds};
-use crate::pci::device::{PciDevice, PciDeviceError};
 
 /// PCI identity of QEMU's edu.
 pub const EDU_VENDOR: u16 = 0x1234;
@@ -57,16 +58,20 @@ pub struct Edu {
 impl Edu {
     /// An edu whose DMA reaches `mem` directly, or through `iommu` as requester `source`.
     pub fn new(mem: GuestMemoryMmap, iommu: Option<(SharedVtd, SourceId)>) -> Self {
+        let mut config = PciConfiguration::new(PciIds {
+            vendor: EDU_VENDOR,
+            device: EDU_DEVICE,
+            // "Unclassified device", as QEMU's edu reports.
+            class: 0x00,
+            subclass: 0xff,
+            prog_if: 0,
+            revision: 0x10,
+        });
+        config
+            .add_bar(0, BarKind::Mmio32, EDU_BAR0_SIZE, false)
+            .expect("BAR0 of a fresh header is free");
         Edu {
-            config: PciConfiguration::new(PciIds {
-                vendor: EDU_VENDOR,
-                device: EDU_DEVICE,
-                // "Unclassified device", as QEMU's edu reports.
-                class: 0x00,
-                subclass: 0xff,
-                prog_if: 0,
-                revision: 0x10,
-            }),
+            config,
             mem,
             iommu,
             liveness: 0,
@@ -161,32 +166,15 @@ impl PciDevice for Edu {
         self.config.read_reg(reg)
     }
 
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+    fn write_config_register(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
         self.config.write_reg(reg, offset, data)
     }
 
-    fn allocate_bars(
-        &mut self,
-        alloc: &mut PciAllocator,
-    ) -> Result<Vec<(usize, Bar)>, PciDeviceError> {
-        let addr = alloc
-            .allocate_bar(BarKind::Mmio32, EDU_BAR0_SIZE)
-            .map_err(|source| PciDeviceError::Allocate {
-                index: 0,
-                size: EDU_BAR0_SIZE,
-                source,
-            })?;
-        let bar = Bar {
-            kind: BarKind::Mmio32,
-            size: EDU_BAR0_SIZE,
-            addr,
-            prefetchable: false,
-        };
-        self.config.add_bar(0, bar);
-        Ok(vec![(0, bar)])
+    fn place_bars(&mut self, alloc: &mut dyn BarAllocator) -> Result<Vec<Bar>, PciDeviceError> {
+        Ok(self.config.place_bars(alloc)?)
     }
 
-    fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+    fn read_bar(&mut self, _index: usize, offset: u64, data: &mut [u8]) {
         // Registers are 4 or 8 bytes wide; the buffer is byte-addressed.
         let mut v = 0u64;
         for (i, b) in data.iter_mut().enumerate().take(8) {
@@ -201,7 +189,7 @@ impl PciDevice for Edu {
         }
     }
 
-    fn write_bar(&mut self, _base: u64, offset: u64, data: &[u8]) {
+    fn write_bar(&mut self, _index: usize, offset: u64, data: &[u8]) {
         let mut b = [0u8; 8];
         let n = data.len().min(8);
         b[..n].copy_from_slice(&data[..n]);

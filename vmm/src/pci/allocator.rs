@@ -1,27 +1,15 @@
-//! Address allocation for PCI BARs: I/O ports, the 32-bit MMIO window and the 64-bit window.
+//! Address allocation for PCI BARs: I/O ports, the 32-bit MMIO window and the 64-bit window,
+//! and the guest RAM BARs must stay clear of: the platform side of
+//! [`vm_device::pci::bar::BarAllocator`].
 
 use std::collections::BTreeMap;
 
-use crate::arch::x86_64::layout::{
-    pci_mmio64_start, PCI_IO_SIZE, PCI_IO_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, PCI_MMIO64_SIZE,
-};
-use crate::pci::configuration::BarKind;
+use vm_device::pci::bar::{AllocError, BarAllocator, BarKind};
 
-/// Errors allocating addresses.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum AllocError {
-    /// Alignment must be a power of two.
-    #[error("alignment {0:#x} is not a power of two")]
-    BadAlignment(u64),
-    /// Window exhausted.
-    #[error("no room for {size:#x} bytes aligned to {align:#x} in {start:#x}..{end:#x}")]
-    Exhausted {
-        size: u64,
-        align: u64,
-        start: u64,
-        end: u64,
-    },
-}
+use crate::arch::x86_64::layout::{
+    pci_mmio64_start, ram_regions, PCI_IO_SIZE, PCI_IO_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    PCI_MMIO64_SIZE,
+};
 
 /// First-fit allocator over `[start, end)`.
 #[derive(Debug)]
@@ -74,12 +62,13 @@ impl AddressAllocator {
     }
 }
 
-/// The three PCI windows.
+/// The three PCI windows of a guest, and its RAM.
 #[derive(Debug)]
 pub struct PciAllocator {
     io: AddressAllocator,
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
+    ram_size: u64,
 }
 
 impl PciAllocator {
@@ -89,6 +78,7 @@ impl PciAllocator {
             io: AddressAllocator::new(u64::from(PCI_IO_START), u64::from(PCI_IO_SIZE)),
             mmio32: AddressAllocator::new(PCI_MMIO32_START, PCI_MMIO32_SIZE),
             mmio64: AddressAllocator::new(pci_mmio64_start(ram_size), PCI_MMIO64_SIZE),
+            ram_size,
         }
     }
 
@@ -102,6 +92,19 @@ impl PciAllocator {
             // the 32-bit window stays for devices that need it.
             BarKind::Mmio64 => self.mmio64.allocate(size, size),
         }
+    }
+}
+
+impl BarAllocator for PciAllocator {
+    fn allocate(&mut self, kind: BarKind, size: u64) -> Result<u64, AllocError> {
+        self.allocate_bar(kind, size)
+    }
+
+    fn guest_ram(&self) -> Vec<(u64, u64)> {
+        ram_regions(self.ram_size)
+            .into_iter()
+            .map(|(start, len)| (start, start + len))
+            .collect()
     }
 }
 
@@ -135,5 +138,17 @@ mod tests {
         assert!((PCI_MMIO32_START..PCI_MMIO32_START + PCI_MMIO32_SIZE).contains(&m32));
         let m64 = p.allocate_bar(BarKind::Mmio64, 0x4000).unwrap();
         assert!(m64 >= 1 << 32);
+    }
+
+    #[test]
+    fn guest_ram_is_the_layout_s_regions_as_ranges() {
+        assert_eq!(
+            PciAllocator::new(256 << 20).guest_ram(),
+            vec![(0, 256 << 20)]
+        );
+        assert_eq!(
+            PciAllocator::new(4 << 30).guest_ram(),
+            vec![(0, 0xc000_0000), (0x1_0000_0000, 0x1_4000_0000)]
+        );
     }
 }

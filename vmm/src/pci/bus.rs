@@ -3,10 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::devices::bus::{Bus, BusDevice};
+use vm_device::pci::bar::{BarKind, BarMove};
+use vm_device::pci::device::{PciDevice, PciDeviceError};
+use vm_device::pci::spec::PCIE_CONFIG_REGS;
+use vm_device::{debug_limited, error_limited, warn_limited};
+
+use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::pci::allocator::PciAllocator;
-use crate::pci::configuration::{BarKind, BarMove, NUM_REGS};
-use crate::pci::device::{PciDevice, PciDeviceError};
 
 /// Device slots on a bus (PCI 3.0: 5-bit device number).
 pub const NUM_SLOTS: usize = 32;
@@ -47,8 +50,19 @@ pub enum PciBusError {
         slot: usize,
         index: usize,
         addr: u64,
-        source: crate::devices::bus::BusError,
+        source: BusError,
     },
+}
+
+/// Why a BAR move the guest asked for was not followed.
+#[derive(Debug, thiserror::Error)]
+enum MoveError {
+    /// Another device decodes there.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// The function could not follow (e.g. a memory slot KVM refused).
+    #[error(transparent)]
+    Device(#[from] PciDeviceError),
 }
 
 /// A decoded configuration access.
@@ -63,7 +77,7 @@ pub struct ConfigAddress {
     /// Dword register index, 0..1024.
     pub reg: usize,
     /// Byte offset within the dword.
-    pub offset: u64,
+    pub offset: usize,
 }
 
 /// Decodes an ECAM offset (PCI Express Base 4.0, 7.2.2, Table 7-1: bus 27:20, device 19:15,
@@ -74,13 +88,13 @@ pub fn decode_ecam(offset: u64) -> ConfigAddress {
         device: ((offset >> 15) & 0x1f) as u8,
         function: ((offset >> 12) & 0x7) as u8,
         reg: ((offset & 0xfff) >> 2) as usize,
-        offset: offset & 0x3,
+        offset: (offset & 0x3) as usize,
     }
 }
 
 /// Decodes CONFIG_ADDRESS plus the CONFIG_DATA byte offset (PCI 3.0, Figure 3-2: enable 31,
 /// bus 23:16, device 15:11, function 10:8, register 7:2). None when the enable bit is clear.
-pub fn decode_config_address(addr: u32, data_offset: u64) -> Option<ConfigAddress> {
+pub fn decode_config_address(addr: u32, data_offset: usize) -> Option<ConfigAddress> {
     if addr & CONFIG_ENABLE == 0 {
         return None;
     }
@@ -93,22 +107,26 @@ pub fn decode_config_address(addr: u32, data_offset: u64) -> Option<ConfigAddres
     })
 }
 
-/// Forwards BAR accesses from a bus to the PCI function owning the BAR.
-struct BarAdapter(SharedPciDevice);
+/// Forwards accesses to one BAR from a bus to the PCI function owning it. A BAR move relocates
+/// the adapter on its bus, so it stays the same BAR wherever it decodes.
+struct BarAdapter {
+    device: SharedPciDevice,
+    index: usize,
+}
 
 impl BusDevice for BarAdapter {
-    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        self.0
+    fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+        self.device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .read_bar(base, offset, data);
+            .read_bar(self.index, offset, data);
     }
 
-    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        self.0
+    fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
+        self.device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .write_bar(base, offset, data);
+            .write_bar(self.index, offset, data);
     }
 }
 
@@ -146,27 +164,24 @@ impl PciBus {
         let bars = device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .allocate_bars(&mut self.allocator)
+            .place_bars(&mut self.allocator)
             .map_err(|source| PciBusError::Device { slot, source })?;
-        for (index, bar) in bars {
-            let trapped = device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .bar_is_trapped(index);
-            if !trapped {
-                continue;
-            }
-            let adapter = Arc::new(Mutex::new(BarAdapter(device.clone())));
+        for bar in bars {
+            let adapter = Arc::new(Mutex::new(BarAdapter {
+                device: device.clone(),
+                index: bar.index,
+            }));
             self.bus_for(bar.kind)
                 .insert(adapter, bar.addr, bar.size)
                 .map_err(|source| PciBusError::Register {
                     slot,
-                    index,
+                    index: bar.index,
                     addr: bar.addr,
                     source,
                 })?;
             log::debug!(
-                "PCI {slot:02x}.0 BAR{index} {:?} at {:#x} size {:#x}",
+                "PCI {slot:02x}.0 BAR{} {:?} at {:#x} size {:#x}",
+                bar.index,
                 bar.kind,
                 bar.addr,
                 bar.size
@@ -190,7 +205,7 @@ impl PciBus {
 
     fn device(&self, a: &ConfigAddress) -> Option<&SharedPciDevice> {
         // Single-function devices on bus 0 only.
-        if a.bus != 0 || a.function != 0 || a.reg >= NUM_REGS {
+        if a.bus != 0 || a.function != 0 || a.reg >= PCIE_CONFIG_REGS {
             return None;
         }
         self.slots.get(usize::from(a.device))?.as_ref()
@@ -207,7 +222,7 @@ impl PciBus {
         };
         let bytes = value.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
-            *b = bytes.get(a.offset as usize + i).copied().unwrap_or(0xff);
+            *b = bytes.get(a.offset + i).copied().unwrap_or(0xff);
         }
     }
 
@@ -222,28 +237,24 @@ impl PciBus {
         }
     }
 
+    /// Moves BAR `mv.index` on its bus and has the function follow; when either cannot, the
+    /// BAR goes back where it was.
     fn apply_move(&self, slot: u8, dev: &mut dyn PciDevice, mv: &BarMove) {
-        let trapped = dev.bar_is_trapped(mv.index);
-        let result = if trapped {
-            self.bus_for(mv.kind)
-                .relocate(mv.old, mv.new)
-                .map_err(|e| e.to_string())
-        } else {
-            Ok(())
-        };
-        let result = result.and_then(|()| {
-            dev.move_bar(mv).map_err(|e| {
-                // The bus moved but the device could not follow: put the bus back too.
-                if trapped {
-                    if let Err(back) = self.bus_for(mv.kind).relocate(mv.new, mv.old) {
-                        log::error!("BAR{} back to {:#x}: {back}", mv.index, mv.old);
+        let bus = self.bus_for(mv.kind);
+        let result = bus
+            .relocate(mv.old, mv.new)
+            .map_err(MoveError::from)
+            .and_then(|()| {
+                dev.move_bar(mv).map_err(|e| {
+                    // The bus moved but the device could not follow: put the bus back too.
+                    if let Err(back) = bus.relocate(mv.new, mv.old) {
+                        error_limited!("BAR{} back to {:#x}: {back}", mv.index, mv.old);
                     }
-                }
-                e.to_string()
-            })
-        });
+                    MoveError::from(e)
+                })
+            });
         match result {
-            Ok(()) => log::debug!(
+            Ok(()) => debug_limited!(
                 "PCI {slot:02x}.0 BAR{} moved {:#x} -> {:#x}",
                 mv.index,
                 mv.old,
@@ -251,7 +262,7 @@ impl PciBus {
             ),
             Err(e) => {
                 // Real hardware would decode the overlap ambiguously; we keep the old place.
-                log::warn!(
+                warn_limited!(
                     "PCI {slot:02x}.0 BAR{} move {:#x} -> {:#x} refused: {e}",
                     mv.index,
                     mv.old,
@@ -286,7 +297,7 @@ impl BusDevice for PciConfigIo {
             }
             return;
         }
-        match decode_config_address(self.address, offset - 4) {
+        match decode_config_address(self.address, offset as usize - 4) {
             Some(a) => self
                 .bus
                 .lock()
@@ -308,7 +319,7 @@ impl BusDevice for PciConfigIo {
             // control register on some chipsets); ignore them.
             return;
         }
-        if let Some(a) = decode_config_address(self.address, offset - 4) {
+        if let Some(a) = decode_config_address(self.address, offset as usize - 4) {
             self.bus
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -332,7 +343,7 @@ impl PciConfigMmio {
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let a = decode_ecam(offset);
-        if a.offset as usize + data.len() > 4 {
+        if a.offset + data.len() > 4 {
             data.fill(0xff);
             return;
         }
@@ -344,7 +355,7 @@ impl BusDevice for PciConfigMmio {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let a = decode_ecam(offset);
-        if a.offset as usize + data.len() > 4 {
+        if a.offset + data.len() > 4 {
             return;
         }
         self.bus

@@ -1,12 +1,18 @@
 //! Tests of config routing, ECAM/CF8 decoding and BAR registration.
 
+use vm_device::pci::bar::{Bar, BarAllocator};
+use vm_device::pci::configuration::{PciConfiguration, PciIds};
+use vm_device::pci::spec::PCI_BASE_ADDRESS_0;
+
 use super::*;
-use crate::pci::configuration::{Bar, PciConfiguration, PciIds, REG_BAR0};
 use crate::pci::root::PciHostBridge;
+
+const REG_BAR0: usize = PCI_BASE_ADDRESS_0 / 4;
 
 type WriteLog = Arc<Mutex<Vec<(u64, u64, Vec<u8>)>>>;
 
-/// A function with one 4 KiB MMIO BAR that echoes the offset on reads and logs writes.
+/// A function with one 4 KiB MMIO BAR that echoes the offset on reads and logs writes with the
+/// address the BAR decodes at.
 struct Fake {
     config: PciConfiguration,
     writes: WriteLog,
@@ -16,33 +22,20 @@ impl PciDevice for Fake {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.config.read_reg(reg)
     }
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+    fn write_config_register(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
         self.config.write_reg(reg, offset, data)
     }
-    fn allocate_bars(
-        &mut self,
-        alloc: &mut PciAllocator,
-    ) -> Result<Vec<(usize, crate::pci::configuration::Bar)>, PciDeviceError> {
-        let addr = alloc
-            .allocate_bar(BarKind::Mmio32, 0x1000)
-            .map_err(|source| PciDeviceError::Allocate {
-                index: 0,
-                size: 0x1000,
-                source,
-            })?;
-        let bar = Bar {
-            kind: BarKind::Mmio32,
-            size: 0x1000,
-            addr,
-            prefetchable: false,
-        };
-        self.config.add_bar(0, bar);
-        Ok(vec![(0, bar)])
+    fn place_bars(&mut self, alloc: &mut dyn BarAllocator) -> Result<Vec<Bar>, PciDeviceError> {
+        self.config
+            .add_bar(0, BarKind::Mmio32, 0x1000, false)
+            .expect("BAR0 is free");
+        Ok(self.config.place_bars(alloc)?)
     }
-    fn read_bar(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
+    fn read_bar(&mut self, _index: usize, offset: u64, data: &mut [u8]) {
         data.fill(offset as u8);
     }
-    fn write_bar(&mut self, base: u64, offset: u64, data: &[u8]) {
+    fn write_bar(&mut self, index: usize, offset: u64, data: &[u8]) {
+        let base = self.config.bar(index).map_or(u64::MAX, |b| b.addr);
         self.writes
             .lock()
             .unwrap()
@@ -185,24 +178,21 @@ impl PciDevice for Stuck {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.0.read_config_register(reg)
     }
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+    fn write_config_register(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
         self.0.write_config_register(reg, offset, data)
     }
-    fn allocate_bars(
-        &mut self,
-        alloc: &mut PciAllocator,
-    ) -> Result<Vec<(usize, crate::pci::configuration::Bar)>, PciDeviceError> {
-        self.0.allocate_bars(alloc)
+    fn place_bars(&mut self, alloc: &mut dyn BarAllocator) -> Result<Vec<Bar>, PciDeviceError> {
+        self.0.place_bars(alloc)
     }
-    fn read_bar(&mut self, base: u64, offset: u64, data: &mut [u8]) {
-        self.0.read_bar(base, offset, data)
+    fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
+        self.0.read_bar(index, offset, data)
     }
     fn move_bar(&mut self, mv: &BarMove) -> Result<(), PciDeviceError> {
         Err(PciDeviceError::MoveBar {
             index: mv.index,
             old: mv.old,
             new: mv.new,
-            reason: "stuck".into(),
+            source: Box::new(std::io::Error::from_raw_os_error(libc::EEXIST)),
         })
     }
     fn revert_bar(&mut self, index: usize, addr: u64) {

@@ -1,12 +1,12 @@
 //! The PCI root complex: bus 0 behind a host bridge, reached through ECAM and ports 0xCF8/0xCFC.
 //!
-//! Extension points: a passthrough device implements [`device::PciDevice`] (config space
-//! virtualization, `allocate_bars`, `bar_is_trapped` false for BARs it maps as KVM memory
-//! slots, `move_bar` to remap them) and is added with [`bus::PciBus::add_device`].
+//! A PCI function (emulated, or the passthrough crate's VFIO function) implements
+//! [`vm_device::pci::device::PciDevice`] and joins bus 0 with [`bus::PciBus::add_device`], which
+//! places its BARs with [`allocator::PciAllocator`] and registers every BAR on the MMIO or PIO
+//! bus. A function that maps parts of a BAR as KVM memory slots (VFIO) follows the guest's moves
+//! in `move_bar`; accesses there never exit, the rest of the BAR still reaches it.
 
 pub mod allocator;
 pub mod bus;
-pub mod configuration;
-pub mod device;
 pub mod root;
 pub mod vfio;

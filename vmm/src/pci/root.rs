@@ -1,8 +1,8 @@
 //! The host bridge at 00:00.0, the function every PC root complex has first.
 
-use crate::pci::configuration::BarMove;
-use crate::pci::configuration::{PciConfiguration, PciIds};
-use crate::pci::device::PciDevice;
+use vm_device::pci::bar::BarMove;
+use vm_device::pci::configuration::{PciConfiguration, PciIds};
+use vm_device::pci::device::PciDevice;
 
 /// Vendor ID: Intel.
 pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
@@ -44,7 +44,7 @@ impl PciDevice for PciHostBridge {
         self.config.read_reg(reg)
     }
 
-    fn write_config_register(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarMove> {
+    fn write_config_register(&mut self, reg: usize, offset: usize, data: &[u8]) -> Vec<BarMove> {
         self.config.write_reg(reg, offset, data)
     }
 }

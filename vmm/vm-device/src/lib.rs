@@ -4,6 +4,8 @@
 //! - [`dma`]: the host-DMA trait a DMA remapping model drives and a device-assignment backend
 //!   implements (the viommu crate's VT-d engine and the passthrough crate's VFIO container), so
 //!   neither of those crates depends on the other;
+//! - [`pci`]: the PCI configuration-space and BAR model the VMM's emulated functions and the
+//!   passthrough crate's VFIO functions share, and the trait the root complex drives them by;
 //! - [`ratelimit`]: logging for lines a guest can trigger at will, bounded per call site.
 //!
 //! It lives at `vmm/vm-device` because the workspace's top level holds one directory per part of
@@ -11,4 +13,5 @@
 //! of the VMM that its device crates build on, not a project of its own.
 
 pub mod dma;
+pub mod pci;
 pub mod ratelimit;

@@ -1,23 +1,32 @@
-//! PCI constants this crate virtualizes, named after the specifications.
+//! PCI configuration-space constants, named after the specifications (and Linux's
+//! `include/uapi/linux/pci_regs.h`, which uses the same names).
 
-// Type-0 header offsets (PCI Local Bus 3.0, 6.1, Figure 6-1).
+// Type-0 header, byte offsets (PCI Local Bus 3.0, 6.1, Figure 6-1).
 pub const PCI_VENDOR_ID: usize = 0x00;
 pub const PCI_COMMAND: usize = 0x04;
 pub const PCI_STATUS: usize = 0x06;
+pub const PCI_CLASS_REVISION: usize = 0x08;
+/// Cache line size, latency timer, header type and BIST.
+pub const PCI_CACHE_LINE_SIZE: usize = 0x0c;
 pub const PCI_BASE_ADDRESS_0: usize = 0x10;
+/// First byte past the six BAR registers.
 pub const PCI_BASE_ADDRESS_5_END: usize = 0x28;
+pub const PCI_SUBSYSTEM_VENDOR_ID: usize = 0x2c;
 pub const PCI_ROM_ADDRESS: usize = 0x30;
 pub const PCI_CAPABILITY_LIST: usize = 0x34;
 pub const PCI_INTERRUPT_LINE: usize = 0x3c;
 pub const PCI_INTERRUPT_PIN: usize = 0x3d;
 /// Bytes of conventional configuration space.
 pub const PCI_CONFIG_SIZE: usize = 0x100;
-/// Bytes of PCI Express extended configuration space (PCIe Base 4.0, 7.2.2).
+/// Bytes of PCI Express extended configuration space per function (PCIe Base 4.0, 7.2.2).
 pub const PCIE_CONFIG_SIZE: usize = 0x1000;
+/// Dword registers per function.
+pub const PCIE_CONFIG_REGS: usize = PCIE_CONFIG_SIZE / 4;
 
 // Command register bits (PCI 3.0, 6.2.2).
 pub const PCI_COMMAND_IO: u16 = 0x0001;
 pub const PCI_COMMAND_MEMORY: u16 = 0x0002;
+pub const PCI_COMMAND_MASTER: u16 = 0x0004;
 pub const PCI_COMMAND_INTX_DISABLE: u16 = 0x0400;
 
 // Status register: capability list present (PCI 3.0, 6.2.3).
@@ -31,6 +40,12 @@ pub const PCI_BASE_ADDRESS_IO_MASK: u32 = !0x3;
 pub const PCI_BASE_ADDRESS_MEM_MASK: u32 = !0xf;
 /// Number of BARs in a type-0 header.
 pub const PCI_NUM_BARS: usize = 6;
+/// The smallest I/O BAR (PCI 3.0, 6.2.5.1: "up to 256 bytes", at least 4).
+pub const PCI_IO_BAR_MIN_SIZE: u64 = 4;
+/// The smallest memory BAR: its four low bits are type bits.
+pub const PCI_MEM_BAR_MIN_SIZE: u64 = 16;
+/// Ports the x86 I/O space has (BARs of I/O kind decode below this).
+pub const PCI_IO_SPACE_SIZE: u64 = 0x1_0000;
 
 // Capability IDs (PCI 3.0, Appendix H).
 pub const PCI_CAP_ID_MSI: u8 = 0x05;
@@ -56,7 +71,4 @@ pub const PCI_MSIX_TABLE: usize = 4;
 pub const PCI_MSIX_PBA: usize = 8;
 pub const PCI_MSIX_BIR_MASK: u32 = 0x7;
 pub const PCI_MSIX_ENTRY_SIZE: u64 = 16;
-pub const PCI_MSIX_ENTRY_VECTOR_CTRL: u64 = 12;
 pub const PCI_MSIX_ENTRY_CTRL_MASKBIT: u32 = 0x1;
-/// MSI-X supports at most 2048 vectors (table size field is N-1 in 11 bits).
-pub const PCI_MSIX_MAX_VECTORS: u16 = 2048;
