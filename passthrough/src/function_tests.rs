@@ -1,4 +1,5 @@
 use vm_device::pci::bar::BarKind;
+use vm_device::ratelimit::{capture::lines_logged_by, BURST};
 
 use super::*;
 use crate::msi::MsiMessage;
@@ -414,4 +415,25 @@ fn arbitrary_guest_traffic_never_panics() {
             }
         }
     }
+}
+
+#[test]
+fn a_guest_repeating_bad_accesses_cannot_flood_the_log() {
+    let dev = FakeDevice::nvme_like();
+    let mut f = function(&dev, &FakeRoutes::default());
+    w16(&mut f, 0x04, PCI_COMMAND_MEMORY);
+    let lines = lines_logged_by(|| {
+        for _ in 0..10_000 {
+            f.write_bar(0, 0x2001, &[1]); // a byte write into the MSI-X table
+            f.write_bar(0, 0x4000, &[1]); // past the BAR
+            f.write_config(3, 3, &[1, 2]); // past the dword
+            w32(&mut f, 0x10, 0x1000_0000); // BAR0 over guest RAM
+        }
+    });
+    assert!(
+        lines.len() <= 4 * BURST as usize,
+        "{} lines for 40000 bad accesses: {:?}",
+        lines.len(),
+        &lines[..lines.len().min(8)]
+    );
 }

@@ -8,6 +8,7 @@
 //! programs outside the x86 interrupt range (0xFEEx_xxxx, Intel SDM Vol. 3, 11.11.1) is not
 //! routed: the vector stays detached and a warning is logged.
 
+use vm_device::warn_limited;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::access::{IrqKind, IrqSetError, VfioAccess};
@@ -121,7 +122,7 @@ impl Vectors {
         self.disable(dev, routes);
         let offered = dev.irq_count(self.kind) as usize;
         let count = if count > offered {
-            log::warn!(
+            warn_limited!(
                 "{}: {count} vectors asked, VFIO offers {offered}",
                 self.kind
             );
@@ -165,12 +166,12 @@ impl Vectors {
     ) -> Result<(), IrqError> {
         let kind = self.kind;
         let Some(v) = self.vectors.get_mut(i) else {
-            log::warn!("{kind} vector {i} is not enabled; update ignored");
+            warn_limited!("{kind} vector {i} is not enabled; update ignored");
             return Ok(());
         };
         let deliverable = !masked && valid_msi(&msg);
         if !masked && !valid_msi(&msg) {
-            log::warn!(
+            warn_limited!(
                 "{kind} vector {i}: address {:#x} is not an interrupt address; not delivered",
                 msg.address
             );
@@ -199,12 +200,12 @@ impl Vectors {
             return;
         }
         if let Err(e) = dev.disable_irq(self.kind) {
-            log::warn!("{e}");
+            warn_limited!("{e}");
         }
         for v in self.vectors.drain(..) {
             if v.attached {
                 if let Err(e) = routes.detach_irqfd(&v.fd, v.gsi) {
-                    log::warn!("{e}");
+                    warn_limited!("{e}");
                 }
             }
             routes.free_gsi(v.gsi);
@@ -259,10 +260,10 @@ impl Intx {
         }
         self.enabled = false;
         if let Err(e) = routes.detach_irqfd(&self.trigger, self.gsi) {
-            log::warn!("{e}");
+            warn_limited!("{e}");
         }
         if let Err(e) = dev.disable_irq(IrqKind::Intx) {
-            log::warn!("{e}");
+            warn_limited!("{e}");
         }
     }
 }

@@ -131,7 +131,7 @@ impl IrqRoutes for KvmIrqRoutes {
         t.used.remove(&gsi);
         if t.msi.remove(&gsi).is_some() {
             if let Err(e) = self.0.commit(&t, gsi) {
-                log::warn!("{e}");
+                vm_device::warn_limited!("{e}");
             }
         }
     }

@@ -168,7 +168,7 @@ impl MsiCap {
                 // the field within capability; clamp and log.
                 let asked = 1usize << ((new & PCI_MSI_FLAGS_QSIZE) >> 4);
                 if asked > self.capable() {
-                    log::warn!(
+                    vm_device::warn_limited!(
                         "MSI: guest enabled {asked} vectors, device has {}; using {}",
                         self.capable(),
                         self.capable()

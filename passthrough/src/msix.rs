@@ -9,6 +9,7 @@
 
 use vm_device::pci::configuration::merge_bytes;
 use vm_device::pci::spec::*;
+use vm_device::{debug_limited, warn_limited};
 
 use crate::msi::MsiMessage;
 
@@ -179,7 +180,7 @@ impl MsixCap {
     pub fn read_table(&self, off: u64, data: &mut [u8]) {
         data.fill(0);
         if !self.valid_access(off, data.len()) {
-            log::debug!(
+            debug_limited!(
                 "MSI-X table read of {} bytes at {off:#x} ignored",
                 data.len()
             );
@@ -197,7 +198,7 @@ impl MsixCap {
     /// Guest write at offset `off` of the table; returns the vectors it changed.
     pub fn write_table(&mut self, off: u64, data: &[u8]) -> Vec<MsixUpdate> {
         if !self.valid_access(off, data.len()) {
-            log::warn!(
+            warn_limited!(
                 "MSI-X table write of {} bytes at {off:#x} ignored (table holds {} entries)",
                 data.len(),
                 self.entries.len()

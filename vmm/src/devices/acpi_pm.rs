@@ -47,7 +47,7 @@ impl BusDevice for AcpiPm {
                 cause: "ACPI reset register",
             });
         } else if v != WAK_STS {
-            log::debug!("ACPI PM register write {v:#x} ignored");
+            vm_device::debug_limited!("ACPI PM register write {v:#x} ignored");
         }
     }
 }

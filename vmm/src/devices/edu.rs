@@ -17,6 +17,7 @@ use viommu::{Access, SourceId, PAGE_SIZE};
 use vm_device::pci::bar::{Bar, BarAllocator, BarKind, BarMove};
 use vm_device::pci::configuration::{PciConfiguration, PciIds};
 use vm_device::pci::device::{PciDevice, PciDeviceError};
+use vm_device::{debug_limited, warn_limited};
 
 use crate::devices::vtd::{self, SharedVtd};
 
@@ -105,7 +106,7 @@ impl Edu {
             .checked_sub(BUFFER_ADDR)
             .filter(|o| o.checked_add(len).is_some_and(|end| end <= BUFFER_SIZE))
         else {
-            log::warn!(
+            warn_limited!(
                 "edu: DMA of {len:#x} bytes at device address {buf_addr:#x} is outside the buffer"
             );
             return;
@@ -117,7 +118,7 @@ impl Edu {
                 .checked_add(done)
                 .and_then(|iova| self.translate(iova, access))
             else {
-                log::debug!("edu: DMA stopped at {:#x}: not translated", ram_addr + done);
+                debug_limited!("edu: DMA stopped at {:#x}: not translated", ram_addr + done);
                 return;
             };
             let n = room.min(len - done);
@@ -128,7 +129,7 @@ impl Edu {
                 self.mem.read_slice(&mut self.buffer[at], GuestAddress(gpa))
             };
             if moved.is_err() {
-                log::debug!("edu: DMA stopped at guest-physical {gpa:#x}: not guest RAM");
+                debug_limited!("edu: DMA stopped at guest-physical {gpa:#x}: not guest RAM");
                 return;
             }
             done += n;
@@ -278,5 +279,26 @@ mod tests {
         write64(&mut e, REG_DMA_CMD, DMA_CMD_START);
         write64(&mut e, REG_DMA_CNT, u64::MAX);
         write64(&mut e, REG_DMA_CMD, DMA_CMD_START | DMA_CMD_TO_RAM);
+    }
+
+    #[test]
+    fn a_guest_repeating_bad_dmas_cannot_flood_the_log() {
+        use vm_device::ratelimit::{capture::lines_logged_by, BURST};
+        let mut e = Edu::new(mem(), None);
+        let lines = lines_logged_by(|| {
+            for _ in 0..10_000 {
+                write64(&mut e, REG_DMA_DST, BUFFER_ADDR + 4000);
+                write64(&mut e, REG_DMA_CNT, 200);
+                write64(&mut e, REG_DMA_CMD, DMA_CMD_START); // outside the buffer
+                write64(&mut e, REG_DMA_DST, BUFFER_ADDR);
+                write64(&mut e, REG_DMA_SRC, 2 << 20);
+                write64(&mut e, REG_DMA_CMD, DMA_CMD_START); // not guest RAM
+            }
+        });
+        assert!(
+            lines.len() <= 2 * BURST as usize,
+            "{} lines for 20000 bad DMAs",
+            lines.len()
+        );
     }
 }

@@ -39,7 +39,7 @@ impl BusDevice for PvPanic {
         if event & PVPANIC_PANICKED != 0 {
             self.exit.request(VmExit::GuestPanic);
         } else if event & PVPANIC_CRASH_LOADED != 0 {
-            log::info!("guest reports a crash kernel loaded");
+            vm_device::info_limited!("guest reports a crash kernel loaded");
         }
     }
 }

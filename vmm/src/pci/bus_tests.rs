@@ -239,6 +239,32 @@ fn a_move_the_device_cannot_follow_puts_the_bus_back() {
 }
 
 #[test]
+fn a_guest_repeating_a_refused_bar_move_cannot_flood_the_log() {
+    use vm_device::ratelimit::{capture::lines_logged_by, BURST};
+    let (bus, mmio, _) = setup();
+    struct Blocker;
+    impl BusDevice for Blocker {
+        fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
+        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
+    }
+    mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
+        .unwrap();
+    let mut ecam = PciConfigMmio::new(bus);
+    let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
+    ecam.write(0, (1 << 15) | 4, &[2, 0]);
+    let lines = lines_logged_by(|| {
+        for _ in 0..10_000 {
+            ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
+        }
+    });
+    assert!(
+        lines.len() <= 2 * BURST as usize,
+        "{} lines for 10000 refused moves",
+        lines.len()
+    );
+}
+
+#[test]
 fn intx_swizzle_covers_pins_16_to_23() {
     assert_eq!(intx_gsi(0, 0), 16);
     assert_eq!(intx_gsi(1, 0), 17);

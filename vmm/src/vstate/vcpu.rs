@@ -8,6 +8,7 @@ use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::{debug_limited, trace_limited};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
@@ -194,20 +195,20 @@ fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {
-                log::trace!("vCPU {id}: unhandled in {port:#x} ({} bytes)", data.len());
+                trace_limited!("vCPU {id}: unhandled in {port:#x} ({} bytes)", data.len());
                 data.fill(0xff);
             }
             None
         }
         VcpuExit::IoOut(port, data) => {
             if !buses.pio.write(u64::from(port), data) {
-                log::trace!("vCPU {id}: unhandled out {port:#x} <- {data:x?}");
+                trace_limited!("vCPU {id}: unhandled out {port:#x} <- {data:x?}");
             }
             None
         }
         VcpuExit::MmioRead(addr, data) => {
             if !buses.mmio.read(addr, data) {
-                log::debug!(
+                debug_limited!(
                     "vCPU {id}: unhandled MMIO read {addr:#x} ({} bytes)",
                     data.len()
                 );
@@ -217,7 +218,7 @@ fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !buses.mmio.write(addr, data) {
-                log::debug!("vCPU {id}: unhandled MMIO write {addr:#x} <- {data:x?}");
+                debug_limited!("vCPU {id}: unhandled MMIO write {addr:#x} <- {data:x?}");
             }
             None
         }
@@ -263,4 +264,34 @@ pub fn install_kick_handler() -> Result<(), String> {
             .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
     });
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_device::ratelimit::{capture::lines_logged_by, BURST};
+
+    use super::*;
+
+    #[test]
+    fn unhandled_accesses_a_guest_repeats_cannot_flood_the_log() {
+        let buses = VcpuBuses {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+        };
+        let lines = lines_logged_by(|| {
+            for _ in 0..10_000 {
+                let mut d = [0u8; 4];
+                assert!(handle_exit(0, VcpuExit::MmioRead(0xdead_0000, &mut d), &buses).is_none());
+                assert_eq!(d, [0xff; 4], "unhandled reads return all ones");
+                handle_exit(0, VcpuExit::MmioWrite(0xdead_0000, &d), &buses);
+                handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &buses);
+                handle_exit(0, VcpuExit::IoOut(0x80, &d), &buses);
+            }
+        });
+        assert!(
+            lines.len() <= 4 * BURST as usize,
+            "{} lines for 40000 unhandled accesses",
+            lines.len()
+        );
+    }
 }

@@ -153,6 +153,12 @@ macro_rules! debug_limited {
     ($($arg:tt)+) => { $crate::log_limited!($crate::ratelimit::__log::Level::Debug, $($arg)+) };
 }
 
+/// `log::trace!`, limited per call site.
+#[macro_export]
+macro_rules! trace_limited {
+    ($($arg:tt)+) => { $crate::log_limited!($crate::ratelimit::__log::Level::Trace, $($arg)+) };
+}
+
 /// A logger that records, per thread, the lines logged while a capture is open: tests of crates
 /// using the macros count what a burst of guest accesses logs.
 #[cfg(any(test, feature = "testing"))]

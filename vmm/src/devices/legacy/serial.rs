@@ -40,7 +40,7 @@ impl SerialEvents for InputDrained {
     fn tx_lost_byte(&self) {}
     fn in_buffer_empty(&self) {
         if let Err(e) = self.0.write(1) {
-            log::warn!("cannot signal serial input room: {e}");
+            vm_device::warn_limited!("cannot signal serial input room: {e}");
         }
     }
 }
@@ -94,7 +94,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let (Some(&byte), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = self.uart.write(off, byte) {
-                log::warn!("serial write at offset {off} failed: {e:?}");
+                vm_device::warn_limited!("serial write at offset {off} failed: {e:?}");
             }
         }
     }
