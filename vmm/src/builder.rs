@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -34,8 +33,9 @@ use crate::exit::{ExitHandle, VmExit};
 use crate::pci::allocator::PciAllocator;
 use crate::pci::bus::{PciBus, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN};
 use crate::pci::root::PciHostBridge;
+use crate::vstate::kick::{install_kick_handler, kick_signal};
 use crate::vstate::memory::{check_host_memory, create_guest_memory};
-use crate::vstate::vcpu::{install_kick_handler, kick_signal, CpuMode, Vcpu, VcpuBuses};
+use crate::vstate::vcpu::{CpuMode, Vcpu, VcpuBuses};
 use crate::vstate::vm::Vm;
 
 /// Errors building or running a VM; each says which step failed and with what.
@@ -304,9 +304,9 @@ impl Vmm {
 
     /// Runs the guest until it powers off, resets, panics, halts (raw guests) or fails.
     pub fn run(mut self) -> Result<VmExit, BuildError> {
-        install_kick_handler().map_err(|reason| BuildError::Host {
+        install_kick_handler().map_err(|e| BuildError::Host {
             what: "signal handler",
-            reason,
+            reason: e.to_string(),
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let buses = VcpuBuses {
@@ -566,16 +566,15 @@ fn load_payload(
     }
 }
 
-/// Stops and joins the vCPU threads; true if one of them panicked.
+/// Stops and joins the vCPU threads; true if one of them panicked. One kick each suffices: a
+/// kick makes KVM_RUN return even when it lands just before the thread enters it.
 fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) -> bool {
     stop.store(true, Ordering::Release);
-    // Kick until every thread has left KVM_RUN: a kick can land just before a thread
-    // re-enters it, so repeat.
-    while threads.iter().any(|t| !t.is_finished()) {
-        for t in threads.iter().filter(|t| !t.is_finished()) {
-            let _ = t.kill(kick_signal());
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // A thread that ends meanwhile is still joinable, so the signal goes nowhere harmful.
+        if let Err(e) = t.kill(kick_signal()) {
+            log::warn!("cannot kick vCPU thread {:?}: {e}", t.thread().name());
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
     threads.into_iter().any(|t| t.join().is_err())
 }

@@ -2,7 +2,7 @@
 //! dispatches exits to the port I/O and MMIO buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 
 use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
@@ -13,6 +13,7 @@ use vm_device::{debug_limited, trace_limited};
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::exit::{ExitHandle, VmExit};
+use crate::vstate::kick::KickTarget;
 use crate::vstate::vm::Vm;
 
 /// CPUID leaf 1 ECX bit 24: TSC-deadline timer (Intel SDM Vol. 2A, Table 3-10).
@@ -132,10 +133,13 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs until `stop` is set or an exit ends the VM; reports through `exit`.
+    /// Runs until `stop` is set or an exit ends the VM; reports through `exit`. To stop it, set
+    /// `stop`, then send this thread one [`crate::vstate::kick::kick_signal`].
     pub fn run(mut self, buses: VcpuBuses, exit: ExitHandle, stop: Arc<AtomicBool>) {
         let id = self.id;
         let mut counts = ExitCounts::default();
+        // A kick from here on makes KVM_RUN return, even one that lands just before it.
+        let _kick = KickTarget::arm(self.fd.get_kvm_run());
         loop {
             if stop.load(Ordering::Acquire) {
                 break;
@@ -148,7 +152,10 @@ impl Vcpu {
                         break;
                     }
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // Kicked: see whether to stop, else run on.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
                 Err(e) => {
                     exit.request(VmExit::Failed(format!("vCPU {id}: KVM_RUN failed: {e}")));
                     break;
@@ -247,30 +254,51 @@ fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
     }
 }
 
-/// The signal that kicks vCPU threads out of KVM_RUN.
-pub fn kick_signal() -> libc::c_int {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
-extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Installs the no-op handler for [`kick_signal`] once per process, so the signal interrupts
-/// KVM_RUN (EINTR) instead of killing the process.
-pub fn install_kick_handler() -> Result<(), String> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
-            .map_err(|e| format!("cannot install the vCPU kick signal handler: {e}"));
-    });
-    result
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use vm_device::ratelimit::{capture::lines_logged_by, BURST};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::vstate::kick::{install_kick_handler, kick_signal};
+    use crate::vstate::memory::create_guest_memory;
+
+    #[test]
+    fn a_kick_landing_just_before_kvm_run_makes_it_return_instead_of_running_the_guest() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            let msg = "/dev/kvm is missing: the vCPU kick test cannot run";
+            assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            return;
+        }
+        install_kick_handler().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // On a thread of its own: without immediate_exit, KVM_RUN would wait in the guest's
+        // HLT for an interrupt that never comes.
+        std::thread::spawn(move || {
+            let mut vm = Vm::new().unwrap();
+            let mem = create_guest_memory(16 << 20).unwrap();
+            vm.register_memory(&mem).unwrap();
+            vm.setup_irqchip().unwrap();
+            // hlt; jmp back to it
+            mem.write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x8000))
+                .unwrap();
+            let mut vcpu = Vcpu::new(&vm, 0).unwrap();
+            vcpu.configure(&vm, 1, CpuMode::RealMode { ip: 0x8000 })
+                .unwrap();
+            let _kick = KickTarget::arm(vcpu.fd.get_kvm_run());
+            // SAFETY: raising a signal whose handler is installed.
+            unsafe { libc::raise(kick_signal()) };
+            let r = vcpu.fd.run().map(|_| ()).map_err(|e| e.errno());
+            let _ = tx.send(r);
+        });
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("KVM_RUN returns after a kick that came first");
+        assert_eq!(r, Err(libc::EINTR));
+    }
 
     #[test]
     fn unhandled_accesses_a_guest_repeats_cannot_flood_the_log() {
