@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     };
 
     // Bad --device input fails here, before any VM state exists.
-    if let Err(e) = vmm::pci::vfio::check_devices(&cfg.devices) {
+    if let Err(e) = vmm::device_manager::vfio::check_devices(&cfg.devices) {
         return fail(e);
     }
     let mut vmm = match Vmm::build(MachineConfig::from_vm_config(&cfg)) {

@@ -8,8 +8,6 @@
 //! always reads back clear. Not modelled: the factorial unit and interrupts (raise, status and
 //! acknowledge registers read as zero): software polls the command register.
 
-use std::sync::Arc;
-
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use viommu::{Access, SourceId, PAGE_SIZE};
@@ -20,6 +18,9 @@ use vm_device::pci::device::{PciDevice, PciDeviceError};
 use vm_device::{debug_limited, warn_limited};
 
 use crate::devices::vtd::{self, SharedVtd};
+
+// Where tests that build a VM by hand have always found it; the device manager owns it.
+pub use crate::device_manager::pci::add_edu;
 
 /// PCI identity of QEMU's edu.
 pub const EDU_VENDOR: u16 = 0x1234;
@@ -209,23 +210,6 @@ impl PciDevice for Edu {
     fn revert_bar(&mut self, index: usize, addr: u64) {
         self.config.revert_bar(index, addr);
     }
-}
-
-/// Puts an emulated edu on PCI bus 0, behind `vtd` when given; returns its requester id.
-pub fn add_edu(
-    pci: &std::sync::Mutex<crate::pci::bus::PciBus>,
-    mem: &GuestMemoryMmap,
-    vtd: Option<&SharedVtd>,
-) -> Result<SourceId, crate::pci::bus::PciBusError> {
-    let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    let slot = bus
-        .free_slot()
-        .ok_or(crate::pci::bus::PciBusError::NoFreeSlot)?;
-    let source = SourceId::new(0, slot as u8, 0);
-    let edu = Edu::new(mem.clone(), vtd.map(|v| (v.clone(), source)));
-    let added = bus.add_device(Arc::new(std::sync::Mutex::new(edu)))?;
-    debug_assert_eq!(added, slot);
-    Ok(source)
 }
 
 #[cfg(test)]

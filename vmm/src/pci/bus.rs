@@ -1,7 +1,7 @@
 //! PCI bus 0: device slots, config-access routing, BAR registration on the MMIO and PIO buses,
 //! and the two config mechanisms: ports 0xCF8/0xCFC and ECAM.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use vm_device::pci::bar::{BarKind, BarMove};
 use vm_device::pci::device::{PciDevice, PciDeviceError};
@@ -274,15 +274,24 @@ impl PciBus {
     }
 }
 
+/// Runs `f` on `bus` if it still exists. The config mechanisms sit on the buses the PCI bus
+/// holds, so they hold it weakly (a strong reference would keep the VM's devices alive
+/// forever); once it is gone, config space reads as absent.
+fn with_bus<R>(bus: &Weak<Mutex<PciBus>>, f: impl FnOnce(&PciBus) -> R) -> Option<R> {
+    let bus = bus.upgrade()?;
+    let guard = bus.lock().unwrap_or_else(|e| e.into_inner());
+    Some(f(&guard))
+}
+
 /// The legacy configuration ports 0xCF8 (address) and 0xCFC..0xCFF (data).
 pub struct PciConfigIo {
-    bus: Arc<Mutex<PciBus>>,
+    bus: Weak<Mutex<PciBus>>,
     address: u32,
 }
 
 impl PciConfigIo {
     /// Config ports for `bus`.
-    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+    pub fn new(bus: Weak<Mutex<PciBus>>) -> Self {
         Self { bus, address: 0 }
     }
 }
@@ -297,13 +306,10 @@ impl BusDevice for PciConfigIo {
             }
             return;
         }
-        match decode_config_address(self.address, offset as usize - 4) {
-            Some(a) => self
-                .bus
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config_read(a, data),
-            None => data.fill(0xff),
+        let read = decode_config_address(self.address, offset as usize - 4)
+            .and_then(|a| with_bus(&self.bus, |bus| bus.config_read(a, data)));
+        if read.is_none() {
+            data.fill(0xff);
         }
     }
 
@@ -320,22 +326,19 @@ impl BusDevice for PciConfigIo {
             return;
         }
         if let Some(a) = decode_config_address(self.address, offset as usize - 4) {
-            self.bus
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .config_write(a, data);
+            with_bus(&self.bus, |bus| bus.config_write(a, data));
         }
     }
 }
 
 /// The ECAM window (MCFG).
 pub struct PciConfigMmio {
-    bus: Arc<Mutex<PciBus>>,
+    bus: Weak<Mutex<PciBus>>,
 }
 
 impl PciConfigMmio {
     /// ECAM for `bus`.
-    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+    pub fn new(bus: Weak<Mutex<PciBus>>) -> Self {
         Self { bus }
     }
 }
@@ -343,25 +346,18 @@ impl PciConfigMmio {
 impl BusDevice for PciConfigMmio {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let a = decode_ecam(offset);
-        if a.offset + data.len() > 4 {
+        if a.offset + data.len() > 4
+            || with_bus(&self.bus, |bus| bus.config_read(a, data)).is_none()
+        {
             data.fill(0xff);
-            return;
         }
-        self.bus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config_read(a, data);
     }
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let a = decode_ecam(offset);
-        if a.offset + data.len() > 4 {
-            return;
+        if a.offset + data.len() <= 4 {
+            with_bus(&self.bus, |bus| bus.config_write(a, data));
         }
-        self.bus
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config_write(a, data);
     }
 }
 

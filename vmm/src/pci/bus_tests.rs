@@ -104,7 +104,7 @@ fn cf8_decoding() {
 #[test]
 fn cf8_reads_ids_and_absent_slots() {
     let (bus, _, _) = setup();
-    let mut io = PciConfigIo::new(bus);
+    let mut io = PciConfigIo::new(Arc::downgrade(&bus));
     io.write(0xcf8, 0, &0x8000_0000u32.to_le_bytes());
     let mut d = [0u8; 4];
     io.read(0xcf8, 4, &mut d);
@@ -129,7 +129,7 @@ fn cf8_reads_ids_and_absent_slots() {
 #[test]
 fn ecam_bar_programming_moves_mmio_mapping() {
     let (bus, mmio, writes) = setup();
-    let mut ecam = PciConfigMmio::new(bus);
+    let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
     let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
     let mut d = [0u8; 4];
     ecam.read(0, bar0, &mut d);
@@ -161,7 +161,7 @@ fn refused_move_keeps_old_place() {
     }
     mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
         .unwrap();
-    let mut ecam = PciConfigMmio::new(bus);
+    let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
     let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
     ecam.write(0, (1 << 15) | 4, &[2, 0]);
     ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
@@ -219,7 +219,7 @@ fn a_move_the_device_cannot_follow_puts_the_bus_back() {
         .unwrap()
         .add_device(Arc::new(Mutex::new(stuck)))
         .unwrap() as u64;
-    let mut ecam = PciConfigMmio::new(bus);
+    let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
     let bar0 = (slot << 15) | (REG_BAR0 as u64 * 4);
     let mut d = [0u8; 4];
     ecam.read(0, bar0, &mut d);
@@ -249,7 +249,7 @@ fn a_guest_repeating_a_refused_bar_move_cannot_flood_the_log() {
     }
     mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
         .unwrap();
-    let mut ecam = PciConfigMmio::new(bus);
+    let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
     let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
     ecam.write(0, (1 << 15) | 4, &[2, 0]);
     let lines = lines_logged_by(|| {
@@ -262,6 +262,43 @@ fn a_guest_repeating_a_refused_bar_move_cannot_flood_the_log() {
         "{} lines for 10000 refused moves",
         lines.len()
     );
+}
+
+#[test]
+fn the_bus_and_its_functions_go_away_with_the_vm_though_its_config_mechanisms_sit_on_its_buses() {
+    struct Tracked(Arc<std::sync::atomic::AtomicBool>);
+    impl PciDevice for Tracked {
+        fn read_config_register(&mut self, _: usize) -> u32 {
+            0
+        }
+        fn write_config_register(&mut self, _: usize, _: usize, _: &[u8]) -> Vec<BarMove> {
+            Vec::new()
+        }
+    }
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mmio, pio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+    let mut pci = PciBus::new(PciAllocator::new(256 << 20), mmio.clone(), pio.clone());
+    pci.add_device(Arc::new(Mutex::new(Tracked(dropped.clone()))))
+        .unwrap();
+    let pci = Arc::new(Mutex::new(pci));
+    let io = PciConfigIo::new(Arc::downgrade(&pci));
+    pio.insert(Arc::new(Mutex::new(io)), CONFIG_ADDRESS_PORT, CONFIG_IO_LEN)
+        .unwrap();
+    let ecam = PciConfigMmio::new(Arc::downgrade(&pci));
+    mmio.insert(Arc::new(Mutex::new(ecam)), 0xe000_0000, 0x1000_0000)
+        .unwrap();
+    let mut d = [0u8; 4];
+    assert!(mmio.read(0xe000_0000, &mut d));
+    drop((pci, mmio));
+    assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+    pio.write(CONFIG_ADDRESS_PORT, &0x8000_0000u32.to_le_bytes());
+    assert!(pio.read(CONFIG_ADDRESS_PORT + 4, &mut d));
+    assert_eq!(d, [0xff; 4], "a bus that is gone reads as absent");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Host PCI functions assigned through VFIO (`--device path=...`): the passthrough crate's
-//! function on our PCI bus, its BAR areas as KVM memory slots, its vectors as KVM irqfds, and
-//! (without a vIOMMU) all guest RAM mapped for its DMA at IOVA = GPA; behind the vIOMMU, the
-//! VT-d decides what its container maps.
+//! function on PCI bus 0 ([`VfioPciDevice`]), its BAR areas as KVM memory slots, its vectors as
+//! KVM irqfds, and (without a vIOMMU) all guest RAM mapped for its DMA at IOVA = GPA; behind
+//! the virtual VT-d, the VT-d decides what its container maps.
 
 use std::sync::{Arc, Mutex};
 

@@ -1,0 +1,172 @@
+//! The VM's devices and their wiring, after Firecracker's `device_manager/`: the port I/O and
+//! MMIO buses, the legacy devices ([`legacy`]), the PCI root with its emulated and assigned
+//! functions ([`pci`], [`vfio`]) and the virtual VT-d ([`vtd`]). The builder asks for devices
+//! here; the device models themselves live in [`crate::devices`].
+//!
+//! Adding a device:
+//! - a port I/O or platform MMIO device: a row in [`legacy`]'s table, or one
+//!   [`DeviceManager::register`] call with its bus, base and length;
+//! - an emulated PCI function: a `DeviceManager` method that builds it and puts it on bus 0
+//!   (as [`DeviceManager::add_edu`] does), its BARs placed and dispatched by the PCI bus;
+//! - its ACPI description: a table from [`DeviceManager::acpi_tables`].
+
+pub mod legacy;
+pub mod pci;
+pub mod vfio;
+pub mod vtd;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use viommu::SourceId;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::{DeviceConfig, ViommuConfig};
+use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::vtd::SharedVtd;
+use crate::exit::ExitHandle;
+use crate::pci::bus::{PciBus, PciBusError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors setting devices up; each names the device and what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceManagerError {
+    /// A device's range is taken on its bus.
+    #[error("cannot register {what} at {base:#x}: {source}")]
+    Register {
+        what: &'static str,
+        base: u64,
+        source: BusError,
+    },
+    /// A device's eventfd could not be created.
+    #[error("cannot create the {what} eventfd: {source}")]
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A KVM operation a device needs (an irqfd) failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// A PCI function could not join bus 0.
+    #[error(transparent)]
+    Pci(#[from] PciBusError),
+    /// The virtual VT-d could not be set up.
+    #[error(transparent)]
+    Vtd(#[from] vtd::VtdSetupError),
+    /// A host device could not be assigned.
+    #[error(transparent)]
+    Vfio(#[from] vfio::VfioError),
+}
+
+/// The devices of one VM.
+pub struct DeviceManager {
+    // Field order matters: the assigned devices' DMA mappings and containers go first.
+    vfio: Option<vfio::VfioDevices>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pci: Arc<Mutex<PciBus>>,
+    serial: Arc<Mutex<SerialDevice>>,
+    vtd: Option<SharedVtd>,
+}
+
+impl DeviceManager {
+    /// The buses, the legacy devices (COM1 writing to `serial_out`, i8042, pvpanic, the ACPI PM
+    /// register; those that end the VM do so through `exit`) and the PCI root with its host
+    /// bridge, for a VM with `ram_size` bytes of RAM.
+    pub fn new(
+        vm: &Vm,
+        ram_size: u64,
+        serial_out: Box<dyn Write + Send>,
+        exit: &ExitHandle,
+    ) -> Result<Self, DeviceManagerError> {
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let serial = legacy::add_legacy_devices(&pio, vm, serial_out, exit)?;
+        let pci = pci::create_pci_root(ram_size, &mmio, &pio)?;
+        Ok(Self {
+            vfio: None,
+            pio,
+            mmio,
+            pci,
+            serial,
+            vtd: None,
+        })
+    }
+
+    /// Registers `device` at `base..base + len` of `bus` (the port I/O or the MMIO bus), named
+    /// `what` in errors.
+    pub fn register(
+        bus: &Bus,
+        what: &'static str,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<(), DeviceManagerError> {
+        bus.insert(device, base, len)
+            .map_err(|source| DeviceManagerError::Register { what, base, source })
+    }
+
+    /// Adds the virtual VT-d described by `config`; its registers go on the MMIO bus.
+    pub fn add_vtd(
+        &mut self,
+        config: ViommuConfig,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+    ) -> Result<&SharedVtd, DeviceManagerError> {
+        let unit = vtd::create_vtd(config, vm, mem, &self.mmio)?;
+        Ok(self.vtd.insert(unit))
+    }
+
+    /// Puts an emulated `edu` on PCI bus 0, behind the VT-d when there is one; returns its
+    /// requester id.
+    pub fn add_edu(&self, mem: &GuestMemoryMmap) -> Result<SourceId, DeviceManagerError> {
+        Ok(pci::add_edu(&self.pci, mem, self.vtd.as_ref())?)
+    }
+
+    /// Assigns the host PCI functions `devices` (VFIO) and maps guest RAM for their DMA (or
+    /// puts them behind the VT-d). Call once.
+    pub fn assign_devices(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        devices: &[DeviceConfig],
+    ) -> Result<(), DeviceManagerError> {
+        self.vfio = vfio::attach(vm, mem, &self.pci, devices, self.vtd.as_ref())?;
+        Ok(())
+    }
+
+    /// The ACPI tables the devices bring (the DMAR table of the VT-d).
+    pub fn acpi_tables(&self) -> Vec<Vec<u8>> {
+        self.vtd
+            .as_ref()
+            .map(|v| crate::devices::vtd::dmar_table(crate::devices::vtd::lock(v).config().aw_bits))
+            .into_iter()
+            .collect()
+    }
+
+    /// The port I/O bus.
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio
+    }
+
+    /// The MMIO bus (platform devices, BARs, ECAM, the VT-d registers).
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio
+    }
+
+    /// PCI bus 0.
+    pub fn pci_bus(&self) -> &Arc<Mutex<PciBus>> {
+        &self.pci
+    }
+
+    /// COM1, whose input the event loop feeds.
+    pub fn serial(&self) -> &Arc<Mutex<SerialDevice>> {
+        &self.serial
+    }
+
+    /// The virtual VT-d, if added.
+    pub fn vtd(&self) -> Option<&SharedVtd> {
+        self.vtd.as_ref()
+    }
+}

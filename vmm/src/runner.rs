@@ -1,0 +1,215 @@
+//! Running a built VM: one thread a vCPU, the event loop on the calling thread (exit requests,
+//! serial input, the VT-d's deferred-flush timer and queue doorbells), and the stop that kicks
+//! every vCPU once.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::builder::SerialIn;
+use crate::device_manager::DeviceManager;
+use crate::devices::legacy::serial::{InputSource, SerialInput};
+use crate::devices::vtd::{self, DeferredFlushTimer, DoorbellWatcher};
+use crate::exit::{ExitHandle, VmExit};
+use crate::vstate::kick::{install_kick_handler, kick_signal, KickError};
+use crate::vstate::vcpu::{Vcpu, VcpuBuses};
+
+/// How long the event loop sleeps at most before it looks at the exit reason again.
+const EVENT_LOOP_TIMEOUT_MS: i32 = 200;
+
+/// Errors running a VM; each says what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The vCPU kick signal handler could not be installed.
+    #[error(transparent)]
+    Kick(#[from] KickError),
+    /// A vCPU thread could not be started.
+    #[error("cannot spawn the thread of vCPU {id}: {source}")]
+    SpawnVcpu { id: usize, source: std::io::Error },
+    /// The event loop's epoll failed.
+    #[error("event loop: {0}")]
+    EventManager(#[source] event_manager::Error),
+    /// A host resource of the event loop (an eventfd, a timer) could not be set up.
+    #[error("{what}: {source}")]
+    Host {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
+    move |source| RunError::Host { what, source }
+}
+
+/// Runs `vcpus` until the guest powers off, resets, panics, halts (raw guests) or fails.
+pub(crate) fn run(
+    vcpus: Vec<Vcpu>,
+    devices: &DeviceManager,
+    exit: &ExitHandle,
+    serial_in: Option<SerialIn>,
+) -> Result<VmExit, RunError> {
+    install_kick_handler()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let buses = VcpuBuses {
+        pio: devices.pio_bus().clone(),
+        mmio: devices.mmio_bus().clone(),
+    };
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut spawn_error = None;
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let (b, e, s) = (buses.clone(), exit.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                // A panicking vCPU thread must still end the run, not leave it waiting.
+                let _guard = PanicGuard(e.clone());
+                vcpu.run(b, e, s)
+            });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(source) => {
+                spawn_error = Some(RunError::SpawnVcpu { id, source });
+                break;
+            }
+        }
+    }
+
+    let result = match spawn_error {
+        Some(e) => Err(e),
+        None => event_loop(devices, exit, serial_in),
+    };
+    let panicked = stop_vcpus(threads, &stop);
+    // No device may keep reaching memory the guest unmapped once the VM is gone.
+    if let Some(vtd) = devices.vtd() {
+        vtd::lock(vtd).flush_deferred();
+    }
+    if panicked {
+        return Ok(VmExit::Failed("a vCPU thread panicked".into()));
+    }
+    result
+}
+
+fn event_loop(
+    devices: &DeviceManager,
+    exit: &ExitHandle,
+    serial_in: Option<SerialIn>,
+) -> Result<VmExit, RunError> {
+    let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(RunError::EventManager)?;
+    let exit_evt = exit
+        .event()
+        .try_clone()
+        .map_err(host("cannot clone the exit eventfd"))?;
+    em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
+    if let Some(vtd) = devices.vtd() {
+        if let Some(timer) = DeferredFlushTimer::new(vtd.clone())
+            .map_err(host("cannot create the VT-d deferred-flush timer"))?
+        {
+            em.add_subscriber(Box::new(timer));
+        }
+        if vtd.doorbells().is_some() {
+            em.add_subscriber(Box::new(DoorbellWatcher(vtd.clone())));
+        }
+    }
+    let is_stdin = matches!(serial_in, Some(SerialIn::Stdin));
+    let input: Option<Box<dyn InputSource>> = match serial_in {
+        Some(SerialIn::Stdin) => Some(Box::new(std::io::stdin())),
+        Some(SerialIn::Stream(s)) => Some(s),
+        Some(SerialIn::None) | None => None,
+    };
+    let _raw = match input {
+        Some(input) => {
+            let sub = SerialInput::new(input, devices.serial().clone())
+                .map_err(host("cannot set up serial input"))?;
+            em.add_subscriber(Box::new(sub));
+            if is_stdin {
+                RawTerminal::enter()
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
+    loop {
+        if let Some(reason) = exit.reason() {
+            return Ok(reason);
+        }
+        em.run_with_timeout(EVENT_LOOP_TIMEOUT_MS)
+            .map_err(RunError::EventManager)?;
+    }
+}
+
+/// Stops and joins the vCPU threads; true if one of them panicked. One kick each suffices: a
+/// kick makes KVM_RUN return even when it lands just before the thread enters it.
+fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) -> bool {
+    stop.store(true, Ordering::Release);
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        // A thread that ends meanwhile is still joinable, so the signal goes nowhere harmful.
+        if let Err(e) = t.kill(kick_signal()) {
+            log::warn!("cannot kick vCPU thread {:?}: {e}", t.thread().name());
+        }
+    }
+    threads.into_iter().any(|t| t.join().is_err())
+}
+
+/// Reports a vCPU thread that unwinds as a failed run.
+struct PanicGuard(ExitHandle);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .request(VmExit::Failed("a vCPU thread panicked".into()));
+        }
+    }
+}
+
+/// Drains the exit eventfd so the loop wakes to check the exit reason.
+struct ExitWatcher(EventFd);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot poll the exit eventfd: {e}");
+        }
+    }
+}
+
+/// Puts an interactive terminal in raw mode for the guest console; restores it on drop.
+struct RawTerminal;
+
+impl RawTerminal {
+    fn enter() -> Option<Self> {
+        use vmm_sys_util::terminal::Terminal;
+        let stdin = std::io::stdin();
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(stdin.as_raw_fd()) } != 1 {
+            return None;
+        }
+        match stdin.lock().set_raw_mode() {
+            Ok(()) => Some(RawTerminal),
+            Err(e) => {
+                log::warn!("cannot set the terminal to raw mode: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        use vmm_sys_util::terminal::Terminal;
+        if let Err(e) = std::io::stdin().lock().set_canon_mode() {
+            log::warn!("cannot restore the terminal: {e}");
+        }
+    }
+}
