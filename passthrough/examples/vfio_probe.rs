@@ -46,7 +46,7 @@ fn main() {
             }
             check(&HostPaths::default(), Path::new(path))
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(Into::into)
         }
         (Some("edu"), Some(path)) => edu(Path::new(path)),
         _ => Err("usage: vfio_probe check PATH [UID] | edu PATH".into()),
@@ -82,7 +82,17 @@ impl Bar0 {
     }
 }
 
-fn dma(bar: &Bar0, src: u64, dst: u64, len: u64, cmd: u64, irq: &EventFd) -> Result<(), String> {
+/// What the probe prints after `probe error:`.
+type ProbeError = Box<dyn std::error::Error>;
+
+fn dma(
+    bar: &Bar0,
+    src: u64,
+    dst: u64,
+    len: u64,
+    cmd: u64,
+    irq: &EventFd,
+) -> Result<(), ProbeError> {
     bar.w64(EDU_DMA_SRC, src);
     bar.w64(EDU_DMA_DST, dst);
     bar.w64(EDU_DMA_CNT, len);
@@ -96,7 +106,8 @@ fn dma(bar: &Bar0, src: u64, dst: u64, len: u64, cmd: u64, irq: &EventFd) -> Res
             return Err(format!(
                 "no completion MSI in 10 s (cmd {:#x})",
                 bar.r64(EDU_DMA_CMD)
-            ));
+            )
+            .into());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -104,14 +115,13 @@ fn dma(bar: &Bar0, src: u64, dst: u64, len: u64, cmd: u64, irq: &EventFd) -> Res
     Ok(())
 }
 
-fn edu(path: &Path) -> Result<(), String> {
-    let host = VfioHost::new(HostPaths::default(), None).map_err(|e| e.to_string())?;
-    let dev = host.open(path).map_err(|e| e.to_string())?;
+fn edu(path: &Path) -> Result<(), ProbeError> {
+    let host = VfioHost::new(HostPaths::default(), None)?;
+    let dev = host.open(path)?;
     dev.reset();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)])
-        .map_err(|e| e.to_string())?;
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)])?;
     let mut dma_map = ContainerDma::new(host.container().clone(), mem.clone());
-    dma_map.map_guest_ram().map_err(|e| e.to_string())?;
+    dma_map.map_guest_ram()?;
 
     let size = dev.region(0).ok_or("edu has no BAR0")?.size;
     let mapping = dev
@@ -133,30 +143,27 @@ fn edu(path: &Path) -> Result<(), String> {
     dev.write(passthrough::access::CONFIG_REGION, 4, &c.to_le_bytes());
     let id = bar.r32(EDU_ID);
     if id & 0xffff != 0x00ed {
-        return Err(format!("edu ID register reads {id:#x}"));
+        return Err(format!("edu ID register reads {id:#x}").into());
     }
 
-    let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
-    dev.enable_irq(IrqKind::Msi, &[&irq])
-        .map_err(|e| e.to_string())?;
+    let irq = EventFd::new(EFD_NONBLOCK)?;
+    dev.enable_irq(IrqKind::Msi, &[&irq])?;
 
     let pattern: Vec<u8> = (0..LEN as u32).map(|i| (i * 7 + 3) as u8).collect();
-    mem.write_slice(&pattern, GuestAddress(0x1000))
-        .map_err(|e| e.to_string())?;
+    mem.write_slice(&pattern, GuestAddress(0x1000))?;
     dma(&bar, 0x1000, EDU_BUF, LEN as u64, 0, &irq)?;
     dma(&bar, EDU_BUF, 0x3000, LEN as u64, EDU_DMA_TO_RAM, &irq)?;
     let mut back = vec![0u8; LEN];
-    mem.read_slice(&mut back, GuestAddress(0x3000))
-        .map_err(|e| e.to_string())?;
+    mem.read_slice(&mut back, GuestAddress(0x3000))?;
     if back != pattern {
         let first = back
             .iter()
             .zip(&pattern)
             .position(|(a, b)| a != b)
             .unwrap_or(0);
-        return Err(format!("DMA round trip differs first at byte {first}"));
+        return Err(format!("DMA round trip differs first at byte {first}").into());
     }
-    dev.disable_irq(IrqKind::Msi).map_err(|e| e.to_string())?;
+    dev.disable_irq(IrqKind::Msi)?;
     println!(
         "probe edu dma=ok msi=ok mappings={}",
         dma_map.mappings().count()

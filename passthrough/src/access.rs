@@ -64,11 +64,11 @@ pub struct RegionInfo {
 
 /// An interrupt set-up request VFIO refused.
 #[derive(Debug, thiserror::Error)]
-#[error("VFIO_DEVICE_SET_IRQS for {kind} ({count} vectors) failed: {cause}")]
+#[error("VFIO_DEVICE_SET_IRQS for {kind} ({count} vectors) failed: {source}")]
 pub struct IrqSetError {
     pub kind: IrqKind,
     pub count: usize,
-    pub cause: String,
+    pub source: vfio_ioctls::VfioError,
 }
 
 /// Region access, interrupt wiring and reset of one VFIO PCI function.

@@ -104,10 +104,10 @@ impl Drop for BarMapping {
 }
 
 fn irq_err(kind: IrqKind, count: usize) -> impl FnOnce(vfio_ioctls::VfioError) -> IrqSetError {
-    move |e| IrqSetError {
+    move |source| IrqSetError {
         kind,
         count,
-        cause: e.to_string(),
+        source,
     }
 }
 

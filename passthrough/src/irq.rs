@@ -20,11 +20,23 @@ pub const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
 
 /// A KVM-side operation failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{what} for GSI {gsi} failed: {cause}")]
-pub struct RouteError {
-    pub what: &'static str,
-    pub gsi: u32,
-    pub cause: String,
+pub enum RouteError {
+    /// A KVM ioctl (KVM_SET_GSI_ROUTING, KVM_IRQFD) failed.
+    #[error("{what} for GSI {gsi} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        gsi: u32,
+        source: kvm_ioctls::Error,
+    },
+    /// The routing table does not fit KVM's routing structure.
+    #[error("the routing table with GSI {gsi} cannot be built: {source}")]
+    Table {
+        gsi: u32,
+        source: vmm_sys_util::fam::Error,
+    },
+    /// Every GSI KVM routes is taken.
+    #[error("no GSI left for an MSI route: all {max} routes in use")]
+    Exhausted { max: u32 },
 }
 
 /// Errors wiring a vector.
@@ -34,11 +46,11 @@ pub enum IrqError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Vfio(#[from] IrqSetError),
-    #[error("cannot create an eventfd for {kind} vector {vector}: {cause}")]
+    #[error("cannot create an eventfd for {kind} vector {vector}: {source}")]
     EventFd {
         kind: IrqKind,
         vector: usize,
-        cause: std::io::Error,
+        source: std::io::Error,
     },
 }
 
@@ -131,10 +143,10 @@ impl Vectors {
             count
         };
         for vector in 0..count {
-            let fd = EventFd::new(EFD_NONBLOCK).map_err(|cause| IrqError::EventFd {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|source| IrqError::EventFd {
                 kind: self.kind,
                 vector,
-                cause,
+                source,
             })?;
             let gsi = routes.allocate_gsi()?;
             self.vectors.push(Vector {
@@ -231,10 +243,10 @@ impl Intx {
         gsi: u32,
     ) -> Result<Self, IrqError> {
         let new_fd = |vector| {
-            EventFd::new(EFD_NONBLOCK).map_err(|cause| IrqError::EventFd {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| IrqError::EventFd {
                 kind: IrqKind::Intx,
                 vector,
-                cause,
+                source,
             })
         };
         let intx = Intx {

@@ -96,16 +96,15 @@ impl KvmRouting {
             },
             ..Default::default()
         }));
-        let routing = KvmIrqRouting::from_entries(&entries).map_err(|e| RouteError {
-            what: "building the routing table",
-            gsi,
-            cause: format!("{e:?}"),
-        })?;
-        self.vm.set_gsi_routing(&routing).map_err(|e| RouteError {
-            what: "KVM_SET_GSI_ROUTING",
-            gsi,
-            cause: e.to_string(),
-        })
+        let routing = KvmIrqRouting::from_entries(&entries)
+            .map_err(|source| RouteError::Table { gsi, source })?;
+        self.vm
+            .set_gsi_routing(&routing)
+            .map_err(|source| RouteError::Kvm {
+                what: "KVM_SET_GSI_ROUTING",
+                gsi,
+                source,
+            })
     }
 }
 
@@ -117,11 +116,7 @@ impl IrqRoutes for KvmIrqRoutes {
         let mut t = self.0.table.lock().unwrap_or_else(|e| e.into_inner());
         let gsi = (IOAPIC_PINS..MAX_ROUTES)
             .find(|g| !t.used.contains(g))
-            .ok_or(RouteError {
-                what: "allocating a GSI",
-                gsi: MAX_ROUTES,
-                cause: format!("all {MAX_ROUTES} routes in use"),
-            })?;
+            .ok_or(RouteError::Exhausted { max: MAX_ROUTES })?;
         t.used.insert(gsi);
         Ok(gsi)
     }
@@ -152,19 +147,22 @@ impl IrqRoutes for KvmIrqRoutes {
             Some(rfd) => self.0.vm.register_irqfd_with_resample(fd, rfd, gsi),
             None => self.0.vm.register_irqfd(fd, gsi),
         };
-        r.map_err(|e| RouteError {
+        r.map_err(|source| RouteError::Kvm {
             what: "KVM_IRQFD",
             gsi,
-            cause: e.to_string(),
+            source,
         })
     }
 
     fn detach_irqfd(&mut self, fd: &EventFd, gsi: u32) -> Result<(), RouteError> {
-        self.0.vm.unregister_irqfd(fd, gsi).map_err(|e| RouteError {
-            what: "KVM_IRQFD deassign",
-            gsi,
-            cause: e.to_string(),
-        })
+        self.0
+            .vm
+            .unregister_irqfd(fd, gsi)
+            .map_err(|source| RouteError::Kvm {
+                what: "KVM_IRQFD deassign",
+                gsi,
+                source,
+            })
     }
 }
 

@@ -56,8 +56,41 @@ pub enum ConfigError {
         option: &'static str,
         key: &'static str,
         value: String,
-        reason: String,
+        reason: InvalidReason,
     },
+}
+
+/// Why a value is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidReason {
+    #[error(transparent)]
+    Size(#[from] SizeError),
+    #[error("expected a whole number")]
+    NotAWholeNumber,
+    #[error("must be {min}..={max}")]
+    OutOfRange { min: u64, max: u64 },
+    /// Not one of the values the key takes (listed).
+    #[error("must be {0}")]
+    NotOneOf(&'static str),
+    #[error("at least {min_mib}M is needed")]
+    TooSmall { min_mib: u64 },
+    #[error("must be a multiple of 4K")]
+    NotPageMultiple,
+    #[error("empty path")]
+    Empty,
+    #[error("iommu=on needs --viommu")]
+    NeedsViommu,
+    #[error("with --viommu every device must be behind it (add iommu=on)")]
+    NotBehindViommu,
+}
+
+/// Why a size does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SizeError {
+    #[error("expected a number with an optional K, M, G or T suffix")]
+    NotANumber,
+    #[error("size overflows 64 bits")]
+    Overflow,
 }
 
 /// What the command line asks for.
@@ -197,7 +230,7 @@ impl OptionList {
         &self,
         key: &'static str,
         value: &str,
-        reason: impl Into<String>,
+        reason: impl Into<InvalidReason>,
     ) -> ConfigError {
         ConfigError::InvalidValue {
             option: self.option,
@@ -209,7 +242,7 @@ impl OptionList {
 }
 
 /// Parses a size such as `256M`, `2G`, `1048576` or `512K` into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let s = s.trim();
     let (digits, shift) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 10),
@@ -218,11 +251,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('T' | 't') => (&s[..s.len() - 1], 40),
         _ => (s, 0),
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| "expected a number with an optional K, M, G or T suffix".to_string())?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| "size overflows 64 bits".to_string())
+    let n: u64 = digits.parse().map_err(|_| SizeError::NotANumber)?;
+    n.checked_mul(1u64 << shift).ok_or(SizeError::Overflow)
 }
 
 fn parse_cpus(input: &str) -> Result<u8, ConfigError> {
@@ -230,9 +260,13 @@ fn parse_cpus(input: &str) -> Result<u8, ConfigError> {
     let raw = list.require("boot")?;
     let n: u32 = raw
         .parse()
-        .map_err(|_| list.invalid("boot", raw, "expected a whole number"))?;
+        .map_err(|_| list.invalid("boot", raw, InvalidReason::NotAWholeNumber))?;
     if n == 0 || n > u32::from(MAX_VCPUS) {
-        return Err(list.invalid("boot", raw, format!("must be 1..={MAX_VCPUS}")));
+        let range = InvalidReason::OutOfRange {
+            min: 1,
+            max: MAX_VCPUS.into(),
+        };
+        return Err(list.invalid("boot", raw, range));
     }
     Ok(n as u8)
 }
@@ -247,21 +281,24 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
         c.aw_bits = match raw {
             "39" => 39,
             "48" => 48,
-            _ => return Err(list.invalid("aw-bits", raw, "must be 39 or 48")),
+            _ => return Err(list.invalid("aw-bits", raw, InvalidReason::NotOneOf("39 or 48"))),
         };
     }
     if let Some(raw) = list.get("flush") {
         c.deferred = match raw {
             "strict" => false,
             "deferred" => true,
-            _ => return Err(list.invalid("flush", raw, "must be strict or deferred")),
+            _ => {
+                let reason = InvalidReason::NotOneOf("strict or deferred");
+                return Err(list.invalid("flush", raw, reason));
+            }
         };
     }
     if let Some(raw) = list.get("queue") {
         c.async_queue = match raw {
             "sync" => false,
             "async" => true,
-            _ => return Err(list.invalid("queue", raw, "must be sync or async")),
+            _ => return Err(list.invalid("queue", raw, InvalidReason::NotOneOf("sync or async"))),
         };
     }
     Ok(c)
@@ -272,14 +309,11 @@ fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     let raw = list.require("size")?;
     let size = parse_size(raw).map_err(|e| list.invalid("size", raw, e))?;
     if size < MIN_MEMORY_SIZE {
-        return Err(list.invalid(
-            "size",
-            raw,
-            format!("at least {}M is needed", MIN_MEMORY_SIZE >> 20),
-        ));
+        let min_mib = MIN_MEMORY_SIZE >> 20;
+        return Err(list.invalid("size", raw, InvalidReason::TooSmall { min_mib }));
     }
     if size % 4096 != 0 {
-        return Err(list.invalid("size", raw, "must be a multiple of 4K"));
+        return Err(list.invalid("size", raw, InvalidReason::NotPageMultiple));
     }
     Ok(size)
 }
@@ -298,12 +332,12 @@ fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
     let list = OptionList::parse("--device", input, &["path", "iommu"])?;
     let path = list.require("path")?;
     if path.is_empty() {
-        return Err(list.invalid("path", path, "empty path"));
+        return Err(list.invalid("path", path, InvalidReason::Empty));
     }
     let iommu = match list.get("iommu") {
         None | Some("off") => false,
         Some("on") => true,
-        Some(raw) => return Err(list.invalid("iommu", raw, "must be on or off")),
+        Some(raw) => return Err(list.invalid("iommu", raw, InvalidReason::NotOneOf("on or off"))),
     };
     Ok(DeviceConfig {
         path: PathBuf::from(path),
@@ -318,7 +352,7 @@ fn check_devices_and_viommu(
     viommu: Option<ViommuConfig>,
 ) -> Result<(), ConfigError> {
     for d in devices {
-        let invalid = |reason: &str| ConfigError::InvalidValue {
+        let invalid = |reason: InvalidReason| ConfigError::InvalidValue {
             option: "--device",
             key: "iommu",
             value: format!(
@@ -326,15 +360,11 @@ fn check_devices_and_viommu(
                 if d.iommu { "on" } else { "off" },
                 d.path.display()
             ),
-            reason: reason.to_string(),
+            reason,
         };
         match (d.iommu, viommu.is_some()) {
-            (true, false) => return Err(invalid("iommu=on needs --viommu")),
-            (false, true) => {
-                return Err(invalid(
-                    "with --viommu every device must be behind it (add iommu=on)",
-                ))
-            }
+            (true, false) => return Err(invalid(InvalidReason::NeedsViommu)),
+            (false, true) => return Err(invalid(InvalidReason::NotBehindViommu)),
             _ => {}
         }
     }

@@ -11,8 +11,11 @@ pub enum MemoryError {
     #[error("--memory size of {size} MiB is more than the host's {host} MiB of RAM")]
     MoreThanHost { size: u64, host: u64 },
     /// mmap of the RAM failed.
-    #[error("cannot allocate {size} MiB of guest memory: {reason}")]
-    Allocate { size: u64, reason: String },
+    #[error("cannot allocate {size} MiB of guest memory: {source}")]
+    Allocate {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
 }
 
 /// The host's RAM in bytes (MemTotal of /proc/meminfo), if readable.
@@ -46,9 +49,9 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Allocate {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         size: size >> 20,
-        reason: e.to_string(),
+        source,
     })?;
     for region in mem.iter() {
         // SAFETY: the range is exactly one live anonymous mapping owned by `mem`; MADV_HUGEPAGE

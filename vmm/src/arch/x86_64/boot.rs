@@ -47,7 +47,7 @@ pub enum BootError {
     },
     /// The kernel's setup header is not a bzImage's.
     #[error("kernel {path} is not a bzImage: {what}")]
-    NotBzImageHeader { path: PathBuf, what: String },
+    NotBzImageHeader { path: PathBuf, what: HeaderProblem },
     /// The initramfs file cannot be opened or read.
     #[error("cannot read initramfs {path}: {source}")]
     Initramfs {
@@ -62,21 +62,37 @@ pub enum BootError {
         limit: u64,
     },
     /// The command line is invalid or too long.
-    #[error("invalid kernel command line ({len} bytes, at most {max}): {reason}")]
+    #[error("invalid kernel command line ({len} bytes, at most {max}): {source}")]
     Cmdline {
         len: usize,
         max: usize,
-        reason: String,
+        source: linux_loader::cmdline::Error,
     },
+    /// The command line could not be written to guest memory.
+    #[error("cannot write the kernel command line at {CMDLINE_START:#x}: {0}")]
+    WriteCmdline(#[source] linux_loader::loader::Error),
     /// Writing the zero page failed.
     #[error("cannot write the zero page: {0}")]
     ZeroPage(linux_loader::configurator::Error),
     /// The reset vector stub could not be written.
     #[error("cannot write the reset stub at {RESET_VECTOR:#x}: {0}")]
-    ResetStub(String),
+    ResetStub(#[source] vm_memory::GuestMemoryError),
     /// Too many e820 entries.
     #[error("e820 map has {0} entries, the zero page holds {E820_MAX_ENTRIES_ZEROPAGE}")]
     E820TooLong(usize),
+}
+
+/// What makes a kernel's setup header not a bzImage's we can boot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderProblem {
+    #[error("file too short for a setup header")]
+    TooShort,
+    #[error("no 'HdrS' magic at offset 0x202")]
+    NoMagic,
+    #[error("boot protocol {major}.{minor:02} is older than 2.12")]
+    OldProtocol { major: u8, minor: u8 },
+    #[error("not loaded high (a zImage)")]
+    NotLoadedHigh,
 }
 
 /// One e820 entry.
@@ -148,27 +164,23 @@ pub fn check_boot_files(kernel: &Path, initramfs: Option<&Path>) -> Result<(), B
         .take(0x400)
         .read_to_end(&mut head)
         .map_err(open_err)?;
-    let not_bz = |what: &str| BootError::NotBzImageHeader {
+    let not_bz = |what: HeaderProblem| BootError::NotBzImageHeader {
         path: kernel.to_path_buf(),
-        what: what.to_string(),
+        what,
     };
     if head.len() < 0x400 {
-        return Err(not_bz("file too short for a setup header"));
+        return Err(not_bz(HeaderProblem::TooShort));
     }
     if &head[HDR_MAGIC_OFFSET..HDR_MAGIC_OFFSET + 4] != b"HdrS" {
-        return Err(not_bz("no 'HdrS' magic at offset 0x202"));
+        return Err(not_bz(HeaderProblem::NoMagic));
     }
-    let version = u16::from_le_bytes([head[HDR_VERSION_OFFSET], head[HDR_VERSION_OFFSET + 1]]);
+    let [minor, major] = [head[HDR_VERSION_OFFSET], head[HDR_VERSION_OFFSET + 1]];
     // 2.06 is the first protocol with cmdline_size and the 64-bit entry comes with 2.12.
-    if version < 0x020c {
-        return Err(not_bz(&format!(
-            "boot protocol {}.{:02} is older than 2.12",
-            version >> 8,
-            version & 0xff
-        )));
+    if u16::from_le_bytes([minor, major]) < 0x020c {
+        return Err(not_bz(HeaderProblem::OldProtocol { major, minor }));
     }
     if head[HDR_LOADFLAGS_OFFSET] & 1 == 0 {
-        return Err(not_bz("not loaded high (a zImage)"));
+        return Err(not_bz(HeaderProblem::NotLoadedHigh));
     }
     if let Some(path) = initramfs {
         File::open(path).map_err(|source| BootError::Initramfs {
@@ -189,7 +201,7 @@ pub const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
 pub fn write_reset_stub(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     use vm_memory::Bytes;
     mem.write_slice(&RESET_STUB, GuestAddress(RESET_VECTOR))
-        .map_err(|e| BootError::ResetStub(e.to_string()))
+        .map_err(BootError::ResetStub)
 }
 
 /// Where a Linux guest starts.
@@ -221,14 +233,12 @@ pub fn load_linux(
     // The loader always returns a header for bzImages; its absence means a loader bug.
     let mut hdr = loaded.setup_header.unwrap_or_default();
 
-    let cmdline_err = |reason: String| BootError::Cmdline {
+    let cl = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE).map_err(|source| BootError::Cmdline {
         len: cmdline.len(),
         max: CMDLINE_MAX_SIZE - 1,
-        reason,
-    };
-    let cl =
-        Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE).map_err(|e| cmdline_err(e.to_string()))?;
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(|e| cmdline_err(e.to_string()))?;
+        source,
+    })?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cl).map_err(BootError::WriteCmdline)?;
 
     hdr.type_of_loader = KERNEL_LOADER_OTHER;
     hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
@@ -313,7 +323,7 @@ fn load_initramfs(
             limit,
         })?;
     file.read_exact_volatile(&mut slice)
-        .map_err(|e| io_err(std::io::Error::other(e.to_string())))?;
+        .map_err(|e| io_err(std::io::Error::other(e)))?;
     Ok((addr, size))
 }
 
