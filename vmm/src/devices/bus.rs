@@ -85,23 +85,29 @@ impl Bus {
             .ok_or(BusError::NotFound(base))
     }
 
-    /// Moves the range at `old` to `new` (same length); on overlap nothing changes.
+    /// Moves the range at `old` to `new` (same length); when the new range is invalid or
+    /// overlaps another device, nothing changes.
     pub fn relocate(&self, old: u64, new: u64) -> Result<(), BusError> {
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
         let entry = ranges.remove(&old).ok_or(BusError::NotFound(old))?;
         let len = entry.len;
-        let overlap = new.checked_add(len).is_none()
-            || ranges
-                .range(..new + len)
-                .next_back()
-                .is_some_and(|(&b, e)| b + e.len > new);
-        if overlap {
+        let Some(end) = new.checked_add(len) else {
+            ranges.insert(old, entry);
+            return Err(BusError::InvalidRange { base: new, len });
+        };
+        // With the moved range out of the map, the only candidate is another device's.
+        let clash = ranges
+            .range(..end)
+            .next_back()
+            .filter(|(&b, e)| b + e.len > new)
+            .map(|(&b, e)| (b, e.len));
+        if let Some((other, other_len)) = clash {
             ranges.insert(old, entry);
             return Err(BusError::Overlap {
                 base: new,
                 len,
-                other: old,
-                other_len: len,
+                other,
+                other_len,
             });
         }
         ranges.insert(new, entry);
@@ -175,6 +181,34 @@ mod tests {
         assert!(!bus.read(0xfff, &mut [0u8; 1]));
         assert!(bus.write(0x100e, &[7, 8]));
         assert_eq!(dev.lock().unwrap().last, Some((0x1000, 0xe, vec![7, 8])));
+    }
+
+    #[test]
+    fn a_refused_relocation_names_the_device_in_the_way_and_changes_nothing() {
+        let bus = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        bus.insert(dev.clone(), 0x1000, 0x10).unwrap();
+        bus.insert(dev.clone(), 0x1010, 0x20).unwrap();
+        assert_eq!(
+            bus.relocate(0x1000, 0x1008),
+            Err(BusError::Overlap {
+                base: 0x1008,
+                len: 0x10,
+                other: 0x1010,
+                other_len: 0x20
+            })
+        );
+        assert_eq!(
+            bus.relocate(0x1000, u64::MAX - 4),
+            Err(BusError::InvalidRange {
+                base: u64::MAX - 4,
+                len: 0x10
+            })
+        );
+        assert!(bus.read(0x1000, &mut [0u8; 4]), "still at its old place");
+        bus.relocate(0x1000, 0xff8)
+            .expect("over its own old range is fine");
+        assert!(bus.read(0xff8, &mut [0u8; 4]));
     }
 
     #[test]
