@@ -23,7 +23,9 @@ pub enum SetupError {
     PathMissing { path: String },
     #[error("device {path}: not a PCI device address; give /sys/bus/pci/devices/DDDD:BB:DD.F")]
     NotPciAddress { path: String },
-    #[error("device {bdf}: bound to {driver}, not vfio-pci; bind it with `{unbind}echo {vendor} {device} > /sys/bus/pci/drivers/vfio-pci/new_id` (modprobe vfio-pci first)")]
+    /// The fix binds this one device (driver_override), not every device with its ID as
+    /// `new_id` would.
+    #[error("device {bdf} ({vendor}:{device}): bound to {driver}, not vfio-pci; bind it with `{unbind}echo vfio-pci > /sys/bus/pci/devices/{bdf}/driver_override; echo {bdf} > /sys/bus/pci/drivers/vfio-pci/bind` (modprobe vfio-pci first)")]
     NotBoundToVfio {
         bdf: String,
         driver: String,

@@ -92,9 +92,17 @@ fn a_device_on_its_host_driver_gets_the_bind_commands() {
     t.bind("0000:00:04.0", Some("nvme"));
     let e = t.check("0000:00:04.0").unwrap_err().to_string();
     assert!(e.contains("bound to nvme, not vfio-pci"), "{e}");
+    assert!(e.contains("(1b36:0010)"), "names the device's ID: {e}");
     assert!(
-        e.contains("echo 1b36 0010 > /sys/bus/pci/drivers/vfio-pci/new_id"),
+        e.contains(
+            "echo vfio-pci > /sys/bus/pci/devices/0000:00:04.0/driver_override; \
+             echo 0000:00:04.0 > /sys/bus/pci/drivers/vfio-pci/bind"
+        ),
         "{e}"
+    );
+    assert!(
+        !e.contains("new_id"),
+        "new_id would grab every device with the ID: {e}"
     );
     assert!(
         e.contains("/sys/bus/pci/devices/0000:00:04.0/driver/unbind"),
