@@ -25,12 +25,7 @@ set +e
 script="$(mktemp)"
 trap 'rm -f "$script"' EXIT
 cat >"$script" <<'L1'
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] && nvme=$d && break
-done
-echo vfio-pci >"$nvme/driver_override"
-echo "${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
-echo "@@TB L1 vfio-bound bdf=${nvme##*/}"
+nvme=$(tb-vfio-bind --first 1b36:0010) || exit 1
 vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --cpus boot=2 --memory size=512M \
   --cmdline "console=ttyS0 panic=-1 intel_iommu=on tb.action=nvme-iommu" \
   --viommu --stats-json /tmp/stats.json --device path="$nvme",iommu=on

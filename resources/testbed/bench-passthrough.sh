@@ -29,11 +29,7 @@ run="$TB_OUT/runs/bench-passthrough"
 mkdir -p "$run" "$(dirname "$log")"
 cmdline="console=ttyS0 panic=-1 quiet tb.action=dd-read"
 cat >"$run/scenario.sh" <<SCRIPT
-for d in /sys/bus/pci/devices/*; do
-  [ "\$(cat \$d/vendor):\$(cat \$d/device)" = "0x1b36:0x0010" ] && nvme=\$d && break
-done
-echo vfio-pci >"\$nvme/driver_override"
-echo "\${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+nvme=\$(tb-vfio-bind --first 1b36:0010) || exit 1
 i=0
 while [ \$i -lt $runs ]; do
   echo "@@TB BENCH-VMM ours"

@@ -72,9 +72,8 @@ cat >"$run/scenario.sh" <<'SCRIPT'
 now() { cut -d' ' -f1 /proc/uptime; }
 K=/sys/kernel/debug/kvm
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
-tb-vfio-bind 1b36:0010 || exit 1
-bdf=$(basename "$(ls -d /sys/bus/pci/drivers/vfio-pci/0000:* | head -n 1)")
-nvme=/sys/bus/pci/devices/$bdf
+nvme=$(tb-vfio-bind --first 1b36:0010) || exit 1
+bdf=${nvme##*/}
 
 # One line with every counter L1 can read now: KVM's exit counters (all VMs; one runs at a
 # time), our vmm's stats file, and QEMU's VFIO ioctls so far in the strace output.

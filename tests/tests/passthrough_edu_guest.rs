@@ -10,11 +10,7 @@
 use integration::testbed::{self, Scenario, TestbedError};
 
 const SCRIPT: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] && edu=$d && break
-done
-echo vfio-pci >"$edu/driver_override"
-echo "${edu##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+edu=$(tb-vfio-bind --first 1234:11e8) || exit 1
 for mode in msi intx msi viommu; do
   /testbed/bin/edu_guest "$edu" $mode
   echo "@@TB L1 edu-guest-rc mode=$mode rc=$?"

@@ -10,19 +10,13 @@ use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
 /// First asks our vmm for the edu device while it is still unbound (one line, exit 1, no VM);
 /// then binds every 1b36:0010 (QEMU NVMe) in L1 to vfio-pci and sets `$DEVS` to their paths.
 pub const BIND_NVME: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1234:0x11e8" ] && EDU=$d
-done
+EDU=$(tb-vfio-bind --find 1234:11e8 | tail -n1)
 vmm --kernel /testbed/vmlinuz --device path=$EDU 2>/tmp/unbound.err
 echo "@@TB L1 unbound-device rc=$? lines=$(wc -l </tmp/unbound.err)"
 echo "L1 unbound-device stderr: $(cat /tmp/unbound.err)"
+nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
 DEVS=""
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] || continue
-  [ -e "$d/driver" ] && echo "${d##*/}" >"$d/driver/unbind"
-  echo vfio-pci >"$d/driver_override"
-  echo "${d##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
-  echo "@@TB L1 vfio-bound bdf=${d##*/} group=$(basename "$(readlink $d/iommu_group)")"
+for d in $nvmes; do
   DEVS="$DEVS --device path=$d"
 done
 "#;
@@ -69,10 +63,9 @@ fn vmm_refuses_an_unbound_device_with_one_line_and_no_vm() -> Result<(), Testbed
         format!("want exit 1 and one stderr line: {}", m.raw),
     )?;
     out.ensure(
-        out.console_contains(
-            "not vfio-pci; bind it with `echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id`",
-        ),
-        "the error line does not give the bind command",
+        out.console_contains("(1234:11e8): bound to no driver, not vfio-pci; bind it with `echo vfio-pci > /sys/bus/pci/devices/")
+            && out.console_contains("/driver_override; echo 0000:"),
+        "the error line does not give the bind command (driver_override)",
     )
 }
 

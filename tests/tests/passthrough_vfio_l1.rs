@@ -11,14 +11,9 @@ use std::sync::Arc;
 use integration::testbed::{self, Outcome, Scenario, TestbedError};
 
 const SCRIPT: &str = r#"
-find_dev() {
-  for d in /sys/bus/pci/devices/*; do
-    [ "$(cat $d/vendor):$(cat $d/device)" = "$1" ] && echo "$d"
-  done
-}
-NVME=$(find_dev 0x1b36:0x0010 | head -n1)
-EDU=$(find_dev 0x1234:0x11e8 | grep 0000:00: | head -n1)
-EDU2=$(find_dev 0x1234:0x11e8 | grep -v 0000:00: | head -n1)
+NVME=$(tb-vfio-bind --find 1b36:0010 | head -n1)
+EDU=$(tb-vfio-bind --find 1234:11e8 | grep 0000:00: | head -n1)
+EDU2=$(tb-vfio-bind --find 1234:11e8 | grep -v 0000:00: | head -n1)
 echo "@@TB L1 probe-devices nvme=$NVME edu=$EDU edu2=$EDU2"
 for d in /sys/bus/pci/devices/*; do
   echo "L1 pci ${d##*/} $(cat $d/vendor):$(cat $d/device) driver=$(basename "$(readlink $d/driver)") group=$(basename "$(readlink $d/iommu_group)")"
@@ -32,8 +27,8 @@ case_() {
 }
 case_ missing check /sys/bus/pci/devices/0000:00:1f.7
 case_ unbound check "$NVME"
-echo 1b36 0010 > /sys/bus/pci/drivers/vfio-pci/new_id
-echo 1234 11e8 > /sys/bus/pci/drivers/vfio-pci/new_id
+tb-vfio-bind 1b36:0010 >/dev/null
+tb-vfio-bind 1234:11e8 >/dev/null
 case_ bound check "$NVME"
 case_ noperm check "$NVME" 1000
 case_ group check "$EDU2"
@@ -117,8 +112,10 @@ fn device_not_bound_to_vfio_gets_the_bind_commands() -> Result<(), TestbedError>
     expect_error(
         "unbound",
         &[
+            "(1b36:0010)",
             "not vfio-pci",
-            "echo 1b36 0010 > /sys/bus/pci/drivers/vfio-pci/new_id",
+            "/driver_override; echo 0000:",
+            "> /sys/bus/pci/drivers/vfio-pci/bind",
         ],
     )
 }

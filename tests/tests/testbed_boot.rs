@@ -83,8 +83,8 @@ fn qemu_nvme_passthrough(name: &str, viommu: bool) -> Scenario {
         ("", "")
     };
     let script = format!(
-        "tb-vfio-bind 1b36:0010 || exit 1\n\
-         bdf=$(basename \"$(ls -d /sys/bus/pci/drivers/vfio-pci/0000:* | head -n 1)\")\n\
+        "nvme=$(tb-vfio-bind --first 1b36:0010) || exit 1\n\
+         bdf=${{nvme##*/}}\n\
          qemu-system-x86_64 -enable-kvm -cpu host {machine} -smp 1 -m 512M -nodefaults \
          -display none -serial stdio -no-reboot -device vfio-pci,host=$bdf \
          -kernel /testbed/vmlinuz -initrd /testbed/l2.cpio.gz \

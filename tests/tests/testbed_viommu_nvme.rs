@@ -8,12 +8,9 @@ use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
 /// Binds L1's NVMe controllers to vfio-pci and sets `$DEVS` to `--device` options putting each
 /// behind the VT-d.
 const BIND_NVME_BEHIND_VTD: &str = r#"
+nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
 DEVS=""
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] || continue
-  [ -e "$d/driver" ] && echo "${d##*/}" >"$d/driver/unbind"
-  echo vfio-pci >"$d/driver_override"
-  echo "${d##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+for d in $nvmes; do
   DEVS="$DEVS --device path=$d,iommu=on"
 done
 "#;

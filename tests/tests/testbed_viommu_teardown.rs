@@ -5,11 +5,7 @@
 use integration::testbed::{self, Outcome, Scenario, TestbedError};
 
 const SCRIPT: &str = r#"
-for d in /sys/bus/pci/devices/*; do
-  [ "$(cat $d/vendor):$(cat $d/device)" = "0x1b36:0x0010" ] && nvme=$d && break
-done
-echo vfio-pci >"$nvme/driver_override"
-echo "${nvme##*/}" >/sys/bus/pci/drivers/vfio-pci/bind
+nvme=$(tb-vfio-bind --first 1b36:0010) || exit 1
 # Runs the vmm itself (not in a subshell), so that `$!` after `run ... &` is the vmm's pid.
 vmm_args() {
   echo "--kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --memory size=384M --viommu"
