@@ -1,12 +1,11 @@
 //! What the virtualization logic needs from a VFIO device: region info and access, interrupt
-//! set-up, reset. The real VFIO device implements it (`vfio.rs`); tests use a fake.
+//! set-up, reset. The real VFIO device implements it ([`crate::host::HostDevice`]); tests use a
+//! fake.
 
 use vmm_sys_util::eventfd::EventFd;
 
 /// VFIO region index of BAR 0; BARs 0..5 are indices 0..5 (linux/vfio.h).
 pub const BAR0_REGION: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_BAR0_REGION_INDEX;
-/// VFIO region index of the expansion ROM.
-pub const ROM_REGION: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_ROM_REGION_INDEX;
 /// VFIO region index of the configuration space.
 pub const CONFIG_REGION: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_CONFIG_REGION_INDEX;
 

@@ -45,7 +45,8 @@ pub enum Body {
 }
 
 /// One testbed run. Build with [`Scenario::l2_boot`] or [`Scenario::l1_script`], adjust with the
-/// builder methods, then [`Scenario::run`] or [`Scenario::run_shared`].
+/// builder methods, then run it with [`crate::testbed::Testbed::run`] or
+/// [`crate::testbed::Testbed::run_shared`].
 #[derive(Clone, Debug)]
 pub struct Scenario {
     /// Names the log (`target/testbed/logs/<name>.log`) and the run directory; unique per test.

@@ -1,5 +1,7 @@
-//! Emulated devices: plain state machines behind the [`bus::BusDevice`] trait, testable
-//! without KVM.
+//! Emulated device models: plain state machines testable without KVM, behind the
+//! [`bus::BusDevice`] trait (port I/O and MMIO devices) or, for PCI functions such as [`edu`],
+//! [`vm_device::pci::device::PciDevice`]. Which devices a VM has, and where, is the
+//! [`crate::device_manager`]'s.
 
 pub mod acpi_pm;
 pub mod bus;
