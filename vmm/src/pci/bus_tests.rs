@@ -150,20 +150,28 @@ fn ecam_bar_programming_moves_mmio_mapping() {
     assert_eq!(writes.lock().unwrap()[0], (0xc100_0000, 0x20, vec![9, 9]));
 }
 
-#[test]
-fn refused_move_keeps_old_place() {
+/// A device on the MMIO bus at 0xd000_0000, in the way of BAR moves there.
+struct Blocker;
+
+impl BusDevice for Blocker {
+    fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
+    fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
+}
+
+/// [`setup`] with a [`Blocker`] at 0xd000_0000 and memory decoding on for 00:01.0; returns its
+/// ECAM window, the ECAM offset of its BAR0 and the MMIO bus.
+fn setup_with_blocker() -> (Arc<Mutex<PciBus>>, PciConfigMmio, u64, Arc<Bus>) {
     let (bus, mmio, _) = setup();
-    // Something else sits at 0xd000_0000.
-    struct Blocker;
-    impl BusDevice for Blocker {
-        fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
-        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
-    }
     mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
         .unwrap();
     let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
-    let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
     ecam.write(0, (1 << 15) | 4, &[2, 0]);
+    (bus, ecam, (1 << 15) | (REG_BAR0 as u64 * 4), mmio)
+}
+
+#[test]
+fn refused_move_keeps_old_place() {
+    let (_bus, mut ecam, bar0, mmio) = setup_with_blocker();
     ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
     let mut d = [0u8; 4];
     ecam.read(0, bar0, &mut d);
@@ -241,17 +249,7 @@ fn a_move_the_device_cannot_follow_puts_the_bus_back() {
 #[test]
 fn a_guest_repeating_a_refused_bar_move_cannot_flood_the_log() {
     use vm_device::ratelimit::{capture::lines_logged_by, BURST};
-    let (bus, mmio, _) = setup();
-    struct Blocker;
-    impl BusDevice for Blocker {
-        fn read(&mut self, _: u64, _: u64, _: &mut [u8]) {}
-        fn write(&mut self, _: u64, _: u64, _: &[u8]) {}
-    }
-    mmio.insert(Arc::new(Mutex::new(Blocker)), 0xd000_0000, 0x1000)
-        .unwrap();
-    let mut ecam = PciConfigMmio::new(Arc::downgrade(&bus));
-    let bar0 = (1 << 15) | (REG_BAR0 as u64 * 4);
-    ecam.write(0, (1 << 15) | 4, &[2, 0]);
+    let (_bus, mut ecam, bar0, _mmio) = setup_with_blocker();
     let lines = lines_logged_by(|| {
         for _ in 0..10_000 {
             ecam.write(0, bar0, &0xd000_0000u32.to_le_bytes());
