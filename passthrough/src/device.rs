@@ -84,9 +84,9 @@ impl PciDevice for VfioPciDevice {
 }
 
 impl Drop for VfioPciDevice {
-    /// Memory slots go before the mmaps behind them (the fields, dropped after this); then the
-    /// function resets the device.
+    /// Memory slots, then the mmaps behind them, go before the device; then the function (a
+    /// field, dropped after this) resets the device and VFIO releases it.
     fn drop(&mut self) {
-        self.slots.unmap_all(self.mapper.as_mut());
+        self.slots.release(self.mapper.as_mut());
     }
 }

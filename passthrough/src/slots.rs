@@ -143,11 +143,14 @@ impl BarSlots {
         Ok(())
     }
 
-    /// Hides everything (before the mmaps go away).
-    pub fn unmap_all(&mut self, mapper: &mut dyn GuestMapper) {
+    /// Hides every area from the guest, then unmaps it from this process: in that order, so no
+    /// memory slot ever points at a gone mapping, and before the device goes, so no mapping
+    /// keeps the device file busy when VFIO releases its group.
+    pub fn release(&mut self, mapper: &mut dyn GuestMapper) {
         let indices: Vec<usize> = self.areas.iter().map(|a| a.index).collect();
         for i in indices {
             self.unmap_bar(i, mapper);
         }
+        self.areas.clear();
     }
 }

@@ -283,6 +283,49 @@ fn pci_config_through_ports_and_ecam_reaches_the_right_function() {
     );
 }
 
+/// A PCI function that says when it is dropped.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl PciDevice for DropFlag {
+    fn read_config_register(&mut self, _reg: usize) -> u32 {
+        0x5678_1234
+    }
+    fn write_config_register(&mut self, _: usize, _: usize, _: &[u8]) -> Vec<BarMove> {
+        Vec::new()
+    }
+}
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_vm_s_devices_are_torn_down_when_its_run_ends_after_on_stop_saw_them() {
+    if !kvm_available() {
+        return;
+    }
+    let code = asm64(|a| a.hlt());
+    let vmm = build(code, long_mode(), &Capture::default());
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    vmm.pci_bus()
+        .lock()
+        .unwrap()
+        .add_device(Arc::new(Mutex::new(DropFlag(dropped.clone()))))
+        .unwrap();
+    let mut seen = None;
+    let exit = vmm
+        .run_with(|_| seen = Some(dropped.load(std::sync::atomic::Ordering::SeqCst)))
+        .unwrap();
+    assert_eq!(exit, VmExit::Halted);
+    assert_eq!(seen, Some(false), "on_stop runs before the teardown");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the function went with the VM (nothing keeps the PCI bus alive)"
+    );
+}
+
 #[test]
 fn acpi_reset_register_ends_the_run_even_while_the_guest_keeps_going() {
     if !kvm_available() {

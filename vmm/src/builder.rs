@@ -252,10 +252,19 @@ impl Vmm {
         self.exit.clone()
     }
 
-    /// Runs the guest until it powers off, resets, panics, halts (raw guests) or fails.
-    pub fn run(mut self) -> Result<VmExit, RunError> {
+    /// Runs the guest until it powers off, resets, panics, halts (raw guests) or fails; then
+    /// tears the VM down (devices first: host DMA mappings, assigned devices, then the VM).
+    pub fn run(self) -> Result<VmExit, RunError> {
+        self.run_with(|_| {})
+    }
+
+    /// As [`Vmm::run`], with `on_stop` called once the vCPUs have stopped and before the
+    /// teardown, e.g. to read the VT-d's counters of the guest's run.
+    pub fn run_with(mut self, on_stop: impl FnOnce(&Vmm)) -> Result<VmExit, RunError> {
         let vcpus = std::mem::take(&mut self.vcpus);
-        runner::run(vcpus, &self.devices, &self.exit, self.serial_in.take())
+        let outcome = runner::run(vcpus, &self.devices, &self.exit, self.serial_in.take());
+        on_stop(&self);
+        outcome
     }
 }
 

@@ -100,15 +100,21 @@ fn main() -> ExitCode {
         (Some(path), Some(v)) => Some(spawn_stats_writer(path.clone(), v.clone())),
         _ => None,
     };
-    let outcome = vmm.run();
-    if let Some((stop, handle)) = writer {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = handle.join();
-    }
-    if let Some(path) = &cfg.stats_json {
-        if let Err(e) = write_stats(path, vtd.as_ref()) {
-            return fail(format!("cannot write {}: {e}", path.display()));
+    // The final counters are those of the guest's run: written once the vCPUs stopped, before
+    // the teardown adds its own host calls.
+    let mut stats_written = Ok(());
+    let outcome = vmm.run_with(|_| {
+        if let Some((stop, handle)) = writer {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = handle.join();
         }
+        if let Some(path) = &cfg.stats_json {
+            stats_written = write_stats(path, vtd.as_ref())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()));
+        }
+    });
+    if let Err(e) = stats_written {
+        return fail(e);
     }
     match outcome {
         Ok(VmExit::PowerOff) => {

@@ -170,3 +170,18 @@ impl DeviceManager {
         self.vtd.as_ref()
     }
 }
+
+impl Drop for DeviceManager {
+    /// Host DMA mappings go before the devices and VFIO groups they serve: the VT-d lets go of
+    /// the devices behind it (unmapping what their containers map), then the mappings of the
+    /// other devices go with [`vfio::VfioDevices`]. The devices themselves go with the buses.
+    fn drop(&mut self) {
+        if let (Some(vfio), Some(vtd)) = (&self.vfio, &self.vtd) {
+            let mut unit = crate::devices::vtd::lock(vtd);
+            for &source in vfio.behind_vtd() {
+                unit.detach(source);
+            }
+        }
+        self.vfio = None;
+    }
+}

@@ -71,6 +71,15 @@ pub struct VfioDevices {
     /// One container for those devices, and one for each device behind the VT-d: its own IOVA
     /// space, whose mappings the VT-d owns.
     _hosts: Vec<VfioHost>,
+    /// The requester ids of the devices behind the VT-d.
+    behind_vtd: Vec<viommu::SourceId>,
+}
+
+impl VfioDevices {
+    /// The requester ids of the devices put behind the VT-d, whose host mappings it holds.
+    pub fn behind_vtd(&self) -> &[viommu::SourceId] {
+        &self.behind_vtd
+    }
 }
 
 /// Opens each device and puts it on `pci`. A device behind the VT-d gets a container of its
@@ -92,6 +101,7 @@ pub fn attach(
     let kvm_vfio = Arc::new(kvm_vfio);
     let mut shared: Option<VfioHost> = None;
     let mut behind_vtd: Vec<VfioHost> = Vec::new();
+    let mut sources = Vec::new();
     let routing = KvmRouting::new(vm.shared_fd());
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
     for d in devices {
@@ -146,6 +156,7 @@ pub fn attach(
                     device: name.clone(),
                     source,
                 })?;
+            sources.push(source);
             log::info!("{name}: behind the virtual VT-d as source {source}");
         }
     }
@@ -163,6 +174,7 @@ pub fn attach(
     Ok(Some(VfioDevices {
         _dma: dma,
         _hosts: behind_vtd,
+        behind_vtd: sources,
     }))
 }
 
