@@ -274,7 +274,7 @@ fn main() {
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
     let behind_vtd = mode == "viommu";
     let image = guest(mode == "intx", behind_vtd.then_some(TABLES));
-    if let Err(e) = vmm::pci::vfio::check_devices(std::slice::from_ref(&device)) {
+    if let Err(e) = vmm::device_manager::vfio::check_devices(std::slice::from_ref(&device)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
     }

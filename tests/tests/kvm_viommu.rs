@@ -437,7 +437,7 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
     });
     let vmm = vm_with_vtd(code, true, &Capture::default());
     let mem = vmm.guest_memory().clone();
-    let source = vmm::devices::edu::add_edu(vmm.pci_bus(), &mem, vmm.vtd()).expect("add edu");
+    let source = vmm.devices().add_edu(&mem).expect("add edu");
     assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
     let pattern: Vec<u8> = (0..E_LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
     let canary = vec![0xa5u8; E_LEN as usize];

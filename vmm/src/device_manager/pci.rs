@@ -46,7 +46,7 @@ pub(super) fn create_pci_root(
 }
 
 /// Puts an emulated edu on PCI bus 0, behind `vtd` when given; returns its requester id.
-pub fn add_edu(
+pub(super) fn add_edu(
     pci: &Mutex<PciBus>,
     mem: &GuestMemoryMmap,
     vtd: Option<&SharedVtd>,

@@ -19,9 +19,6 @@ use vm_device::{debug_limited, warn_limited};
 
 use crate::devices::vtd::{self, SharedVtd};
 
-// Where tests that build a VM by hand have always found it; the device manager owns it.
-pub use crate::device_manager::pci::add_edu;
-
 /// PCI identity of QEMU's edu.
 pub const EDU_VENDOR: u16 = 0x1234;
 pub const EDU_DEVICE: u16 = 0x11e8;

@@ -9,9 +9,3 @@
 pub mod allocator;
 pub mod bus;
 pub mod root;
-
-/// Host device assignment lives in [`crate::device_manager::vfio`]; the check of `--device`
-/// input stays reachable here for the callers that have always used this path.
-pub mod vfio {
-    pub use crate::device_manager::vfio::check_devices;
-}
