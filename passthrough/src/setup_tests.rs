@@ -153,6 +153,7 @@ fn absent_dev_vfio_says_to_load_vfio() {
 #[test]
 fn an_unreadable_group_node_is_a_permission_error() {
     // Root ignores file modes; the check is only meaningful for other users.
+    // SAFETY: geteuid only reads the process's credentials.
     if unsafe { libc::geteuid() } == 0 {
         eprintln!("skipping: running as root, file modes do not apply");
         return;

@@ -1,7 +1,7 @@
 //! A fake VFIO device and fake interrupt routes, for unit tests and the fuzz target: devices
 //! shaped like QEMU's NVMe and edu, and a routing table that records what is attached.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,7 +31,7 @@ fn kind_slot(kind: IrqKind) -> usize {
 
 impl FakeDevice {
     pub fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
-        self.0.lock().unwrap()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn base(vendor: u16, device: u16) -> FakeDevice {
@@ -196,7 +196,7 @@ pub struct FakeRoutes(pub Arc<Mutex<RouteState>>);
 
 impl FakeRoutes {
     pub fn state(&self) -> std::sync::MutexGuard<'_, RouteState> {
-        self.0.lock().unwrap()
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

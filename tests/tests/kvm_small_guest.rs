@@ -4,7 +4,7 @@
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64, kvm_available, print, read_u32, Capture, CODE, RESULTS};
@@ -112,7 +112,10 @@ impl BusDevice for MmioProbe {
         data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
     }
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
-        self.writes.lock().unwrap().push((offset, data.to_vec()));
+        self.writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((offset, data.to_vec()));
     }
 }
 
@@ -189,7 +192,7 @@ impl PciDevice for ProbeFn {
         b[..data.len()].copy_from_slice(data);
         self.bar_writes
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .push((base, offset, u32::from_le_bytes(b)));
     }
     fn revert_bar(&mut self, index: usize, addr: u64) {

@@ -22,39 +22,50 @@ struct FakeSysfs {
 
 impl FakeSysfs {
     fn new() -> Self {
-        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/tb-vfio-bind").unwrap();
+        Self::build().expect("build the fake sysfs")
+    }
+
+    fn build() -> std::io::Result<Self> {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/tb-vfio-bind")
+            .map_err(std::io::Error::from)?;
         let root = dir.as_path().to_path_buf();
         let drivers = root.join("bus/pci/drivers");
-        std::fs::create_dir_all(drivers.join("vfio-pci")).unwrap();
-        std::fs::write(drivers.join("vfio-pci/bind"), "").unwrap();
-        std::fs::create_dir_all(drivers.join("nvme")).unwrap();
-        std::fs::write(drivers.join("nvme/unbind"), "").unwrap();
+        std::fs::create_dir_all(drivers.join("vfio-pci"))?;
+        std::fs::write(drivers.join("vfio-pci/bind"), "")?;
+        std::fs::create_dir_all(drivers.join("nvme"))?;
+        std::fs::write(drivers.join("nvme/unbind"), "")?;
         let s = FakeSysfs { _dir: dir, root };
-        s.device("0000:00:03.0", "0x1b36", "0x0010", Some("nvme"), 5);
-        s.device("0000:00:04.0", "0x1b36", "0x0010", None, 6);
-        s.device("0000:00:05.0", "0x1234", "0x11e8", None, 7);
-        s
+        s.device("0000:00:03.0", "0x1b36", "0x0010", Some("nvme"), 5)?;
+        s.device("0000:00:04.0", "0x1b36", "0x0010", None, 6)?;
+        s.device("0000:00:05.0", "0x1234", "0x11e8", None, 7)?;
+        Ok(s)
     }
 
     fn dev(&self, bdf: &str) -> PathBuf {
         self.root.join("bus/pci/devices").join(bdf)
     }
 
-    fn device(&self, bdf: &str, vendor: &str, device: &str, driver: Option<&str>, group: u32) {
+    fn device(
+        &self,
+        bdf: &str,
+        vendor: &str,
+        device: &str,
+        driver: Option<&str>,
+        group: u32,
+    ) -> std::io::Result<()> {
         let d = self.dev(bdf);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("vendor"), format!("{vendor}\n")).unwrap();
-        std::fs::write(d.join("device"), format!("{device}\n")).unwrap();
+        std::fs::create_dir_all(&d)?;
+        std::fs::write(d.join("vendor"), format!("{vendor}\n"))?;
+        std::fs::write(d.join("device"), format!("{device}\n"))?;
         if let Some(drv) = driver {
             symlink(
                 self.root.join("bus/pci/drivers").join(drv),
                 d.join("driver"),
-            )
-            .unwrap();
+            )?;
         }
         let g = self.root.join(format!("kernel/iommu_groups/{group}"));
-        std::fs::create_dir_all(&g).unwrap();
-        symlink(&g, d.join("iommu_group")).unwrap();
+        std::fs::create_dir_all(&g)?;
+        symlink(&g, d.join("iommu_group"))
     }
 
     fn read(&self, path: impl AsRef<Path>) -> String {

@@ -3,7 +3,7 @@
 //! translates each page exactly as the guest's tables did when it was last invalidated.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use proptest::prelude::*;
 use viommu::descriptor::encode;
@@ -25,7 +25,8 @@ struct SnapshotMsi {
 
 impl MsiSink for SnapshotMsi {
     fn send(&self, _addr: u64, _data: u32) {
-        *self.snapshot.lock().unwrap() = Some(self.host.get().page_map());
+        *self.snapshot.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(self.host.get().page_map());
     }
 }
 
@@ -245,7 +246,7 @@ impl Guest {
     fn host_pages(&self) -> PageMap {
         self.snapshot
             .lock()
-            .unwrap()
+            .unwrap_or_else(PoisonError::into_inner)
             .take()
             .expect("the wait completed and signalled")
     }

@@ -35,9 +35,9 @@ fn fails_with(args: &[&str], needle: &str) {
 
 fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("vmm-cli-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&dir).expect("create the test's temp dir");
     let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
+    std::fs::write(&p, bytes).expect("write a test file");
     p
 }
 
