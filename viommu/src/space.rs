@@ -184,7 +184,7 @@ impl Space {
             // Fail safe: what the guest invalidated is unmapped on the host, so the device
             // reaches less than the guest's tables allow, never more (never a page the guest
             // took away).
-            log::warn!(
+            vm_device::warn_limited!(
                 "{}: guest tables exceed the walk budget; unmapping the invalidated ranges",
                 self.source
             );

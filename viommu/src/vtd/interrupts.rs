@@ -19,7 +19,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             let irta = self.regs.get::<IRTA_REG>();
             self.remap.table = Some(RemapTable::from_irta(irta, self.config.x2apic));
             self.regs.set_bits::<GSTS_REG>(GSTS_IRTPS);
-            log::debug!("VT-d: interrupt remapping table {irta:#x}");
+            vm_device::debug_limited!("VT-d: interrupt remapping table {irta:#x}");
             changed = true;
         }
         let ire = v & GCMD_IRE != 0;
@@ -30,7 +30,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             } else {
                 self.regs.clear_bits::<GSTS_REG>(GSTS_IRES);
             }
-            log::debug!(
+            vm_device::debug_limited!(
                 "VT-d: interrupt remapping {}",
                 if ire { "enabled" } else { "disabled" }
             );
@@ -99,7 +99,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             }
             Err(f) => {
                 self.stats.interrupt_faults += 1;
-                log::debug!(
+                vm_device::debug_limited!(
                     "interrupt remapping fault: {source} {msg:x?} index {}: {:?}",
                     f.index,
                     f.reason

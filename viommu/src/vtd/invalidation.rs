@@ -75,7 +75,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     }
 
     fn queue_error(&mut self, e: QueueError) {
-        log::warn!("VT-d: invalidation queue error at IQH {}: {e}", self.iqh);
+        vm_device::warn_limited!("VT-d: invalidation queue error at IQH {}: {e}", self.iqh);
         let before = self.fsts();
         self.fsts_errors |= FSTS_IQE;
         self.fault_event(before);
@@ -250,7 +250,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         for failed in report.failed {
             self.stats.host_errors += 1;
             let e = failed.error;
-            log::warn!("VT-d: {source}: {e}");
+            vm_device::warn_limited!("VT-d: {source}: {e}");
             if e.op == HostOp::Map {
                 // The device will find the page unreachable: tell the guest as a DMA read
                 // fault at the first address the host refused.
@@ -347,7 +347,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 granularity
             }
             None => {
-                log::warn!("VT-d: context command {v:#x} ignored");
+                vm_device::warn_limited!("VT-d: context command {v:#x} ignored");
                 0
             }
         };
@@ -383,7 +383,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 granularity
             }
             None => {
-                log::warn!("VT-d: IOTLB command {v:#x} (IVA {iva:#x}) ignored");
+                vm_device::warn_limited!("VT-d: IOTLB command {v:#x} (IVA {iva:#x}) ignored");
                 0
             }
         };

@@ -21,7 +21,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             4 if offset.is_multiple_of(4) => u64::from(self.read_dword(offset)),
             8 if offset.is_multiple_of(8) => self.read_qword(offset),
             _ => {
-                log::warn!("VT-d: ignoring {}-byte read at {offset:#x}", data.len());
+                vm_device::warn_limited!("VT-d: ignoring {}-byte read at {offset:#x}", data.len());
                 0
             }
         };
@@ -56,7 +56,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     }
                 }
             }
-            _ => log::warn!("VT-d: ignoring {}-byte write at {offset:#x}", data.len()),
+            _ => {
+                vm_device::warn_limited!("VT-d: ignoring {}-byte write at {offset:#x}", data.len())
+            }
         }
     }
 
@@ -123,7 +125,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     fn write_dword(&mut self, offset: u64, v: u32) {
         let Some(loc) = registers::locate(offset) else {
-            log::debug!("VT-d: write {v:#x} to reserved {offset:#x} dropped");
+            vm_device::debug_limited!("VT-d: write {v:#x} to reserved {offset:#x} dropped");
             return;
         };
         let shift = (offset - loc.base) * 8;
@@ -139,7 +141,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             value: value & written & register.writable(),
         };
         if register.writable() & written == 0 {
-            log::debug!(
+            vm_device::debug_limited!(
                 "VT-d: write {value:#x} to read-only {} at {:#x} dropped",
                 register.name,
                 loc.base
@@ -288,7 +290,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             let rtaddr = self.regs.get::<RTADDR_REG>();
             self.root_table = rtaddr & RTADDR_RTA_MASK;
             if rtaddr & RTADDR_TTM_MASK != 0 {
-                log::warn!(
+                vm_device::warn_limited!(
                     "VT-d: root table mode {:#x} unsupported, using legacy mode",
                     (rtaddr & RTADDR_TTM_MASK) >> 10
                 );
@@ -307,7 +309,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             if qie {
                 self.iqh = 0;
                 self.regs.set_bits::<GSTS_REG>(GSTS_QIES);
-                log::debug!(
+                vm_device::debug_limited!(
                     "VT-d: queued invalidation enabled, IQA {:#x}",
                     self.regs.get::<IQA_REG>()
                 );
@@ -322,7 +324,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             } else {
                 self.regs.clear_bits::<GSTS_REG>(GSTS_TES);
             }
-            log::debug!(
+            vm_device::debug_limited!(
                 "VT-d: translation {}",
                 if te { "enabled" } else { "disabled" }
             );

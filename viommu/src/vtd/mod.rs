@@ -403,7 +403,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// Counts a fault and, unless `fpd`, logs it into the fault records (7.2.1).
     fn report_fault(&mut self, fault: &Fault, fpd: bool) {
         self.stats.faults += 1;
-        log::debug!(
+        vm_device::debug_limited!(
             "DMA fault: {} {:?} at {:#x}: {:?}",
             fault.source,
             fault.access,

@@ -437,3 +437,28 @@ fn register_image_matches_every_guest_read() {
     );
     assert_image_matches_reads(&f.vtd);
 }
+
+#[test]
+fn a_guest_repeating_bad_accesses_and_descriptors_cannot_flood_the_log() {
+    use vm_device::ratelimit::{capture::lines_logged_by, BURST};
+    let mut f = fixture();
+    f.drv.enable_qi(&mut f.vtd);
+    let lines = lines_logged_by(|| {
+        for _ in 0..5_000 {
+            f.vtd.mmio_write(GCMD_REG, &[0u8; 2]); // bad size
+            let mut b = [0u8; 3];
+            f.vtd.mmio_read(FSTS_REG, &mut b);
+            f.w64(CCMD_REG, CCMD_ICC); // granularity 0: ignored
+                                       // An invalid descriptor stops the queue with IQE; clearing IQE retries it.
+            f.drv.submit(&mut f.vtd, &f.mem, &[[0xf, 0]]);
+            f.w32(FSTS_REG, FSTS_IQE);
+            let iqh = f.r64(IQH_REG);
+            f.w64(IQT_REG, iqh);
+        }
+    });
+    assert!(
+        lines.len() <= 6 * BURST as usize,
+        "{} lines for 20000 bad accesses",
+        lines.len()
+    );
+}
