@@ -6,6 +6,7 @@
 pub mod acpi_pm;
 pub mod bus;
 pub mod edu;
+pub mod ioapic;
 pub mod legacy;
 pub mod pvpanic;
 pub mod vtd;
