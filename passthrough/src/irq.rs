@@ -37,6 +37,25 @@ pub enum RouteError {
     /// Every GSI KVM routes is taken.
     #[error("no GSI left for an MSI route: all {max} routes in use")]
     Exhausted { max: u32 },
+    /// An IOAPIC pin operation on a VM whose IOAPIC is KVM's.
+    #[error("IOAPIC pin {pin}: only the split irqchip has a user-space IOAPIC")]
+    NotSplit { pin: u32 },
+    /// A pin past the IOAPIC's last.
+    #[error(
+        "IOAPIC pin {pin} does not exist (pins 0..{})",
+        crate::kvm::IOAPIC_PINS
+    )]
+    NoSuchPin { pin: u32 },
+    /// A resample eventfd on a GSI with no EOI to resample at: with the split irqchip only the
+    /// IOAPIC's pins have one.
+    #[error("GSI {gsi} cannot resample: with the split irqchip only IOAPIC pins (GSI 0..24) do")]
+    ResampleNotPin { gsi: u32 },
+    /// The resample eventfd of a pin's line could not be duplicated.
+    #[error("IOAPIC pin {pin}: cannot duplicate the resample eventfd: {source}")]
+    ResampleFd { pin: u32, source: std::io::Error },
+    /// The eventfd to detach is not a line of the pin.
+    #[error("IOAPIC pin {pin}: eventfd {fd} is not attached to it")]
+    NotAttached { pin: u32, fd: i32 },
 }
 
 /// Errors wiring a vector.

@@ -11,7 +11,7 @@ use passthrough::device::VfioPciDevice;
 use passthrough::dma::ContainerDma;
 use passthrough::function::PciFunction;
 use passthrough::irq::IrqError;
-use passthrough::kvm::{create_kvm_vfio_device, KvmRouting};
+use passthrough::kvm::{create_kvm_vfio_device, Irqchip, KvmRouting};
 use passthrough::setup::{check, HostPaths, SetupError, VfioHost};
 use passthrough::slots::GuestMapper;
 use vfio_ioctls::VfioContainer;
@@ -102,7 +102,7 @@ pub fn attach(
     let mut shared: Option<VfioHost> = None;
     let mut behind_vtd: Vec<VfioHost> = Vec::new();
     let mut sources = Vec::new();
-    let routing = KvmRouting::new(vm.shared_fd());
+    let routing = KvmRouting::new(vm.shared_fd(), Irqchip::Kernel);
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
     for d in devices {
         let host = match (d.iommu, &shared) {
