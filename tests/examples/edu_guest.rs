@@ -26,7 +26,7 @@ use viommu::{Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::{DeviceConfig, ViommuConfig};
-use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Guest RAM the DMA reads (the host fills it) and writes.
 const SRC: u64 = 0x30_0000;
@@ -290,6 +290,7 @@ fn main() {
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: device.iommu.then(ViommuConfig::default),
+        irqchip: Irqchip::Kernel,
     });
     let mut vm = match built {
         Ok(v) => v,

@@ -13,7 +13,7 @@ use vm_device::pci::configuration::{PciConfiguration, PciIds};
 use vm_device::pci::device::{PciDevice, PciDeviceError};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::devices::bus::BusDevice;
-use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Where real-mode test code is loaded and entered.
 const REAL_CODE: u64 = 0x8000;
@@ -56,6 +56,7 @@ fn build_at(
         serial_in,
         extra_acpi_tables: Vec::new(),
         viommu: None,
+        irqchip: Irqchip::Kernel,
     })
     .expect("build the VM")
 }
@@ -456,6 +457,7 @@ fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: None,
+        irqchip: Irqchip::Kernel,
     })
     .unwrap();
     let mem = vmm.guest_memory().clone();
@@ -489,6 +491,7 @@ fn firmware_tables_and_reset_stub_are_in_guest_memory() {
         serial_in: SerialIn::None,
         extra_acpi_tables: vec![dmar.clone()],
         viommu: None,
+        irqchip: Irqchip::Kernel,
     })
     .unwrap();
     let mem = vmm.guest_memory();

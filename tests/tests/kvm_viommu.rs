@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::ViommuConfig;
 use vmm::devices::vtd;
-use vmm::{BootSource, CpuMode, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
 const QUEUE: u64 = 0x30_0000;
 const STATUS: u64 = 0x31_0000;
@@ -51,6 +51,7 @@ fn vm_with_vtd_config(code: Vec<u8>, irqchip: bool, out: &Capture, vtd: ViommuCo
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: Some(vtd),
+        irqchip: Irqchip::Kernel,
     })
     .expect("build the VM")
 }

@@ -65,6 +65,10 @@ pub struct AcpiConfig {
     pub ram_size: u64,
     /// Complete extra tables (header and checksum included), e.g. DMAR.
     pub extra_tables: Vec<Vec<u8>>,
+    /// Whether a pair of 8259 PICs is present (MADT PCAT_COMPAT): with the in-kernel
+    /// irqchip only. Linux 6.9 and later trust the flag instead of probing for the PIC, and
+    /// then test the timer through it.
+    pub pcat_compat: bool,
 }
 
 /// The RSDP and the tables, each with its guest address.
@@ -183,8 +187,9 @@ pub fn dsdt(ram_size: u64) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-/// The MADT: one enabled local APIC per vCPU (APIC ID = index) and the IOAPIC at GSI 0.
-pub fn madt(vcpus: u8) -> Vec<u8> {
+/// The MADT: one enabled local APIC per vCPU (APIC ID = index) and the IOAPIC at GSI 0;
+/// PCAT_COMPAT says whether 8259 PICs are present too.
+pub fn madt(vcpus: u8, pcat_compat: bool) -> Vec<u8> {
     let mut t = Sdt::new(
         *b"APIC",
         HEADER_LEN + 8,
@@ -194,7 +199,7 @@ pub fn madt(vcpus: u8) -> Vec<u8> {
         OEM_REVISION,
     );
     t.write_u32(36, APIC_START as u32);
-    t.write_u32(40, MADT_PCAT_COMPAT);
+    t.write_u32(40, if pcat_compat { MADT_PCAT_COMPAT } else { 0 });
     for id in 0..vcpus {
         let mut e = vec![MADT_TYPE_LAPIC, 8, id, id];
         e.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
@@ -228,7 +233,7 @@ impl AcpiTables {
         next = align(next + dsdt.len() as u64);
         let mut tables = vec![(dsdt_addr, dsdt)];
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-        let mut others = vec![fadt(dsdt_addr), madt(cfg.vcpus), mcfg()];
+        let mut others = vec![fadt(dsdt_addr), madt(cfg.vcpus, cfg.pcat_compat), mcfg()];
         others.extend(cfg.extra_tables.iter().cloned());
         for t in others {
             xsdt.add_entry(next);

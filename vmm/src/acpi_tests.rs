@@ -19,6 +19,7 @@ fn build(vcpus: u8, extra: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
         vcpus,
         ram_size: 512 << 20,
         extra_tables: extra,
+        pcat_compat: true,
     })
     .unwrap()
     .blobs
@@ -100,6 +101,14 @@ fn madt_lists_each_cpu_and_the_ioapic() {
     }
     assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 1)]);
     assert_eq!(ioapic, Some(0xfec0_0000));
+}
+
+#[test]
+fn madt_says_pcat_compat_only_with_pics() {
+    assert_eq!(u32_at(&madt(1, true), 40), 1);
+    let split = madt(1, false);
+    assert_eq!(u32_at(&split, 40), 0, "no 8259s with the split irqchip");
+    assert_eq!(sum(&split), 0);
 }
 
 #[test]

@@ -13,6 +13,7 @@ use crate::arch::x86_64::{boot, regs};
 use crate::config::{DeviceConfig, ViommuConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::Bus;
+use crate::devices::ioapic::SharedIoapic;
 use crate::devices::legacy::serial::InputSource;
 use crate::devices::vtd::SharedVtd;
 use crate::exit::{ExitHandle, VmExit};
@@ -20,7 +21,7 @@ use crate::pci::bus::PciBus;
 use crate::runner::{self, RunError};
 use crate::vstate::memory::{check_host_memory, create_guest_memory};
 use crate::vstate::vcpu::{CpuMode, Vcpu};
-use crate::vstate::vm::Vm;
+use crate::vstate::vm::{Irqchip, Vm};
 
 /// Errors building a VM; each says which step failed and with what.
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +77,8 @@ pub enum BootSource {
         mode: CpuMode,
     },
     /// Code of our own that takes interrupts (e.g. a passed-through device's MSIs): like `Raw`
-    /// but with the in-kernel irqchip, so HLT waits for an interrupt instead of ending the run;
-    /// the guest ends it with an ACPI power-off.
+    /// but with KVM's irqchip (as [`MachineConfig::irqchip`] says), so HLT waits for an
+    /// interrupt instead of ending the run; the guest ends it with an ACPI power-off.
     RawWithIrqchip {
         /// The bytes.
         image: Vec<u8>,
@@ -105,6 +106,8 @@ pub struct MachineConfig {
     /// A virtual VT-d at [`crate::arch::x86_64::layout::VTD_REGS_START`], announced by a DMAR
     /// table.
     pub viommu: Option<ViommuConfig>,
+    /// Where the IOAPIC lives (not for [`BootSource::Raw`], which has no irqchip).
+    pub irqchip: Irqchip,
 }
 
 /// The source of the guest's serial input.
@@ -132,6 +135,7 @@ impl MachineConfig {
             serial_in: SerialIn::Stdin,
             extra_acpi_tables: Vec::new(),
             viommu: c.viommu,
+            irqchip: c.irqchip,
         }
     }
 }
@@ -151,7 +155,10 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the VM described by `cfg`.
     pub fn build(cfg: MachineConfig) -> Result<Self, BuildError> {
-        let irqchip = !matches!(cfg.boot, BootSource::Raw { .. });
+        let irqchip = match cfg.boot {
+            BootSource::Raw { .. } => None,
+            _ => Some(cfg.irqchip),
+        };
         if let BootSource::Linux {
             kernel, initramfs, ..
         } = &cfg.boot
@@ -162,8 +169,8 @@ impl Vmm {
         let mut vm = Vm::new()?;
         let mem = create_guest_memory(cfg.memory_size)?;
         vm.register_memory(&mem)?;
-        if irqchip {
-            vm.setup_irqchip()?;
+        if let Some(irqchip) = irqchip {
+            vm.setup_irqchip(irqchip)?;
         }
         let exit = ExitHandle::new().map_err(BuildError::ExitEvent)?;
 
@@ -180,6 +187,7 @@ impl Vmm {
             vcpus: cfg.vcpus,
             ram_size: cfg.memory_size,
             extra_tables,
+            pcat_compat: vm.irqchip() != Some(Irqchip::Split),
         })?
         .write(&mem)?;
 
@@ -200,6 +208,11 @@ impl Vmm {
             exit,
             serial_in: Some(cfg.serial_in),
         })
+    }
+
+    /// The user-space IOAPIC, with the split irqchip.
+    pub fn ioapic(&self) -> Option<&SharedIoapic> {
+        self.devices.ioapic().map(|io| io.shared())
     }
 
     /// The virtual VT-d, when the configuration asked for one: devices to put behind it attach

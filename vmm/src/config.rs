@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
+use crate::vstate::vm::Irqchip;
 
 /// Default guest memory size when `--memory` is not given.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
@@ -123,7 +124,12 @@ pub struct VmConfig {
     pub stats_json: Option<PathBuf>,
     /// Host PCI functions to assign (`--device path=/sys/bus/pci/devices/DDDD:BB:DD.F`).
     pub devices: Vec<DeviceConfig>,
+    /// Where the IOAPIC lives (`--irqchip kernel|split`).
+    pub irqchip: Irqchip,
 }
+
+/// The irqchip when `--irqchip` is not given.
+pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +161,7 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
            [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
+           [--irqchip kernel|split]
 
 Options:
   --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
@@ -174,6 +181,10 @@ Options:
                        assign a host PCI function bound to vfio-pci (repeatable); without
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must
                        say iommu=on and its DMA follows the guest's VT-d tables
+  --irqchip kernel|split
+                       kernel (default): PIC, IOAPIC and PIT in KVM; split: only the local
+                       APICs in KVM, the IOAPIC in the VMM (no PIC, no PIT: the guest needs
+                       the TSC-deadline timer, as Linux uses it under KVM)
   -h, --help           print this help
   -V, --version        print the version
 
@@ -304,6 +315,19 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     Ok(c)
 }
 
+fn parse_irqchip(input: &str) -> Result<Irqchip, ConfigError> {
+    match input {
+        "kernel" => Ok(Irqchip::Kernel),
+        "split" => Ok(Irqchip::Split),
+        _ => Err(ConfigError::InvalidValue {
+            option: "--irqchip",
+            key: "mode",
+            value: input.to_string(),
+            reason: InvalidReason::NotOneOf("kernel or split"),
+        }),
+    }
+}
+
 fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     let list = OptionList::parse("--memory", input, &["size"])?;
     let raw = list.require("size")?;
@@ -385,6 +409,7 @@ where
     let mut viommu = None;
     let mut stats_json = None;
     let mut devices = Vec::new();
+    let mut irqchip = None;
 
     let mut it = args.into_iter().map(Into::into).peekable();
     while let Some(arg) = it.next() {
@@ -404,6 +429,7 @@ where
             "--viommu" => "--viommu",
             "--stats-json" => "--stats-json",
             "--device" => "--device",
+            "--irqchip" => "--irqchip",
             _ => return Err(ConfigError::UnknownArgument(arg)),
         };
         let value = match inline {
@@ -421,6 +447,7 @@ where
             "--cpus" => vcpus.replace(parse_cpus(&value)?).is_some(),
             "--viommu" => viommu.replace(parse_viommu(&value)?).is_some(),
             "--stats-json" => stats_json.replace(PathBuf::from(&value)).is_some(),
+            "--irqchip" => irqchip.replace(parse_irqchip(&value)?).is_some(),
             "--device" => {
                 devices.push(parse_device(&value)?);
                 false
@@ -442,6 +469,7 @@ where
         viommu,
         stats_json,
         devices,
+        irqchip: irqchip.unwrap_or(DEFAULT_IRQCHIP),
     }))
 }
 
@@ -643,6 +671,27 @@ mod tests {
         assert_eq!(
             err(&["--kernel", "/k", "--stats-json"]),
             "option --stats-json needs a value"
+        );
+    }
+
+    #[test]
+    fn irqchip_is_kernel_unless_split_is_asked_for() {
+        assert_eq!(run(&["--kernel", "/k"]).irqchip, Irqchip::Kernel);
+        assert_eq!(
+            run(&["--kernel", "/k", "--irqchip", "split"]).irqchip,
+            Irqchip::Split
+        );
+        assert_eq!(
+            run(&["--kernel", "/k", "--irqchip=kernel"]).irqchip,
+            Irqchip::Kernel
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--irqchip", "on"]),
+            "--irqchip: invalid mode 'on': must be kernel or split"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--irqchip", "split", "--irqchip", "split"]),
+            "option --irqchip given more than once"
         );
     }
 

@@ -37,3 +37,4 @@ pub use builder::{BootSource, BuildError, MachineConfig, SerialIn, Vmm};
 pub use exit::VmExit;
 pub use runner::RunError;
 pub use vstate::vcpu::CpuMode;
+pub use vstate::vm::Irqchip;

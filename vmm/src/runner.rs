@@ -1,6 +1,6 @@
 //! Running a built VM: one thread a vCPU, the event loop on the calling thread (exit requests,
-//! serial input, the VT-d's deferred-flush timer and queue doorbells), and the stop that kicks
-//! every vCPU once.
+//! serial input, the VT-d's deferred-flush timer and queue doorbells, the IOAPIC's storm guard),
+//! and the stop that kicks every vCPU once.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +58,7 @@ pub(crate) fn run(
     let buses = VcpuBuses {
         pio: devices.pio_bus().clone(),
         mmio: devices.mmio_bus().clone(),
+        ioapic: devices.ioapic().map(|io| io.shared().clone()),
     };
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut spawn_error = None;
@@ -106,6 +107,9 @@ fn event_loop(
         .try_clone()
         .map_err(host("cannot clone the exit eventfd"))?;
     em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
+    if let Some(ioapic) = devices.ioapic() {
+        em.add_subscriber(Box::new(ioapic.storm_timer()));
+    }
     if let Some(vtd) = devices.vtd() {
         if let Some(timer) = DeferredFlushTimer::new(vtd.clone())
             .map_err(host("cannot create the VT-d deferred-flush timer"))?

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use passthrough::irq::IrqRoutes;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceManager, DeviceManagerError};
@@ -16,7 +17,8 @@ use crate::exit::ExitHandle;
 use crate::vstate::vm::Vm;
 
 /// Puts the legacy devices on `pio`; COM1 writes to `serial_out` and interrupts on IRQ 4 when
-/// `vm` has an irqchip. Returns COM1, whose input the event loop feeds.
+/// `vm` has an irqchip: GSI 4 of its routing table, which is pin 4 of KVM's IOAPIC or, with
+/// the split irqchip, a line of pin 4 of ours. Returns COM1, whose input the event loop feeds.
 pub(super) fn add_legacy_devices(
     pio: &Bus,
     vm: &Vm,
@@ -28,8 +30,14 @@ pub(super) fn add_legacy_devices(
         source,
     };
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(eventfd)?;
-    if vm.has_irqchip() {
-        vm.register_irqfd(&serial_irq, COM1_IRQ)?;
+    if let Some(routing) = vm.routing() {
+        routing
+            .routes()
+            .attach_irqfd(&serial_irq, COM1_IRQ, None)
+            .map_err(|source| DeviceManagerError::IrqLine {
+                what: "COM1",
+                source,
+            })?;
     }
     let serial = Arc::new(Mutex::new(
         SerialDevice::new(serial_irq, serial_out).map_err(eventfd)?,

@@ -1,7 +1,8 @@
 //! The VM's devices and their wiring, after Firecracker's `device_manager/`: the port I/O and
-//! MMIO buses, the legacy devices ([`legacy`]), the PCI root with its emulated and assigned
-//! functions ([`pci`], [`vfio`]) and the virtual VT-d ([`vtd`]). The builder asks for devices
-//! here; the device models themselves live in [`crate::devices`].
+//! MMIO buses, the split irqchip's IOAPIC ([`ioapic`]), the legacy devices ([`legacy`]), the
+//! PCI root with its emulated and assigned functions ([`pci`], [`vfio`]) and the virtual VT-d
+//! ([`vtd`]). The builder asks for devices here; the device models themselves live in
+//! [`crate::devices`].
 //!
 //! Adding a device:
 //! - a port I/O or platform MMIO device: a row in [`legacy`]'s table, or one
@@ -10,6 +11,7 @@
 //!   (as [`DeviceManager::add_edu`] does), its BARs placed and dispatched by the PCI bus;
 //! - its ACPI description: a table from [`DeviceManager::acpi_tables`].
 
+pub mod ioapic;
 pub mod legacy;
 pub mod pci;
 pub mod vfio;
@@ -23,6 +25,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::config::{DeviceConfig, ViommuConfig};
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::ioapic::kvm::KvmIoapic;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::vtd::SharedVtd;
 use crate::exit::ExitHandle;
@@ -45,9 +48,21 @@ pub enum DeviceManagerError {
         what: &'static str,
         source: std::io::Error,
     },
-    /// A KVM operation a device needs (an irqfd) failed.
+    /// A device's timerfd could not be created.
+    #[error("cannot create the {what} timer: {source}")]
+    Timer {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A KVM operation a device needs failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A device's interrupt line could not be wired to its GSI.
+    #[error("cannot wire the {what} interrupt: {source}")]
+    IrqLine {
+        what: &'static str,
+        source: passthrough::irq::RouteError,
+    },
     /// A PCI function could not join bus 0.
     #[error(transparent)]
     Pci(#[from] PciBusError),
@@ -68,12 +83,14 @@ pub struct DeviceManager {
     pci: Arc<Mutex<PciBus>>,
     serial: Arc<Mutex<SerialDevice>>,
     vtd: Option<SharedVtd>,
+    ioapic: Option<KvmIoapic>,
 }
 
 impl DeviceManager {
-    /// The buses, the legacy devices (COM1 writing to `serial_out`, i8042, pvpanic, the ACPI PM
-    /// register; those that end the VM do so through `exit`) and the PCI root with its host
-    /// bridge, for a VM with `ram_size` bytes of RAM.
+    /// The buses, the IOAPIC when `vm` has the split irqchip, the legacy devices (COM1 writing
+    /// to `serial_out`, i8042, pvpanic, the ACPI PM register; those that end the VM do so
+    /// through `exit`) and the PCI root with its host bridge, for a VM with `ram_size` bytes of
+    /// RAM.
     pub fn new(
         vm: &Vm,
         ram_size: u64,
@@ -82,6 +99,7 @@ impl DeviceManager {
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
+        let ioapic = ioapic::create_ioapic(vm, &mmio)?;
         let serial = legacy::add_legacy_devices(&pio, vm, serial_out, exit)?;
         let pci = pci::create_pci_root(ram_size, &mmio, &pio)?;
         Ok(Self {
@@ -91,6 +109,7 @@ impl DeviceManager {
             pci,
             serial,
             vtd: None,
+            ioapic,
         })
     }
 
@@ -168,6 +187,12 @@ impl DeviceManager {
     /// The virtual VT-d, if added.
     pub fn vtd(&self) -> Option<&SharedVtd> {
         self.vtd.as_ref()
+    }
+
+    /// The user-space IOAPIC, with the split irqchip: the vCPUs hand it EOIs, the event loop
+    /// runs its storm guard's timer.
+    pub fn ioapic(&self) -> Option<&KvmIoapic> {
+        self.ioapic.as_ref()
     }
 }
 

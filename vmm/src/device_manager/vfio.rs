@@ -11,7 +11,7 @@ use passthrough::device::VfioPciDevice;
 use passthrough::dma::ContainerDma;
 use passthrough::function::PciFunction;
 use passthrough::irq::IrqError;
-use passthrough::kvm::{create_kvm_vfio_device, Irqchip, KvmRouting};
+use passthrough::kvm::create_kvm_vfio_device;
 use passthrough::setup::{check, HostPaths, SetupError, VfioHost};
 use passthrough::slots::GuestMapper;
 use vfio_ioctls::VfioContainer;
@@ -38,8 +38,8 @@ pub enum VfioError {
         device: String,
         source: viommu::ConfigError,
     },
-    /// MSI routing needs KVM's in-kernel irqchip.
-    #[error("--device needs the in-kernel irqchip (a Linux guest)")]
+    /// MSI routing needs KVM's irqchip (in-kernel or split).
+    #[error("--device needs KVM's irqchip (a Linux guest)")]
     NoIrqchip,
     /// KVM's VFIO pseudo-device could not be created.
     #[error("creating the KVM VFIO device: {0}")]
@@ -94,15 +94,12 @@ pub fn attach(
     if devices.is_empty() {
         return Ok(None);
     }
-    if !vm.has_irqchip() {
-        return Err(VfioError::NoIrqchip);
-    }
+    let routing = vm.routing().ok_or(VfioError::NoIrqchip)?;
     let kvm_vfio = create_kvm_vfio_device(vm.fd()).map_err(VfioError::KvmVfio)?;
     let kvm_vfio = Arc::new(kvm_vfio);
     let mut shared: Option<VfioHost> = None;
     let mut behind_vtd: Vec<VfioHost> = Vec::new();
     let mut sources = Vec::new();
-    let routing = KvmRouting::new(vm.shared_fd(), Irqchip::Kernel);
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
     for d in devices {
         let host = match (d.iommu, &shared) {

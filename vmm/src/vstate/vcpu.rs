@@ -1,5 +1,6 @@
 //! vCPUs: initial state (CPUID, MSRs, FPU, LAPIC, registers) and the KVM_RUN loop that
-//! dispatches exits to the port I/O and MMIO buses.
+//! dispatches exits to the port I/O and MMIO buses (and, with the split irqchip, EOIs to the
+//! IOAPIC).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,10 +9,11 @@ use kvm_bindings::{
     Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_device::{debug_limited, trace_limited};
+use vm_device::{debug_limited, trace_limited, warn_limited};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
+use crate::devices::ioapic::{self, SharedIoapic};
 use crate::exit::{ExitHandle, VmExit};
 use crate::vstate::kick::KickTarget;
 use crate::vstate::vm::Vm;
@@ -173,6 +175,7 @@ struct ExitCounts {
     pio_out: u64,
     mmio_read: u64,
     mmio_write: u64,
+    ioapic_eoi: u64,
     other: u64,
 }
 
@@ -183,6 +186,7 @@ impl ExitCounts {
             VcpuExit::IoOut(..) => &mut self.pio_out,
             VcpuExit::MmioRead(..) => &mut self.mmio_read,
             VcpuExit::MmioWrite(..) => &mut self.mmio_write,
+            VcpuExit::IoapicEoi(..) => &mut self.ioapic_eoi,
             _ => &mut self.other,
         };
         *c += 1;
@@ -196,6 +200,8 @@ pub struct VcpuBuses {
     pub pio: Arc<Bus>,
     /// MMIO.
     pub mmio: Arc<Bus>,
+    /// The user-space IOAPIC (split irqchip), which level-triggered EOIs exit to.
+    pub ioapic: Option<SharedIoapic>,
 }
 
 fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
@@ -226,6 +232,15 @@ fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
         VcpuExit::MmioWrite(addr, data) => {
             if !buses.mmio.write(addr, data) {
                 debug_limited!("vCPU {id}: unhandled MMIO write {addr:#x} <- {data:x?}");
+            }
+            None
+        }
+        VcpuExit::IoapicEoi(vector) => {
+            match &buses.ioapic {
+                Some(io) => ioapic::lock(io).end_of_interrupt(vector),
+                None => {
+                    warn_limited!("vCPU {id}: IOAPIC EOI exit for {vector:#x} without an IOAPIC")
+                }
             }
             None
         }
@@ -264,6 +279,7 @@ mod tests {
     use super::*;
     use crate::vstate::kick::{install_kick_handler, kick_signal};
     use crate::vstate::memory::create_guest_memory;
+    use crate::vstate::vm::Irqchip;
 
     #[test]
     fn a_kick_landing_just_before_kvm_run_makes_it_return_instead_of_running_the_guest() {
@@ -281,7 +297,7 @@ mod tests {
             let mut vm = Vm::new().unwrap();
             let mem = create_guest_memory(16 << 20).unwrap();
             vm.register_memory(&mem).unwrap();
-            vm.setup_irqchip().unwrap();
+            vm.setup_irqchip(Irqchip::Kernel).unwrap();
             // hlt; jmp back to it
             mem.write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x8000))
                 .unwrap();
@@ -305,6 +321,7 @@ mod tests {
         let buses = VcpuBuses {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
+            ioapic: None,
         };
         let lines = lines_logged_by(|| {
             for _ in 0..10_000 {
@@ -314,11 +331,12 @@ mod tests {
                 handle_exit(0, VcpuExit::MmioWrite(0xdead_0000, &d), &buses);
                 handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &buses);
                 handle_exit(0, VcpuExit::IoOut(0x80, &d), &buses);
+                handle_exit(0, VcpuExit::IoapicEoi(0x31), &buses);
             }
         });
         assert!(
-            lines.len() <= 4 * BURST as usize,
-            "{} lines for 40000 unhandled accesses",
+            lines.len() <= 5 * BURST as usize,
+            "{} lines for 50000 unhandled accesses and EOIs",
             lines.len()
         );
     }

@@ -1,17 +1,25 @@
-//! The KVM VM: /dev/kvm, memory slots, in-kernel irqchip and PIT, irqfds.
+//! The KVM VM: /dev/kvm, memory slots, the irqchip (in-kernel with the PIT, or split) and its
+//! GSI routing table.
+//!
+//! The Vm owns the routing table because KVM has one per VM and KVM_SET_GSI_ROUTING replaces
+//! all of it: whoever wires an interrupt (the device manager for COM1 and the assigned
+//! devices, the split irqchip's IOAPIC for its pins) must go through the same table, and its
+//! fixed part depends on how [`Vm::setup_irqchip`] created the irqchip.
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use passthrough::kvm::{KvmRouting, IOAPIC_PINS};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
+
+pub use passthrough::kvm::Irqchip;
 
 /// Errors of VM-level KVM operations.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +73,9 @@ impl SlotAllocator {
 pub struct Vm {
     fd: Arc<VmFd>,
     supported_cpuid: CpuId,
-    irqchip: bool,
+    irqchip: Option<Irqchip>,
+    /// The GSI routing table, once the irqchip exists.
+    routing: Option<Arc<KvmRouting>>,
     tsc_deadline: bool,
     readonly_mem: bool,
     slots: Arc<SlotAllocator>,
@@ -99,7 +109,8 @@ impl Vm {
         Ok(Self {
             fd: Arc::new(fd),
             supported_cpuid,
-            irqchip: false,
+            irqchip: None,
+            routing: None,
             tsc_deadline,
             readonly_mem,
             slots: Arc::new(SlotAllocator::default()),
@@ -161,28 +172,54 @@ impl Vm {
         Ok(slot)
     }
 
-    /// Creates the in-kernel PIC/IOAPIC pair and the PIT. Must precede vCPU creation.
-    pub fn setup_irqchip(&mut self) -> Result<(), VmError> {
-        self.fd
-            .create_irq_chip()
-            .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
-        self.irqchip = true;
+    /// Creates the irqchip and the routing table. Must precede vCPU creation. In-kernel: the
+    /// PIC/IOAPIC pair and the PIT. Split: local APICs only, GSIs 0..24 reserved for the VMM's
+    /// IOAPIC; no PIC and no PIT.
+    pub fn setup_irqchip(&mut self, irqchip: Irqchip) -> Result<(), VmError> {
+        match irqchip {
+            Irqchip::Kernel => {
+                self.fd
+                    .create_irq_chip()
+                    .map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                self.fd.create_pit2(pit).map_err(ioctl("KVM_CREATE_PIT2"))?;
+            }
+            Irqchip::Split => {
+                if !self.fd.check_extension(Cap::SplitIrqchip) {
+                    return Err(VmError::MissingCap("KVM_CAP_SPLIT_IRQCHIP"));
+                }
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_SPLIT_IRQCHIP,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(IOAPIC_PINS);
+                self.fd
+                    .enable_cap(&cap)
+                    .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP)"))?;
+            }
+        }
+        self.routing = Some(KvmRouting::new(self.fd.clone(), irqchip));
+        self.irqchip = Some(irqchip);
         Ok(())
     }
 
-    /// Makes a write to `fd` assert `gsi` (edge) through the in-kernel irqchip.
-    pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), VmError> {
-        self.fd.register_irqfd(fd, gsi).map_err(ioctl("KVM_IRQFD"))
+    /// Whether KVM has the local APICs (either irqchip).
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip.is_some()
     }
 
-    /// Whether the in-kernel irqchip exists.
-    pub fn has_irqchip(&self) -> bool {
+    /// The irqchip, once set up.
+    pub fn irqchip(&self) -> Option<Irqchip> {
         self.irqchip
+    }
+
+    /// The VM's GSI routing table, once the irqchip exists: every MSI route, irqfd and (split
+    /// irqchip) IOAPIC pin goes through it.
+    pub fn routing(&self) -> Option<&Arc<KvmRouting>> {
+        self.routing.as_ref()
     }
 
     /// Whether KVM emulates the TSC deadline timer (its CPUID bit is ours to set).
@@ -200,8 +237,8 @@ impl Vm {
         &self.fd
     }
 
-    /// The VM fd, shared: for components that outlive a borrow (an interrupt routing table,
-    /// a passthrough device mapping its BARs).
+    /// The VM fd, shared: for components that outlive a borrow (a passthrough device mapping
+    /// its BARs, the VT-d's and the IOAPIC's KVM_SIGNAL_MSI).
     pub fn shared_fd(&self) -> Arc<VmFd> {
         self.fd.clone()
     }

@@ -6,7 +6,7 @@
 //! version (0x01), arbitration (0x02), redirection entries (0x10 + 2n low, 0x11 + 2n high).
 //!
 //! A plain state machine: it never touches KVM. What it drives is an [`IoapicOutput`], which the
-//! VMM implements: it sends interrupt messages (KVM_SIGNAL_MSI, or through the VT-d's interrupt
+//! VMM implements over KVM in [`kvm`]: it sends interrupt messages (KVM_SIGNAL_MSI, or through the VT-d's interrupt
 //! remapping), keeps the KVM GSI routes of lines that KVM injects from an eventfd in line with
 //! the entries, forwards EOIs to those lines (VFIO INTx resample) and runs the storm guard's timer.
 //!
@@ -16,8 +16,10 @@
 //! Lines that KVM injects itself (irqfds on the pin's route) bypass that state: remote IRR stays
 //! clear for them, and their device learns of the EOI from [`IoapicOutput::end_of_interrupt`].
 
+pub mod kvm;
 mod rte;
 
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use passthrough::msi::MsiMessage;
@@ -104,6 +106,15 @@ pub trait IoapicOutput: Send {
 
     /// The storm guard held a re-delivery back: call [`Ioapic::service_deferred`] after `delay`.
     fn schedule_deferred_service(&mut self, delay: Duration);
+}
+
+/// The IOAPIC, shared by the MMIO bus, the vCPUs (EOI exits) and its storm guard's timer.
+pub type SharedIoapic = Arc<Mutex<Ioapic>>;
+
+/// Locks the IOAPIC. A vCPU that panicked holding it left consistent state (every method
+/// completes its update before calling out), so a poisoned lock is taken over.
+pub fn lock(ioapic: &SharedIoapic) -> MutexGuard<'_, Ioapic> {
+    ioapic.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A pin number past the last redirection entry (a VMM bug, not a guest's).
