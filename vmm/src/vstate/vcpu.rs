@@ -2,6 +2,7 @@
 //! dispatches exits to the port I/O and MMIO buses (and, with the split irqchip, EOIs to the
 //! IOAPIC).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -140,6 +141,7 @@ impl Vcpu {
     pub fn run(mut self, buses: VcpuBuses, exit: ExitHandle, stop: Arc<AtomicBool>) {
         let id = self.id;
         let mut counts = ExitCounts::default();
+        let mut unhandled = UnhandledPorts::default();
         // A kick from here on makes KVM_RUN return, even one that lands just before it.
         let _kick = KickTarget::arm(self.fd.get_kvm_run());
         loop {
@@ -149,7 +151,7 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(e) => {
                     counts.count(&e);
-                    if let Some(reason) = handle_exit(id, e, &buses) {
+                    if let Some(reason) = handle_exit(id, e, &buses, &mut unhandled) {
                         exit.request(reason);
                         break;
                     }
@@ -165,6 +167,25 @@ impl Vcpu {
             }
         }
         log::debug!("vCPU {id} exits to the VMM: {counts:?}");
+        unhandled.log(id);
+    }
+}
+
+/// Port I/O no device took, by direction and port, with the number of accesses: logged whole
+/// at debug level when the vCPU stops, since the line each access logs is rate-limited (what a
+/// guest probes, e.g. whether it touched the PIC, must still be answerable).
+#[derive(Debug, Default)]
+struct UnhandledPorts(BTreeMap<(&'static str, u16), u64>);
+
+impl UnhandledPorts {
+    fn note(&mut self, direction: &'static str, port: u16) {
+        *self.0.entry((direction, port)).or_default() += 1;
+    }
+
+    fn log(&self, id: u8) {
+        for ((direction, port), n) in &self.0 {
+            log::debug!("vCPU {id}: unhandled port {direction} {port:#x}: {n} accesses");
+        }
     }
 }
 
@@ -204,11 +225,17 @@ pub struct VcpuBuses {
     pub ioapic: Option<SharedIoapic>,
 }
 
-fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
+fn handle_exit(
+    id: u8,
+    exit: VcpuExit,
+    buses: &VcpuBuses,
+    unhandled: &mut UnhandledPorts,
+) -> Option<VmExit> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !buses.pio.read(u64::from(port), data) {
                 trace_limited!("vCPU {id}: unhandled in {port:#x} ({} bytes)", data.len());
+                unhandled.note("in", port);
                 data.fill(0xff);
             }
             None
@@ -216,6 +243,7 @@ fn handle_exit(id: u8, exit: VcpuExit, buses: &VcpuBuses) -> Option<VmExit> {
         VcpuExit::IoOut(port, data) => {
             if !buses.pio.write(u64::from(port), data) {
                 trace_limited!("vCPU {id}: unhandled out {port:#x} <- {data:x?}");
+                unhandled.note("out", port);
             }
             None
         }
@@ -323,21 +351,36 @@ mod tests {
             mmio: Arc::new(Bus::new()),
             ioapic: None,
         };
+        let mut unhandled = UnhandledPorts::default();
         let lines = lines_logged_by(|| {
             for _ in 0..10_000 {
                 let mut d = [0u8; 4];
-                assert!(handle_exit(0, VcpuExit::MmioRead(0xdead_0000, &mut d), &buses).is_none());
+                let u = &mut unhandled;
+                assert!(
+                    handle_exit(0, VcpuExit::MmioRead(0xdead_0000, &mut d), &buses, u).is_none()
+                );
                 assert_eq!(d, [0xff; 4], "unhandled reads return all ones");
-                handle_exit(0, VcpuExit::MmioWrite(0xdead_0000, &d), &buses);
-                handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &buses);
-                handle_exit(0, VcpuExit::IoOut(0x80, &d), &buses);
-                handle_exit(0, VcpuExit::IoapicEoi(0x31), &buses);
+                handle_exit(0, VcpuExit::MmioWrite(0xdead_0000, &d), &buses, u);
+                handle_exit(0, VcpuExit::IoIn(0x80, &mut d), &buses, u);
+                handle_exit(0, VcpuExit::IoOut(0x80, &d), &buses, u);
+                handle_exit(0, VcpuExit::IoapicEoi(0x31), &buses, u);
             }
+            handle_exit(0, VcpuExit::IoOut(0x21, &[0xff]), &buses, &mut unhandled);
         });
         assert!(
             lines.len() <= 5 * BURST as usize,
             "{} lines for 50000 unhandled accesses and EOIs",
             lines.len()
+        );
+        // Every unhandled port still shows when the vCPU stops, with its count.
+        let summary = lines_logged_by(|| unhandled.log(0));
+        assert_eq!(
+            summary,
+            [
+                "DEBUG vCPU 0: unhandled port in 0x80: 10000 accesses",
+                "DEBUG vCPU 0: unhandled port out 0x21: 1 accesses",
+                "DEBUG vCPU 0: unhandled port out 0x80: 10000 accesses",
+            ]
         );
     }
 }
