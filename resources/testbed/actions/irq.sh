@@ -1,0 +1,42 @@
+# The interrupt controllers as the guest kernel set them up (issue 11). With tb.first=ACTION it
+# runs that action first (e.g. nvme-pt, so its device's interrupts are counted). Then the
+# kernel's messages about the PIC, IOAPIC, timers and the serial port, /proc/interrupts, one
+# marker per IO-APIC line:
+#   "@@TB L2 irq line=N chip=IO-APIC pin=P trigger=edge|fasteoi count=C name=NAME"
+# and a summary (legacy-irqs: the IRQs the kernel reserved for 8259 PICs, 0 when it has none):
+#   "@@TB L2 irq-summary ioapic-lines=N ioapic-count=C msi-count=C local-timer=C legacy-irqs=N"
+# With tb.input=TEXT it then waits (60 s at most) for a line on the console and prints
+#   "@@TB L2 irq-input got=LINE" (the L1 side types TEXT into the VMM's stdin).
+if [ -n "$TB_FIRST" ]; then
+  . "/tb/actions/$TB_FIRST.sh" || mark "irq first=$TB_FIRST failed"
+fi
+dmesg | grep -iE 'pic|ioapic|io-apic|timer|tsc|clocksource|ttyS|legacy|irq|hpet|8254|lapic' \
+  | sed 's/^/L2 dmesg: /'
+cat /proc/interrupts
+sleep 0.3
+# Lines look like " 4:  123  IO-APIC   4-edge  ttyS0" (one count column per CPU).
+ncpu=$(grep -c ^processor /proc/cpuinfo)
+awk -v n="$ncpu" '$2 ~ /^[0-9]+$/ && $(n + 2) == "IO-APIC" {
+  c = 0; for (i = 2; i <= n + 1; i++) c += $i
+  split($(n + 3), pt, "-"); name = ""
+  for (i = n + 4; i <= NF; i++) name = name (name == "" ? "" : "_") $i
+  sub(":", "", $1)
+  print $1, pt[1], pt[2], c, name
+}' /proc/interrupts >/tmp/ioapic-lines
+while read -r line pin trig count name; do
+  mark "irq line=$line chip=IO-APIC pin=$pin trigger=$trig count=$count name=$name"
+done </tmp/ioapic-lines
+lines=$(wc -l </tmp/ioapic-lines)
+total=$(awk '{s += $4} END {print s + 0}' /tmp/ioapic-lines)
+loc=$(awk -v n="$ncpu" '$1 == "LOC:" {c = 0; for (i = 2; i <= n + 1; i++) c += $i; print c}' \
+  /proc/interrupts)
+msi=$(awk -v n="$ncpu" '$(n + 2) ~ /MSI/ {for (i = 2; i <= n + 1; i++) c += $i} END {print c + 0}' \
+  /proc/interrupts)
+legacy=$(dmesg | sed -n 's/.*preallocated irqs: \([0-9]*\).*/\1/p')
+mark "irq-summary ioapic-lines=$lines ioapic-count=$total msi-count=$msi local-timer=$loc legacy-irqs=$legacy"
+if [ -n "$TB_INPUT" ]; then
+  got=""
+  read -t 60 -r got </dev/console
+  mark "irq-input got=$got"
+fi
+true
