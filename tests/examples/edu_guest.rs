@@ -8,8 +8,10 @@
 //! edu to write to an IOVA its tables do not map, which is the guest-physical address of a
 //! canary page (an identity mapping left over would let it through), and does one more mapped
 //! round trip to show the device still works.
+//! `msi-split` and `intx-split` do the same with KVM's split irqchip: the IOAPIC the guest
+//! programs is then the vmm's, and the INTx line's resample eventfd is signalled by it at EOI.
 //! Runs in the testbed's L1 (`tests/tests/passthrough_edu_guest.rs`):
-//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F [msi|intx|viommu]` prints
+//! `edu_guest /sys/bus/pci/devices/DDDD:BB:DD.F [msi|intx|viommu|msi-split|intx-split]` prints
 //! `@@TB L1 edu-guest mode=msi exit=Ok(PowerOff) status=0x600d irqs=2 dma=ok ...`.
 
 use std::path::PathBuf;
@@ -273,7 +275,12 @@ fn main() {
     };
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
     let behind_vtd = mode == "viommu";
-    let image = guest(mode == "intx", behind_vtd.then_some(TABLES));
+    let irqchip = if mode.ends_with("-split") {
+        Irqchip::Split
+    } else {
+        Irqchip::Kernel
+    };
+    let image = guest(mode.starts_with("intx"), behind_vtd.then_some(TABLES));
     if let Err(e) = vmm::device_manager::vfio::check_devices(std::slice::from_ref(&device)) {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
@@ -290,7 +297,7 @@ fn main() {
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: device.iommu.then(ViommuConfig::default),
-        irqchip: Irqchip::Kernel,
+        irqchip,
     });
     let mut vm = match built {
         Ok(v) => v,
