@@ -17,7 +17,10 @@
 //!   [`devices::bus::Bus`]; areas a function maps itself as KVM memory slots
 //!   ([`vstate::vm::Vm::slots`]) follow the guest's BAR moves in `move_bar`; INTx lines map to
 //!   GSIs by [`pci::bus::intx_gsi`] (the DSDT's _PRT);
-//! - MSI routes and irqfds use [`vstate::vm::Vm::shared_fd`];
+//! - MSI routes and irqfds go through the VM's one GSI routing table,
+//!   [`vstate::vm::Vm::routing`] (KVM_SET_GSI_ROUTING replaces the whole table); with the split
+//!   irqchip ([`vstate::vm::Irqchip::Split`]) the IOAPIC is [`devices::ioapic`] on the MMIO bus,
+//!   its pins' routes live in that table and an irqfd on a pin's GSI follows the pin's mask;
 //! - ACPI tables a device needs come from [`device_manager::DeviceManager::acpi_tables`] (or
 //!   [`MachineConfig::extra_acpi_tables`] for callers building a VM by hand);
 //! - new command line options reuse [`config::OptionList`] (`key=value,...`).
