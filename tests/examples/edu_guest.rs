@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
-use integration::small_guest::{asm64, idt_gate, load_idt_and_enable_apic, CODE, RESULTS};
+use integration::small_guest::{
+    asm64, idt_gate, load_idt_and_enable_apic, CODE, IOAPIC_SEL, IOAPIC_WIN, LAPIC_EOI, PM1A_CNT,
+    RESULTS, SLP_S5,
+};
 use viommu::descriptor::encode;
 use viommu::regs::{
     GCMD_QIE, GCMD_REG, GCMD_SRTP, GCMD_TE, IQA_REG, IQT_REG, IQ_INDEX_SHIFT, RTADDR_REG,
@@ -53,12 +56,6 @@ const IDT: u64 = 0x31_0000;
 const IDTR: u64 = 0x31_1000;
 /// The vector edu's MSI carries.
 const VECTOR: u64 = 0x40;
-/// IOAPIC register select and window (82093AA datasheet, 3.0); redirection entry N is
-/// registers 0x10 + 2N (low: vector, bit 13 active low, bit 15 level) and 0x11 + 2N (destination).
-const IOAPIC_SEL: u64 = 0xfec0_0000;
-const IOAPIC_WIN: u64 = 0xfec0_0010;
-/// The local APIC's EOI register (Intel SDM Vol. 3, 11.4.1).
-const LAPIC_EOI: u64 = 0xfee0_00b0;
 /// edu (QEMU hw/misc/edu.c): DMA registers, interrupt acknowledge, the device buffer.
 const EDU_DMA_SRC: i32 = 0x80;
 const EDU_DMA_DST: i32 = 0x88;
@@ -69,9 +66,6 @@ const EDU_BUF: u64 = 0x4_0000;
 /// Results: +0 interrupts taken (u64), +8 status (0x600d, or 0x100 | the failed step), +16 ID,
 /// +24 BAR0, +28 interrupt line.
 const OK: u32 = 0x600d;
-/// ACPI PM1a control port and the S5 + SLP_EN value the vmm powers off on.
-const PM1A_CNT: u32 = 0x3c0;
-const SLP_S5: u32 = (5 << 2) | 0x20;
 
 /// `eax` = config dword `reg_reg` (a register holding the offset) of 00:01.0 via 0xCF8/0xCFC.
 fn cfg_addr(a: &mut CodeAssembler, reg: AsmRegister32) -> Result<(), IcedError> {

@@ -11,6 +11,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 pub const CODE: u64 = 0x10_0000;
 /// Scratch RAM the guest stores results to.
 pub const RESULTS: u64 = 0x20_0000;
+/// IOAPIC register select and window (82093AA datasheet, 3.0); redirection entry N is
+/// registers 0x10 + 2N (low: vector, bit 13 active low, bit 15 level, bit 16 mask) and
+/// 0x11 + 2N (destination).
+pub const IOAPIC_SEL: u64 = 0xfec0_0000;
+pub const IOAPIC_WIN: u64 = 0xfec0_0010;
+/// The local APIC's EOI register (Intel SDM Vol. 3, 11.4.1).
+pub const LAPIC_EOI: u64 = 0xfee0_00b0;
+/// ACPI PM1a control port and the S5 + SLP_EN value the vmm powers off on.
+pub const PM1A_CNT: u32 = 0x3c0;
+pub const SLP_S5: u32 = (5 << 2) | 0x20;
 
 /// Returns false (after saying why) when the tests cannot run here; panics under CI.
 pub fn kvm_available() -> bool {

@@ -18,21 +18,15 @@ use std::time::Duration;
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, read_u32, read_u64, Capture, CODE,
-    RESULTS,
+    IOAPIC_SEL, IOAPIC_WIN, LAPIC_EOI, PM1A_CNT, RESULTS, SLP_S5,
 };
 use vmm::devices::bus::BusDevice;
 use vmm::devices::ioapic::{self, SharedIoapic};
 use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
-/// IOREGSEL, IOWIN (82093AA datasheet, 3.0); redirection entry N is registers 0x10 + 2N (low)
-/// and 0x11 + 2N (high).
-const IOAPIC_SEL: u64 = 0xfec0_0000;
-const IOAPIC_WIN: u64 = 0xfec0_0010;
 const RTE_LEVEL: u32 = 1 << 15;
 const RTE_MASKED: u32 = 1 << 16;
 const RTE_REMOTE_IRR: u32 = 1 << 14;
-/// The local APIC's EOI register (Intel SDM Vol. 3, 11.4.1).
-const LAPIC_EOI: u64 = 0xfee0_00b0;
 const IDT: u64 = 0x31_0000;
 const IDTR: u64 = 0x31_1000;
 /// A test device whose register drives an IOAPIC input line (1: asserted, 0: not).
@@ -45,9 +39,6 @@ const COM1: u32 = 0x3f8;
 const COM1_PIN: u32 = 4;
 const COM1_VECTOR: u32 = 0x44;
 const IER_THRE: u32 = 1 << 1;
-/// ACPI PM1a control and the S5 + SLP_EN value the vmm powers off on.
-const PM1A_CNT: u32 = 0x3c0;
-const SLP_S5: u32 = (5 << 2) | 0x20;
 
 /// Drives an input line of the IOAPIC from guest writes.
 struct LineDriver {

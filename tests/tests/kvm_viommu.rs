@@ -6,7 +6,7 @@
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, print, read_u32, read_u64, Capture,
-    CODE, RESULTS,
+    CODE, LAPIC_EOI, PM1A_CNT, RESULTS, SLP_S5,
 };
 use viommu::descriptor::encode;
 use viommu::regs::*;
@@ -221,10 +221,6 @@ const COMPLETION_VECTOR: u64 = 0x50;
 const FAULT_VECTOR: u64 = 0x51;
 const IDT: u64 = 0x31_1000;
 const IDTR: u64 = 0x31_2000;
-const LAPIC_EOI: u64 = 0xfee0_00b0;
-/// ACPI PM1a control: S5 with SLP_EN, which the vmm powers off on.
-const PM1A_CNT: u32 = 0x3c0;
-const SLP_S5: u32 = (5 << 2) | 0x20;
 
 /// A handler that counts into the u64 at `counter` and signals end of interrupt.
 fn counting_handler(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
