@@ -66,8 +66,8 @@ pub struct AcpiConfig {
     /// Complete extra tables (header and checksum included), e.g. DMAR.
     pub extra_tables: Vec<Vec<u8>>,
     /// Whether a pair of 8259 PICs is present (MADT PCAT_COMPAT): with the in-kernel
-    /// irqchip only. Linux 6.9 and later trust the flag instead of probing for the PIC, and
-    /// then test the timer through it.
+    /// irqchip only. Newer Linux (upstream i8259.c since 2024) trusts the flag instead of
+    /// probing for the PIC, and would then test its timer through a PIC that is not there.
     pub pcat_compat: bool,
 }
 
