@@ -3,7 +3,9 @@
 //! our IOAPIC (version 0x20), the serial console's IO-APIC line takes interrupts both ways (the
 //! L1 side types a line the guest reads back), the NVMe's MSI-X vectors work (the guest reads the
 //! disk's first 16 MiB with the L0 image's md5), and the guest never touches the PIC or PIT
-//! ports, which is why neither is emulated.
+//! ports, which is why neither is emulated. A second boot with `pci=nomsi` has the NVMe
+//! interrupt through its INTx instead: a level-triggered IO-APIC line that only keeps working if
+//! our IOAPIC signals VFIO's resample eventfd at each EOI.
 
 use integration::testbed::{self, L2Vmm, Marker, Outcome, Scenario, TestbedError};
 
@@ -16,16 +18,27 @@ const PIC_AND_PIT_PORTS: [&str; 9] = [
     "0x20", "0x21", "0xa0", "0xa1", "0x40", "0x41", "0x42", "0x43", "0x61",
 ];
 
+/// How the NVMe interrupts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NvmeIrq {
+    MsiX,
+    /// `pci=nomsi`: INTx, level-triggered, through the IOAPIC.
+    Intx,
+}
+
 /// Binds the NVMe to vfio-pci, boots L2 with `--irqchip split` and that device, feeds INPUT once
 /// the guest's `irq-summary` marker is out, and lists the port accesses the vmm left unhandled
 /// as `@@TB L1 unhandled kind=in port=0x2e count=4` (from the tally each vCPU logs when it stops).
-fn script() -> String {
-    let boot = Scenario::l2_boot("split-irqchip", L2Vmm::Ours)
+fn script(irq: NvmeIrq) -> String {
+    let mut boot = Scenario::l2_boot("split-irqchip", L2Vmm::Ours)
         .cpus(2)
         .memory_mib(384)
         .action("irq")
         .l2_cmdline_arg("tb.first=nvme-pt")
         .l2_cmdline_arg(&format!("tb.input={INPUT}"));
+    if irq == NvmeIrq::Intx {
+        boot = boot.l2_cmdline_arg("pci=nomsi");
+    }
     let cmdline = testbed::shell_quote(&boot.l2_cmdline().unwrap_or_default());
     format!(
         r#"dev=$(tb-vfio-bind --first 1b36:0010) || exit 1
@@ -55,7 +68,7 @@ fn field<'a>(m: &'a Marker, key: &str) -> &'a str {
     m.field(key).unwrap_or("")
 }
 
-fn check(out: &Outcome, want_md5: &str) -> Result<(), TestbedError> {
+fn check(out: &Outcome, want_md5: &str, irq: NvmeIrq) -> Result<(), TestbedError> {
     let init = out.l2_init()?;
     out.ensure(init.cpus == 2, format!("L2 sees {} CPUs, not 2", init.cpus))?;
     out.ensure(
@@ -80,11 +93,30 @@ fn check(out: &Outcome, want_md5: &str) -> Result<(), TestbedError> {
         field(summary, "legacy-irqs") == "0",
         format!("the kernel reserved IRQs for an 8259 PIC: {}", summary.raw),
     )?;
-    for key in ["local-timer", "msi-count"] {
-        out.ensure(
-            summary.field_num::<u64>(key).is_some_and(|c| c > 0),
-            format!("no {key} interrupts: {}", summary.raw),
-        )?;
+    out.ensure(
+        summary
+            .field_num::<u64>("local-timer")
+            .is_some_and(|c| c > 0),
+        format!("no local timer interrupts: {}", summary.raw),
+    )?;
+    let msi = summary.field_num::<u64>("msi-count").unwrap_or(0);
+    match irq {
+        NvmeIrq::MsiX => out.ensure(msi > 0, format!("no MSI interrupts: {}", summary.raw))?,
+        NvmeIrq::Intx => {
+            out.ensure(msi == 0, format!("MSI despite pci=nomsi: {}", summary.raw))?;
+            let nvme = out
+                .markers_named("L2", "irq")
+                .find(|m| field(m, "name").starts_with("nvme"))
+                .ok_or_else(|| out.error("the NVMe has no IO-APIC line"))?;
+            out.ensure(
+                field(nvme, "trigger") == "fasteoi"
+                    && nvme.field_num::<u64>("count").is_some_and(|c| c > 0),
+                format!(
+                    "the NVMe's INTx is no level-triggered line with interrupts: {}",
+                    nvme.raw
+                ),
+            )?;
+        }
     }
     let input = out.expect_marker("L2", "irq-input")?;
     out.ensure(
@@ -116,13 +148,22 @@ fn check(out: &Outcome, want_md5: &str) -> Result<(), TestbedError> {
     out.ensure(rc == 0, format!("vmm exited {rc}"))
 }
 
-#[test]
-fn linux_boots_with_the_split_irqchip_its_serial_line_and_passed_through_nvme_work(
-) -> Result<(), TestbedError> {
+fn run(name: &str, irq: NvmeIrq) -> Result<(), TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(());
     };
     let _ = tb.vmm_binary()?;
-    let out = tb.run(&Scenario::l1_script("split-irqchip", &script()).with_vmm())?;
-    check(&out, &tb.disk_head_md5(16 << 20)?)
+    let out = tb.run(&Scenario::l1_script(name, &script(irq)).with_vmm())?;
+    check(&out, &tb.disk_head_md5(16 << 20)?, irq)
+}
+
+#[test]
+fn linux_boots_with_the_split_irqchip_its_serial_line_and_passed_through_nvme_work(
+) -> Result<(), TestbedError> {
+    run("split-irqchip", NvmeIrq::MsiX)
+}
+
+#[test]
+fn passed_through_nvme_works_on_its_intx_through_our_ioapic() -> Result<(), TestbedError> {
+    run("split-irqchip-intx", NvmeIrq::Intx)
 }
