@@ -108,9 +108,11 @@ fn check(out: &Outcome, want_md5: &str, irq: NvmeIrq) -> Result<(), TestbedError
                 .markers_named("L2", "irq")
                 .find(|m| field(m, "name").starts_with("nvme"))
                 .ok_or_else(|| out.error("the NVMe has no IO-APIC line"))?;
+            // A line whose resample never came would take one interrupt and then leave the
+            // driver polling after its timeouts: 16 MiB of reads take dozens.
             out.ensure(
                 field(nvme, "trigger") == "fasteoi"
-                    && nvme.field_num::<u64>("count").is_some_and(|c| c > 0),
+                    && nvme.field_num::<u64>("count").is_some_and(|c| c >= 10),
                 format!(
                     "the NVMe's INTx is no level-triggered line with interrupts: {}",
                     nvme.raw
