@@ -12,12 +12,15 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
-use passthrough::kvm::KvmRouting;
+use passthrough::kvm::{KvmRouting, IOAPIC_PINS};
 use passthrough::msi::MsiMessage;
 use vm_device::{debug_limited, warn_limited};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::{lock, Ioapic, IoapicOutput, PinState, SharedIoapic, TriggerMode};
+use super::{lock, Ioapic, IoapicOutput, PinState, SharedIoapic, TriggerMode, IOAPIC_NUM_PINS};
+
+// The model's pins are the GSIs the split irqchip reserves (KVM_CAP_SPLIT_IRQCHIP's argument).
+const _: () = assert!(IOAPIC_NUM_PINS as u32 == IOAPIC_PINS);
 
 /// The IOAPIC's output over KVM.
 struct KvmIoapicOutput {
