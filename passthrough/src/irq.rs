@@ -50,6 +50,9 @@ pub enum RouteError {
     /// IOAPIC's pins have one.
     #[error("GSI {gsi} cannot resample: with the split irqchip only IOAPIC pins (GSI 0..24) do")]
     ResampleNotPin { gsi: u32 },
+    /// The eventfd of a pin's line could not be duplicated.
+    #[error("IOAPIC pin {pin}: cannot duplicate the line's eventfd: {source}")]
+    TriggerFd { pin: u32, source: std::io::Error },
     /// The resample eventfd of a pin's line could not be duplicated.
     #[error("IOAPIC pin {pin}: cannot duplicate the resample eventfd: {source}")]
     ResampleFd { pin: u32, source: std::io::Error },

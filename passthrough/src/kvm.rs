@@ -98,6 +98,9 @@ fn default_routes() -> Vec<kvm_irq_routing_entry> {
 struct PinLine {
     /// The caller's eventfd, by number: how detaching finds the line again.
     trigger: RawFd,
+    /// The same eventfd, duplicated: the irqfd is deassigned and assigned again through it when
+    /// the pin is unmasked (see [`KvmRouting::set_ioapic_pin`]).
+    irqfd: EventFd,
     /// Its own GSI, routed to the pin's message while the pin is unmasked.
     gsi: u32,
     resample: Option<EventFd>,
@@ -234,14 +237,48 @@ impl KvmRouting {
         let changed = p.message != Some(message) || p.masked != masked;
         p.message = Some(message);
         p.masked = masked;
-        if changed {
-            self.commit(&t, pin)?;
+        // A signal that finds no route is injected later by a KVM work item that looks the
+        // route up again, so an edge a line gave while the pin was masked would arrive once it
+        // is unmasked. Deassigning the irqfds first waits for those items, which still find no
+        // route: the edge is lost, as the 82093AA loses an edge on a masked pin.
+        let lines = &t.pins[pin as usize].lines;
+        let mut result = Ok(());
+        if unmasked {
+            for line in lines {
+                result = result.and(self.set_line_irqfd(line, false));
+            }
         }
-        // After the commit: the line may signal again at once, and its route must be there.
+        if changed {
+            result = result.and(self.commit(&t, pin));
+        }
+        if unmasked {
+            for line in &t.pins[pin as usize].lines {
+                result = result.and(self.set_line_irqfd(line, true));
+            }
+        }
+        // After the routes: the line may signal again at once, and its route must be there.
         if unmasked && level {
             t.pins[pin as usize].signal_resample(pin as usize);
         }
-        Ok(())
+        result
+    }
+
+    /// Assigns the irqfd of `line` to its GSI, or deassigns it (which returns once KVM injected
+    /// what it had pending).
+    fn set_line_irqfd(&self, line: &PinLine, assign: bool) -> Result<(), RouteError> {
+        let (done, what) = if assign {
+            (self.vm.register_irqfd(&line.irqfd, line.gsi), "KVM_IRQFD")
+        } else {
+            (
+                self.vm.unregister_irqfd(&line.irqfd, line.gsi),
+                "KVM_IRQFD deassign",
+            )
+        };
+        done.map_err(|source| RouteError::Kvm {
+            what,
+            gsi: line.gsi,
+            source,
+        })
     }
 
     /// Split irqchip: the EOI of level-triggered `pin` arrived; its lines' resample eventfds
@@ -267,6 +304,9 @@ impl KvmRouting {
             .map(EventFd::try_clone)
             .transpose()
             .map_err(|source| RouteError::ResampleFd { pin, source })?;
+        let irqfd = fd
+            .try_clone()
+            .map_err(|source| RouteError::TriggerFd { pin, source })?;
         let mut t = self.lock();
         if t.pins.get(pin as usize).is_none() {
             return Err(RouteError::NoSuchPin { pin });
@@ -274,6 +314,7 @@ impl KvmRouting {
         let gsi = t.allocate_gsi()?;
         t.pins[pin as usize].lines.push(PinLine {
             trigger: fd.as_raw_fd(),
+            irqfd,
             gsi,
             resample,
         });
@@ -520,6 +561,7 @@ mod tests {
         pins[4].message = Some(MSG);
         pins[4].lines.push(PinLine {
             trigger: -1,
+            irqfd: EventFd::new(0).unwrap(),
             gsi: 30,
             resample: None,
         });
@@ -528,6 +570,7 @@ mod tests {
             masked: false,
             lines: vec![PinLine {
                 trigger: -1,
+                irqfd: EventFd::new(0).unwrap(),
                 gsi: 31,
                 resample: None,
             }],
@@ -584,6 +627,15 @@ mod tests {
         assert!(!drained(&resample));
         routing.set_ioapic_pin(16, LEVEL_MSG, false, true).unwrap();
         assert!(drained(&resample), "unmasking a level pin resamples");
+        let line_gsi = routing.lock().pins[16].lines[0].gsi;
+        assert_eq!(
+            routing
+                .vm
+                .register_irqfd(&trigger, line_gsi)
+                .map_err(|e| e.errno()),
+            Err(libc::EBUSY),
+            "the line's irqfd is assigned after the unmask, which deassigned it to flush it"
+        );
         routing.set_ioapic_pin(16, LEVEL_MSG, false, true).unwrap();
         assert!(!drained(&resample), "only the unmask does");
         routing.ioapic_eoi(16);
