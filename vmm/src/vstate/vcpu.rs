@@ -50,6 +50,16 @@ pub enum CpuMode {
         /// Entry point (below 64 KiB).
         ip: u16,
     },
+    /// Flat 32-bit protected mode, paging off, interrupts off: the multiboot entry state
+    /// (EAX the boot loader magic, EBX the boot information).
+    ProtectedMode32 {
+        /// Entry point.
+        eip: u32,
+        /// EAX.
+        eax: u32,
+        /// EBX.
+        ebx: u32,
+    },
 }
 
 /// One vCPU.
@@ -122,15 +132,22 @@ impl Vcpu {
 
         if self.id == 0 || !vm.has_irqchip() {
             let base = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
-            let (sregs, rip) = match mode {
-                CpuMode::LongMode { rip } => (regs::long_mode_sregs(&base), rip),
-                CpuMode::RealMode { ip } => (regs::real_mode_sregs(&base), u64::from(ip)),
+            let (sregs, gprs) = match mode {
+                CpuMode::LongMode { rip } => (regs::long_mode_sregs(&base), regs::linux_regs(rip)),
+                CpuMode::RealMode { ip } => (
+                    regs::real_mode_sregs(&base),
+                    regs::linux_regs(u64::from(ip)),
+                ),
+                CpuMode::ProtectedMode32 { eip, eax, ebx } => (
+                    regs::protected_mode_sregs(&base),
+                    regs::protected_mode_regs(eip, eax, ebx),
+                ),
             };
             self.fd
                 .set_sregs(&sregs)
                 .map_err(self.ioctl("KVM_SET_SREGS"))?;
             self.fd
-                .set_regs(&regs::linux_regs(rip))
+                .set_regs(&gprs)
                 .map_err(self.ioctl("KVM_SET_REGS"))?;
         }
         Ok(())

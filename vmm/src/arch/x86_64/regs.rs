@@ -1,5 +1,6 @@
 //! Initial register state: 64-bit long mode with our own GDT and identity page tables, as the
-//! Linux 64-bit boot protocol requires, or plain real mode for small test guests.
+//! Linux 64-bit boot protocol requires; flat 32-bit protected mode without paging, as the
+//! multiboot protocol requires; or plain real mode for small test guests.
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -36,15 +37,17 @@ const PDE_PS: u64 = 0x80;
 /// One page directory per identity-mapped GiB.
 const BOOT_PD_PAGES: u64 = 4;
 
-/// The boot GDT: null, null, __BOOT_CS (0x10, 64-bit code), __BOOT_DS (0x18), TSS (0x20).
-/// Access/flags words as in Linux's arch/x86/boot/pm.c (0xa09b, 0xc093, 0x808b).
+/// The boot GDT: null, 32-bit flat code (0x08, multiboot), __BOOT_CS (0x10, 64-bit code),
+/// __BOOT_DS (0x18, flat data, also multiboot's), TSS (0x20). Access/flags words as in Linux's
+/// arch/x86/boot/pm.c (0xa09b, 0xc093, 0x808b); 0xc09b is 0xa09b with D set instead of L.
 pub const BOOT_GDT: [u64; 5] = [
     0,
-    0,
+    gdt_entry(0xc09b, 0, 0xfffff),
     gdt_entry(0xa09b, 0, 0xfffff),
     gdt_entry(0xc093, 0, 0xfffff),
     gdt_entry(0x808b, 0, 0xfffff),
 ];
+const CODE32_INDEX: u16 = 1;
 const CODE_INDEX: u16 = 2;
 const DATA_INDEX: u16 = 3;
 const TSS_INDEX: u16 = 4;
@@ -141,6 +144,28 @@ pub fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// Special registers for the multiboot entry (Multiboot 0.6.96, 3.2): CS a 32-bit flat
+/// execute/read segment, DS/ES/FS/GS/SS 32-bit flat read/write segments, CR0.PE set and PG clear,
+/// no PAE or long mode. GDTR points at the boot GDT the selectors come from, though the kernel
+/// may not rely on it.
+pub fn protected_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
+    let mut sregs = *base;
+    let code = segment_from_gdt(BOOT_GDT[CODE32_INDEX as usize], CODE32_INDEX);
+    let data = segment_from_gdt(BOOT_GDT[DATA_INDEX as usize], DATA_INDEX);
+    sregs.gdt.base = BOOT_GDT_START;
+    sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !X86_CR0_PG;
+    sregs.cr4 &= !X86_CR4_PAE;
+    sregs.efer &= !(EFER_LME | EFER_LMA);
+    sregs
+}
+
 /// Special registers for flat real mode: code and data at segment 0.
 pub fn real_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     let mut sregs = *base;
@@ -166,6 +191,18 @@ pub fn linux_regs(entry: u64) -> kvm_regs {
         rsp: BOOT_STACK_POINTER,
         rbp: BOOT_STACK_POINTER,
         rsi: ZERO_PAGE_START,
+        ..Default::default()
+    }
+}
+
+/// General registers for a 32-bit protected-mode entry at `eip` with `eax` and `ebx` set (the
+/// multiboot magic and information address); EFLAGS with IF clear.
+pub fn protected_mode_regs(eip: u32, eax: u32, ebx: u32) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2, // bit 1 is reserved and reads as 1 (Intel SDM Vol. 1, 3.4.3)
+        rip: u64::from(eip),
+        rax: u64::from(eax),
+        rbx: u64::from(ebx),
         ..Default::default()
     }
 }
@@ -196,6 +233,34 @@ mod tests {
         assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
         let null = segment_from_gdt(0, 0);
         assert_eq!(null.unusable, 1);
+        let cs32 = segment_from_gdt(BOOT_GDT[1], 1);
+        assert_eq!(cs32.selector, 0x08);
+        assert_eq!(
+            (cs32.l, cs32.db, cs32.g, cs32.present, cs32.s),
+            (0, 1, 1, 1, 1)
+        );
+        assert_eq!((cs32.type_, cs32.base, cs32.limit), (0xb, 0, 0xffff_ffff));
+    }
+
+    #[test]
+    fn protected_mode_is_flat_32_bit_without_paging() {
+        let base = long_mode_sregs(&kvm_sregs::default());
+        let s = protected_mode_sregs(&base);
+        assert_eq!((s.cs.selector, s.cs.db, s.cs.l), (0x08, 1, 0));
+        for seg in [s.ds, s.es, s.fs, s.gs, s.ss] {
+            assert_eq!(
+                (seg.selector, seg.db, seg.base, seg.limit),
+                (0x18, 1, 0, 0xffff_ffff)
+            );
+        }
+        assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
+        assert_eq!(s.cr4 & X86_CR4_PAE, 0);
+        assert_eq!(s.efer & (EFER_LME | EFER_LMA), 0);
+        let r = protected_mode_regs(0x40_00bc, 0x2bad_b002, 0x9000);
+        assert_eq!(
+            (r.rip, r.rax, r.rbx, r.rflags),
+            (0x40_00bc, 0x2bad_b002, 0x9000, 2)
+        );
     }
 
     #[test]
