@@ -18,16 +18,23 @@ pub enum VmExit {
     GuestPanic,
     /// A vCPU executed HLT with no in-kernel irqchip to wake it (small test guests).
     Halted,
+    /// The guest wrote `value` to the isa-debug-exit port (test kernels report their result so).
+    DebugExit {
+        /// The value written.
+        value: u32,
+    },
     /// The VMM failed; the message says what and with which value.
     Failed(String),
 }
 
 impl VmExit {
-    /// The process exit code for this outcome.
+    /// The process exit code for this outcome. isa-debug-exit gives QEMU's `(value << 1) | 1`,
+    /// of which a process status keeps the low 8 bits.
     pub fn exit_code(&self) -> i32 {
         match self {
             VmExit::PowerOff | VmExit::Reboot { .. } | VmExit::Halted => 0,
             VmExit::GuestPanic | VmExit::Failed(_) => 1,
+            VmExit::DebugExit { value } => ((value << 1 | 1) & 0xff) as i32,
         }
     }
 }

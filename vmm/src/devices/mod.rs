@@ -5,7 +5,9 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod debug_exit;
 pub mod edu;
+pub mod fw_cfg;
 pub mod ioapic;
 pub mod legacy;
 pub mod pvpanic;
