@@ -3,7 +3,8 @@
 //! Layout after Firecracker: [`vstate`] (VM, vCPUs, memory, the vCPU kick), [`devices`] (bus
 //! and device models), [`pci`] (root complex), [`device_manager`] (which devices a VM has and
 //! how they are wired), [`acpi`], [`arch`] (x86_64 layout, boot, CPU state), [`builder`]
-//! (assembles a VM), [`runner`] (vCPU threads, event loop, stop) and [`config`] (command line).
+//! (assembles a VM), [`runner`] (vCPU threads, event loop, stop), [`sleep`] (the machine's
+//! ACPI S3 state) and [`config`] (command line).
 //! What devices share with the VMM (PCI model, host-DMA trait, rate-limited logging) is the
 //! `vm-device` crate's.
 //!
@@ -34,6 +35,7 @@ pub mod devices;
 pub mod exit;
 pub mod pci;
 pub mod runner;
+pub mod sleep;
 pub mod vstate;
 
 pub use builder::{BootSource, BuildError, MachineConfig, SerialIn, Vmm};

@@ -4,11 +4,13 @@
 //! [`crate::device_manager`]'s.
 
 pub mod acpi_pm;
+pub mod acpi_pm1;
 pub mod bus;
 pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
 pub mod ioapic;
 pub mod legacy;
+pub mod pc_testdev;
 pub mod pvpanic;
 pub mod vtd;

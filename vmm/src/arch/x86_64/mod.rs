@@ -1,5 +1,6 @@
 //! x86_64: address map, boot protocols (Linux, multiboot), CPU state.
 
+pub mod bios;
 pub mod boot;
 pub mod cpuid;
 pub mod elf;

@@ -1,4 +1,5 @@
 //! PC legacy devices.
 
 pub mod i8042;
+pub mod rtc;
 pub mod serial;
