@@ -1,9 +1,10 @@
-//! ACPI tables (acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced), DSDT, MADT, MCFG, plus
-//! any extra tables a later component brings (the DMAR table of the VT-d model).
+//! ACPI tables (acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced), FACS, DSDT, MADT,
+//! MCFG, plus any extra tables a later component brings (the DMAR table of the VT-d model).
 //!
-//! Layout from 0xe0000: RSDP, then each table 8-byte aligned.
+//! Layout from 0xe0000: RSDP, XSDT, the FACS (64-byte aligned), then each table 8-byte aligned.
 
 use acpi_tables::aml;
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::mcfg::MCFG;
@@ -18,6 +19,10 @@ use crate::arch::x86_64::layout::{
     PCI_MMIO32_START, PCI_MMIO64_SIZE, RSDP_START,
 };
 use crate::devices::acpi_pm::{ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
+use crate::devices::acpi_pm1::{
+    PM1_CNT_LEN, PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM_BLOCK_PORT, PM_TMR_LEN,
+    PM_TMR_OFFSET,
+};
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT};
 use crate::devices::pvpanic::PVPANIC_PORT;
 use crate::pci::bus::{intx_gsi, NUM_SLOTS};
@@ -34,12 +39,14 @@ const MADT_TYPE_LAPIC: u8 = 0;
 const MADT_TYPE_IOAPIC: u8 = 1;
 const MADT_LAPIC_ENABLED: u32 = 1;
 // FADT IA-PC boot architecture flags (ACPI 6.4, Table 5.11): VGA not present (bit 2), CMOS RTC
-// not present (bit 5). Without the latter Linux probes the absent RTC for seconds
-// ("rtc_cmos: broken or not accessible"); the guest keeps time with kvmclock.
+// not present (bit 5). Linux keeps time with kvmclock; the RTC at 0x70 is there for programs
+// that drive PC hardware directly (kvm-unit-tests), and an ACPI OS is told to leave it alone.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 /// Size of a standard table header (ACPI 6.4, 5.2.6).
 const HEADER_LEN: u32 = 36;
+/// The FACS is 64-byte aligned (ACPI 6.4, 5.2.10).
+const FACS_ALIGN: u64 = 64;
 
 /// Errors writing the tables.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +82,8 @@ pub struct AcpiConfig {
 pub struct AcpiTables {
     /// (address, bytes) pairs, RSDP first.
     pub blobs: Vec<(u64, Vec<u8>)>,
+    /// Where the FACS is.
+    pub facs_addr: u64,
 }
 
 fn to_bytes(t: &dyn Aml) -> Vec<u8> {
@@ -87,13 +96,54 @@ fn io_gas(port: u64) -> GAS {
     GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
 }
 
-/// The hardware-reduced FADT (ACPI 6.4, 5.2.9 and 4.1): no PM1/GPE blocks; the sleep
-/// control/status and reset registers all live at our PM port.
-pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+/// A GAS for a `len`-byte register at I/O `port`, accessed as a whole.
+fn io_register_gas(port: u64, len: u8) -> GAS {
+    let size = match len {
+        2 => AccessSize::WordAccess,
+        4 => AccessSize::DwordAccess,
+        _ => AccessSize::ByteAccess,
+    };
+    GAS::new(AddressSpace::SystemIo, len * 8, 0, size, port)
+}
+
+/// The hardware-reduced FADT (ACPI 6.4, 5.2.9 and 4.1): the sleep control/status and reset
+/// registers all live at our PM port. The PC PM1a event/control blocks and PM timer are named
+/// too, for programs that use them directly; an OS in hardware-reduced mode ignores the PM1
+/// blocks. `facs_addr` is the FACS, where an OS leaves its S3 waking vector.
+pub fn fadt(dsdt_addr: u64, facs_addr: u64) -> Vec<u8> {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
+        // The 32-bit field: the FACS lies below 1 MiB, and that is the one programs read.
+        .firmware_ctrl_32(facs_addr as u32)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup);
+    for (port, len, legacy, legacy_len, x) in [
+        (
+            PM_BLOCK_PORT + PM1_EVT_OFFSET,
+            PM1_EVT_LEN,
+            &mut f.pm1a_evt_blk,
+            &mut f.pm1_evt_len,
+            &mut f.x_pm1a_evt_blk,
+        ),
+        (
+            PM_BLOCK_PORT + PM1_CNT_OFFSET,
+            PM1_CNT_LEN,
+            &mut f.pm1a_cnt_blk,
+            &mut f.pm1_cnt_len,
+            &mut f.x_pm1a_cnt_blk,
+        ),
+        (
+            PM_BLOCK_PORT + PM_TMR_OFFSET,
+            PM_TMR_LEN,
+            &mut f.pm_tmr_blk,
+            &mut f.pm_tmr_len,
+            &mut f.x_pm_tmr_blk,
+        ),
+    ] {
+        *legacy = (port as u32).into();
+        *legacy_len = len;
+        *x = io_register_gas(port, len);
+    }
     f.iapc_boot_arch =
         (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
     f.reset_reg = io_gas(ACPI_PM_PORT);
@@ -226,14 +276,20 @@ impl AcpiTables {
         let xsdt_addr = align(RSDP_START + Rsdp::len() as u64);
         // XSDT entries: FADT, MADT, MCFG, extras.
         let n_entries = 3 + cfg.extra_tables.len() as u64;
-        let mut next = align(xsdt_addr + u64::from(HEADER_LEN) + 8 * n_entries);
+        let xsdt_end = xsdt_addr + u64::from(HEADER_LEN) + 8 * n_entries;
+        let facs_addr = xsdt_end.next_multiple_of(FACS_ALIGN);
+        let mut next = align(facs_addr + FACS::len() as u64);
 
         let dsdt = dsdt(cfg.ram_size);
         let dsdt_addr = next;
         next = align(next + dsdt.len() as u64);
-        let mut tables = vec![(dsdt_addr, dsdt)];
+        let mut tables = vec![(facs_addr, to_bytes(&FACS::new())), (dsdt_addr, dsdt)];
         let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-        let mut others = vec![fadt(dsdt_addr), madt(cfg.vcpus, cfg.pcat_compat), mcfg()];
+        let mut others = vec![
+            fadt(dsdt_addr, facs_addr),
+            madt(cfg.vcpus, cfg.pcat_compat),
+            mcfg(),
+        ];
         others.extend(cfg.extra_tables.iter().cloned());
         for t in others {
             xsdt.add_entry(next);
@@ -252,7 +308,7 @@ impl AcpiTables {
             (xsdt_addr, to_bytes(&xsdt)),
         ];
         blobs.extend(tables);
-        Ok(Self { blobs })
+        Ok(Self { blobs, facs_addr })
     }
 
     /// Writes every table to guest memory; returns the RSDP address.
