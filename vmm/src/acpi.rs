@@ -47,6 +47,9 @@ const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
 const HEADER_LEN: u32 = 36;
 /// The FACS is 64-byte aligned (ACPI 6.4, 5.2.10).
 const FACS_ALIGN: u64 = 64;
+/// Offset of the FACS's Firmware Waking Vector, where an OS leaves its S3 resume address
+/// (ACPI 6.4, Table 5.14).
+pub const FACS_WAKING_VECTOR_OFFSET: u64 = 12;
 
 /// Errors writing the tables.
 #[derive(Debug, thiserror::Error)]

@@ -19,9 +19,31 @@ const PARK_POLL: Duration = Duration::from_millis(50);
 /// Where the boot vCPU resumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Resume {
-    /// The FACS firmware waking vector: a real-mode address (CS = vector >> 4, IP = vector &
-    /// 0xf).
-    pub waking_vector: u32,
+    waking_vector: u32,
+}
+
+impl Resume {
+    /// Resuming at the FACS firmware waking vector `v`, a real-mode address below 1 MiB (ACPI
+    /// 6.4, 5.2.10: CS = v >> 4, IP = v & 0xf). `None` for 0 (the OS left none: firmware
+    /// reboots instead) or an address real mode cannot reach.
+    pub fn at_waking_vector(v: u32) -> Option<Self> {
+        (v != 0 && v < 1 << 20).then_some(Self { waking_vector: v })
+    }
+
+    /// The vector.
+    pub fn waking_vector(&self) -> u32 {
+        self.waking_vector
+    }
+
+    /// CS's selector.
+    pub fn cs(&self) -> u16 {
+        (self.waking_vector >> 4) as u16
+    }
+
+    /// IP.
+    pub fn ip(&self) -> u16 {
+        (self.waking_vector & 0xf) as u16
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +57,8 @@ struct State {
 }
 
 struct Shared {
+    /// `state.asleep`, readable without the lock: vCPUs look at it after every exit.
+    asleep: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
     /// Tells the event loop the machine went to sleep.
@@ -49,6 +73,7 @@ impl SleepHandle {
     /// An awake machine; fails only when no eventfd can be created.
     pub fn new() -> std::io::Result<Self> {
         Ok(Self(Arc::new(Shared {
+            asleep: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             event: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -68,6 +93,7 @@ impl SleepHandle {
         }
         s.asleep = true;
         s.resume = None;
+        self.0.asleep.store(true, Ordering::Release);
         drop(s);
         vm_device::info_limited!("guest entered S3");
         if let Err(e) = self.0.event.write(1) {
@@ -77,7 +103,7 @@ impl SleepHandle {
 
     /// Whether the machine sleeps.
     pub fn is_asleep(&self) -> bool {
-        self.lock().asleep
+        self.0.asleep.load(Ordering::Acquire)
     }
 
     /// How many vCPUs are parked.
@@ -92,10 +118,11 @@ impl SleepHandle {
             return;
         }
         s.asleep = false;
+        self.0.asleep.store(false, Ordering::Release);
         s.wakes += 1;
         s.resume = Some(resume);
         drop(s);
-        vm_device::info_limited!("guest wakes from S3 at {:#x}", resume.waking_vector);
+        vm_device::info_limited!("guest wakes from S3 at {:#x}", resume.waking_vector());
         self.0.changed.notify_all();
     }
 
@@ -151,15 +178,22 @@ mod tests {
         while sleep.parked() < 2 {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let resume = Resume {
-            waking_vector: 0x1000,
-        };
+        let resume = Resume::at_waking_vector(0x1000).unwrap();
+        assert_eq!((resume.cs(), resume.ip()), (0x100, 0));
         sleep.wake(resume);
         for t in threads {
             assert_eq!(t.join().unwrap(), Some(resume));
         }
         assert!(!sleep.is_asleep());
         assert_eq!(sleep.parked(), 0);
+    }
+
+    #[test]
+    fn waking_vectors_must_be_real_mode_addresses() {
+        assert_eq!(Resume::at_waking_vector(0), None);
+        assert_eq!(Resume::at_waking_vector(1 << 20), None);
+        let r = Resume::at_waking_vector(0x9_fc05).unwrap();
+        assert_eq!((r.cs(), r.ip()), (0x9fc0, 5));
     }
 
     #[test]

@@ -166,6 +166,59 @@ pub fn protected_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// Special registers for a vCPU leaving reset in real mode with CS = `cs_selector` (Intel SDM
+/// Vol. 3A, 10.1.1, Table 10-1), as firmware hands over to an OS's S3 waking vector: every
+/// segment a 64 KiB real-mode segment, descriptor tables at 0, paging, PAE and long mode off,
+/// caches on. Built on `base` for the fields KVM owns; `apic_base` is the caller's to set.
+pub fn reset_real_mode_sregs(base: &kvm_sregs, cs_selector: u16) -> kvm_sregs {
+    let mut sregs = *base;
+    let segment = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 1,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    // Types (SDM Vol. 3A, 3.4.5.1): 0xb code execute/read accessed, 0x3 data read/write
+    // accessed; system types 0x2 LDT and 0xb busy TSS.
+    sregs.cs = segment(cs_selector, 0xb);
+    let data = segment(0, 0x3);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.ldt = kvm_segment {
+        s: 0,
+        type_: 0x2,
+        ..segment(0, 0)
+    };
+    sregs.tr = kvm_segment {
+        s: 0,
+        type_: 0xb,
+        ..segment(0, 0)
+    };
+    sregs.gdt.base = 0;
+    sregs.gdt.limit = 0xffff;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0xffff;
+    sregs.cr0 = X86_CR0_ET;
+    sregs.cr2 = 0;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.cr8 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
 /// Special registers for flat real mode: code and data at segment 0.
 pub fn real_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     let mut sregs = *base;
@@ -240,6 +293,27 @@ mod tests {
             (0, 1, 1, 1, 1)
         );
         assert_eq!((cs32.type_, cs32.base, cs32.limit), (0xb, 0, 0xffff_ffff));
+    }
+
+    #[test]
+    fn reset_real_mode_leaves_long_mode_behind() {
+        let base = long_mode_sregs(&kvm_sregs::default());
+        // ACPI's waking vector 0x1000: CS 0x100, IP 0.
+        let s = reset_real_mode_sregs(&base, 0x100);
+        assert_eq!(
+            (s.cs.selector, s.cs.base, s.cs.limit),
+            (0x100, 0x1000, 0xffff)
+        );
+        assert_eq!((s.cs.l, s.cs.db, s.cs.type_), (0, 0, 0xb));
+        for seg in [s.ds, s.es, s.fs, s.gs, s.ss] {
+            assert_eq!(
+                (seg.selector, seg.base, seg.limit, seg.type_),
+                (0, 0, 0xffff, 3)
+            );
+        }
+        assert_eq!((s.tr.s, s.tr.type_, s.tr.present), (0, 0xb, 1));
+        assert_eq!((s.cr0, s.cr3, s.cr4, s.efer), (X86_CR0_ET, 0, 0, 0));
+        assert_eq!(s.idt.base, 0);
     }
 
     #[test]
