@@ -103,7 +103,10 @@ fn kernel_that_is_not_a_bzimage() {
     let k = temp_file("not-a-bzimage", b"#!/bin/sh\necho this is no kernel\n");
     fails_with(
         &["--kernel", k.to_str().unwrap()],
-        &format!("kernel {} is not a bzImage", k.display()),
+        &format!(
+            "kernel {} is neither a bzImage (no 'HdrS' magic at offset 0x202) nor a multiboot kernel",
+            k.display()
+        ),
     );
     let elf = temp_file("vmlinux-like", &[0x7f, b'E', b'L', b'F'].repeat(512));
     fails_with(

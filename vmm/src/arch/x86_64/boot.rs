@@ -1,5 +1,6 @@
-//! Linux boot protocol: load the bzImage and initramfs, write the command line and the zero page
-//! with its e820 map (Documentation/arch/x86/boot.rst).
+//! Kernel loading: tell a Linux bzImage from a multiboot kernel; for Linux, load the bzImage and
+//! initramfs, write the command line and the zero page with its e820 map
+//! (Documentation/arch/x86/boot.rst); multiboot kernels go through [`super::multiboot`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use super::layout::{
     ram_regions, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MEM_32BIT_GAP_START,
     PCI_ECAM_SIZE, PCI_ECAM_START, RESET_VECTOR, ZERO_PAGE_START,
 };
+use super::multiboot::{self, MultibootEntry, MultibootError, MultibootHeader};
 
 /// e820 types (ACPI 6.4, Table 15.312 "Address Range Types").
 pub const E820_RAM: u32 = 1;
@@ -48,6 +50,21 @@ pub enum BootError {
     /// The kernel's setup header is not a bzImage's.
     #[error("kernel {path} is not a bzImage: {what}")]
     NotBzImageHeader { path: PathBuf, what: HeaderProblem },
+    /// The kernel is neither format we boot.
+    #[error(
+        "kernel {path} is neither a bzImage (no 'HdrS' magic at offset 0x202) nor a multiboot \
+         kernel (no 32-bit aligned header with magic {:#x} and a valid checksum in the first \
+         {} bytes)",
+        multiboot::MULTIBOOT_HEADER_MAGIC,
+        multiboot::MULTIBOOT_SEARCH
+    )]
+    NotBootable { path: PathBuf },
+    /// The kernel is a multiboot kernel we cannot load.
+    #[error("multiboot kernel {path}: {source}")]
+    Multiboot {
+        path: PathBuf,
+        source: MultibootError,
+    },
     /// The initramfs file cannot be opened or read.
     #[error("cannot read initramfs {path}: {source}")]
     Initramfs {
@@ -87,8 +104,6 @@ pub enum BootError {
 pub enum HeaderProblem {
     #[error("file too short for a setup header")]
     TooShort,
-    #[error("no 'HdrS' magic at offset 0x202")]
-    NoMagic,
     #[error("boot protocol {major}.{minor:02} is older than 2.12")]
     OldProtocol { major: u8, minor: u8 },
     #[error("not loaded high (a zImage)")]
@@ -150,9 +165,35 @@ const HDR_VERSION_OFFSET: usize = 0x206;
 /// Offset of loadflags; bit 0 LOADED_HIGH marks a bzImage.
 const HDR_LOADFLAGS_OFFSET: usize = 0x211;
 
+/// What a kernel file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A Linux bzImage (64-bit boot protocol).
+    BzImage,
+    /// A multiboot kernel, with the header found in it.
+    Multiboot(MultibootHeader),
+}
+
+impl KernelFormat {
+    /// The command line when `--cmdline` is absent: a bzImage gets a serial console and our
+    /// reboot/panic choices; a multiboot kernel nothing but its name (its arguments are the
+    /// program's own, e.g. a kvm-unit-tests test's).
+    pub fn default_cmdline(&self) -> &'static str {
+        match self {
+            KernelFormat::BzImage => crate::config::DEFAULT_CMDLINE,
+            KernelFormat::Multiboot(_) => "",
+        }
+    }
+}
+
 /// Checks, before any VM exists, that `kernel` is a readable bzImage for the 64-bit boot
-/// protocol and `initramfs` (if any) is readable, so these errors come first and plainly.
-pub fn check_boot_files(kernel: &Path, initramfs: Option<&Path>) -> Result<(), BootError> {
+/// protocol or a multiboot kernel whose header we can honour, and that `initramfs` (if any) is
+/// readable, so these errors come first and plainly. As QEMU does, a file with the bzImage
+/// magic is a bzImage; anything else is looked at as multiboot.
+pub fn check_boot_files(
+    kernel: &Path,
+    initramfs: Option<&Path>,
+) -> Result<KernelFormat, BootError> {
     use std::io::Read;
     let open_err = |source| BootError::OpenKernel {
         path: kernel.to_path_buf(),
@@ -161,18 +202,33 @@ pub fn check_boot_files(kernel: &Path, initramfs: Option<&Path>) -> Result<(), B
     let mut head = Vec::new();
     File::open(kernel)
         .map_err(open_err)?
-        .take(0x400)
+        .take(multiboot::MULTIBOOT_SEARCH as u64)
         .read_to_end(&mut head)
         .map_err(open_err)?;
     let not_bz = |what: HeaderProblem| BootError::NotBzImageHeader {
         path: kernel.to_path_buf(),
         what,
     };
+    if head.get(HDR_MAGIC_OFFSET..HDR_MAGIC_OFFSET + 4) != Some(b"HdrS") {
+        let format = match multiboot::find_header(&head) {
+            Ok(Some(header)) => KernelFormat::Multiboot(header),
+            Ok(None) => {
+                return Err(BootError::NotBootable {
+                    path: kernel.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(BootError::Multiboot {
+                    path: kernel.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        check_initramfs(initramfs)?;
+        return Ok(format);
+    }
     if head.len() < 0x400 {
         return Err(not_bz(HeaderProblem::TooShort));
-    }
-    if &head[HDR_MAGIC_OFFSET..HDR_MAGIC_OFFSET + 4] != b"HdrS" {
-        return Err(not_bz(HeaderProblem::NoMagic));
     }
     let [minor, major] = [head[HDR_VERSION_OFFSET], head[HDR_VERSION_OFFSET + 1]];
     // 2.06 is the first protocol with cmdline_size and the 64-bit entry comes with 2.12.
@@ -182,6 +238,11 @@ pub fn check_boot_files(kernel: &Path, initramfs: Option<&Path>) -> Result<(), B
     if head[HDR_LOADFLAGS_OFFSET] & 1 == 0 {
         return Err(not_bz(HeaderProblem::NotLoadedHigh));
     }
+    check_initramfs(initramfs)?;
+    Ok(KernelFormat::BzImage)
+}
+
+fn check_initramfs(initramfs: Option<&Path>) -> Result<(), BootError> {
     if let Some(path) = initramfs {
         File::open(path).map_err(|source| BootError::Initramfs {
             path: path.to_path_buf(),
@@ -189,6 +250,54 @@ pub fn check_boot_files(kernel: &Path, initramfs: Option<&Path>) -> Result<(), B
         })?;
     }
     Ok(())
+}
+
+/// Loads the multiboot kernel at `kernel` (its `header` from [`check_boot_files`]) with
+/// `initramfs` as its one module, and writes the boot information: the memory map is our e820
+/// map, the command line the kernel's path followed by `args`.
+pub fn load_multiboot(
+    mem: &GuestMemoryMmap,
+    ram_size: u64,
+    kernel: &Path,
+    header: &MultibootHeader,
+    initramfs: Option<&Path>,
+    args: &str,
+) -> Result<MultibootEntry, BootError> {
+    let image = std::fs::read(kernel).map_err(|source| BootError::OpenKernel {
+        path: kernel.to_path_buf(),
+        source,
+    })?;
+    let module_data = match initramfs {
+        Some(path) => Some(std::fs::read(path).map_err(|source| BootError::Initramfs {
+            path: path.to_path_buf(),
+            source,
+        })?),
+        None => None,
+    };
+    let module_name = initramfs.map(|p| p.display().to_string());
+    let modules: Vec<multiboot::Module> = match (&module_data, &module_name) {
+        (Some(data), Some(name)) => vec![multiboot::Module {
+            data,
+            cmdline: name,
+        }],
+        _ => Vec::new(),
+    };
+    let map = e820_map(ram_size);
+    let cmdline = multiboot::kernel_cmdline(&kernel.display().to_string(), args);
+    multiboot::load(
+        mem,
+        &image,
+        header,
+        &multiboot::BootParams {
+            cmdline: &cmdline,
+            modules: &modules,
+            memory_map: &map,
+        },
+    )
+    .map_err(|source| BootError::Multiboot {
+        path: kernel.to_path_buf(),
+        source,
+    })
 }
 
 /// Real-mode code at the reset vector: `mov al, 0xfe; out 0x64, al; hlt; jmp $-1`, an i8042
@@ -388,7 +497,9 @@ mod tests {
         assert_eq!(
             err.to_string(),
             format!(
-                "kernel {} is not a bzImage: no 'HdrS' magic at offset 0x202",
+                "kernel {} is neither a bzImage (no 'HdrS' magic at offset 0x202) nor a \
+                 multiboot kernel (no 32-bit aligned header with magic 0x1badb002 and a valid \
+                 checksum in the first 8192 bytes)",
                 path.display()
             )
         );
@@ -404,10 +515,64 @@ mod tests {
         );
         fake[0x211] = 1;
         std::fs::write(&path, &fake).unwrap();
-        check_boot_files(&path, None).unwrap();
+        assert_eq!(
+            check_boot_files(&path, None).unwrap(),
+            KernelFormat::BzImage
+        );
+        // A bzImage header cut short.
+        std::fs::write(&path, &fake[..0x300]).unwrap();
+        let err = check_boot_files(&path, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("file too short for a setup header"),
+            "{err}"
+        );
+        std::fs::write(&path, &fake).unwrap();
         let err = check_boot_files(&path, Some(&dir.join("no-initrd"))).unwrap_err();
         assert!(
             err.to_string().starts_with("cannot read initramfs"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A multiboot header with `flags` after `pad` bytes.
+    fn multiboot_image(pad: usize, flags: u32) -> Vec<u8> {
+        let magic = multiboot::MULTIBOOT_HEADER_MAGIC;
+        let mut img = vec![0u8; pad];
+        for w in [magic, flags, 0u32.wrapping_sub(magic.wrapping_add(flags))] {
+            img.extend_from_slice(&w.to_le_bytes());
+        }
+        img
+    }
+
+    #[test]
+    fn multiboot_kernels_are_told_from_bzimages() {
+        let dir = std::env::temp_dir().join(format!("vmm-boot-mb-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kernel.flat");
+        std::fs::write(&path, multiboot_image(0x100, 0)).unwrap();
+        let format = check_boot_files(&path, None).unwrap();
+        assert!(
+            matches!(format, KernelFormat::Multiboot(h) if h.offset == 0x100),
+            "{format:?}"
+        );
+        assert_eq!(format.default_cmdline(), "");
+        assert_eq!(
+            KernelFormat::BzImage.default_cmdline(),
+            crate::config::DEFAULT_CMDLINE
+        );
+        let err = check_boot_files(&path, Some(&dir.join("no-env"))).unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot read initramfs"),
+            "{err}"
+        );
+        // A header asking for a video mode: refused, saying why.
+        std::fs::write(&path, multiboot_image(0, 1 << 2)).unwrap();
+        let err = check_boot_files(&path, None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("requirement bits 0x4 are not supported"),
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
