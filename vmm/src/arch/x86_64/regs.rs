@@ -119,6 +119,20 @@ pub fn write_boot_structures(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     Ok(())
 }
 
+/// Loads `code` into CS and `data` into every data segment register.
+fn set_segments(sregs: &mut kvm_sregs, code: kvm_segment, data: kvm_segment) {
+    sregs.cs = code;
+    for seg in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *seg = data;
+    }
+}
+
 /// Special registers for 64-bit long mode with the boot GDT and page tables, built on `base`
 /// (the vCPU's current sregs, so KVM-owned fields such as the APIC base stay intact).
 pub fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
@@ -130,12 +144,7 @@ pub fn long_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_segments(&mut sregs, code, data);
     sregs.tr = tss;
     sregs.cr3 = PML4_START;
     sregs.cr4 |= X86_CR4_PAE;
@@ -154,12 +163,7 @@ pub fn protected_mode_sregs(base: &kvm_sregs) -> kvm_sregs {
     let data = segment_from_gdt(BOOT_GDT[DATA_INDEX as usize], DATA_INDEX);
     sregs.gdt.base = BOOT_GDT_START;
     sregs.gdt.limit = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_segments(&mut sregs, code, data);
     sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET) & !X86_CR0_PG;
     sregs.cr4 &= !X86_CR4_PAE;
     sregs.efer &= !(EFER_LME | EFER_LMA);
@@ -189,13 +193,7 @@ pub fn reset_real_mode_sregs(base: &kvm_sregs, cs_selector: u16) -> kvm_sregs {
     };
     // Types (SDM Vol. 3A, 3.4.5.1): 0xb code execute/read accessed, 0x3 data read/write
     // accessed; system types 0x2 LDT and 0xb busy TSS.
-    sregs.cs = segment(cs_selector, 0xb);
-    let data = segment(0, 0x3);
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    set_segments(&mut sregs, segment(cs_selector, 0xb), segment(0, 0x3));
     sregs.ldt = kvm_segment {
         s: 0,
         type_: 0x2,
