@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{AcpiConfig, AcpiTables};
-use crate::arch::x86_64::{boot, regs};
+use crate::arch::x86_64::boot::KernelFormat;
+use crate::arch::x86_64::multiboot::MULTIBOOT_BOOTLOADER_MAGIC;
+use crate::arch::x86_64::{bios, boot, regs};
 use crate::config::{DeviceConfig, ViommuConfig, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::Bus;
@@ -18,7 +20,8 @@ use crate::devices::legacy::serial::InputSource;
 use crate::devices::vtd::SharedVtd;
 use crate::exit::{ExitHandle, VmExit};
 use crate::pci::bus::PciBus;
-use crate::runner::{self, RunError};
+use crate::runner::{self, RunError, S3};
+use crate::sleep::SleepHandle;
 use crate::vstate::memory::{check_host_memory, create_guest_memory};
 use crate::vstate::vcpu::{CpuMode, Vcpu};
 use crate::vstate::vm::{Irqchip, Vm};
@@ -41,6 +44,9 @@ pub enum BuildError {
     /// Boot structures.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// BIOS state for multiboot kernels.
+    #[error(transparent)]
+    Bios(#[from] bios::BiosError),
     /// ACPI tables.
     #[error(transparent)]
     Acpi(#[from] crate::acpi::AcpiError),
@@ -53,18 +59,22 @@ pub enum BuildError {
     /// The exit eventfd could not be created.
     #[error("cannot create the exit eventfd: {0}")]
     ExitEvent(#[source] std::io::Error),
+    /// The sleep eventfd could not be created.
+    #[error("cannot create the sleep eventfd: {0}")]
+    SleepEvent(#[source] std::io::Error),
 }
 
 /// What the guest boots.
 pub enum BootSource {
-    /// A Linux bzImage.
-    Linux {
-        /// bzImage path.
+    /// A kernel file: a Linux bzImage or a multiboot kernel, told apart by its header.
+    Kernel {
+        /// Kernel path.
         kernel: PathBuf,
-        /// Optional initramfs.
+        /// Optional initramfs (a multiboot kernel's first module).
         initramfs: Option<PathBuf>,
-        /// Command line.
-        cmdline: String,
+        /// Command line; `None` takes the format's default
+        /// ([`boot::KernelFormat::default_cmdline`]).
+        cmdline: Option<String>,
     },
     /// Code of our own (tests): copied to `load_addr`, started at `mode`'s entry. No in-kernel
     /// irqchip, so HLT exits to us and ends the run.
@@ -121,12 +131,13 @@ pub enum SerialIn {
 }
 
 impl MachineConfig {
-    /// The configuration the command line asks for: Linux, console on stdout, stdin as input.
+    /// The configuration the command line asks for: its kernel, console on stdout, stdin as
+    /// input.
     pub fn from_vm_config(c: &VmConfig) -> Self {
         Self {
             vcpus: c.vcpus,
             memory_size: c.memory_size,
-            boot: BootSource::Linux {
+            boot: BootSource::Kernel {
                 kernel: c.kernel.clone(),
                 initramfs: c.initramfs.clone(),
                 cmdline: c.cmdline.clone(),
@@ -149,6 +160,9 @@ pub struct Vmm {
     vm: Vm,
     mem: GuestMemoryMmap,
     exit: ExitHandle,
+    sleep: SleepHandle,
+    /// Where the FACS is: the S3 waking vector is read from it.
+    facs_addr: u64,
     serial_in: Option<SerialIn>,
 }
 
@@ -159,12 +173,12 @@ impl Vmm {
             BootSource::Raw { .. } => None,
             _ => Some(cfg.irqchip),
         };
-        if let BootSource::Linux {
-            kernel, initramfs, ..
-        } = &cfg.boot
-        {
-            boot::check_boot_files(kernel, initramfs.as_deref())?;
-        }
+        let format = match &cfg.boot {
+            BootSource::Kernel {
+                kernel, initramfs, ..
+            } => Some(boot::check_boot_files(kernel, initramfs.as_deref())?),
+            _ => None,
+        };
         check_host_memory(cfg.memory_size)?;
         let mut vm = Vm::new()?;
         let mem = create_guest_memory(cfg.memory_size)?;
@@ -173,8 +187,16 @@ impl Vmm {
             vm.setup_irqchip(irqchip)?;
         }
         let exit = ExitHandle::new().map_err(BuildError::ExitEvent)?;
+        let sleep = SleepHandle::new().map_err(BuildError::SleepEvent)?;
 
-        let mut devices = DeviceManager::new(&vm, cfg.memory_size, cfg.serial_out, &exit)?;
+        let mut devices = DeviceManager::new(
+            &vm,
+            cfg.memory_size,
+            cfg.vcpus,
+            cfg.serial_out,
+            &exit,
+            &sleep,
+        )?;
         if let Some(c) = cfg.viommu {
             devices.add_vtd(c, &vm, &mem)?;
         }
@@ -183,19 +205,27 @@ impl Vmm {
         extra_tables.extend(devices.acpi_tables());
         regs::write_boot_structures(&mem)?;
         boot::write_reset_stub(&mem)?;
-        let rsdp = AcpiTables::build(&AcpiConfig {
+        let tables = AcpiTables::build(&AcpiConfig {
             vcpus: cfg.vcpus,
             ram_size: cfg.memory_size,
             extra_tables,
             pcat_compat: vm.irqchip() != Some(Irqchip::Split),
-        })?
-        .write(&mem)?;
+        })?;
+        let rsdp = tables.write(&mem)?;
+        // A multiboot kernel comes from a BIOS boot loader and finds what POST left: the IVT,
+        // and the PICs and the PIT where KVM has them (the split irqchip has neither).
+        if matches!(format, Some(KernelFormat::Multiboot(_))) {
+            bios::write_ivt(&mem)?;
+            if vm.irqchip() == Some(Irqchip::Kernel) {
+                bios::program_pic_and_pit(vm.fd())?;
+            }
+        }
 
-        let mode = load_payload(&mem, &cfg.boot, cfg.memory_size, rsdp)?;
+        let mode = load_payload(&mem, &cfg.boot, format, cfg.memory_size, rsdp)?;
 
         let mut vcpus = Vec::new();
         for id in 0..cfg.vcpus {
-            let vcpu = Vcpu::new(&vm, id)?;
+            let mut vcpu = Vcpu::new(&vm, id)?;
             vcpu.configure(&vm, cfg.vcpus, mode)?;
             vcpus.push(vcpu);
         }
@@ -206,6 +236,8 @@ impl Vmm {
             vm,
             mem,
             exit,
+            sleep,
+            facs_addr: tables.facs_addr,
             serial_in: Some(cfg.serial_in),
         })
     }
@@ -275,29 +307,69 @@ impl Vmm {
     /// teardown, e.g. to read the VT-d's counters of the guest's run.
     pub fn run_with(mut self, on_stop: impl FnOnce(&Vmm)) -> Result<VmExit, RunError> {
         let vcpus = std::mem::take(&mut self.vcpus);
-        let outcome = runner::run(vcpus, &self.devices, &self.exit, self.serial_in.take());
+        let s3 = S3 {
+            sleep: &self.sleep,
+            mem: &self.mem,
+            facs_addr: self.facs_addr,
+        };
+        let outcome = runner::run(vcpus, &self.devices, &self.exit, self.serial_in.take(), s3);
         on_stop(&self);
         outcome
     }
 }
 
-/// Loads the boot payload; returns how the boot vCPU starts.
+/// Loads the boot payload (`format` is a kernel's, from [`boot::check_boot_files`]); returns
+/// how the boot vCPU starts.
 fn load_payload(
     mem: &GuestMemoryMmap,
     boot: &BootSource,
+    format: Option<KernelFormat>,
     ram_size: u64,
     rsdp: u64,
 ) -> Result<CpuMode, BuildError> {
     match boot {
-        BootSource::Linux {
+        BootSource::Kernel {
             kernel,
             initramfs,
             cmdline,
         } => {
-            let entry =
-                boot::load_linux(mem, ram_size, kernel, initramfs.as_deref(), cmdline, rsdp)?;
-            log::info!("kernel entry {:#x}", entry.entry);
-            Ok(CpuMode::LongMode { rip: entry.entry })
+            // `build` checked the file, so its format is known.
+            let format = format.unwrap_or(KernelFormat::BzImage);
+            let cmdline = cmdline.as_deref().unwrap_or(format.default_cmdline());
+            match format {
+                KernelFormat::BzImage => {
+                    let entry = boot::load_linux(
+                        mem,
+                        ram_size,
+                        kernel,
+                        initramfs.as_deref(),
+                        cmdline,
+                        rsdp,
+                    )?;
+                    log::info!("kernel entry {:#x}", entry.entry);
+                    Ok(CpuMode::LongMode { rip: entry.entry })
+                }
+                KernelFormat::Multiboot(header) => {
+                    let entry = boot::load_multiboot(
+                        mem,
+                        ram_size,
+                        kernel,
+                        &header,
+                        initramfs.as_deref(),
+                        cmdline,
+                    )?;
+                    log::info!(
+                        "multiboot entry {:#x}, information at {:#x}",
+                        entry.eip,
+                        entry.info_addr
+                    );
+                    Ok(CpuMode::ProtectedMode32 {
+                        eip: entry.eip,
+                        eax: MULTIBOOT_BOOTLOADER_MAGIC,
+                        ebx: entry.info_addr,
+                    })
+                }
+            }
         }
         BootSource::Raw {
             image,

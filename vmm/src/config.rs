@@ -16,8 +16,8 @@ pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 pub const DEFAULT_VCPUS: u8 = 1;
 /// Upper bound on vCPUs: APIC IDs must fit the 8-bit xAPIC ID and MADT entry fields.
 pub const MAX_VCPUS: u8 = 254;
-/// Default kernel command line: serial console, reboot through the triple-fault/ACPI paths we
-/// handle, and fail loudly instead of waiting on a panic.
+/// Default command line of a bzImage: serial console, reboot through the triple-fault/ACPI
+/// paths we handle, and fail loudly instead of waiting on a panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Errors of command line parsing; each message names the option and the offending value.
@@ -108,12 +108,13 @@ pub enum Command {
 /// The whole VM configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
-    /// Path of the bzImage.
+    /// Path of the bzImage or multiboot kernel.
     pub kernel: PathBuf,
-    /// Optional initramfs.
+    /// Optional initramfs (a multiboot kernel's first module).
     pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
+    /// Kernel command line, when given; otherwise the kernel format's default applies
+    /// (`arch::x86_64::boot::KernelFormat::default_cmdline`).
+    pub cmdline: Option<String>,
     /// Number of vCPUs.
     pub vcpus: u8,
     /// Guest RAM in bytes.
@@ -164,9 +165,11 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
            [--irqchip kernel|split]
 
 Options:
-  --kernel PATH        Linux bzImage to boot (64-bit boot protocol)
-  --initramfs PATH     initramfs loaded for the kernel
-  --cmdline STR        kernel command line (default: \"console=ttyS0 reboot=k panic=1\")
+  --kernel PATH        kernel to boot: a Linux bzImage (64-bit boot protocol) or a multiboot
+                       kernel (ELF or a.out kludge, e.g. a kvm-unit-tests .flat file)
+  --initramfs PATH     initramfs loaded for a bzImage; a multiboot kernel's first module
+  --cmdline STR        kernel command line (default for a bzImage: \"console=ttyS0 reboot=k
+                       panic=1\"; a multiboot kernel gets its path, then STR if given)
   --cpus boot=N        number of vCPUs, 1..254 (default 1)
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
   --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
@@ -189,7 +192,8 @@ Options:
   -V, --version        print the version
 
 Exit status: 0 when the guest powers off or reboots, 1 when the guest kernel panics or on any
-error (one line on stderr says which). RUST_LOG=debug shows diagnostics.";
+error (one line on stderr says which), (V << 1) | 1 when the guest writes V to the
+isa-debug-exit port 0xf4 (as QEMU's isa-debug-exit). RUST_LOG=debug shows diagnostics.";
 
 /// A parsed `key=value,key=value` list of one option.
 #[derive(Debug)]
@@ -463,7 +467,7 @@ where
     Ok(Command::Run(VmConfig {
         kernel: kernel.ok_or(ConfigError::MissingKernel)?,
         initramfs,
-        cmdline: cmdline.unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        cmdline,
         vcpus: vcpus.unwrap_or(DEFAULT_VCPUS),
         memory_size: memory.unwrap_or(DEFAULT_MEMORY_SIZE),
         viommu,
@@ -545,7 +549,7 @@ mod tests {
         ]);
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.initramfs, Some(PathBuf::from("/i")));
-        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!(c.cmdline.as_deref(), Some("console=ttyS0 quiet"));
         assert_eq!(c.vcpus, 2);
         assert_eq!(c.memory_size, 2 << 30);
     }
@@ -555,7 +559,9 @@ mod tests {
         let c = run(&["--kernel=/k", "--memory=size=256M"]);
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.memory_size, 256 << 20);
-        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        // The default depends on the kernel's format (a bzImage gets DEFAULT_CMDLINE):
+        // boot::KernelFormat::default_cmdline, tested there.
+        assert_eq!(c.cmdline, None);
         assert_eq!(c.initramfs, None);
     }
 

@@ -1,26 +1,33 @@
 //! Running a built VM: one thread a vCPU, the event loop on the calling thread (exit requests,
-//! serial input, the VT-d's deferred-flush timer and queue doorbells, the IOAPIC's storm guard),
-//! and the stop that kicks every vCPU once.
+//! serial input, the VT-d's deferred-flush timer and queue doorbells, the IOAPIC's storm guard,
+//! ACPI S3: getting the vCPUs out of a sleeping guest and waking it), and the stop that kicks
+//! every vCPU once.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
+use crate::acpi::FACS_WAKING_VECTOR_OFFSET;
 use crate::builder::SerialIn;
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::serial::{InputSource, SerialInput};
 use crate::devices::vtd::{self, DeferredFlushTimer, DoorbellWatcher};
 use crate::exit::{ExitHandle, VmExit};
+use crate::sleep::{Resume, SleepHandle};
 use crate::vstate::kick::{install_kick_handler, kick_signal, KickError};
 use crate::vstate::vcpu::{Vcpu, VcpuBuses};
 
 /// How long the event loop sleeps at most before it looks at the exit reason again.
 const EVENT_LOOP_TIMEOUT_MS: i32 = 200;
+/// While the guest enters S3: how often the event loop looks whether every vCPU has parked.
+const SLEEP_POLL_MS: i32 = 5;
 
 /// Errors running a VM; each says what failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +53,23 @@ fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> RunError {
     move |source| RunError::Host { what, source }
 }
 
+/// What the run loop needs to take the machine through ACPI S3 (see [`crate::sleep`]).
+pub(crate) struct S3<'a> {
+    /// The machine's sleep state, shared with the PM1 block and the vCPUs.
+    pub sleep: &'a SleepHandle,
+    /// Guest RAM, which holds the FACS.
+    pub mem: &'a GuestMemoryMmap,
+    /// The FACS, where the OS leaves the waking vector firmware jumps to on resume.
+    pub facs_addr: u64,
+}
+
 /// Runs `vcpus` until the guest powers off, resets, panics, halts (raw guests) or fails.
 pub(crate) fn run(
     vcpus: Vec<Vcpu>,
     devices: &DeviceManager,
     exit: &ExitHandle,
     serial_in: Option<SerialIn>,
+    s3: S3<'_>,
 ) -> Result<VmExit, RunError> {
     install_kick_handler()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -64,12 +82,13 @@ pub(crate) fn run(
     let mut spawn_error = None;
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let (b, e, s) = (buses.clone(), exit.clone(), stop.clone());
+        let sleep = s3.sleep.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 // A panicking vCPU thread must still end the run, not leave it waiting.
                 let _guard = PanicGuard(e.clone());
-                vcpu.run(b, e, s)
+                vcpu.run(b, e, s, sleep)
             });
         match spawned {
             Ok(t) => threads.push(t),
@@ -82,7 +101,7 @@ pub(crate) fn run(
 
     let result = match spawn_error {
         Some(e) => Err(e),
-        None => event_loop(devices, exit, serial_in),
+        None => event_loop(devices, exit, serial_in, SleepTender::new(s3, &threads)),
     };
     let panicked = stop_vcpus(threads, &stop);
     // No device may keep reaching memory the guest unmapped once the VM is gone.
@@ -99,6 +118,7 @@ fn event_loop(
     devices: &DeviceManager,
     exit: &ExitHandle,
     serial_in: Option<SerialIn>,
+    mut sleep: SleepTender<'_>,
 ) -> Result<VmExit, RunError> {
     let mut em = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(RunError::EventManager)?;
@@ -107,6 +127,11 @@ fn event_loop(
         .try_clone()
         .map_err(host("cannot clone the exit eventfd"))?;
     em.add_subscriber(Box::new(ExitWatcher(exit_evt)));
+    let sleep_evt = sleep
+        .event()
+        .try_clone()
+        .map_err(host("cannot clone the sleep eventfd"))?;
+    em.add_subscriber(Box::new(ExitWatcher(sleep_evt)));
     if let Some(ioapic) = devices.ioapic() {
         em.add_subscriber(Box::new(ioapic.storm_timer()));
     }
@@ -143,8 +168,84 @@ fn event_loop(
         if let Some(reason) = exit.reason() {
             return Ok(reason);
         }
-        em.run_with_timeout(EVENT_LOOP_TIMEOUT_MS)
+        let timeout = match sleep.tend(devices) {
+            Ok(ms) => ms,
+            Err(exit) => return Ok(exit),
+        };
+        em.run_with_timeout(timeout)
             .map_err(RunError::EventManager)?;
+    }
+}
+
+/// The event loop's part in ACPI S3. Once the guest suspends, each vCPU gets one kick out of
+/// the guest (it parks at its next look at the sleep state: a kick makes KVM_RUN return even
+/// when it lands just before it). Once all are parked, the machine wakes when the guest's wake
+/// event is due, at the FACS waking vector, as firmware resumes a PC.
+struct SleepTender<'a> {
+    s3: S3<'a>,
+    threads: &'a [JoinHandle<()>],
+    /// Whether this sleep's kicks went out.
+    kicked: bool,
+    /// This sleep's wake time, worked out once every vCPU parked; `Some(None)`: no wake event.
+    wake_at: Option<Option<Duration>>,
+}
+
+impl<'a> SleepTender<'a> {
+    fn new(s3: S3<'a>, threads: &'a [JoinHandle<()>]) -> Self {
+        Self {
+            s3,
+            threads,
+            kicked: false,
+            wake_at: None,
+        }
+    }
+
+    /// Signalled when the guest suspends.
+    fn event(&self) -> &EventFd {
+        self.s3.sleep.event()
+    }
+
+    /// Looks after a sleeping machine. Returns how many ms the event loop may wait before
+    /// looking again, or the exit when the wake finds no waking vector (firmware would reboot).
+    fn tend(&mut self, devices: &DeviceManager) -> Result<i32, VmExit> {
+        let sleep = self.s3.sleep;
+        if !sleep.is_asleep() {
+            return Ok(EVENT_LOOP_TIMEOUT_MS);
+        }
+        if !self.kicked {
+            kick_vcpus(self.threads);
+            self.kicked = true;
+        }
+        if sleep.parked() < self.threads.len() {
+            return Ok(SLEEP_POLL_MS);
+        }
+        // Without a wake event the machine sleeps until the VMM is stopped.
+        let Some(at) = *self.wake_at.get_or_insert_with(|| devices.s3_wake_time()) else {
+            return Ok(EVENT_LOOP_TIMEOUT_MS);
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        if now < at {
+            let ms = (at - now).as_millis() + 1;
+            return Ok(ms.min(EVENT_LOOP_TIMEOUT_MS as u128) as i32);
+        }
+        // Firmware's resume path: the OS's waking vector from the FACS.
+        let vector: u32 = self
+            .s3
+            .mem
+            .read_obj(GuestAddress(self.s3.facs_addr + FACS_WAKING_VECTOR_OFFSET))
+            .unwrap_or(0);
+        let Some(resume) = Resume::at_waking_vector(vector) else {
+            return Err(VmExit::Reboot {
+                cause: "S3 wake without a real-mode waking vector in the FACS",
+            });
+        };
+        devices.note_s3_wake_by_rtc();
+        sleep.wake(resume);
+        self.kicked = false;
+        self.wake_at = None;
+        Ok(EVENT_LOOP_TIMEOUT_MS)
     }
 }
 
@@ -152,13 +253,18 @@ fn event_loop(
 /// kick makes KVM_RUN return even when it lands just before the thread enters it.
 fn stop_vcpus(threads: Vec<JoinHandle<()>>, stop: &AtomicBool) -> bool {
     stop.store(true, Ordering::Release);
+    kick_vcpus(&threads);
+    threads.into_iter().any(|t| t.join().is_err())
+}
+
+/// Sends each running vCPU thread one kick, which gets it out of KVM_RUN.
+fn kick_vcpus(threads: &[JoinHandle<()>]) {
     for t in threads.iter().filter(|t| !t.is_finished()) {
         // A thread that ends meanwhile is still joinable, so the signal goes nowhere harmful.
         if let Err(e) = t.kill(kick_signal()) {
             log::warn!("cannot kick vCPU thread {:?}: {e}", t.thread().name());
         }
     }
-    threads.into_iter().any(|t| t.join().is_err())
 }
 
 /// Reports a vCPU thread that unwinds as a failed run.
@@ -173,7 +279,7 @@ impl Drop for PanicGuard {
     }
 }
 
-/// Drains the exit eventfd so the loop wakes to check the exit reason.
+/// Drains an eventfd (the exit's or the sleep's) so the loop wakes to look at the VM's state.
 struct ExitWatcher(EventFd);
 
 impl MutEventSubscriber for ExitWatcher {

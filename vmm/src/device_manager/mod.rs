@@ -18,18 +18,23 @@ pub mod vfio;
 pub mod vtd;
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use viommu::SourceId;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{DeviceConfig, ViommuConfig};
+use crate::devices::acpi_pm1::Pm1Block;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
+use crate::devices::fw_cfg::FwCfgConfig;
 use crate::devices::ioapic::kvm::KvmIoapic;
+use crate::devices::legacy::rtc::Rtc;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::vtd::SharedVtd;
 use crate::exit::ExitHandle;
 use crate::pci::bus::{PciBus, PciBusError};
+use crate::sleep::SleepHandle;
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors setting devices up; each names the device and what failed.
@@ -82,32 +87,44 @@ pub struct DeviceManager {
     mmio: Arc<Bus>,
     pci: Arc<Mutex<PciBus>>,
     serial: Arc<Mutex<SerialDevice>>,
+    rtc: Arc<Mutex<Rtc>>,
+    pm1: Arc<Mutex<Pm1Block>>,
     vtd: Option<SharedVtd>,
     ioapic: Option<KvmIoapic>,
 }
 
 impl DeviceManager {
     /// The buses, the IOAPIC when `vm` has the split irqchip, the legacy devices (COM1 writing
-    /// to `serial_out`, i8042, pvpanic, the ACPI PM register; those that end the VM do so
-    /// through `exit`) and the PCI root with its host bridge, for a VM with `ram_size` bytes of
-    /// RAM.
+    /// to `serial_out`, i8042, pvpanic, the ACPI PM register, fw_cfg, isa-debug-exit, the RTC,
+    /// the PM1 block, pc-testdev; those that end the VM do so through `exit`, the PM1 block
+    /// suspends it through `sleep`) and the PCI root with its host bridge, for a VM with
+    /// `vcpus` vCPUs and `ram_size` bytes of RAM.
     pub fn new(
         vm: &Vm,
         ram_size: u64,
+        vcpus: u8,
         serial_out: Box<dyn Write + Send>,
         exit: &ExitHandle,
+        sleep: &SleepHandle,
     ) -> Result<Self, DeviceManagerError> {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let ioapic = ioapic::create_ioapic(vm, &mmio)?;
-        let serial = legacy::add_legacy_devices(&pio, vm, serial_out, exit)?;
+        let fw_cfg = FwCfgConfig {
+            boot_cpus: vcpus.into(),
+            max_cpus: vcpus.into(),
+            ram_size,
+        };
+        let legacy = legacy::add_legacy_devices(&pio, vm, serial_out, exit, sleep, fw_cfg)?;
         let pci = pci::create_pci_root(ram_size, &mmio, &pio)?;
         Ok(Self {
             vfio: None,
             pio,
             mmio,
             pci,
-            serial,
+            serial: legacy.serial,
+            rtc: legacy.rtc,
+            pm1: legacy.pm1,
             vtd: None,
             ioapic,
         })
@@ -189,11 +206,30 @@ impl DeviceManager {
         self.vtd.as_ref()
     }
 
+    /// While the guest sleeps in S3: when its wake event comes, as host time since the Unix
+    /// epoch. The one wake event is the RTC alarm, when the guest enabled it (PM1_EN.RTC_EN);
+    /// `None` when there is none, and the machine sleeps until the VMM stops.
+    pub fn s3_wake_time(&self) -> Option<Duration> {
+        let rtc_wake = lock(&self.pm1).rtc_wake_enabled();
+        rtc_wake.then(|| lock(&self.rtc).next_alarm()).flatten()
+    }
+
+    /// Records the wake from S3 by the RTC alarm in PM1 status (WAK_STS, RTC_STS).
+    pub fn note_s3_wake_by_rtc(&self) {
+        lock(&self.pm1).note_wake(true);
+    }
+
     /// The user-space IOAPIC, with the split irqchip: the vCPUs hand it EOIs, the event loop
     /// runs its storm guard's timer.
     pub fn ioapic(&self) -> Option<&KvmIoapic> {
         self.ioapic.as_ref()
     }
+}
+
+/// Locks a device; one that panicked holding its lock left it usable (its accesses complete or
+/// are dropped whole).
+fn lock<T>(device: &Mutex<T>) -> MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for DeviceManager {

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_lapic_state, kvm_mp_state, kvm_regs, Msrs, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::{debug_limited, trace_limited, warn_limited};
@@ -16,6 +18,7 @@ use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::devices::ioapic::{self, SharedIoapic};
 use crate::exit::{ExitHandle, VmExit};
+use crate::sleep::{Resume, SleepHandle};
 use crate::vstate::kick::KickTarget;
 use crate::vstate::vm::Vm;
 
@@ -66,6 +69,16 @@ pub enum CpuMode {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    /// What a platform reset (the wake from S3) brings back, taken when configured.
+    reset: Option<ResetState>,
+}
+
+/// A vCPU's interrupt controller state as configured: a reset returns to it.
+struct ResetState {
+    /// The local APIC registers (with the in-kernel irqchip).
+    lapic: Option<kvm_lapic_state>,
+    /// IA32_APIC_BASE: xAPIC mode, and the BSP flag on vCPU 0.
+    apic_base: u64,
 }
 
 impl Vcpu {
@@ -79,7 +92,11 @@ impl Vcpu {
                 what: "KVM_CREATE_VCPU",
                 source,
             })?;
-        Ok(Self { fd, id })
+        Ok(Self {
+            fd,
+            id,
+            reset: None,
+        })
     }
 
     fn ioctl(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -89,7 +106,7 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs, FPU, LAPIC LINT pins; for the boot vCPU (id 0) also the registers
     /// for `mode`. Application processors wait for INIT/SIPI from the guest.
-    pub fn configure(&self, vm: &Vm, count: u8, mode: CpuMode) -> Result<(), VcpuError> {
+    pub fn configure(&mut self, vm: &Vm, count: u8, mode: CpuMode) -> Result<(), VcpuError> {
         let mut cpuid = vm.supported_cpuid().clone();
         cpuid::patch_cpuid(cpuid.as_mut_slice(), self.id, count);
         if vm.has_tsc_deadline() {
@@ -101,34 +118,24 @@ impl Vcpu {
             .set_cpuid2(&cpuid)
             .map_err(self.ioctl("KVM_SET_CPUID2"))?;
 
-        let entries = msr::boot_msr_entries();
-        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
-            id: self.id,
-            set: 0,
-            want: entries.len(),
-        })?;
-        let set = self
-            .fd
-            .set_msrs(&msrs)
-            .map_err(self.ioctl("KVM_SET_MSRS"))?;
-        if set != entries.len() {
-            return Err(VcpuError::Msrs {
-                id: self.id,
-                set,
-                want: entries.len(),
-            });
-        }
-        self.fd
-            .set_fpu(&regs::boot_fpu())
-            .map_err(self.ioctl("KVM_SET_FPU"))?;
+        self.set_boot_msrs_and_fpu()?;
 
-        if vm.has_irqchip() {
+        let lapic = if vm.has_irqchip() {
             let mut lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
             interrupts::set_lint(&mut lapic);
             self.fd
                 .set_lapic(&lapic)
                 .map_err(self.ioctl("KVM_SET_LAPIC"))?;
-        }
+            Some(lapic)
+        } else {
+            None
+        };
+        let apic_base = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl("KVM_GET_SREGS"))?
+            .apic_base;
+        self.reset = Some(ResetState { lapic, apic_base });
 
         if self.id == 0 || !vm.has_irqchip() {
             let base = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
@@ -153,9 +160,79 @@ impl Vcpu {
         Ok(())
     }
 
+    fn set_boot_msrs_and_fpu(&self) -> Result<(), VcpuError> {
+        let entries = msr::boot_msr_entries();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Msrs {
+            id: self.id,
+            set: 0,
+            want: entries.len(),
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.ioctl("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(VcpuError::Msrs {
+                id: self.id,
+                set,
+                want: entries.len(),
+            });
+        }
+        self.fd
+            .set_fpu(&regs::boot_fpu())
+            .map_err(self.ioctl("KVM_SET_FPU"))
+    }
+
+    /// Resets the vCPU for the wake from S3: the boot vCPU to real mode at the waking vector,
+    /// the others to wait for INIT/SIPI; MSRs, FPU and local APIC as configured.
+    fn reset_for_wake(&self, resume: Resume) -> Result<(), VcpuError> {
+        let Some(reset) = &self.reset else {
+            return Ok(());
+        };
+        let base = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
+        // An AP's CS comes from its SIPI; until then it holds the reset value F000.
+        let cs = if self.id == 0 { resume.cs() } else { 0xf000 };
+        let mut sregs = regs::reset_real_mode_sregs(&base, cs);
+        sregs.apic_base = reset.apic_base;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.ioctl("KVM_SET_SREGS"))?;
+        let ip = if self.id == 0 { resume.ip() } else { 0xfff0 };
+        self.fd
+            .set_regs(&kvm_regs {
+                rflags: 0x2, // bit 1 reads as 1 (SDM Vol. 1, 3.4.3)
+                rip: u64::from(ip),
+                ..Default::default()
+            })
+            .map_err(self.ioctl("KVM_SET_REGS"))?;
+        self.set_boot_msrs_and_fpu()?;
+        if let Some(lapic) = &reset.lapic {
+            self.fd
+                .set_lapic(lapic)
+                .map_err(self.ioctl("KVM_SET_LAPIC"))?;
+            let mp_state = if self.id == 0 {
+                KVM_MP_STATE_RUNNABLE
+            } else {
+                KVM_MP_STATE_UNINITIALIZED
+            };
+            self.fd
+                .set_mp_state(kvm_mp_state { mp_state })
+                .map_err(self.ioctl("KVM_SET_MP_STATE"))?;
+        }
+        Ok(())
+    }
+
     /// Runs until `stop` is set or an exit ends the VM; reports through `exit`. To stop it, set
-    /// `stop`, then send this thread one [`crate::vstate::kick::kick_signal`].
-    pub fn run(mut self, buses: VcpuBuses, exit: ExitHandle, stop: Arc<AtomicBool>) {
+    /// `stop`, then send this thread one [`crate::vstate::kick::kick_signal`]. While `sleep`
+    /// says the machine is in S3 it stays out of the guest (a kick gets it out of KVM_RUN) and
+    /// comes back reset.
+    pub fn run(
+        mut self,
+        buses: VcpuBuses,
+        exit: ExitHandle,
+        stop: Arc<AtomicBool>,
+        sleep: SleepHandle,
+    ) {
         let id = self.id;
         let mut counts = ExitCounts::default();
         let mut unhandled = UnhandledPorts::default();
@@ -164,6 +241,15 @@ impl Vcpu {
         loop {
             if stop.load(Ordering::Acquire) {
                 break;
+            }
+            if sleep.is_asleep() {
+                if let Some(resume) = sleep.park(&stop) {
+                    if let Err(e) = self.reset_for_wake(resume) {
+                        exit.request(VmExit::Failed(format!("S3 resume: {e}")));
+                        break;
+                    }
+                }
+                continue;
             }
             match self.fd.run() {
                 Ok(e) => {
@@ -174,7 +260,7 @@ impl Vcpu {
                     }
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    // Kicked: see whether to stop, else run on.
+                    // Kicked: see whether to stop or sleep, else run on.
                     self.fd.set_kvm_immediate_exit(0);
                 }
                 Err(e) => {
