@@ -1,6 +1,5 @@
-//! kvm-unit-tests on our vmm, directly on this machine's KVM: the suite built from the shared
-//! tarball (`shared/kvm-unit-tests/kvm-unit-tests-*.tar.gz` in an ancestor of the workspace, or
-//! `$KUT_TARBALL`) into `target/kvm-unit-tests`, the vmm binary built for the tests (or
+//! kvm-unit-tests on our vmm, directly on this machine's KVM: the suite built from the tarball
+//! kept in `resources/kvm-unit-tests/` (or `$KUT_TARBALL`) into `target/kvm-unit-tests`, the vmm binary built for the tests (or
 //! `$KUT_VMM`), and a test run as the suite's `x86/run` runs it under QEMU: the `.flat` as the
 //! kernel, `-smp` as `--cpus`, `-append` as `--cmdline`, the environment file as the initramfs.
 //!
@@ -79,31 +78,23 @@ fn find_tarball() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("KUT_TARBALL") {
         return Ok(PathBuf::from(p));
     }
-    let ws = workspace();
-    for dir in ws
-        .ancestors()
-        .map(|a| a.join("shared").join("kvm-unit-tests"))
-    {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        let mut tarballs: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("kvm-unit-tests-") && n.ends_with(".tar.gz"))
-            })
-            .collect();
-        tarballs.sort();
-        if let Some(t) = tarballs.pop() {
-            return Ok(t);
-        }
-    }
-    Err(format!(
-        "no shared/kvm-unit-tests/kvm-unit-tests-*.tar.gz above {} (set KUT_TARBALL)",
-        ws.display()
-    ))
+    let dir = workspace().join("resources").join("kvm-unit-tests");
+    let mut tarballs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("cannot list {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("kvm-unit-tests-") && n.ends_with(".tar.gz"))
+        })
+        .collect();
+    tarballs.sort();
+    tarballs.pop().ok_or_else(|| {
+        format!(
+            "no kvm-unit-tests-*.tar.gz in {} (set KUT_TARBALL)",
+            dir.display()
+        )
+    })
 }
 
 /// The built suite: `target/kvm-unit-tests` with its `x86/*.flat`. Built once, then reused
