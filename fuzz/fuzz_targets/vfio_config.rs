@@ -109,12 +109,9 @@ fuzz_target!(|input: Input| {
         _ => FakeDevice::intx_only(),
     };
     let routes = FakeRoutes::default();
-    let Ok(mut f) = PciFunction::new(
-        "fuzz",
-        dev,
-        Box::new(routes.clone()),
-        &|pin| Some(9 + u32::from(pin)),
-    ) else {
+    let Ok(mut f) = PciFunction::new("fuzz", dev, Box::new(routes.clone()), &|pin| {
+        Some(9 + u32::from(pin))
+    }) else {
         return;
     };
     f.place_bars(&mut BumpAllocator::new(0xc000_0000, RAM.to_vec()))
