@@ -1,10 +1,15 @@
-//! Legacy (128-bit) invalidation descriptors (VT-d spec 6.5.2).
+//! Invalidation descriptors (VT-d spec 6.5.2): the legacy ones (types 1-5), valid in both modes,
+//! and the PASID-based ones (types 6-8) of scalable mode.
 //!
-//! Decoding is strict: an unknown type or a reserved bit set makes the descriptor invalid, which
-//! the queue reports as FSTS.IQE (6.5.2.10) without acting on it.
+//! A queue of 128-bit descriptors holds [`decode`]'s; in a queue of 256-bit descriptors
+//! (IQA.DW), which scalable mode requires, every type defined here uses the low 128 bits and the
+//! upper 128 are reserved ([`decode_in`]). Decoding is strict: an unknown type (the PASID-based
+//! ones in legacy mode among them) or a reserved bit set makes the descriptor invalid, which the
+//! queue reports as FSTS.IQE (6.5.2.10) without acting on it.
 
 use crate::intremap::IecScope;
 use crate::regs::MAMV;
+use crate::tables::TableMode;
 use crate::SourceId;
 
 /// Descriptor type, bits 3:0 (bits 11:9 extend it in newer specs and must be zero here).
@@ -14,6 +19,9 @@ const TYPE_IOTLB: u64 = 0x2;
 const TYPE_DEVICE_IOTLB: u64 = 0x3;
 const TYPE_IEC: u64 = 0x4;
 const TYPE_WAIT: u64 = 0x5;
+const TYPE_PASID_IOTLB: u64 = 0x6;
+const TYPE_PASID_CACHE: u64 = 0x7;
+const TYPE_PASID_DEVICE_IOTLB: u64 = 0x8;
 
 const GRANULARITY_SHIFT: u64 = 4;
 
@@ -39,6 +47,16 @@ const WAIT_LO_SW: u64 = 1 << 5;
 const WAIT_LO_FN: u64 = 1 << 6;
 const WAIT_LO_RSVD: u64 = 0xffff_ff80;
 const WAIT_HI_RSVD: u64 = 0x3;
+// 6.5.2.2 and 6.5.2.4: PASID-cache and PASID-based-IOTLB descriptors share their low quadword:
+// granularity 5:4, domain id 31:16, PASID 51:32; bits 8:6, 15:12 and 63:52 are reserved.
+const PASID_LO_RSVD: u64 = 0xfff0_0000_0000_f1c0;
+const PASID_SHIFT: u64 = 32;
+const PASID_MASK: u64 = 0xf_ffff;
+// 6.5.2.4: the PASID-based-IOTLB high quadword is the IOTLB one's (address, IH, AM).
+const PASID_IOTLB_HI_RSVD: u64 = IOTLB_HI_RSVD;
+// 6.5.2.6: PASID-based device-TLB: PFSID 63:52 and 15:12, PASID 51:32, SID 31:16, MIP 8:4 in
+// the low quadword; address 63:12, S (11) and G (0) in the high one, bits 10:1 reserved.
+const PASID_DEV_HI_RSVD: u64 = 0x7fe;
 
 /// Which context-cache entries a context-cache invalidation covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,11 +111,82 @@ pub enum IotlbScope {
 }
 
 impl IotlbScope {
-    /// The address range a page-selective invalidation covers.
+    /// The address range a page-selective invalidation covers. A mask of the whole address
+    /// space or more (PASID-based invalidations take any AM up to 63) covers everything.
     pub fn page_range(addr: u64, am: u8) -> (u64, u64) {
-        let size = 1u64 << (crate::PAGE_SHIFT + u32::from(am));
+        let Some(size) = 1u64.checked_shl(crate::PAGE_SHIFT + u32::from(am)) else {
+            return (0, u64::MAX);
+        };
         let start = addr & !(size - 1);
         (start, start.saturating_add(size))
+    }
+}
+
+/// Which PASID-cache entries a PASID-cache invalidation covers (6.5.2.2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasidCacheScope {
+    /// Every cached PASID entry.
+    Global,
+    /// The entries with this domain id.
+    Domain(u16),
+    /// The entry of `pasid` in `domain`.
+    Pasid { domain: u16, pasid: u32 },
+}
+
+impl PasidCacheScope {
+    /// Does this invalidation cover a cached PASID entry of `pasid` in `domain`? An entry the
+    /// unit could not resolve (None) is always covered: re-reading more than asked is allowed.
+    pub fn covers(&self, domain: Option<u16>, pasid: Option<u32>) -> bool {
+        match (*self, domain, pasid) {
+            (PasidCacheScope::Global, _, _) | (_, None, _) => true,
+            (PasidCacheScope::Domain(d), Some(dom), _) => d == dom,
+            (
+                PasidCacheScope::Pasid {
+                    domain: d,
+                    pasid: p,
+                },
+                Some(dom),
+                Some(pas),
+            ) => d == dom && p == pas,
+            (PasidCacheScope::Pasid { .. }, Some(_), None) => true,
+        }
+    }
+}
+
+/// Which IOTLB entries a PASID-based-IOTLB invalidation covers (6.5.2.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PasidIotlbScope {
+    /// Every mapping of `pasid` in `domain`.
+    Pasid { domain: u16, pasid: u32 },
+    /// 2^`am` pages at `addr` (aligned down to that size) of `pasid` in `domain`.
+    Page {
+        domain: u16,
+        pasid: u32,
+        addr: u64,
+        am: u8,
+        ih: bool,
+    },
+}
+
+impl PasidIotlbScope {
+    pub fn domain(&self) -> u16 {
+        match *self {
+            PasidIotlbScope::Pasid { domain, .. } | PasidIotlbScope::Page { domain, .. } => domain,
+        }
+    }
+
+    pub fn pasid(&self) -> u32 {
+        match *self {
+            PasidIotlbScope::Pasid { pasid, .. } | PasidIotlbScope::Page { pasid, .. } => pasid,
+        }
+    }
+
+    /// The address range the invalidation covers, or None for all of it.
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            PasidIotlbScope::Pasid { .. } => None,
+            PasidIotlbScope::Page { addr, am, .. } => Some(IotlbScope::page_range(addr, am)),
+        }
     }
 }
 
@@ -108,6 +197,13 @@ pub enum Descriptor {
     Iotlb(IotlbScope),
     /// Device-TLB invalidation: validated and counted; there is no ATS to act on yet.
     DeviceIotlb,
+    /// PASID-cache invalidation (scalable mode): cached PASID entries are re-read.
+    PasidCache(PasidCacheScope),
+    /// PASID-based-IOTLB invalidation (scalable mode).
+    PasidIotlb(PasidIotlbScope),
+    /// PASID-based device-TLB invalidation (scalable mode): validated and counted, as the
+    /// device-TLB one.
+    PasidDeviceIotlb,
     /// Interrupt entry cache invalidation: cached interrupt remappings are dropped.
     InterruptEntryCache(IecScope),
     Wait {
@@ -132,10 +228,19 @@ pub enum InvalidDescriptor {
     AddressMask(u64),
 }
 
-/// Decodes the descriptor whose low and high quadwords are `lo` and `hi`.
+/// Decodes the 128-bit descriptor whose low and high quadwords are `lo` and `hi`, as a queue
+/// of 128-bit descriptors holds it (legacy mode).
 pub fn decode(lo: u64, hi: u64) -> Result<Descriptor, InvalidDescriptor> {
+    decode_in(TableMode::Legacy, [lo, hi, 0, 0])
+}
+
+/// Decodes the descriptor `words` (its quadwords in order; the upper two are zero in a queue of
+/// 128-bit descriptors) for a unit translating in `mode`: the PASID-based types exist only in
+/// scalable mode.
+pub fn decode_in(mode: TableMode, words: [u64; 4]) -> Result<Descriptor, InvalidDescriptor> {
+    let [lo, hi, w2, w3] = words;
     let reserved = |lo_mask: u64, hi_mask: u64| {
-        if lo & lo_mask != 0 || hi & hi_mask != 0 {
+        if lo & lo_mask != 0 || hi & hi_mask != 0 || w2 != 0 || w3 != 0 {
             Err(InvalidDescriptor::Reserved { lo, hi })
         } else {
             Ok(())
@@ -143,6 +248,8 @@ pub fn decode(lo: u64, hi: u64) -> Result<Descriptor, InvalidDescriptor> {
     };
     let granularity = (lo >> GRANULARITY_SHIFT) & 0b11;
     let domain = ((lo >> 16) & 0xffff) as u16;
+    let pasid = ((lo >> PASID_SHIFT) & PASID_MASK) as u32;
+    let scalable = mode == TableMode::Scalable;
     match lo & TYPE_MASK {
         TYPE_CONTEXT_CACHE => {
             reserved(CC_LO_RSVD, u64::MAX)?;
@@ -203,6 +310,36 @@ pub fn decode(lo: u64, hi: u64) -> Result<Descriptor, InvalidDescriptor> {
                 interrupt: lo & WAIT_LO_IF != 0,
                 fence: lo & WAIT_LO_FN != 0,
             })
+        }
+        TYPE_PASID_CACHE if scalable => {
+            reserved(PASID_LO_RSVD, u64::MAX)?;
+            let scope = match granularity {
+                0 => PasidCacheScope::Domain(domain),
+                1 => PasidCacheScope::Pasid { domain, pasid },
+                3 => PasidCacheScope::Global,
+                g => return Err(InvalidDescriptor::Granularity(g)),
+            };
+            Ok(Descriptor::PasidCache(scope))
+        }
+        TYPE_PASID_IOTLB if scalable => {
+            reserved(PASID_LO_RSVD, PASID_IOTLB_HI_RSVD)?;
+            // The address mask is not bounded by CAP.MAMV (which concerns type 2 only).
+            let scope = match granularity {
+                2 => PasidIotlbScope::Pasid { domain, pasid },
+                3 => PasidIotlbScope::Page {
+                    domain,
+                    pasid,
+                    addr: hi & !0xfff,
+                    am: (hi & 0x3f) as u8,
+                    ih: hi & IOTLB_HI_IH != 0,
+                },
+                g => return Err(InvalidDescriptor::Granularity(g)),
+            };
+            Ok(Descriptor::PasidIotlb(scope))
+        }
+        TYPE_PASID_DEVICE_IOTLB if scalable => {
+            reserved(0, PASID_DEV_HI_RSVD)?;
+            Ok(Descriptor::PasidDeviceIotlb)
         }
         t => Err(InvalidDescriptor::UnknownType(t)),
     }
@@ -271,6 +408,48 @@ pub mod encode {
                 0,
             ],
         }
+    }
+
+    /// Linux's `qi_flush_pasid_cache(iommu, 0, QI_PC_GLOBAL, 0)`.
+    pub fn pasid_cache_global() -> [u64; 2] {
+        [0x7 | 3 << 4, 0]
+    }
+
+    /// Every PASID entry of `domain` (`QI_PC_ALL_PASIDS`).
+    pub fn pasid_cache_domain(domain: u16) -> [u64; 2] {
+        [0x7 | u64::from(domain) << 16, 0]
+    }
+
+    /// The entry of `pasid` in `domain` (`QI_PC_PASID_SEL`).
+    pub fn pasid_cache_pasid(domain: u16, pasid: u32) -> [u64; 2] {
+        [
+            0x7 | 1 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
+            0,
+        ]
+    }
+
+    /// Every mapping of `pasid` in `domain` (`qi_flush_piotlb` with `npages == -1`).
+    pub fn pasid_iotlb_pasid(domain: u16, pasid: u32) -> [u64; 2] {
+        [
+            0x6 | 2 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
+            0,
+        ]
+    }
+
+    /// 2^`am` pages at `addr` of `pasid` in `domain`.
+    pub fn pasid_iotlb_page(domain: u16, pasid: u32, addr: u64, am: u8, ih: bool) -> [u64; 2] {
+        [
+            0x6 | 3 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
+            (addr & !0xfff) | u64::from(ih) << 6 | u64::from(am & 0x3f),
+        ]
+    }
+
+    /// A PASID-based device-TLB invalidation (`qi_flush_dev_iotlb_pasid`).
+    pub fn pasid_device_iotlb(source: SourceId, pasid: u32, addr: u64, size: bool) -> [u64; 2] {
+        [
+            0x8 | u64::from(source.0) << 16 | u64::from(pasid & 0xf_ffff) << 32,
+            (addr & !0xfff) | u64::from(size) << 11,
+        ]
     }
 }
 
@@ -343,6 +522,148 @@ mod tests {
         );
     }
 
+    fn sm(d: [u64; 2]) -> Result<Descriptor, InvalidDescriptor> {
+        decode_in(TableMode::Scalable, [d[0], d[1], 0, 0])
+    }
+
+    #[test]
+    fn pasid_descriptors_decode_to_their_meaning_in_scalable_mode() {
+        assert_eq!(
+            sm(encode::pasid_cache_global()),
+            Ok(Descriptor::PasidCache(PasidCacheScope::Global))
+        );
+        assert_eq!(
+            sm(encode::pasid_cache_domain(5)),
+            Ok(Descriptor::PasidCache(PasidCacheScope::Domain(5)))
+        );
+        assert_eq!(
+            sm(encode::pasid_cache_pasid(5, 0xf_ffff)),
+            Ok(Descriptor::PasidCache(PasidCacheScope::Pasid {
+                domain: 5,
+                pasid: 0xf_ffff
+            }))
+        );
+        assert_eq!(
+            sm(encode::pasid_iotlb_pasid(3, 9)),
+            Ok(Descriptor::PasidIotlb(PasidIotlbScope::Pasid {
+                domain: 3,
+                pasid: 9
+            }))
+        );
+        assert_eq!(
+            sm(encode::pasid_iotlb_page(3, 9, 0x12_3456, 40, true)),
+            Ok(Descriptor::PasidIotlb(PasidIotlbScope::Page {
+                domain: 3,
+                pasid: 9,
+                addr: 0x12_3000,
+                am: 40,
+                ih: true
+            })),
+            "MAMV does not bound a PASID-based mask"
+        );
+        assert_eq!(
+            sm(encode::pasid_device_iotlb(SourceId(0x18), 2, 0x5000, true)),
+            Ok(Descriptor::PasidDeviceIotlb)
+        );
+        // The legacy types keep their meaning in scalable mode.
+        assert_eq!(
+            sm(encode::iotlb_page(3, 0x5000, 0, false)),
+            dec(encode::iotlb_page(3, 0x5000, 0, false))
+        );
+        assert_eq!(
+            sm(encode::interrupt_entry_cache(None)),
+            Ok(Descriptor::InterruptEntryCache(IecScope::Global))
+        );
+    }
+
+    #[test]
+    fn pasid_descriptors_are_unknown_types_in_legacy_mode() {
+        for d in [
+            encode::pasid_cache_global(),
+            encode::pasid_iotlb_pasid(1, 1),
+            encode::pasid_device_iotlb(SourceId(0), 0, 0, false),
+        ] {
+            assert!(matches!(dec(d), Err(InvalidDescriptor::UnknownType(_))));
+            let wide = [d[0], d[1], 0, 0];
+            assert!(matches!(
+                decode_in(TableMode::Legacy, wide),
+                Err(InvalidDescriptor::UnknownType(_))
+            ));
+        }
+        // Page group responses need ECAP.PRS: unknown in both modes.
+        assert!(sm([0x9, 0]).is_err());
+    }
+
+    #[test]
+    fn reserved_granularities_and_bits_of_pasid_descriptors_are_invalid() {
+        assert_eq!(
+            sm([0x7 | 2 << 4, 0]),
+            Err(InvalidDescriptor::Granularity(2))
+        );
+        for g in [0, 1] {
+            assert_eq!(
+                sm([0x6 | g << 4, 0]),
+                Err(InvalidDescriptor::Granularity(g))
+            );
+        }
+        let cases = [
+            (encode::pasid_cache_global(), 1 << 6, 0),
+            (encode::pasid_cache_global(), 1 << 52, 0),
+            (encode::pasid_cache_global(), 0, 1),
+            (encode::pasid_iotlb_page(1, 1, 0, 0, false), 1 << 12, 0),
+            (encode::pasid_iotlb_page(1, 1, 0, 0, false), 0, 1 << 7),
+            (
+                encode::pasid_device_iotlb(SourceId(0), 0, 0, false),
+                0,
+                1 << 1,
+            ),
+        ];
+        for ([lo, hi], bad_lo, bad_hi) in cases {
+            assert!(sm([lo, hi]).is_ok());
+            assert!(
+                matches!(
+                    sm([lo | bad_lo, hi | bad_hi]),
+                    Err(InvalidDescriptor::Reserved { .. })
+                ),
+                "{lo:#x}|{bad_lo:#x} {hi:#x}|{bad_hi:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_upper_half_of_a_256_bit_descriptor_is_reserved_for_every_type() {
+        for d in [
+            encode::context_global(),
+            encode::iotlb_global(),
+            encode::wait(None, true, false),
+            encode::interrupt_entry_cache(None),
+            encode::pasid_cache_global(),
+            encode::pasid_iotlb_pasid(1, 1),
+        ] {
+            for mode in [TableMode::Legacy, TableMode::Scalable] {
+                for upper in [[1, 0], [0, 1 << 63]] {
+                    let r = decode_in(mode, [d[0], d[1], upper[0], upper[1]]);
+                    assert!(r.is_err(), "{d:x?} {upper:x?} in {mode:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pasid_cache_scopes_cover_what_they_name_and_unresolved_entries() {
+        let p = PasidCacheScope::Pasid {
+            domain: 2,
+            pasid: 7,
+        };
+        assert!(p.covers(Some(2), Some(7)));
+        assert!(!p.covers(Some(2), Some(8)));
+        assert!(!p.covers(Some(3), Some(7)));
+        assert!(p.covers(None, None));
+        assert!(PasidCacheScope::Domain(2).covers(Some(2), Some(99)));
+        assert!(!PasidCacheScope::Domain(2).covers(Some(3), Some(7)));
+        assert!(PasidCacheScope::Global.covers(Some(3), Some(7)));
+    }
+
     #[test]
     fn unknown_types_are_invalid() {
         for t in [0x0, 0x6, 0x7, 0x8, 0xf, 0x5 | 1 << 9] {
@@ -388,6 +709,7 @@ mod tests {
         assert_eq!(IotlbScope::page_range(0x5000, 2), (0x4000, 0x8000));
         let (s, e) = IotlbScope::page_range(!0xfff, 18);
         assert!(s < e, "no overflow at the top of the address space");
+        assert_eq!(IotlbScope::page_range(0x5000, 63), (0, u64::MAX));
     }
 
     #[test]

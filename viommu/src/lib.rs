@@ -1,5 +1,5 @@
-//! An emulated Intel VT-d remapping unit (legacy mode), as Linux's intel-iommu driver and QEMU's
-//! `intel-iommu` device use it, whose guest invalidations reach the host batched.
+//! An emulated Intel VT-d remapping unit, in legacy and scalable mode, as Linux's intel-iommu
+//! driver and QEMU's `intel-iommu` device use it, whose guest invalidations reach the host batched.
 //!
 //! The model knows nothing of KVM or VFIO. It reads guest memory through vm-memory, signals
 //! interrupts through [`MsiSink`] and, in caching mode, keeps each attached device's host DMA
@@ -12,10 +12,12 @@
 pub mod descriptor;
 pub mod dmar;
 pub mod fault;
+pub mod first_stage;
 pub mod host;
 pub mod intremap;
 pub mod ranges;
 pub mod regs;
+pub mod scalable;
 pub mod shadow;
 mod snapshots;
 mod space;
@@ -25,7 +27,7 @@ pub mod testing;
 mod vtd;
 pub mod walk;
 
-pub use fault::{Access, Fault, FaultReason};
+pub use fault::{Access, Fault, FaultReason, PasidTag};
 pub use host::{HostDma, HostDmaError};
 pub use stats::Stats;
 pub use vm_device::dma::Perm;
@@ -80,6 +82,19 @@ pub struct Capabilities {
     pub pass_through: bool,
     /// Device-TLB / ATS (ECAP.DT); not modelled yet, so off.
     pub device_iotlb: bool,
+    /// Scalable-mode translation (ECAP.SMTS, with SLTS): scalable-mode root tables, PASID
+    /// tables, 256-bit invalidation descriptors.
+    pub scalable: bool,
+    /// First-stage translation (ECAP.FLTS): PASID entries with PGTT = 001b.
+    pub first_stage: bool,
+    /// First-stage 1 GiB pages (CAP.FL1GP).
+    pub first_stage_1g: bool,
+    /// Requests with a PASID (ECAP.PASID), of [`regs::PASID_BITS`] bits.
+    pub pasid: bool,
+    /// Supervisor requests (ECAP.SRS): PASID entries may set SRE.
+    pub supervisor_requests: bool,
+    /// Scalable-mode page-walk coherency (ECAP.SMPWC): PASID entries may set PWSNP.
+    pub page_walk_snoop: bool,
 }
 
 impl Default for Capabilities {
@@ -91,6 +106,12 @@ impl Default for Capabilities {
             large_1g: true,
             pass_through: true,
             device_iotlb: false,
+            scalable: false,
+            first_stage: false,
+            first_stage_1g: false,
+            pasid: false,
+            supervisor_requests: false,
+            page_walk_snoop: false,
         }
     }
 }

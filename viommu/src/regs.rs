@@ -1,7 +1,7 @@
 //! Register map and bit definitions of the remapping hardware unit.
 //!
 //! Offsets and fields follow the Intel VT-d specification (section numbers are those of revision
-//! 5.10), chapter 11.4 ("Register Descriptions"). Only legacy (non-scalable) mode is modelled. How
+//! 5.10), chapter 11.4 ("Register Descriptions"), legacy and scalable mode alike. How
 //! each register behaves (its read-only, read-write and write-1-to-clear bits, its reset value,
 //! what a write starts) is described once, in [`crate::registers::REGISTERS`].
 
@@ -116,6 +116,10 @@ pub const CAP_ESRTPS: u64 = 1 << 63;
 pub const CAP_ESIRTPS: u64 = 1 << 62;
 /// Maximum address mask value for page-selective invalidation (QEMU uses 18 too).
 pub const MAMV: u64 = 18;
+/// First-stage 1 GiB page support (scalable mode).
+pub const CAP_FL1GP: u64 = 1 << 56;
+/// First-stage 5-level paging support: not offered (first-stage tables are 4-level).
+pub const CAP_FL5LP: u64 = 1 << 60;
 
 // 11.4.3: extended capability register fields.
 /// Page-walk coherency: the unit snoops the caches when it reads the tables, so software need
@@ -132,6 +136,34 @@ pub const ECAP_IR: u64 = 1 << 3;
 /// Extended interrupt mode (x2APIC, 32-bit destination ids in IRTEs).
 pub const ECAP_EIM: u64 = 1 << 4;
 pub const ECAP_IRO_SHIFT: u64 = 8;
+/// Snoop control (not offered: the PGSNP field of PASID entries is reserved).
+pub const ECAP_SC: u64 = 1 << 7;
+/// Page request support (not offered: no PRI, so PRE in context entries is reserved).
+pub const ECAP_PRS: u64 = 1 << 29;
+/// Supervisor request support: first-stage translation checks the privilege of requests that
+/// carry one, as the SRE and WPE fields of the PASID entry say.
+pub const ECAP_SRS: u64 = 1 << 31;
+/// Extended accessed flag support (not offered: EAFE in PASID entries is reserved).
+pub const ECAP_EAFS: u64 = 1 << 34;
+/// PASID size supported (39:35): the unit takes PASIDs of PSS + 1 bits.
+pub const ECAP_PSS_SHIFT: u64 = 35;
+/// Requests with a PASID are supported.
+pub const ECAP_PASID: u64 = 1 << 40;
+/// Scalable-mode translation support (RTADDR.TTM = 01b, 256-bit descriptors).
+pub const ECAP_SMTS: u64 = 1 << 43;
+/// Second-stage accessed/dirty support (not offered: SSADE in PASID entries is reserved).
+pub const ECAP_SSADS: u64 = 1 << 45;
+/// Second-stage translation support in scalable mode (PASID entries with PGTT = 010b).
+pub const ECAP_SLTS: u64 = 1 << 46;
+/// First-stage translation support (PASID entries with PGTT = 001b).
+pub const ECAP_FLTS: u64 = 1 << 47;
+/// Scalable-mode page-walk coherency: walks snoop when a PASID entry's PWSNP is set (the model
+/// reads guest memory directly, so every walk is coherent).
+pub const ECAP_SMPWC: u64 = 1 << 48;
+/// RID_PRIV support (not offered: requests without a PASID are user requests).
+pub const ECAP_RPRIVS: u64 = 1 << 53;
+/// Widest PASID the unit takes (20 bits, PSS = 19).
+pub const PASID_BITS: u32 = 20;
 
 // 11.4.4.1 / 11.4.4.2: global command and status bits (same positions in both registers).
 /// Translation enable / status.
@@ -163,8 +195,12 @@ pub const GCMD_CFI: u32 = 1 << 23;
 pub const GSTS_CFIS: u32 = 1 << 23;
 
 // 11.4.5: root table address register.
-/// Translation table mode (bits 11:10); 00 is legacy mode, the only one modelled.
-pub const RTADDR_TTM_MASK: u64 = 0b11 << 10;
+/// Translation table mode (bits 11:10): 00b legacy, 01b scalable, 10b reserved, 11b abort-DMA
+/// mode (not offered: ECAP.ADMS is clear, so bit 11 is reserved).
+pub const RTADDR_TTM_SHIFT: u64 = 10;
+pub const RTADDR_TTM_MASK: u64 = 0b11 << RTADDR_TTM_SHIFT;
+/// TTM = 01b: the root table is a scalable-mode root table (needs ECAP.SMTS).
+pub const RTADDR_TTM_SCALABLE: u64 = 0b01 << RTADDR_TTM_SHIFT;
 pub const RTADDR_RTA_MASK: u64 = !0xfff;
 
 // 11.4.6.1: context command register.
@@ -240,14 +276,18 @@ pub const ICS_IWC: u32 = 1 << 0;
 
 // 11.4.9.3: invalidation queue address register.
 pub const IQA_IQA_MASK: u64 = !0xfff;
-/// Descriptor width (bit 11): 256-bit descriptors exist only in scalable mode; reserved here.
+/// Descriptor width (bit 11): set for 256-bit descriptors, which scalable mode requires; reserved
+/// without ECAP.SMTS.
 pub const IQA_DW: u64 = 1 << 11;
 pub const IQA_QS_MASK: u64 = 0x7;
-/// Queue head/tail registers hold a 128-bit descriptor index in bits 18:4.
+/// Queue head/tail registers hold the queue offset in 128-bit units in bits 18:4; with 256-bit
+/// descriptors bit 4 is zero and bits 18:5 are the descriptor index.
 pub const IQ_INDEX_SHIFT: u64 = 4;
 pub const IQ_INDEX_MASK: u64 = 0x7fff << IQ_INDEX_SHIFT;
-/// Size of one legacy invalidation descriptor.
+/// Size of one 128-bit invalidation descriptor: the unit of IQH and IQT.
 pub const DESCRIPTOR_SIZE: u64 = 16;
+/// Size of one 256-bit invalidation descriptor (IQA.DW = 1).
+pub const WIDE_DESCRIPTOR_SIZE: u64 = 32;
 
 // 11.4.7.6: fault recording register.
 /// Lower quadword: the faulting page's address (63:12).
@@ -259,9 +299,16 @@ pub const FRCD_HI_F: u64 = 1 << 63;
 pub const FRCD_HI_T: u64 = 1 << 62;
 /// Address type of the faulted request (61:60).
 pub const FRCD_HI_AT_MASK: u64 = 0b11 << 60;
+/// PASID value of the faulted request (59:40), valid when PP is set.
+pub const FRCD_HI_PV_SHIFT: u64 = 40;
+pub const FRCD_HI_PV_MASK: u64 = 0xf_ffff << FRCD_HI_PV_SHIFT;
 /// Fault reason (39:32).
 pub const FRCD_HI_FR_SHIFT: u64 = 32;
 pub const FRCD_HI_FR_MASK: u64 = 0xff << FRCD_HI_FR_SHIFT;
+/// PASID present: the faulted request carried a PASID (in PV).
+pub const FRCD_HI_PP: u64 = 1 << 31;
+/// Privilege mode requested: the faulted request with a PASID was a supervisor request.
+pub const FRCD_HI_PRIV: u64 = 1 << 29;
 /// Source id of the faulted request (15:0).
 pub const FRCD_HI_SID_MASK: u64 = 0xffff;
 

@@ -13,21 +13,35 @@ use crate::{Capabilities, Perm, SourceId};
 /// The whole input address space a sync may have to cover (52-bit addresses).
 pub(crate) const FULL: Range = (0, 1 << 52);
 
-/// What a device's DMA addresses mean, as the unit's state and its context entry say.
+/// What a device's DMA addresses mean, as the unit's state and its context entry (legacy mode)
+/// or the PASID entry of its RID_PASID (scalable mode) say. The sync engine only looks at the
+/// table: second-level tables are the same in both modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum View {
-    /// No translation: the context entry is missing or invalid.
+    /// No translation: the context or PASID entry is missing or invalid.
     Blocked,
-    /// DMA addresses are guest-physical: translation is off, or the context is pass-through.
+    /// DMA addresses are guest-physical: translation is off, or the entry is pass-through.
     Identity,
-    /// Through the second-level tables of `domain`.
-    Tables { domain: u16, table: PageTable },
+    /// Through the second-level tables of `domain`; `pasid` is the RID_PASID whose entry named
+    /// them (scalable mode), which PASID-based invalidations select by.
+    Tables {
+        domain: u16,
+        pasid: Option<u32>,
+        table: PageTable,
+    },
 }
 
 impl View {
     pub fn domain(&self) -> Option<u16> {
         match self {
             View::Tables { domain, .. } => Some(*domain),
+            _ => None,
+        }
+    }
+
+    pub fn pasid(&self) -> Option<u32> {
+        match self {
+            View::Tables { pasid, .. } => *pasid,
             _ => None,
         }
     }

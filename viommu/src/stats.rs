@@ -12,6 +12,12 @@ pub struct DescriptorCounts {
     pub device_iotlb: u64,
     pub interrupt_entry_cache: u64,
     pub wait: u64,
+    /// PASID-cache invalidations (scalable mode).
+    pub pasid_cache: u64,
+    /// PASID-based-IOTLB invalidations (scalable mode), PASID- and page-selective.
+    pub pasid_iotlb: u64,
+    /// PASID-based device-TLB invalidations (scalable mode).
+    pub pasid_device_iotlb: u64,
     /// Descriptors that set FSTS.IQE.
     pub invalid: u64,
 }
@@ -21,6 +27,8 @@ pub struct DescriptorCounts {
 pub struct Stats {
     /// Invalidation descriptors fetched from the queue, valid or not.
     pub descriptors: u64,
+    /// Of those, 256-bit descriptors (IQA.DW set, as scalable mode requires).
+    pub wide_descriptors: u64,
     pub descriptors_by_type: DescriptorCounts,
     /// Register-based invalidations requested (CCMD.ICC and IOTLB.IVT writes), carried out or
     /// not (they are refused while QI is on).
@@ -39,6 +47,8 @@ pub struct Stats {
     pub pages_walked: u64,
     /// Translation faults detected, whether or not a fault record took them.
     pub faults: u64,
+    /// Translations of emulated devices' requests through first-stage tables (scalable mode).
+    pub first_stage_walks: u64,
     /// Host mappings whose unmap was deferred.
     pub deferred_unmaps: u64,
     /// Deferred unmaps cancelled because the guest mapped the same translation again.
@@ -77,10 +87,15 @@ mod tests {
             "host_unmap_calls",
             "host_mappings_removed",
             "faults",
+            "wide_descriptors",
+            "first_stage_walks",
         ] {
             assert!(v.get(key).is_some_and(|v| v.is_u64()), "{key}");
         }
         assert_eq!(v["host_map_calls"], 2);
         assert_eq!(v["descriptors_by_type"]["wait"], 0);
+        for key in ["pasid_cache", "pasid_iotlb", "pasid_device_iotlb"] {
+            assert_eq!(v["descriptors_by_type"][key], 0, "{key}");
+        }
     }
 }

@@ -1,4 +1,6 @@
-//! Root and context tables in legacy mode (VT-d spec 3.4.2, 9.1 and 9.3).
+//! Root and context tables in legacy mode (VT-d spec 3.4.2, 9.1 and 9.3), and what a lookup in
+//! either mode yields ([`Context`], [`LookupFault`]); scalable mode's tables are in
+//! [`crate::scalable`].
 //!
 //! The root table has one 128-bit entry per bus; each present entry points to a context table
 //! with one 128-bit entry per device/function. A context entry names the domain and how the
@@ -7,6 +9,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::fault::FaultReason;
+use crate::first_stage::FirstStageTable;
 use crate::walk::PageTable;
 use crate::{Capabilities, SourceId};
 
@@ -34,35 +37,55 @@ const TT_DEVICE_TLB: u64 = 0b01;
 /// Translation type: untranslated requests pass through unchanged.
 const TT_PASS_THROUGH: u64 = 0b10;
 
-/// How a device's requests are translated, as its context entry says.
+/// Which kind of root table the unit translates through, as RTADDR.TTM said at the last SRTP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TableMode {
+    /// TTM = 00b: legacy root and context tables.
+    #[default]
+    Legacy,
+    /// TTM = 01b: scalable-mode root, context and PASID tables (ECAP.SMTS).
+    Scalable,
+}
+
+/// How a device's requests are translated, as its context entry (legacy mode) or PASID entry
+/// (scalable mode) says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Translation {
-    /// Through second-level page tables.
+    /// Through second-level (second-stage) page tables: the same tables in both modes.
     Tables(PageTable),
+    /// Through first-stage tables (scalable mode, PGTT = 001b).
+    FirstStage(FirstStageTable),
     /// Addresses are guest-physical addresses.
     PassThrough,
 }
 
-/// A present, valid context entry.
+/// What a request from a device translates through: a present, valid legacy context entry, or
+/// in scalable mode the context entry and the PASID entry it leads to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Context {
+    /// The domain id: the context entry's (legacy) or the PASID entry's (scalable mode).
     pub domain: u16,
     pub translation: Translation,
-    /// Fault processing disable: faults of this device are not recorded.
+    /// Fault processing disable: faults of this request are not recorded.
     pub fpd: bool,
+    /// The PASID whose entry was used (scalable mode: the request's, or RID_PASID for a
+    /// request without one); None in legacy mode.
+    pub pasid: Option<u32>,
 }
 
-/// Why no context could be found, and whether the fault may be recorded.
+/// Why no translation could be found, and whether the fault may be recorded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ContextFault {
+pub struct LookupFault {
     pub reason: FaultReason,
-    /// Set when the context entry was readable and has FPD set.
+    /// Set when the fault is a qualified one (found past the root table) and an entry read on
+    /// the way has FPD set: the fault is not recorded.
     pub fpd: bool,
 }
 
-impl ContextFault {
-    fn new(reason: FaultReason) -> Self {
-        ContextFault { reason, fpd: false }
+impl LookupFault {
+    /// A fault that FPD cannot suppress.
+    pub(crate) fn new(reason: FaultReason) -> Self {
+        LookupFault { reason, fpd: false }
     }
 }
 
@@ -77,30 +100,30 @@ pub(crate) fn beyond_haw_mask(haw: u32) -> u64 {
     !((1u64 << haw) - 1)
 }
 
-/// Looks up the context of `source` in the root table at `root_table`.
+/// Looks up the context of `source` in the legacy-mode root table at `root_table`.
 pub fn lookup<M: GuestMemoryBackend>(
     mem: &M,
     root_table: u64,
     source: SourceId,
     caps: &Capabilities,
-) -> Result<Context, ContextFault> {
+) -> Result<Context, LookupFault> {
     let root_addr = root_table + u64::from(source.bus()) * ENTRY_SIZE;
     let [root_lo, _] =
-        read_entry(mem, root_addr).ok_or(ContextFault::new(FaultReason::RootTableAccess))?;
+        read_entry(mem, root_addr).ok_or(LookupFault::new(FaultReason::RootTableAccess))?;
     if root_lo & ROOT_LO_P == 0 {
-        return Err(ContextFault::new(FaultReason::RootEntryNotPresent));
+        return Err(LookupFault::new(FaultReason::RootEntryNotPresent));
     }
     // The upper quadword of a legacy root entry is reserved too, but Linux leaves it as it
     // found it; like QEMU, only the low quadword is checked.
     if root_lo & (ROOT_LO_RSVD | beyond_haw_mask(caps.haw)) != 0 {
-        return Err(ContextFault::new(FaultReason::RootEntryReserved));
+        return Err(LookupFault::new(FaultReason::RootEntryReserved));
     }
     let [lo, hi] = (root_lo & !0xfff)
         .checked_add(u64::from(source.devfn()) * ENTRY_SIZE)
         .and_then(|a| read_entry(mem, a))
-        .ok_or(ContextFault::new(FaultReason::ContextTableAccess))?;
+        .ok_or(LookupFault::new(FaultReason::ContextTableAccess))?;
     let fpd = lo & CTX_LO_FPD != 0;
-    let fault = |reason| ContextFault { reason, fpd };
+    let fault = |reason| LookupFault { reason, fpd };
     if lo & CTX_LO_P == 0 {
         return Err(fault(FaultReason::ContextEntryNotPresent));
     }
@@ -136,6 +159,7 @@ pub fn lookup<M: GuestMemoryBackend>(
         domain,
         translation,
         fpd,
+        pasid: None,
     })
 }
 

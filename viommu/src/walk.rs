@@ -1,8 +1,10 @@
-//! Second-level page walks (VT-d spec 3.6 and 9.8).
+//! Second-level (second-stage) page walks (VT-d spec 3.7 and 9.8), the same tables in legacy and
+//! scalable mode.
 //!
-//! Two walks share one entry decoder: [`translate`] resolves one address for a DMA request and
-//! reports the spec's fault reason when it fails; [`walk_range`] visits every leaf and hole over
-//! a range, for shadowing the guest's tables into host mappings.
+//! Two walks share one entry decoder: [`walk`] resolves one address for a DMA request and says
+//! why it failed ([`StageFault`], which each mode turns into its own fault reason; [`translate`]
+//! gives the legacy one); [`walk_range`] visits every leaf and hole over a range, for shadowing
+//! the guest's tables into host mappings.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -166,7 +168,56 @@ fn decode(pte: u64, level: u8, caps: &Capabilities) -> Entry {
     }
 }
 
-/// Translates `iova` through `table` for a request of kind `access`.
+/// Why a second-stage walk did not translate, before a mode names the fault reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageFault {
+    /// The input address is beyond the table's width or MGAW.
+    BeyondWidth,
+    /// The top-level table could not be read.
+    RootAccess,
+    /// A lower-level table could not be read.
+    EntryAccess,
+    /// An entry on the way has both R and W clear.
+    NotPresent,
+    /// An entry on the way has a reserved bit set.
+    Reserved,
+    /// The leaf was found but the permissions along the way do not allow the access.
+    Denied,
+}
+
+impl StageFault {
+    /// The legacy-mode reason (7.1.3): a missing entry and a missing permission both read as
+    /// a read or write permission fault.
+    pub fn legacy(self, access: Access) -> FaultReason {
+        match self {
+            StageFault::BeyondWidth => FaultReason::AddressBeyondWidth,
+            StageFault::RootAccess | StageFault::EntryAccess => FaultReason::PagingEntryAccess,
+            StageFault::Reserved => FaultReason::PagingEntryReserved,
+            StageFault::NotPresent | StageFault::Denied => match access {
+                Access::Read => FaultReason::ReadNotPermitted,
+                Access::Write => FaultReason::WriteNotPermitted,
+            },
+        }
+    }
+
+    /// The scalable-mode reason (SSS and SGN conditions of 7.1.3).
+    pub fn scalable(self, access: Access) -> FaultReason {
+        match self {
+            StageFault::BeyondWidth => FaultReason::SmAddressBeyondWidth,
+            StageFault::RootAccess => FaultReason::SecondStageRootAccess,
+            StageFault::EntryAccess => FaultReason::SecondStageEntryAccess,
+            StageFault::NotPresent => FaultReason::SecondStageEntryNotPresent,
+            StageFault::Reserved => FaultReason::SecondStageEntryReserved,
+            StageFault::Denied => match access {
+                Access::Read => FaultReason::SmReadNotPermitted,
+                Access::Write => FaultReason::SmWriteNotPermitted,
+            },
+        }
+    }
+}
+
+/// Translates `iova` through `table` for a request of kind `access`, failing with the legacy
+/// reason.
 pub fn translate<M: GuestMemoryBackend>(
     mem: &M,
     table: PageTable,
@@ -174,20 +225,35 @@ pub fn translate<M: GuestMemoryBackend>(
     access: Access,
     caps: &Capabilities,
 ) -> Result<Leaf, FaultReason> {
+    walk(mem, table, iova, access, caps).map_err(|f| f.legacy(access))
+}
+
+/// Translates `iova` through `table` for a request of kind `access`.
+pub fn walk<M: GuestMemoryBackend>(
+    mem: &M,
+    table: PageTable,
+    iova: u64,
+    access: Access,
+    caps: &Capabilities,
+) -> Result<Leaf, StageFault> {
     if iova >= table.limit() || iova >> caps.aw_bits != 0 {
-        return Err(FaultReason::AddressBeyondWidth);
+        return Err(StageFault::BeyondWidth);
     }
     let mut addr = table.root;
     let mut perm = Perm::RW;
     for level in (1..=table.levels).rev() {
         let shift = level_shift(level);
         let index = (iova >> shift) & (ENTRIES_PER_TABLE - 1);
-        let pte: u64 = mem
-            .read_obj(GuestAddress(addr + index * 8))
-            .map_err(|_| FaultReason::PagingEntryAccess)?;
+        let pte: u64 = mem.read_obj(GuestAddress(addr + index * 8)).map_err(|_| {
+            if level == table.levels {
+                StageFault::RootAccess
+            } else {
+                StageFault::EntryAccess
+            }
+        })?;
         match decode(pte, level, caps) {
-            Entry::NotPresent => break,
-            Entry::Reserved => return Err(FaultReason::PagingEntryReserved),
+            Entry::NotPresent => return Err(StageFault::NotPresent),
+            Entry::Reserved => return Err(StageFault::Reserved),
             Entry::Table {
                 addr: next,
                 perm: p,
@@ -210,14 +276,12 @@ pub fn translate<M: GuestMemoryBackend>(
                         perm,
                     });
                 }
-                break;
+                return Err(StageFault::Denied);
             }
         }
     }
-    Err(match access {
-        Access::Read => FaultReason::ReadNotPermitted,
-        Access::Write => FaultReason::WriteNotPermitted,
-    })
+    // A table at level 1 is decoded as a leaf: the loop always returns.
+    Err(StageFault::NotPresent)
 }
 
 /// Walks `table` over `[start, end)` (page-aligned), calling `visit` for every leaf and hole in
@@ -470,6 +534,49 @@ mod tests {
         assert_eq!(
             translate(&m, pt, 2 * MIB, Access::Read, &no_2m),
             Err(FaultReason::PagingEntryReserved)
+        );
+    }
+
+    #[test]
+    fn scalable_mode_tells_a_missing_entry_from_a_missing_permission() {
+        let m = mem();
+        let mut t = Tables::new(&m);
+        let pt = t.page_table(4);
+        t.map(pt, 0x1000, 0x5000, 0x1000, Perm::READ);
+        let caps = Capabilities::default();
+        let w = walk(&m, pt, 0x1000, Access::Write, &caps).unwrap_err();
+        assert_eq!(w, StageFault::Denied);
+        assert_eq!(w.scalable(Access::Write), FaultReason::SmWriteNotPermitted);
+        assert_eq!(w.legacy(Access::Write), FaultReason::WriteNotPermitted);
+        let r = walk(&m, pt, 0x9000, Access::Read, &caps).unwrap_err();
+        assert_eq!(r, StageFault::NotPresent);
+        assert_eq!(
+            r.scalable(Access::Read),
+            FaultReason::SecondStageEntryNotPresent
+        );
+        assert_eq!(r.legacy(Access::Read), FaultReason::ReadNotPermitted);
+        let beyond = walk(&m, pt, 1 << 48, Access::Read, &caps).unwrap_err();
+        assert_eq!(
+            beyond.scalable(Access::Read),
+            FaultReason::SmAddressBeyondWidth
+        );
+        // The root table outside memory, then a lower table outside memory.
+        let gone = PageTable {
+            root: 1 << 38,
+            levels: 4,
+        };
+        assert_eq!(
+            walk(&m, gone, 0, Access::Read, &caps),
+            Err(StageFault::RootAccess)
+        );
+        t.write_u64(pt.root, (1 << 38) | 3);
+        assert_eq!(
+            walk(&m, pt, 0, Access::Read, &caps),
+            Err(StageFault::EntryAccess)
+        );
+        assert_eq!(
+            StageFault::EntryAccess.scalable(Access::Read),
+            FaultReason::SecondStageEntryAccess
         );
     }
 

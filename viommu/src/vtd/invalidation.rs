@@ -4,21 +4,28 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{iq_entries, FlushMode, SyncStrategy, Vtd};
-use crate::descriptor::{self, ContextScope, Descriptor, IotlbScope};
+use crate::descriptor::{
+    self, ContextScope, Descriptor, IotlbScope, PasidCacheScope, PasidIotlbScope,
+};
 use crate::fault::{Access, Fault, FaultReason};
 use crate::host::HostOp;
 use crate::ranges::Range;
 use crate::regs::*;
 use crate::space::{Space, SyncEnv, SyncReport, View, FULL};
+use crate::tables::TableMode;
 use crate::SourceId;
 
 /// Why the queue stopped with FSTS.IQE.
 #[derive(Debug, thiserror::Error)]
 enum QueueError {
-    #[error("tail {tail} is beyond the queue of {entries} descriptors")]
+    #[error("tail {tail} is beyond the queue of {entries} 128-bit units")]
     TailBeyondQueue { tail: u64, entries: u64 },
-    #[error("head {head} is beyond the queue of {entries} descriptors")]
+    #[error("head {head} is beyond the queue of {entries} 128-bit units")]
     HeadBeyondQueue { head: u64, entries: u64 },
+    #[error("offset {0} (128-bit units) is not the start of a 256-bit descriptor")]
+    Misaligned(u64),
+    #[error("scalable mode requires 256-bit descriptors (IQA.DW)")]
+    DescriptorWidth,
     #[error("descriptor at {0:#x} is outside guest memory")]
     Fetch(u64),
     #[error(transparent)]
@@ -30,11 +37,19 @@ enum QueueError {
 impl<M: GuestMemoryBackend> Vtd<M> {
     /// Processes descriptors from IQH up to IQT, as hardware does after a tail write. Stops at
     /// the first bad descriptor with FSTS.IQE set and IQH left pointing at it.
+    ///
+    /// IQH and IQT count 128-bit units whatever the descriptor width: with 256-bit descriptors
+    /// (IQA.DW) each descriptor is two of them and an odd tail is invalid (6.5.2). A queue of
+    /// 128-bit descriptors is valid in legacy mode only; one of 256-bit descriptors in both
+    /// (Linux sets DW whenever the unit reports ECAP.SMTS, interrupt remapping included).
     pub(super) fn process_queue(&mut self) {
         if self.regs.get32::<GSTS_REG>() & GSTS_QIES == 0 || self.fsts_errors & FSTS_IQE != 0 {
             return;
         }
-        let entries = iq_entries(self.regs.get::<IQA_REG>());
+        let iqa = self.regs.get::<IQA_REG>();
+        let wide = iqa & IQA_DW != 0;
+        let step = if wide { 2 } else { 1 };
+        let entries = iq_entries(iqa);
         let tail = self.regs.get::<IQT_REG>() >> IQ_INDEX_SHIFT;
         if tail >= entries {
             return self.queue_error(QueueError::TailBeyondQueue { tail, entries });
@@ -43,22 +58,29 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             let head = self.iqh;
             return self.queue_error(QueueError::HeadBeyondQueue { head, entries });
         }
+        if let Some(odd) = [tail, self.iqh].into_iter().find(|&o| o % step != 0) {
+            return self.queue_error(QueueError::Misaligned(odd));
+        }
         if self.iqh != tail {
+            if !wide && self.root_mode == TableMode::Scalable {
+                return self.queue_error(QueueError::DescriptorWidth);
+            }
             self.stats.submissions += 1;
         }
-        let base = self.regs.get::<IQA_REG>() & IQA_IQA_MASK;
+        let base = iqa & IQA_IQA_MASK;
+        let mode = self.root_mode;
         // Bounded: IQH advances modulo the queue size until it meets IQT, which is inside it
-        // (descriptors cannot write IQT).
+        // and reached in steps of the descriptor size (descriptors cannot write IQT).
         while self.iqh != tail {
             // The guest can put the queue at the top of the address space: no wrapping.
             let addr = base.checked_add(self.iqh * DESCRIPTOR_SIZE);
             let fetched = addr
-                .and_then(|a| self.mem.read_obj::<[u64; 2]>(GuestAddress(a)).ok())
+                .and_then(|a| self.fetch(a, wide))
                 .ok_or(QueueError::Fetch(addr.unwrap_or(base)));
             self.stats.descriptors += 1;
-            let result = fetched.and_then(|[lo, hi]| {
-                descriptor::decode(u64::from_le(lo), u64::from_le(hi)).map_err(QueueError::Invalid)
-            });
+            self.stats.wide_descriptors += u64::from(wide);
+            let result = fetched
+                .and_then(|words| descriptor::decode_in(mode, words).map_err(QueueError::Invalid));
             let result = result.and_then(|d| self.execute(d));
             if let Err(e) = result {
                 if matches!(e, QueueError::Invalid(_) | QueueError::Fetch(_)) {
@@ -68,10 +90,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.sync_pending();
                 return self.queue_error(e);
             }
-            self.iqh = (self.iqh + 1) % entries;
+            self.iqh = (self.iqh + step) % entries;
         }
         self.sync_pending();
         self.poll();
+    }
+
+    /// Reads the descriptor at `addr`: 128 bits, or 256 when `wide`.
+    fn fetch(&self, addr: u64, wide: bool) -> Option<[u64; 4]> {
+        let mut words = [0u64; 4];
+        let n = if wide { 4 } else { 2 };
+        for (i, w) in words.iter_mut().take(n).enumerate() {
+            let a = addr.checked_add(i as u64 * 8)?;
+            *w = u64::from_le(self.mem.read_obj(GuestAddress(a)).ok()?);
+        }
+        Some(words)
     }
 
     fn queue_error(&mut self, e: QueueError) {
@@ -97,6 +130,15 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.invalidate_iotlb(scope);
             }
             Descriptor::DeviceIotlb => counts.device_iotlb += 1,
+            Descriptor::PasidCache(scope) => {
+                counts.pasid_cache += 1;
+                self.invalidate_pasid_cache(scope);
+            }
+            Descriptor::PasidIotlb(scope) => {
+                counts.pasid_iotlb += 1;
+                self.invalidate_pasid_iotlb(scope);
+            }
+            Descriptor::PasidDeviceIotlb => counts.pasid_device_iotlb += 1,
             Descriptor::InterruptEntryCache(scope) => {
                 counts.interrupt_entry_cache += 1;
                 // Routes are re-translated before any later wait can complete.
@@ -143,10 +185,26 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.refresh(&sources);
     }
 
+    /// Re-reads the PASID entries `scope` covers (scalable mode) and re-syncs devices whose
+    /// view changed. A device whose entry the unit could not resolve has no domain to match
+    /// and is always re-read.
+    fn invalidate_pasid_cache(&mut self, scope: PasidCacheScope) {
+        let sources: Vec<SourceId> = self
+            .spaces
+            .values()
+            .filter(|s| scope.covers(s.view.domain(), s.view.pasid()))
+            .map(|s| s.source)
+            .collect();
+        self.refresh(&sources);
+    }
+
     /// Re-evaluates what each device in `sources` translates through, syncing changed ones.
     fn refresh(&mut self, sources: &[SourceId]) {
-        let views: Vec<(SourceId, View)> = sources.iter().map(|&s| (s, self.view_of(s))).collect();
-        for (source, view) in views {
+        for &source in sources {
+            if !self.spaces.contains_key(&source) {
+                continue;
+            }
+            let view = self.view_for_host(source);
             if let Some(space) = self.spaces.get_mut(&source) {
                 space.set_view(view);
             }
@@ -164,7 +222,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     }
 
     fn invalidate_iotlb(&mut self, scope: IotlbScope) {
-        let range_for = move |view: &View| -> Option<Range> {
+        self.invalidate_ranges(move |view: &View| -> Option<Range> {
             let domain = view.domain()?;
             match scope {
                 IotlbScope::Global => Some(FULL),
@@ -176,7 +234,22 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     ih: _,
                 } => (d == domain).then(|| IotlbScope::page_range(addr, am)),
             }
-        };
+        });
+    }
+
+    /// A PASID-based-IOTLB invalidation covers the devices whose RID_PASID entry it names, over
+    /// its range. The spec scopes it to first-stage mappings; hardware may always invalidate
+    /// more, and following it for second-stage tables too costs at most a diffed sync, while it
+    /// keeps the host exact for a guest that invalidates them this way.
+    fn invalidate_pasid_iotlb(&mut self, scope: PasidIotlbScope) {
+        self.invalidate_ranges(move |view: &View| -> Option<Range> {
+            let matches = view.domain()? == scope.domain() && view.pasid()? == scope.pasid();
+            matches.then(|| scope.range().unwrap_or(FULL))
+        });
+    }
+
+    /// Notes (or, leaf by leaf, syncs at once) the range `range_for` picks for each device.
+    fn invalidate_ranges(&mut self, range_for: impl Fn(&View) -> Option<Range> + Copy) {
         match self.config.strategy {
             SyncStrategy::Batched => {
                 for space in self.spaces.values_mut() {
@@ -254,12 +327,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             if e.op == HostOp::Map {
                 // The device will find the page unreachable: tell the guest as a DMA read
                 // fault at the first address the host refused.
-                let fault = Fault {
-                    source,
-                    addr: e.iova,
-                    reason: FaultReason::ReadNotPermitted,
-                    access: Access::Read,
+                let reason = match self.root_mode {
+                    TableMode::Legacy => FaultReason::ReadNotPermitted,
+                    TableMode::Scalable => FaultReason::SmReadNotPermitted,
                 };
+                let fault = Fault::new(source, e.iova, reason, Access::Read);
                 self.report_fault(&fault, false);
             }
         }

@@ -9,6 +9,7 @@ use super::registers::{
 };
 use super::Vtd;
 use crate::regs::*;
+use crate::tables::TableMode;
 
 /// Which bits of a 64-bit register a 4-byte access at its low half covers.
 pub(super) const LOW_HALF: u64 = 0xffff_ffff;
@@ -204,6 +205,16 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     self.regs.clear_bits::<IRTA_REG>(crate::intremap::IRTA_EIME);
                 }
             }
+            Effect::RootTableAddress => {
+                if !self.caps.scalable {
+                    self.regs.clear_bits::<RTADDR_REG>(RTADDR_TTM_SCALABLE);
+                }
+            }
+            Effect::QueueAddress => {
+                if !self.caps.scalable {
+                    self.regs.clear_bits::<IQA_REG>(IQA_DW);
+                }
+            }
             Effect::CompletionEventControl => {
                 let iectl = self.regs.get32::<IECTL_REG>();
                 if iectl & ECTL_IM == 0 && iectl & ECTL_IP != 0 {
@@ -289,16 +300,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if v & GCMD_SRTP != 0 {
             let rtaddr = self.regs.get::<RTADDR_REG>();
             self.root_table = rtaddr & RTADDR_RTA_MASK;
-            if rtaddr & RTADDR_TTM_MASK != 0 {
-                vm_device::warn_limited!(
-                    "VT-d: root table mode {:#x} unsupported, using legacy mode",
-                    (rtaddr & RTADDR_TTM_MASK) >> 10
-                );
-            }
+            // The register keeps TTM = 01b only where ECAP.SMTS allows it.
+            self.root_mode = if rtaddr & RTADDR_TTM_MASK == RTADDR_TTM_SCALABLE {
+                TableMode::Scalable
+            } else {
+                TableMode::Legacy
+            };
+            vm_device::debug_limited!(
+                "VT-d: {:?} root table at {:#x}",
+                self.root_mode,
+                self.root_table
+            );
             self.regs.set_bits::<GSTS_REG>(GSTS_RTPS);
             // ESRTPS: setting the root pointer invalidates every translation cache, the IOTLB
-            // included, so every device is synced over its whole space (diffed: a repeated
-            // SRTP over unchanged tables costs no host call).
+            // and the context and PASID caches included, so every device is synced over its
+            // whole space (diffed: a repeated SRTP over unchanged tables costs no host call).
             for space in self.spaces.values_mut() {
                 space.invalidate(crate::space::FULL);
             }

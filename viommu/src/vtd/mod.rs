@@ -1,7 +1,8 @@
-//! The remapping hardware unit: its configuration and state, DMA translation for emulated
-//! devices, and the devices attached behind it. The register file is described in [`registers`];
-//! guest register accesses and what they start (global commands, fault and completion events)
-//! are in `mmio`, invalidation in `invalidation`.
+//! The remapping hardware unit: its configuration and state, and the devices attached behind
+//! it. The register file is described in [`registers`]; guest register accesses and what they
+//! start (global commands, fault and completion events) are in `mmio`, invalidation in
+//! `invalidation`, what a device's requests translate through (DMA translation for emulated
+//! devices, the view attached devices are synced to) in `translate`.
 
 mod interrupts;
 mod invalidation;
@@ -9,20 +10,20 @@ mod mmio;
 pub mod registers;
 #[cfg(test)]
 mod tests;
+mod translate;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::fault::{Access, Fault, FaultLog, RecordOutcome};
+use crate::fault::{FaultLog, FaultReason};
 use crate::host::HostDma;
 use crate::intremap::{InterruptRoutes, RemapState};
 use crate::ranges::{self, Range};
 use crate::regs::*;
-use crate::space::{Space, View};
-use crate::tables::{self, Translation};
-use crate::walk;
+use crate::space::Space;
+use crate::tables::TableMode;
 use crate::{Capabilities, SourceId, Stats};
 use registers::RegisterFile;
 
@@ -85,6 +86,18 @@ pub struct VtdConfig {
     /// Extended interrupt mode (ECAP.EIM): IRTEs may name 32-bit x2APIC destinations.
     /// Needs `interrupt_remapping`.
     pub x2apic: bool,
+    /// Scalable mode (ECAP.SMTS with SLTS, PASID and SMPWC; CAP.FL1GP): the guest may point
+    /// RTADDR at a scalable-mode root table (TTM = 01b), whose PASID entries translate through
+    /// second-stage tables (shadowed into the host as legacy ones are) or pass through, and then
+    /// queues 256-bit descriptors.
+    pub scalable_mode: bool,
+    /// First-stage translation (ECAP.FLTS, with SRS): PASID entries may name IA-32e tables,
+    /// which emulated devices translate through on demand. Needs `scalable_mode` and a 48-bit
+    /// width. Only for a unit with no device the host remaps DMA for ([`Vtd::attach`] refuses
+    /// them): a caching-mode guest sends no invalidation when it adds a first-stage mapping (Linux
+    /// since 6.x does not), so a VFIO type1 host could never follow its tables; only hardware
+    /// nesting through iommufd could.
+    pub first_stage: bool,
 }
 
 impl Default for VtdConfig {
@@ -99,6 +112,8 @@ impl Default for VtdConfig {
             walk_budget: 1 << 24,
             interrupt_remapping: false,
             x2apic: false,
+            scalable_mode: false,
+            first_stage: false,
         }
     }
 }
@@ -116,6 +131,19 @@ pub enum ConfigError {
     AlreadyAttached(SourceId),
     #[error("extended interrupt mode (x2APIC) needs interrupt remapping")]
     ExtendedInterruptModeWithoutRemapping,
+    #[error("first-stage translation needs scalable mode")]
+    FirstStageWithoutScalableMode,
+    #[error(
+        "first-stage translation needs a 48-bit address width, not {0} (its tables are 4-level, \
+         and Linux wants a width both stages share)"
+    )]
+    FirstStageAddressWidth(u32),
+    #[error(
+        "device {0} cannot be behind a unit offering first-stage translation: a caching-mode \
+         guest sends no invalidation when it maps through first-stage tables, so the host could \
+         not follow them"
+    )]
+    FirstStageWithHostDevice(SourceId),
 }
 
 /// Where the unit's interrupts go: the VMM delivers an MSI with this address and data.
@@ -159,6 +187,8 @@ pub struct Vtd<M: GuestMemoryBackend> {
     regs: RegisterFile,
     /// The root table latched by the last SRTP.
     root_table: u64,
+    /// The kind of root table latched by the last SRTP (RTADDR.TTM).
+    root_mode: TableMode,
     faults: FaultLog,
     /// FSTS error bits other than the fault-record ones (IQE, ICE, ITE).
     fsts_errors: u32,
@@ -170,6 +200,9 @@ pub struct Vtd<M: GuestMemoryBackend> {
     interrupt_routes: Option<Box<dyn InterruptRoutes>>,
 
     spaces: BTreeMap<SourceId, Space>,
+    /// Attached devices whose tables the guest misprogrammed, with the fault recorded for it,
+    /// so a repeated invalidation does not record it again.
+    refused: BTreeMap<SourceId, FaultReason>,
     stats: Stats,
     /// When the oldest deferred unmap was queued.
     deferred_since: Option<Duration>,
@@ -177,7 +210,8 @@ pub struct Vtd<M: GuestMemoryBackend> {
     walk_left: u64,
 }
 
-/// Descriptors the queue holds: 256 << IQA.QS (11.4.9.3; 128-bit descriptors, legacy mode).
+/// The queue's size in 128-bit units (the unit of IQH and IQT): 2^QS pages (11.4.9.3), which
+/// hold 256 << QS 128-bit descriptors or 128 << QS 256-bit ones.
 pub(crate) fn iq_entries(iqa: u64) -> u64 {
     256 << (iqa & IQA_QS_MASK)
 }
@@ -199,6 +233,13 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if config.x2apic && !config.interrupt_remapping {
             return Err(ConfigError::ExtendedInterruptModeWithoutRemapping);
         }
+        if config.first_stage && !config.scalable_mode {
+            return Err(ConfigError::FirstStageWithoutScalableMode);
+        }
+        if config.first_stage && config.aw_bits != 48 {
+            return Err(ConfigError::FirstStageAddressWidth(config.aw_bits));
+        }
+        let sm = config.scalable_mode;
         let caps = Capabilities {
             aw_bits: config.aw_bits,
             haw: config.aw_bits,
@@ -206,6 +247,12 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             large_1g: true,
             pass_through: config.pass_through,
             device_iotlb: false,
+            scalable: sm,
+            first_stage: config.first_stage,
+            first_stage_1g: sm,
+            pasid: sm,
+            supervisor_requests: config.first_stage,
+            page_walk_snoop: sm,
         };
         let sagaw = CAP_SAGAW_39
             | if config.aw_bits == 48 {
@@ -230,7 +277,22 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 CAP_ESIRTPS
             } else {
                 0
-            };
+            }
+            | if sm { CAP_FL1GP } else { 0 };
+        let scalable_ecap = if sm {
+            ECAP_SMTS
+                | ECAP_SLTS
+                | ECAP_PASID
+                | u64::from(PASID_BITS - 1) << ECAP_PSS_SHIFT
+                | ECAP_SMPWC
+                | if config.first_stage {
+                    ECAP_FLTS | ECAP_SRS
+                } else {
+                    0
+                }
+        } else {
+            0
+        };
         let ecap = ECAP_C
             | ECAP_QI
             | if config.pass_through { ECAP_PT } else { 0 }
@@ -240,7 +302,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 0
             }
             | if config.x2apic { ECAP_EIM } else { 0 }
-            | (IOTLB_REG_BASE / 16) << ECAP_IRO_SHIFT;
+            | (IOTLB_REG_BASE / 16) << ECAP_IRO_SHIFT
+            | scalable_ecap;
         let ram = ranges::normalize(
             mem.iter()
                 .map(|r| (r.start_addr().0, r.start_addr().0 + r.len()))
@@ -264,12 +327,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             clock,
             regs: RegisterFile::new(),
             root_table: 0,
+            root_mode: TableMode::Legacy,
             faults: FaultLog::new(config.fault_records),
             fsts_errors: 0,
             iqh: 0,
             remap: RemapState::default(),
             interrupt_routes: None,
             spaces: BTreeMap::new(),
+            refused: BTreeMap::new(),
             stats: Stats::default(),
             deferred_since: None,
             walk_left: config.walk_budget,
@@ -294,6 +359,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.root_table
     }
 
+    /// The kind of root table latched by the last SRTP.
+    pub fn root_table_mode(&self) -> TableMode {
+        self.root_mode
+    }
+
     /// Is DMA remapping enabled (GSTS.TES)?
     pub fn translation_enabled(&self) -> bool {
         self.regs.get32::<GSTS_REG>() & GSTS_TES != 0
@@ -305,11 +375,15 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if !self.config.caching_mode {
             return Err(ConfigError::NoCachingMode(source));
         }
+        if self.config.first_stage {
+            return Err(ConfigError::FirstStageWithHostDevice(source));
+        }
         if self.spaces.contains_key(&source) {
             return Err(ConfigError::AlreadyAttached(source));
         }
         let mut space = Space::new(source, host);
-        space.set_view(self.view_of(source));
+        let view = self.view_for_host(source);
+        space.set_view(view);
         self.spaces.insert(source, space);
         self.walk_left = self.config.walk_budget;
         self.sync_pending();
@@ -318,6 +392,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Removes `source` from the unit, unmapping everything the host maps for it.
     pub fn detach(&mut self, source: SourceId) {
+        self.refused.remove(&source);
         if let Some(mut space) = self.spaces.remove(&source) {
             let report = space.unmap_all();
             self.account(source, report);
@@ -337,96 +412,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             .unwrap_or_default()
     }
 
-    /// What a request from `source` to `iova` currently means.
-    fn view_of(&self, source: SourceId) -> View {
-        if !self.translation_enabled() {
-            return View::Identity;
-        }
-        match tables::lookup(&self.mem, self.root_table, source, &self.caps) {
-            Ok(ctx) => match ctx.translation {
-                Translation::PassThrough => View::Identity,
-                Translation::Tables(table) => View::Tables {
-                    domain: ctx.domain,
-                    table,
-                },
-            },
-            Err(_) => View::Blocked,
-        }
-    }
-
-    /// Translates a DMA request of an emulated device. On failure the fault is recorded (unless
-    /// the context disables fault processing) and the fault event raised.
-    ///
-    /// Returns the guest-physical address and how many bytes from it stay in the same page.
-    pub fn translate(
-        &mut self,
-        source: SourceId,
-        iova: u64,
-        access: Access,
-    ) -> Result<(u64, u64), Fault> {
-        if !self.translation_enabled() {
-            return Ok((iova, crate::PAGE_SIZE - (iova & (crate::PAGE_SIZE - 1))));
-        }
-        let fault = |reason| Fault {
-            source,
-            addr: iova,
-            reason,
-            access,
-        };
-        let ctx = match tables::lookup(&self.mem, self.root_table, source, &self.caps) {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                let f = fault(e.reason);
-                self.report_fault(&f, e.fpd);
-                return Err(f);
-            }
-        };
-        let table = match ctx.translation {
-            Translation::PassThrough => {
-                return Ok((iova, crate::PAGE_SIZE - (iova & (crate::PAGE_SIZE - 1))))
-            }
-            Translation::Tables(t) => t,
-        };
-        match walk::translate(&self.mem, table, iova, access, &self.caps) {
-            Ok(leaf) => {
-                let off = iova - leaf.iova;
-                Ok((leaf.gpa + off, leaf.len - off))
-            }
-            Err(reason) => {
-                let f = fault(reason);
-                self.report_fault(&f, ctx.fpd);
-                Err(f)
-            }
-        }
-    }
-
-    /// Counts a fault and, unless `fpd`, logs it into the fault records (7.2.1).
-    fn report_fault(&mut self, fault: &Fault, fpd: bool) {
-        self.stats.faults += 1;
-        vm_device::debug_limited!(
-            "DMA fault: {} {:?} at {:#x}: {:?}",
-            fault.source,
-            fault.access,
-            fault.addr,
-            fault.reason
-        );
-        self.record_fault(fault, fpd);
-    }
-
-    /// Logs `fault` into the fault records unless `fpd` (7.2.1), raising the fault event.
-    fn record_fault(&mut self, fault: &Fault, fpd: bool) {
-        if fpd {
-            return;
-        }
-        let before = self.fsts();
-        match self.faults.record(fault) {
-            RecordOutcome::Recorded | RecordOutcome::Overflowed => self.fault_event(before),
-            RecordOutcome::Dropped => {}
-        }
-    }
-
-    /// The queue's current head and size in descriptors (256 << IQA.QS), for a VMM that takes
-    /// tail writes asynchronously and must order several of them.
+    /// The queue's current head and size in 128-bit units (256 << IQA.QS, the unit of the tail
+    /// register's bits 18:4), for a VMM that takes tail writes asynchronously and must order
+    /// several of them.
     pub fn queue_head_and_len(&self) -> (u64, u64) {
         (self.iqh, iq_entries(self.regs.get::<IQA_REG>()))
     }

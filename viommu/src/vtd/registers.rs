@@ -98,6 +98,10 @@ pub enum Effect {
     CompletionEventControl,
     /// IRTA: EIME is reserved without extended interrupt mode.
     InterruptTableAddress,
+    /// RTADDR: TTM = 01b (scalable mode) is reserved without ECAP.SMTS.
+    RootTableAddress,
+    /// IQA: DW (256-bit descriptors) is reserved without ECAP.SMTS.
+    QueueAddress,
 }
 
 /// One register, as the spec describes it.
@@ -229,8 +233,11 @@ pub const REGISTERS: &[Register] = &[
         | GSTS_IRES
         | GSTS_IRTPS
         | GSTS_CFIS)),
-    // 11.4.5: latched by GCMD.SRTP.
-    Register::new("RTADDR", RTADDR_REG, W64).rw(RTADDR_RTA_MASK | RTADDR_TTM_MASK),
+    // 11.4.5: latched by GCMD.SRTP. TTM bit 10 selects scalable mode where ECAP.SMTS allows it
+    // (the effect clears it otherwise); bit 11 (abort-DMA mode, ECAP.ADMS) is reserved.
+    Register::new("RTADDR", RTADDR_REG, W64)
+        .rw(RTADDR_RTA_MASK | RTADDR_TTM_SCALABLE)
+        .effect(Effect::RootTableAddress),
     // 11.4.6.1: the unit clears ICC and reports the granularity it used in CAIG.
     Register::new("CCMD", CCMD_REG, W64)
         .rw(CCMD_ICC | CCMD_CIRG_MASK | CCMD_FM_MASK | CCMD_SID_MASK | CCMD_DID_MASK)
@@ -274,8 +281,11 @@ pub const REGISTERS: &[Register] = &[
     Register::new("IQT", IQT_REG, W64)
         .rw(IQ_INDEX_MASK)
         .effect(Effect::QueueTail),
-    // 11.4.9.3: DW (256-bit descriptors) exists only in scalable mode: reserved.
-    Register::new("IQA", IQA_REG, W64).rw(IQA_IQA_MASK | IQA_QS_MASK),
+    // 11.4.9.3: DW (256-bit descriptors) exists only with ECAP.SMTS (the effect clears it
+    // otherwise).
+    Register::new("IQA", IQA_REG, W64)
+        .rw(IQA_IQA_MASK | IQA_DW | IQA_QS_MASK)
+        .effect(Effect::QueueAddress),
     // 11.4.9.4
     Register::new("ICS", ICS_REG, W32)
         .rw1c(b(ICS_IWC))
@@ -308,7 +318,13 @@ pub const REGISTERS: &[Register] = &[
         .derived(Derived::FaultRecord { half: 0 })
         .per_fault_record(),
     Register::new("FRCD.HI", FRCD_REG_BASE + 8, W64)
-        .ro(FRCD_HI_T | FRCD_HI_AT_MASK | FRCD_HI_FR_MASK | FRCD_HI_SID_MASK)
+        .ro(FRCD_HI_T
+            | FRCD_HI_AT_MASK
+            | FRCD_HI_PV_MASK
+            | FRCD_HI_FR_MASK
+            | FRCD_HI_PP
+            | FRCD_HI_PRIV
+            | FRCD_HI_SID_MASK)
         .rw1c(FRCD_HI_F)
         .derived(Derived::FaultRecord { half: 1 })
         .effect(Effect::FaultRecord)

@@ -4,7 +4,7 @@ use super::*;
 use crate::descriptor::encode;
 use crate::testing::{mem, Driver, ManualClock, Mem, RecordingMsi, SharedHost, SimHost, Tables};
 use crate::walk::PageTable;
-use crate::{FaultReason, Perm, PAGE_SIZE};
+use crate::{Access, FaultReason, Perm, PAGE_SIZE};
 
 pub(super) const P: u64 = PAGE_SIZE;
 pub(super) const DEV: SourceId = SourceId(0x0018); // 00:03.0
