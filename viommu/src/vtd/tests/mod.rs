@@ -2,7 +2,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::descriptor::encode;
-use crate::testing::{mem, Driver, ManualClock, Mem, RecordingMsi, SharedHost, SimHost, Tables};
+use crate::testing::{
+    mem, Driver, ManualClock, Mem, RecordingMsi, SharedHost, SimHost, Tables, DRIVER_QUEUE,
+};
 use crate::walk::PageTable;
 use crate::{Access, FaultReason, Perm, PAGE_SIZE};
 
@@ -113,6 +115,7 @@ pub(super) fn map(t: &mut Tables, pt: PageTable, iova: u64, gpa: u64, pages: u64
 
 mod interrupts;
 mod registers;
+mod scalable;
 mod sync;
 
 #[test]
