@@ -1,6 +1,8 @@
 //! Property tests of caching-mode host sync: random guest page-table edits, invalidations and
 //! waits, checked against a reference that knows only the VT-d rule: after a wait, the host
-//! translates each page exactly as the guest's tables did when it was last invalidated.
+//! translates each page exactly as the guest's tables did when it was last invalidated. In
+//! legacy mode (128-bit descriptors, a context entry naming the table) and in scalable mode
+//! (256-bit descriptors, a second-stage PASID entry naming it, PASID-based invalidations).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -8,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use proptest::prelude::*;
 use viommu::descriptor::encode;
 use viommu::regs::{ICS_IWC, ICS_REG, IECTL_REG};
-use viommu::testing::{mem, Driver, ManualClock, Mem, SharedHost, SimHost, Tables};
+use viommu::testing::{mem, Driver, ManualClock, Mem, ScalableTables, SharedHost, SimHost, Tables};
 use viommu::walk::{self, PageTable};
 use viommu::{
     Access, Capabilities, FlushMode, MsiSink, Perm, SourceId, SyncStrategy, Vtd, VtdConfig,
@@ -62,8 +64,25 @@ enum Op {
     Global,
     /// Queue a device-selective context invalidation.
     Context,
+    /// Queue a PASID-based page-selective invalidation of the RID_PASID (a page-selective one
+    /// in legacy mode).
+    PasidPsi {
+        iova: u64,
+        am: u8,
+    },
+    /// Queue a PASID-selective PASID-based invalidation (domain-selective in legacy mode).
+    PasidAll,
+    /// Queue a PASID-cache invalidation of the RID_PASID entry (context in legacy mode).
+    PasidCache,
     /// Submit what is queued, with a wait.
     Wait,
+}
+
+/// Which tables and queue the guest uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Legacy,
+    Scalable,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -77,6 +96,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Dsi),
         1 => Just(Op::Global),
         1 => Just(Op::Context),
+        2 => (0..IOVA_PAGES, 0..6u8).prop_map(|(iova, am)| Op::PasidPsi { iova, am }),
+        1 => Just(Op::PasidAll),
+        1 => Just(Op::PasidCache),
         4 => Just(Op::Wait),
     ]
 }
@@ -87,6 +109,7 @@ struct Guest {
     vtd: Vtd<Mem>,
     host: SharedHost,
     drv: Driver,
+    mode: Mode,
     tables: Tables,
     pt: PageTable,
     queued: Vec<[u64; 2]>,
@@ -106,11 +129,12 @@ fn perm_of(bits: u8) -> Perm {
 }
 
 impl Guest {
-    fn new(strategy: SyncStrategy, flush: FlushMode) -> Self {
+    fn new(strategy: SyncStrategy, flush: FlushMode, mode: Mode) -> Self {
         let mem = mem();
         let config = VtdConfig {
             strategy,
             flush,
+            scalable_mode: mode == Mode::Scalable,
             ..VtdConfig::default()
         };
         let host = SharedHost::new(SimHost::new());
@@ -129,17 +153,34 @@ impl Guest {
         vtd.attach(DEV, Box::new(host.clone())).expect("attach");
         // Completion interrupts unmasked: each wait's MSI takes the snapshot.
         Driver::write32(&mut vtd, IECTL_REG, 0);
-        let mut tables = Tables::new(&mem);
-        let pt = tables.context(DEV, DOMAIN, 3);
         let mut drv = Driver::new();
-        drv.enable_qi(&mut vtd);
-        drv.set_root(&mut vtd, tables.root);
+        let (tables, pt) = match mode {
+            Mode::Legacy => {
+                let mut tables = Tables::new(&mem);
+                let pt = tables.context(DEV, DOMAIN, 3);
+                drv.enable_qi(&mut vtd);
+                drv.set_root(&mut vtd, tables.root);
+                (tables, pt)
+            }
+            Mode::Scalable => {
+                let mut sm = ScalableTables::new(&mem);
+                let pt = sm.attach_second_stage(DEV, DOMAIN, 3);
+                drv.wide = true;
+                drv.queue_entries = 128;
+                drv.enable_qi(&mut vtd);
+                drv.set_scalable_root(&mut vtd, sm.root);
+                // Page tables are written through the same allocator.
+                let next = pt.root + 0x10_0000;
+                (Tables::resume(&mem, sm.root, next), pt)
+            }
+        };
         drv.set_translation(&mut vtd, true);
         Guest {
             mem,
             vtd,
             host,
             drv,
+            mode,
             tables,
             pt,
             queued: Vec::new(),
@@ -213,6 +254,29 @@ impl Guest {
                 // The context did not change, so nothing is re-read: the reference covers
                 // nothing new either.
             }
+            Op::PasidPsi { iova, am } => match self.mode {
+                Mode::Legacy => self.apply(&Op::Psi { iova, am }),
+                Mode::Scalable => {
+                    let addr = IOVA_BASE + iova * P;
+                    self.queued
+                        .push(encode::pasid_iotlb_page(DOMAIN, 0, addr, am, false));
+                    let size = P << am;
+                    let start = addr & !(size - 1);
+                    self.covered.extend((0..1u64 << am).map(|i| start + i * P));
+                }
+            },
+            Op::PasidAll => match self.mode {
+                Mode::Legacy => self.apply(&Op::Dsi),
+                Mode::Scalable => {
+                    self.queued.push(encode::pasid_iotlb_pasid(DOMAIN, 0));
+                    self.cover_all();
+                }
+            },
+            Op::PasidCache => match self.mode {
+                Mode::Legacy => self.apply(&Op::Context),
+                // The entry did not change: nothing new is covered.
+                Mode::Scalable => self.queued.push(encode::pasid_cache_pasid(DOMAIN, 0)),
+            },
             Op::Wait => self.wait(),
         }
     }
@@ -252,9 +316,9 @@ impl Guest {
     }
 }
 
-fn check_strict(ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut batched = Guest::new(SyncStrategy::Batched, FlushMode::Strict);
-    let mut per_leaf = Guest::new(SyncStrategy::PerLeaf, FlushMode::Strict);
+fn check_strict(ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
+    let mut batched = Guest::new(SyncStrategy::Batched, FlushMode::Strict, mode);
+    let mut per_leaf = Guest::new(SyncStrategy::PerLeaf, FlushMode::Strict, mode);
     for op in ops.iter().chain(std::iter::once(&Op::Wait)) {
         batched.apply(op);
         per_leaf.apply(op);
@@ -267,6 +331,37 @@ fn check_strict(ops: &[Op]) -> Result<(), TestCaseError> {
     let l = per_leaf.vtd.stats();
     prop_assert!(b.host_map_calls + b.host_unmap_calls <= l.host_map_calls + l.host_unmap_calls);
     prop_assert_eq!(b.host_errors, 0);
+    prop_assert_eq!(b.descriptors_by_type.invalid, 0);
+    if mode == Mode::Scalable {
+        prop_assert_eq!(b.wide_descriptors, b.descriptors);
+    }
+    Ok(())
+}
+
+/// Deferred mode: after every wait the host maps every invalidated guest translation, may keep
+/// stale ones only where the guest translates nothing, and after a flush maps exactly the
+/// reference.
+fn check_deferred(ops: &[Op], mode: Mode) -> Result<(), TestCaseError> {
+    let mut g = Guest::new(SyncStrategy::Batched, FlushMode::DEFERRED_DEFAULT, mode);
+    for op in ops.iter().chain(std::iter::once(&Op::Wait)) {
+        g.apply(op);
+        if matches!(op, Op::Wait) {
+            let host = g.host_pages();
+            for (iova, t) in &g.expected {
+                prop_assert_eq!(host.get(iova), Some(t), "iova {:#x}", iova);
+            }
+            for iova in host.keys() {
+                prop_assert!(
+                    g.expected.contains_key(iova)
+                        || (IOVA_BASE..IOVA_BASE + IOVA_PAGES * P).contains(iova),
+                    "stale mapping {:#x} outside anything the guest ever mapped",
+                    iova
+                );
+            }
+        }
+    }
+    g.vtd.flush_deferred();
+    prop_assert_eq!(&g.host.get().page_map(), &g.expected);
     Ok(())
 }
 
@@ -277,39 +372,39 @@ proptest! {
     /// and the batched engine ends in the same host state as QEMU's leaf-by-leaf way.
     #[test]
     fn strict_host_mappings_equal_invalidated_guest_translations(ops in prop::collection::vec(op(), 1..60)) {
-        check_strict(&ops)?;
+        check_strict(&ops, Mode::Legacy)?;
     }
 
     /// The same over short histories, where an edit is often undone before the next full
     /// sync: what trips a sync that trusts an out-of-date view of the guest's tables.
     #[test]
     fn strict_host_mappings_equal_invalidated_guest_translations_short(ops in prop::collection::vec(op(), 1..12)) {
-        check_strict(&ops)?;
+        check_strict(&ops, Mode::Legacy)?;
     }
 
-
-    /// Deferred mode: after every wait the host maps every invalidated guest translation, may
-    /// keep stale ones only where the guest translates nothing, and after a flush maps exactly
-    /// the reference.
+    /// Deferred mode: every invalidated translation mapped, stale ones only where the guest
+    /// maps nothing, exact after a flush.
     #[test]
     fn deferred_host_mappings_cover_guest_translations_and_converge_on_flush(ops in prop::collection::vec(op(), 1..60)) {
-        let mut g = Guest::new(SyncStrategy::Batched, FlushMode::DEFERRED_DEFAULT);
-        for op in ops.iter().chain(std::iter::once(&Op::Wait)) {
-            g.apply(op);
-            if matches!(op, Op::Wait) {
-                let host = g.host_pages();
-                for (iova, t) in &g.expected {
-                    prop_assert_eq!(host.get(iova), Some(t), "iova {:#x}", iova);
-                }
-                for iova in host.keys() {
-                    prop_assert!(
-                        g.expected.contains_key(iova) || (IOVA_BASE..IOVA_BASE + IOVA_PAGES * P).contains(iova),
-                        "stale mapping {:#x} outside anything the guest ever mapped", iova
-                    );
-                }
-            }
-        }
-        g.vtd.flush_deferred();
-        prop_assert_eq!(&g.host.get().page_map(), &g.expected);
+        check_deferred(&ops, Mode::Legacy)?;
+    }
+
+    /// Scalable mode, strict: the same rule through a second-stage PASID entry, 256-bit
+    /// descriptors, PASID-based IOTLB and PASID-cache invalidations.
+    #[test]
+    fn scalable_strict_host_mappings_equal_invalidated_guest_translations(ops in prop::collection::vec(op(), 1..60)) {
+        check_strict(&ops, Mode::Scalable)?;
+    }
+
+    /// Scalable mode, short histories.
+    #[test]
+    fn scalable_strict_host_mappings_equal_invalidated_guest_translations_short(ops in prop::collection::vec(op(), 1..12)) {
+        check_strict(&ops, Mode::Scalable)?;
+    }
+
+    /// Scalable mode, deferred.
+    #[test]
+    fn scalable_deferred_host_mappings_cover_guest_translations_and_converge_on_flush(ops in prop::collection::vec(op(), 1..60)) {
+        check_deferred(&ops, Mode::Scalable)?;
     }
 }
