@@ -4,6 +4,11 @@
 //!
 //! `trace=NAME baseline_calls=N batched_calls=N baseline_flushes=N batched_flushes=N ns_per_desc=X`
 //!
+//! Streams named `sm-...` run the same workload in scalable mode, as Linux 6.1 drives it with
+//! `intel_iommu=on,sm_on`: 256-bit descriptors, the device behind a second-stage PASID entry
+//! (RID_PASID), and the same type-2 IOTLB invalidations, which Linux uses for second-stage
+//! domains.
+//!
 //! Calls are host map plus unmap calls; flushes are host mappings removed (VFIO type1 flushes
 //! the host IOTLB once for each); both are counted by a host that keeps VFIO type1's rules.
 //! `ns_per_desc` is the batched engine's own time per descriptor: the unit's handling of the
@@ -44,7 +49,9 @@ unsafe impl GlobalAlloc for CountingAlloc {
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 use viommu::descriptor::encode;
-use viommu::testing::{mem, Driver, ManualClock, Mem, RecordingMsi, SharedHost, SimHost, Tables};
+use viommu::testing::{
+    mem, Driver, ManualClock, Mem, RecordingMsi, ScalableTables, SharedHost, SimHost, Tables,
+};
 use viommu::walk::PageTable;
 use viommu::{FlushMode, HostDma, HostDmaError, Perm, SourceId, SyncStrategy, Vtd, VtdConfig};
 
@@ -64,12 +71,21 @@ impl HostDma for NullHost {
     }
 }
 
+/// Which tables and queue the guest drives the unit with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Legacy,
+    /// Scalable mode, as Linux 6.1 runs it with a second-stage domain.
+    Scalable,
+}
+
 /// A guest driving one unit with one attached device, as Linux's intel-iommu does in caching
 /// mode: edit the tables, queue invalidations, wait.
 struct Guest {
     mem: Mem,
     vtd: Vtd<Mem>,
     drv: Driver,
+    mode: Mode,
     tables: Tables,
     pt: PageTable,
     queued: Vec<[u64; 2]>,
@@ -80,11 +96,12 @@ struct Guest {
 }
 
 impl Guest {
-    fn new(strategy: SyncStrategy, flush: FlushMode, host: Box<dyn HostDma>) -> Self {
+    fn new(strategy: SyncStrategy, flush: FlushMode, mode: Mode, host: Box<dyn HostDma>) -> Self {
         let mem = mem();
         let config = VtdConfig {
             strategy,
             flush,
+            scalable_mode: mode == Mode::Scalable,
             ..VtdConfig::default()
         };
         let mut vtd = Vtd::new(
@@ -97,11 +114,13 @@ impl Guest {
         vtd.attach(DEV, host).expect("attach");
         let mut drv = Driver::new();
         drv.queue_entries = 4096;
+        drv.wide = mode == Mode::Scalable;
         let tables = Tables::new(&mem);
         Guest {
             mem,
             vtd,
             drv,
+            mode,
             tables,
             pt: PageTable { root: 0, levels: 4 },
             queued: Vec::new(),
@@ -113,9 +132,21 @@ impl Guest {
 
     /// Brings the unit up and gives the device an empty domain, as Linux's boot does.
     fn boot(&mut self) {
-        self.pt = self.tables.context(DEV, DOMAIN, 4);
         self.drv.enable_qi(&mut self.vtd);
-        self.drv.set_root(&mut self.vtd, self.tables.root);
+        match self.mode {
+            Mode::Legacy => {
+                self.pt = self.tables.context(DEV, DOMAIN, 4);
+                self.drv.set_root(&mut self.vtd, self.tables.root);
+            }
+            Mode::Scalable => {
+                let mut sm = ScalableTables::at(&self.mem, viommu::testing::TABLES_BASE);
+                self.pt = sm.attach_second_stage(DEV, DOMAIN, 4);
+                self.drv.set_scalable_root(&mut self.vtd, sm.root);
+                // Page tables go on above the scalable-mode structures.
+                self.tables = Tables::resume(&self.mem, sm.root, self.pt.root + (1 << 20));
+                self.queued.push(encode::pasid_cache_global());
+            }
+        }
         self.queued.push(encode::context_global());
         self.queued.push(encode::iotlb_global());
         self.wait();
@@ -160,21 +191,22 @@ impl Guest {
             false,
         ));
         // Write the descriptors, then time only the unit's handling of the tail write.
-        let tail_before = Driver::read64(&self.vtd, viommu::regs::IQT_REG) >> 4;
+        let size = if self.drv.wide { 32 } else { 16 };
+        let tail_before = Driver::read64(&self.vtd, viommu::regs::IQT_REG) / size;
         let entries = self.drv.queue_entries;
         for (i, d) in descs.iter().enumerate() {
             let slot = (tail_before + i as u64) % entries;
-            vm_memory::Bytes::write_obj(
-                &self.mem,
-                *d,
-                vm_memory::GuestAddress(self.drv.queue + slot * 16),
-            )
-            .expect("queue");
+            let words = [d[0], d[1], 0, 0];
+            for (k, w) in words.iter().take(size as usize / 8).enumerate() {
+                let addr = self.drv.queue + slot * size + k as u64 * 8;
+                vm_memory::Bytes::write_obj(&self.mem, *w, vm_memory::GuestAddress(addr))
+                    .expect("queue");
+            }
         }
         let tail = (tail_before + descs.len() as u64) % entries;
         let allocations = ALLOCATIONS.load(Ordering::Relaxed);
         let start = Instant::now();
-        Driver::write64(&mut self.vtd, viommu::regs::IQT_REG, tail << 4);
+        Driver::write64(&mut self.vtd, viommu::regs::IQT_REG, tail * size);
         self.busy += start.elapsed();
         self.allocations += ALLOCATIONS.load(Ordering::Relaxed) - allocations;
         let status: u32 =
@@ -286,15 +318,26 @@ struct Counts {
     descriptors: u64,
 }
 
-fn run(stream: Stream, strategy: SyncStrategy, flush: FlushMode) -> Counts {
+fn run(stream: Stream, strategy: SyncStrategy, flush: FlushMode, mode: Mode) -> Counts {
     let host = SharedHost::new(SimHost::new());
-    let mut g = Guest::new(strategy, flush, Box::new(host.clone()));
+    let mut g = Guest::new(strategy, flush, mode, Box::new(host.clone()));
     g.boot();
     let before = host.get().clone();
     let desc_before = g.vtd.stats().descriptors;
     stream(&mut g);
     g.vtd.flush_deferred();
     let after = host.get();
+    let stats = g.vtd.stats();
+    assert_eq!(
+        stats.descriptors_by_type.invalid, 0,
+        "every descriptor valid"
+    );
+    if mode == Mode::Scalable {
+        assert_eq!(
+            stats.wide_descriptors, stats.descriptors,
+            "256-bit descriptors"
+        );
+    }
     Counts {
         calls: (after.map_calls + after.unmap_calls) - (before.map_calls + before.unmap_calls),
         flushes: after.flushes - before.flushes,
@@ -304,10 +347,10 @@ fn run(stream: Stream, strategy: SyncStrategy, flush: FlushMode) -> Counts {
 
 /// The batched engine's own time per descriptor (best of a few runs over a no-op host) and its
 /// allocations per descriptor.
-fn cost_per_desc(stream: Stream, flush: FlushMode) -> (f64, f64) {
+fn cost_per_desc(stream: Stream, flush: FlushMode, mode: Mode) -> (f64, f64) {
     (0..5)
         .map(|_| {
-            let mut g = Guest::new(SyncStrategy::Batched, flush, Box::new(NullHost));
+            let mut g = Guest::new(SyncStrategy::Batched, flush, mode, Box::new(NullHost));
             g.boot();
             g.busy = Duration::ZERO;
             g.allocations = 0;
@@ -322,24 +365,37 @@ fn cost_per_desc(stream: Stream, flush: FlushMode) -> (f64, f64) {
 }
 
 fn main() {
-    let streams: [(&str, Stream, FlushMode); 6] = [
-        ("qd1-4k", qd1_4k, FlushMode::Strict),
-        ("sg128k", sg128k, FlushMode::Strict),
-        ("sg128k-scattered", sg128k_scattered, FlushMode::Strict),
-        ("dsi-lazy", dsi_lazy, FlushMode::Strict),
-        ("boot", boot, FlushMode::Strict),
-        ("qd1-4k-deferred", qd1_4k, FlushMode::DEFERRED_DEFAULT),
+    let legacy = Mode::Legacy;
+    let streams: [(&str, Stream, FlushMode, Mode); 8] = [
+        ("qd1-4k", qd1_4k, FlushMode::Strict, legacy),
+        ("sg128k", sg128k, FlushMode::Strict, legacy),
+        (
+            "sg128k-scattered",
+            sg128k_scattered,
+            FlushMode::Strict,
+            legacy,
+        ),
+        ("dsi-lazy", dsi_lazy, FlushMode::Strict, legacy),
+        ("boot", boot, FlushMode::Strict, legacy),
+        (
+            "qd1-4k-deferred",
+            qd1_4k,
+            FlushMode::DEFERRED_DEFAULT,
+            legacy,
+        ),
+        ("sm-qd1-4k", qd1_4k, FlushMode::Strict, Mode::Scalable),
+        ("sm-sg128k", sg128k, FlushMode::Strict, Mode::Scalable),
     ];
     // `cargo bench -- NAME` runs only the streams whose name contains NAME.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    for (name, stream, flush) in streams {
+    for (name, stream, flush, mode) in streams {
         if filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
-        let baseline = run(stream, SyncStrategy::PerLeaf, FlushMode::Strict);
-        let batched = run(stream, SyncStrategy::Batched, flush);
+        let baseline = run(stream, SyncStrategy::PerLeaf, FlushMode::Strict, mode);
+        let batched = run(stream, SyncStrategy::Batched, flush, mode);
         assert_eq!(baseline.descriptors, batched.descriptors);
-        let (ns, allocations) = cost_per_desc(stream, flush);
+        let (ns, allocations) = cost_per_desc(stream, flush, mode);
         println!(
             "trace={name} baseline_calls={} batched_calls={} baseline_flushes={} batched_flushes={} ns_per_desc={ns:.0} allocs_per_desc={allocations:.1}",
             baseline.calls,
