@@ -1,12 +1,16 @@
 //! Second-level walks over arbitrary tables: loops, self-references, huge pages, addresses
 //! beyond the width. Range walks must agree with single-address translation, tile the range in
-//! order, and stop at the budget.
+//! order, and stop at the budget. First-stage walks over the same memory return a leaf holding
+//! the address with the access allowed, leave accessed (and for writes dirty) flags set so a
+//! repeated walk agrees, and fault without touching memory otherwise; scalable-mode lookups of
+//! arbitrary root, context and PASID structures fault or name a table, never panic.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use viommu::first_stage::{self, FirstStageTable, Request};
 use viommu::walk::{translate, walk_range, PageTable, WalkCounters, WalkItem};
-use viommu::{Access, Capabilities, VtdConfig};
+use viommu::{scalable, Access, Capabilities, PasidTag, SourceId, VtdConfig};
 use viommu_fuzz::{in_ram, Guest};
 
 #[derive(Arbitrary, Debug)]
@@ -20,6 +24,12 @@ struct Input {
     start: u64,
     pages: u32,
     probes: Vec<u64>,
+    /// First-stage walks: (address, write, supervisor), through the same root with SRE/WPE.
+    first_stage: Vec<(u64, bool, bool)>,
+    sre: bool,
+    wpe: bool,
+    /// Scalable-mode lookups: (source, PASID) under the same root.
+    lookups: Vec<(u16, Option<(u32, bool)>)>,
 }
 
 fuzz_target!(|input: Input| {
@@ -89,5 +99,48 @@ fuzz_target!(|input: Input| {
     let limit = table.limit().min(1 << caps.aw_bits);
     if r.is_ok() && start < limit {
         assert_eq!(pos, end.min(limit), "a finished walk covers the range");
+    }
+    let sm_caps = Capabilities {
+        scalable: true,
+        first_stage: true,
+        first_stage_1g: input.large_pages,
+        pasid: true,
+        supervisor_requests: true,
+        page_walk_snoop: true,
+        ..caps
+    };
+    let fs = FirstStageTable {
+        root: table.root,
+        supervisor: input.sre,
+        write_protect: input.wpe,
+    };
+    for &(iova, write, privileged) in input.first_stage.iter().take(32) {
+        let access = if write { Access::Write } else { Access::Read };
+        let req = Request {
+            iova,
+            access,
+            privileged,
+        };
+        match first_stage::translate(&g.mem, fs, req, &sm_caps) {
+            Ok(l) => {
+                assert!(
+                    l.iova <= iova && iova - l.iova < l.len,
+                    "leaf holds the address"
+                );
+                assert!(l.perm.allows(access));
+                assert!(l.gpa >> sm_caps.haw == 0, "output within the host width");
+                // Flags are set: walking again changes nothing and agrees.
+                let again = first_stage::translate(&g.mem, fs, req, &sm_caps);
+                assert_eq!(again, Ok(l));
+            }
+            Err(reason) => assert!(reason.is_scalable_mode(), "{reason:?}"),
+        }
+    }
+    for &(source, pasid) in input.lookups.iter().take(16) {
+        let tag = pasid.map(|(pasid, privileged)| PasidTag { pasid, privileged });
+        match scalable::lookup(&g.mem, table.root, SourceId(source), tag, &sm_caps) {
+            Ok(ctx) => assert!(ctx.pasid.is_some_and(|p| p < 1 << 20)),
+            Err(e) => assert!(e.reason.is_scalable_mode(), "{:?}", e.reason),
+        }
     }
 });

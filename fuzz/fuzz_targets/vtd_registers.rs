@@ -1,6 +1,7 @@
-//! Arbitrary register accesses and guest-memory writes against the unit, checked against the
-//! register table: reserved bits and write-only registers read zero, a write that starts nothing
-//! changes exactly the bits the table says, and the image a VMM publishes reads as the registers.
+//! Arbitrary register accesses and guest-memory writes against the unit, legacy-only or
+//! offering scalable mode, checked against the register table: reserved bits and write-only
+//! registers read zero, a write that starts nothing changes exactly the bits the table says, and
+//! the image a VMM publishes reads as the registers.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -155,8 +156,12 @@ fn acts(offset: u64, len: u64) -> bool {
         .any(|loc| loc.register.effect.is_some())
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let config = VtdConfig::default();
+fuzz_target!(|input: (bool, Vec<Op>)| {
+    let (scalable, ops) = input;
+    let config = VtdConfig {
+        scalable_mode: scalable,
+        ..VtdConfig::default()
+    };
     let mut g = Guest::new(config);
     for op in ops.iter().take(256) {
         match *op {

@@ -2,6 +2,7 @@
 //! invariants every target checks.
 
 use viommu::regs::*;
+use viommu::tables::TableMode;
 use viommu::testing::{Driver, ManualClock, RecordingMsi, SharedHost, SimHost};
 use viommu::{Access, Perm, SourceId, Vtd, VtdConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -94,29 +95,40 @@ impl Guest {
     }
 
     /// Brings the host up to date the way a guest driver would (a clean queue, SRTP with the
-    /// current root, global context and IOTLB invalidation), then checks the host translates
-    /// exactly what the guest's tables say, page by page.
+    /// current root, global PASID-cache, context and IOTLB invalidation), then checks the host
+    /// translates exactly what the guest's tables say, page by page.
     pub fn check_quiesced(&mut self) {
         let gsts = Driver::read32(&self.vtd, GSTS_REG);
         let te = gsts & GSTS_TES;
+        // A unit with ECAP.SMTS takes 256-bit descriptors in both modes, and needs them in
+        // scalable mode (which the SRTP below latches again from RTADDR).
+        let wide = Driver::read64(&self.vtd, ECAP_REG) & ECAP_SMTS != 0;
+        let (dw, size) = if wide { (IQA_DW, 32) } else { (0, 16) };
         // Stop the queue, clear errors, point it at the clean area and restart it.
         Driver::write32(&mut self.vtd, GCMD_REG, te);
         Driver::write32(&mut self.vtd, FSTS_REG, FSTS_RW1C);
         Driver::write64(&mut self.vtd, IQT_REG, 0);
-        Driver::write64(&mut self.vtd, IQA_REG, CLEAN_QUEUE);
+        Driver::write64(&mut self.vtd, IQA_REG, CLEAN_QUEUE | dw);
         Driver::write32(&mut self.vtd, GCMD_REG, te | GCMD_QIE);
         Driver::write32(&mut self.vtd, GCMD_REG, te | GCMD_QIE | GCMD_SRTP);
-        let descs = [
+        let scalable = self.vtd.root_table_mode() == TableMode::Scalable;
+        let mut descs = vec![
             viommu::descriptor::encode::context_global(),
             viommu::descriptor::encode::iotlb_global(),
             viommu::descriptor::encode::wait(Some((CLEAN_STATUS, 0x5a5a)), false, false),
         ];
-        for (i, d) in descs.iter().enumerate() {
-            self.mem
-                .write_obj(*d, GuestAddress(CLEAN_QUEUE + i as u64 * 16))
-                .expect("clean queue");
+        if scalable {
+            descs.insert(0, viommu::descriptor::encode::pasid_cache_global());
         }
-        Driver::write64(&mut self.vtd, IQT_REG, (descs.len() as u64) << 4);
+        for (i, d) in descs.iter().enumerate() {
+            for (k, w) in [d[0], d[1], 0, 0].iter().take(size / 8).enumerate() {
+                let addr = CLEAN_QUEUE + (i * size + k * 8) as u64;
+                self.mem
+                    .write_obj(*w, GuestAddress(addr))
+                    .expect("clean queue");
+            }
+        }
+        Driver::write64(&mut self.vtd, IQT_REG, (descs.len() * size) as u64);
         // Deferred mode may keep dropped pages mapped until its next flush: flush now.
         self.vtd.flush_deferred();
         let status: u32 = self
