@@ -83,6 +83,16 @@ pub enum InvalidReason {
     NeedsViommu,
     #[error("with --viommu every device must be behind it (add iommu=on)")]
     NotBehindViommu,
+    #[error("first-stage=on needs scalable-mode=on")]
+    FirstStageNeedsScalableMode,
+    #[error("first-stage=on needs aw-bits=48 (first-stage tables are 4-level)")]
+    FirstStageNeeds48Bits,
+    #[error(
+        "first-stage=on cannot have a passed-through device behind the unit: a caching-mode \
+         guest sends no invalidation when it maps through first-stage tables, so the host could \
+         not follow them"
+    )]
+    FirstStageWithPassthrough,
 }
 
 /// Why a size does not parse.
@@ -132,7 +142,8 @@ pub struct VmConfig {
 /// The irqchip when `--irqchip` is not given.
 pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
-/// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]`.
+/// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
+/// [,scalable-mode=on|off][,first-stage=on|off]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
     /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
@@ -142,6 +153,10 @@ pub struct ViommuConfig {
     /// Queue tail writes taken by KVM (ioeventfds) and carried out on the event loop instead
     /// of in the writing vCPU's exit.
     pub async_queue: bool,
+    /// Scalable mode offered (PASID tables, second-stage and pass-through PASID entries).
+    pub scalable_mode: bool,
+    /// First-stage translation offered too; only without passed-through devices.
+    pub first_stage: bool,
 }
 
 impl Default for ViommuConfig {
@@ -150,6 +165,8 @@ impl Default for ViommuConfig {
             aw_bits: 48,
             deferred: false,
             async_queue: false,
+            scalable_mode: false,
+            first_stage: false,
         }
     }
 }
@@ -159,7 +176,8 @@ pub const USAGE: &str = "\
 vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
-           [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]]
+           [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
+                     [,scalable-mode=on|off][,first-stage=on|off]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
            [--irqchip kernel|split]
@@ -177,7 +195,14 @@ Options:
                        deferred lets a device reach unmapped memory for up to 10 ms),
                        queue=sync|async (default sync; async: a queue tail write returns to
                        the guest at once and the VMM runs the queue, as hardware does, so
-                       IQT may read back stale until it ran)
+                       IQT may read back stale until it ran), scalable-mode=on|off (default
+                       off; PASID tables, 256-bit descriptors; devices behind second-stage
+                       or pass-through PASID entries), first-stage=on|off (default off;
+                       needs scalable-mode=on, aw-bits=48 and no --device behind the unit:
+                       a caching-mode guest sends no invalidation when it maps through
+                       first-stage tables, so only emulated devices, which translate on
+                       demand, can follow them; hardware nesting through iommufd is what
+                       would lift this)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -291,7 +316,11 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     if input.is_empty() {
         return Ok(c);
     }
-    let list = OptionList::parse("--viommu", input, &["aw-bits", "flush", "queue"])?;
+    let list = OptionList::parse(
+        "--viommu",
+        input,
+        &["aw-bits", "flush", "queue", "scalable-mode", "first-stage"],
+    )?;
     if let Some(raw) = list.get("aw-bits") {
         c.aw_bits = match raw {
             "39" => 39,
@@ -315,6 +344,23 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             "async" => true,
             _ => return Err(list.invalid("queue", raw, InvalidReason::NotOneOf("sync or async"))),
         };
+    }
+    let on_off = |key: &'static str| match list.get(key) {
+        None | Some("off") => Ok(false),
+        Some("on") => Ok(true),
+        Some(raw) => Err(list.invalid(key, raw, InvalidReason::NotOneOf("on or off"))),
+    };
+    c.scalable_mode = on_off("scalable-mode")?;
+    c.first_stage = on_off("first-stage")?;
+    if c.first_stage && !c.scalable_mode {
+        return Err(list.invalid(
+            "first-stage",
+            "on",
+            InvalidReason::FirstStageNeedsScalableMode,
+        ));
+    }
+    if c.first_stage && c.aw_bits != 48 {
+        return Err(list.invalid("first-stage", "on", InvalidReason::FirstStageNeeds48Bits));
     }
     Ok(c)
 }
@@ -394,6 +440,14 @@ fn check_devices_and_viommu(
             (true, false) => return Err(invalid(InvalidReason::NeedsViommu)),
             (false, true) => return Err(invalid(InvalidReason::NotBehindViommu)),
             _ => {}
+        }
+        if viommu.is_some_and(|v| v.first_stage) {
+            return Err(ConfigError::InvalidValue {
+                option: "--viommu",
+                key: "first-stage",
+                value: format!("on with --device {}", d.path.display()),
+                reason: InvalidReason::FirstStageWithPassthrough,
+            });
         }
     }
     Ok(())
@@ -643,6 +697,7 @@ mod tests {
                 aw_bits: 39,
                 deferred: true,
                 async_queue: false,
+                ..ViommuConfig::default()
             })
         );
         let c = run(&["--kernel", "/k", "--viommu", "queue=async"]);
@@ -699,6 +754,63 @@ mod tests {
             err(&["--kernel", "/k", "--irqchip", "split", "--irqchip", "split"]),
             "option --irqchip given more than once"
         );
+    }
+
+    #[test]
+    fn scalable_mode_and_first_stage_are_on_off_options() {
+        let c = run(&["--kernel", "/k", "--viommu", "scalable-mode=on"]);
+        assert!(c.viommu.is_some_and(|v| v.scalable_mode && !v.first_stage));
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "scalable-mode=on,first-stage=on",
+        ]);
+        assert!(c.viommu.is_some_and(|v| v.scalable_mode && v.first_stage));
+        let c = run(&["--kernel", "/k", "--viommu", "scalable-mode=off"]);
+        assert_eq!(c.viommu, Some(ViommuConfig::default()));
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "scalable-mode=yes"]),
+            "--viommu: invalid scalable-mode 'yes': must be on or off"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "first-stage=on"]),
+            "--viommu: invalid first-stage 'on': first-stage=on needs scalable-mode=on"
+        );
+        assert!(err(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "aw-bits=39,scalable-mode=on,first-stage=on"
+        ])
+        .contains("needs aw-bits=48"));
+    }
+
+    #[test]
+    fn first_stage_is_refused_in_one_line_with_a_passed_through_device() {
+        let e = err(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "scalable-mode=on,first-stage=on",
+            "--device",
+            "path=/d,iommu=on",
+        ]);
+        assert!(
+            e.starts_with("--viommu: invalid first-stage 'on with --device /d':"),
+            "{e}"
+        );
+        assert!(e.contains("sends no invalidation"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        // Scalable mode alone takes them.
+        run(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "scalable-mode=on",
+            "--device",
+            "path=/d,iommu=on",
+        ]);
     }
 
     #[test]

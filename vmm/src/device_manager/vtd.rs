@@ -48,6 +48,8 @@ pub(super) fn create_vtd(
         } else {
             viommu::FlushMode::Strict
         },
+        scalable_mode: c.scalable_mode,
+        first_stage: c.first_stage,
         ..viommu::VtdConfig::default()
     };
     let unit = viommu::Vtd::new(
