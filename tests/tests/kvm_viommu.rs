@@ -1,7 +1,8 @@
 //! The virtual VT-d in a real KVM VM on this machine: a small guest of our own reaches its
 //! registers through MMIO exits, drives its invalidation queue in guest RAM, and takes its
 //! completion and fault-event interrupts as MSIs delivered through KVM; an emulated DMA device
-//! behind it faults on an unmapped IOVA and the guest reads the fault record.
+//! behind it faults on an unmapped IOVA and the guest reads the fault record, in legacy mode and
+//! in scalable mode through a first-stage table.
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
@@ -10,7 +11,8 @@ use integration::small_guest::{
 };
 use viommu::descriptor::encode;
 use viommu::regs::*;
-use viommu::testing::Tables;
+use viommu::tables::TableMode;
+use viommu::testing::{FirstStageFlags, ScalableTables, Tables};
 use viommu::{FaultReason, Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
@@ -358,13 +360,21 @@ fn edu_dma(a: &mut CodeAssembler, ram: u64, to_ram: bool) -> Result<(), IcedErro
     a.mov(qword_ptr(r12 + EDU_DMA_CMD), rax)
 }
 
-#[test]
-fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_reads() {
-    if !kvm_available() {
-        return;
-    }
+/// How the edu guest sets up the unit: the root table's RTADDR value, the queue's IQA value and
+/// the IQT value that submits the set-up descriptors the host wrote there.
+struct EduSetup {
+    rtaddr: u64,
+    iqa: u64,
+    iqt: u64,
+}
+
+/// A guest that points the unit at its tables, submits the set-up descriptors, turns
+/// translation on, then has edu copy E_SRC to E_DST and E_DST2 through mapped IOVAs and to
+/// E_CANARY through an unmapped one, taking the fault event and reading FSTS and fault record 0
+/// into RESULTS + 16 ... 32 (RESULTS + 40 is 0xbad if the set-up's wait did not complete).
+fn edu_guest(setup: &EduSetup) -> Vec<u8> {
     let faults = RESULTS;
-    let code = asm64(|a| {
+    asm64(|a| {
         let mut on_fault = a.create_label();
         let mut off = a.create_label();
         let mut fail = a.create_label();
@@ -390,16 +400,16 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         a.mov(dword_ptr(rbx + FEDATA_REG), FAULT_VECTOR as u32)?;
         a.mov(dword_ptr(rbx + FEADDR_REG), 0xfee0_0000u32)?;
         a.mov(dword_ptr(rbx + FECTL_REG), 0u32)?; // unmask
-        a.mov(rax, E_TABLES)?;
+        a.mov(rax, setup.rtaddr)?;
         a.mov(qword_ptr(rbx + RTADDR_REG), rax)?;
         a.mov(dword_ptr(rbx + GCMD_REG), GCMD_SRTP)?;
         a.xor(eax, eax)?;
         a.mov(qword_ptr(rbx + IQT_REG), rax)?; // 0
-        a.mov(rax, E_QUEUE)?;
+        a.mov(rax, setup.iqa)?;
         a.mov(qword_ptr(rbx + IQA_REG), rax)?;
         a.mov(dword_ptr(rbx + GCMD_REG), GCMD_QIE)?;
-        a.mov(rax, 3u64 << IQ_INDEX_SHIFT)?;
-        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // context + IOTLB global, wait
+        a.mov(rax, setup.iqt)?;
+        a.mov(qword_ptr(rbx + IQT_REG), rax)?; // the set-up invalidations and a wait
         a.mov(rax, E_STATUS)?;
         a.cmp(dword_ptr(rax), 1)?;
         a.jne(fail)?;
@@ -415,7 +425,7 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         a.mov(dword_ptr(rcx), eax)?;
         a.mov(rax, qword_ptr(rbx + FRCD_REG_BASE))?; // fault record 0, low: the page address
         a.mov(qword_ptr(rcx + 8), rax)?;
-        a.mov(rax, qword_ptr(rbx + FRCD_REG_BASE + 8))?; // high: F, type, reason, source id
+        a.mov(rax, qword_ptr(rbx + FRCD_REG_BASE + 8))?; // high: F, type, PASID, reason, SID
         a.mov(qword_ptr(rcx + 16), rax)?;
         // The device still works.
         edu_dma(a, E_IOVA_DST2, true)?;
@@ -431,31 +441,32 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         a.jmp(off)?;
         a.set_label(&mut on_fault)?;
         counting_handler(a, faults)
-    });
-    let vmm = vm_with_vtd(code, true, &Capture::default());
+    })
+}
+
+/// Runs the edu guest with a VT-d of `config`: `tables` writes the guest's translation tables
+/// for edu's source id (the IOVAs E_IOVA_* mapped, E_CANARY not) and returns the set-up
+/// descriptors, which go into the queue `descriptor_size` bytes apart. Checks the data and the
+/// fault record common to both modes and returns the unit, guest memory and the record's high
+/// quadword.
+fn run_edu_guest(
+    config: ViommuConfig,
+    setup: &EduSetup,
+    descriptor_size: u64,
+    tables: impl FnOnce(&vm_memory::GuestMemoryMmap, SourceId) -> Vec<[u64; 2]>,
+) -> (vtd::SharedVtd, vm_memory::GuestMemoryMmap, u64) {
+    let vmm = vm_with_vtd_config(edu_guest(setup), true, &Capture::default(), config);
     let mem = vmm.guest_memory().clone();
+    let unit = vmm.vtd().expect("a VT-d was asked for").clone();
     let source = vmm.devices().add_edu(&mem).expect("add edu");
     assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
     let pattern: Vec<u8> = (0..E_LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
     let canary = vec![0xa5u8; E_LEN as usize];
     mem.write_slice(&pattern, GuestAddress(E_SRC)).unwrap();
     mem.write_slice(&canary, GuestAddress(E_CANARY)).unwrap();
-    let mut t = Tables::at(&mem, E_TABLES);
-    let pt = t.context(source, 1, 3);
-    for (iova, gpa) in [
-        (E_IOVA_SRC, E_SRC),
-        (E_IOVA_DST, E_DST),
-        (E_IOVA_DST2, E_DST2),
-    ] {
-        t.map(pt, iova, gpa, 0x1000, Perm::RW);
-    }
-    let descs = [
-        encode::context_global(),
-        encode::iotlb_global(),
-        encode::wait(Some((E_STATUS, 1)), false, false),
-    ];
-    for (i, d) in descs.iter().enumerate() {
-        mem.write_obj(*d, GuestAddress(E_QUEUE + i as u64 * 16))
+    for (i, d) in tables(&mem, source).iter().enumerate() {
+        // A 256-bit descriptor's upper half stays zero (the queue page starts zeroed).
+        mem.write_obj(*d, GuestAddress(E_QUEUE + i as u64 * descriptor_size))
             .unwrap();
     }
     watchdog(&vmm);
@@ -477,7 +488,7 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         "the unmapped IOVA reached no guest memory"
     );
     assert_eq!(read(E_DST2), pattern, "the device works after the fault");
-    assert_eq!(read_u64(&mem, faults), 1, "one fault-event MSI");
+    assert_eq!(read_u64(&mem, RESULTS), 1, "one fault-event MSI");
     assert!(read_u32(&mem, RESULTS + 16) & FSTS_PPF != 0, "FSTS.PPF");
     assert_eq!(
         read_u64(&mem, RESULTS + 24),
@@ -491,10 +502,102 @@ fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_r
         u64::from(source.0),
         "the fault record's source id"
     );
+    assert_eq!(hi & FRCD_HI_T, 0, "a write request");
+    (unit, mem, hi)
+}
+
+#[test]
+fn an_emulated_device_dma_to_an_unmapped_iova_is_recorded_as_a_fault_the_guest_reads() {
+    if !kvm_available() {
+        return;
+    }
+    let setup = EduSetup {
+        rtaddr: E_TABLES,
+        iqa: E_QUEUE,
+        iqt: 3 << IQ_INDEX_SHIFT,
+    };
+    let (_, _, hi) = run_edu_guest(ViommuConfig::default(), &setup, 16, |mem, source| {
+        let mut t = Tables::at(mem, E_TABLES);
+        let pt = t.context(source, 1, 3);
+        for (iova, gpa) in [
+            (E_IOVA_SRC, E_SRC),
+            (E_IOVA_DST, E_DST),
+            (E_IOVA_DST2, E_DST2),
+        ] {
+            t.map(pt, iova, gpa, 0x1000, Perm::RW);
+        }
+        vec![
+            encode::context_global(),
+            encode::iotlb_global(),
+            encode::wait(Some((E_STATUS, 1)), false, false),
+        ]
+    });
     assert_eq!(
         (hi & FRCD_HI_FR_MASK) >> FRCD_HI_FR_SHIFT,
         FaultReason::WriteNotPermitted as u64,
         "reason: write to a page without write permission"
     );
-    assert_eq!(hi & FRCD_HI_T, 0, "a write request");
+}
+
+#[test]
+fn an_emulated_device_dmas_through_a_first_stage_table_and_a_not_present_entry_faults_with_71h() {
+    if !kvm_available() {
+        return;
+    }
+    // Scalable mode, as Linux runs it: the scalable-mode root table, a queue of 256-bit
+    // descriptors (one page: 128 of them), a global PASID-cache, context and IOTLB flush.
+    let setup = EduSetup {
+        rtaddr: E_TABLES | RTADDR_TTM_SCALABLE,
+        iqa: E_QUEUE | IQA_DW,
+        iqt: 4 * WIDE_DESCRIPTOR_SIZE,
+    };
+    let config = ViommuConfig {
+        scalable_mode: true,
+        first_stage: true,
+        ..ViommuConfig::default()
+    };
+    let leaf = std::cell::Cell::new(0u64);
+    let (unit, mem, hi) = run_edu_guest(config, &setup, WIDE_DESCRIPTOR_SIZE, |mem, source| {
+        let mut t = ScalableTables::at(mem, E_TABLES);
+        // Edu's requests carry no PASID: they use RID_PASID 0, a first-stage table here.
+        t.context(source, 2, 0, false);
+        let table = t.first_stage_table();
+        for (iova, gpa) in [
+            (E_IOVA_SRC, E_SRC),
+            (E_IOVA_DST, E_DST),
+            (E_IOVA_DST2, E_DST2),
+        ] {
+            t.map_first_stage(table, iova, gpa, 0x1000, FirstStageFlags::USER_RW);
+        }
+        t.first_stage(source, 0, 1, table);
+        leaf.set(t.first_stage_entry_addr(table, E_IOVA_DST, 1));
+        vec![
+            encode::pasid_cache_global(),
+            encode::context_global(),
+            encode::iotlb_global(),
+            encode::wait(Some((E_STATUS, 1)), false, false),
+        ]
+    });
+    assert_eq!(
+        (hi & FRCD_HI_FR_MASK) >> FRCD_HI_FR_SHIFT,
+        FaultReason::FirstStageEntryNotPresent as u64,
+        "reason 71h: the first-stage entry is not present"
+    );
+    assert_eq!(
+        hi & (FRCD_HI_PP | FRCD_HI_PV_MASK),
+        0,
+        "a request without a PASID records none, though RID_PASID translated it"
+    );
+    let stats = vtd::lock(&unit).stats();
+    assert_eq!(vtd::lock(&unit).root_table_mode(), TableMode::Scalable);
+    assert_eq!(stats.wide_descriptors, 4);
+    assert_eq!(stats.descriptors_by_type.pasid_cache, 1);
+    assert!(stats.first_stage_walks >= 4, "{}", stats.first_stage_walks);
+    // The leaf the device wrote through is accessed and dirty.
+    let pte = read_u64(&mem, leaf.get());
+    assert_eq!(
+        pte & (1 << 5 | 1 << 6),
+        1 << 5 | 1 << 6,
+        "A and D: {pte:#x}"
+    );
 }
