@@ -14,12 +14,12 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Writes the VT-d counters (all zero without a VT-d) as one JSON object.
 fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Result<()> {
-    let (stats, config) = match vtd {
+    let (stats, config, root_table) = match vtd {
         Some(v) => {
             let v = vtd::lock(v);
-            (v.stats(), Some(*v.config()))
+            (v.stats(), Some(*v.config()), Some(v.root_table_mode()))
         }
-        None => (viommu::Stats::default(), None),
+        None => (viommu::Stats::default(), None, None),
     };
     let mut json = serde_json::to_value(stats).map_err(std::io::Error::other)?;
     let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
@@ -30,6 +30,13 @@ fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Resu
             viommu::FlushMode::Deferred { .. } => "deferred",
         },
         "queue": if doorbells.is_some() { "async" } else { "sync" },
+        "scalable_mode": c.scalable_mode,
+        "first_stage": c.first_stage,
+        // The kind of root table the guest last pointed the unit at (RTADDR.TTM).
+        "root_table": match root_table {
+            Some(viommu::tables::TableMode::Scalable) => "scalable",
+            _ => "legacy",
+        },
     })));
     // Tail writes KVM took through the queue doorbells (queue=async).
     json["queue_doorbells"] = serde_json::json!(doorbells.unwrap_or(0));
