@@ -462,12 +462,14 @@ fn run_edu_guest(
     assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
     let pattern: Vec<u8> = (0..E_LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
     let canary = vec![0xa5u8; E_LEN as usize];
-    mem.write_slice(&pattern, GuestAddress(E_SRC)).unwrap();
-    mem.write_slice(&canary, GuestAddress(E_CANARY)).unwrap();
+    mem.write_slice(&pattern, GuestAddress(E_SRC))
+        .expect("guest memory");
+    mem.write_slice(&canary, GuestAddress(E_CANARY))
+        .expect("guest memory");
     for (i, d) in tables(&mem, source).iter().enumerate() {
         // A 256-bit descriptor's upper half stays zero (the queue page starts zeroed).
         mem.write_obj(*d, GuestAddress(E_QUEUE + i as u64 * descriptor_size))
-            .unwrap();
+            .expect("guest memory");
     }
     watchdog(&vmm);
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
@@ -478,7 +480,8 @@ fn run_edu_guest(
     );
     let read = |addr: u64| {
         let mut v = vec![0u8; E_LEN as usize];
-        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        mem.read_slice(&mut v, GuestAddress(addr))
+            .expect("guest memory");
         v
     };
     assert_eq!(read(E_DST), pattern, "DMA through mapped IOVAs");
