@@ -3,7 +3,7 @@
 //! translation, puts the PCI devices into IOMMU groups, and every invalidation it sends goes
 //! through our queue (the counters `--stats-json` writes at exit say so).
 
-use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
+use integration::testbed::{self, viommu, Outcome, TestbedError};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 
 /// Boots L2 with `intel_iommu=on` under `vmm --viommu VIOMMU_ARGS` and prints the stats JSON.
@@ -11,43 +11,13 @@ fn run(name: &str, viommu_args: &str, l2_args: &[&str]) -> Result<Option<Outcome
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
-    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
-        .memory_mib(384)
-        .action("iommu")
-        .vmm_arg(&format!("--viommu {viommu_args}"))
-        .vmm_arg("--stats-json /tmp/stats.json");
-    for a in l2_args {
-        boot = boot.l2_cmdline_arg(a);
-    }
-    let script = format!(
-        "{}echo \"@@TB L1 stats $(tr -d ' \\n' </tmp/stats.json)\"\n",
-        boot.l1_script_text()
-    );
-    let s = Scenario::l1_script(name, &script).with_vmm();
+    let s = viommu::l2_on_our_vtd(name, viommu_args, l2_args, "iommu", false);
     Ok(Some(tb.run(&s)?))
 }
 
 /// The JSON the vmm wrote, from the `@@TB L1 stats` marker.
 fn stats(out: &Outcome) -> Result<String, TestbedError> {
-    let line = out
-        .lines
-        .iter()
-        .find_map(|l| {
-            l.text
-                .split_once("@@TB L1 stats ")
-                .map(|(_, j)| j.trim().to_string())
-        })
-        .ok_or_else(|| out.error("no stats marker: the vmm wrote no --stats-json file"))?;
-    Ok(line)
-}
-
-/// The unsigned counter `key` in the one-line JSON `json`.
-fn counter(json: &str, key: &str) -> Option<u64> {
-    let rest = json.split_once(&format!("\"{key}\":"))?.1;
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    out.vmm_stats()
 }
 
 #[test]
@@ -78,8 +48,8 @@ fn l2_linux_enables_intel_iommu_on_our_vtd_and_invalidates_through_its_queue(
         "no device was added to an IOMMU group",
     )?;
     let json = stats(&out)?;
-    let descriptors = counter(&json, "descriptors").unwrap_or(0);
-    let waits = counter(&json, "waits").unwrap_or(0);
+    let descriptors = out.stats_counter("descriptors").unwrap_or(0);
+    let waits = out.stats_counter("waits").unwrap_or(0);
     out.ensure(descriptors > 0, format!("no descriptors counted: {json}"))?;
     out.ensure(waits > 0, format!("no waits counted: {json}"))?;
     out.ensure(
@@ -121,7 +91,7 @@ fn l2_linux_boots_on_our_vtd_in_deferred_mode_and_with_iommu_off() -> Result<(),
     )?;
     let json = stats(&off)?;
     off.ensure(
-        counter(&json, "descriptors") == Some(0),
+        off.stats_counter("descriptors").ok() == Some(0),
         format!("a guest with intel_iommu=off sent descriptors: {json}"),
     )
 }

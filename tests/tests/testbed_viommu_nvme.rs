@@ -3,17 +3,7 @@
 //! device still reads the L0 disk image exactly, and what the guest writes lands in the L0 file.
 //! Also with `iommu=pt`, with `intel_iommu=off`, and in deferred mode.
 
-use integration::testbed::{self, L2Vmm, Outcome, Scenario, TestbedError};
-
-/// Binds L1's NVMe controllers to vfio-pci and sets `$DEVS` to `--device` options putting each
-/// behind the VT-d.
-const BIND_NVME_BEHIND_VTD: &str = r#"
-nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
-DEVS=""
-for d in $nvmes; do
-  DEVS="$DEVS --device path=$d,iommu=on"
-done
-"#;
+use integration::testbed::{self, viommu, Outcome, TestbedError};
 
 /// Where the guest's `nvme-pt` action writes its pattern on the scratch disk, and the pattern.
 const PATTERN_OFFSET: usize = 1 << 20;
@@ -42,20 +32,7 @@ fn run_with(
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
-    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
-        .memory_mib(384)
-        .action("nvme-iommu")
-        .vmm_arg(&format!("--viommu {viommu}"))
-        .vmm_arg("--stats-json /tmp/stats.json")
-        .vmm_arg("$DEVS");
-    for a in l2_args {
-        boot = boot.l2_cmdline_arg(a);
-    }
-    let script = format!(
-        "{BIND_NVME_BEHIND_VTD}{}echo \"@@TB L1 stats $(tr -d ' \\n' </tmp/stats.json)\"\n",
-        boot.l1_script_text()
-    );
-    let mut s = Scenario::l1_script(name, &script).with_vmm();
+    let mut s = viommu::l2_on_our_vtd(name, viommu, l2_args, "nvme-iommu", true);
     if let Some(path) = scratch {
         s = s.scratch_nvme(path, "nvme1");
     }
@@ -64,19 +41,7 @@ fn run_with(
 
 /// The counter `key` of the stats JSON the run printed.
 fn counter(out: &Outcome, key: &str) -> Result<u64, TestbedError> {
-    let json = out
-        .lines
-        .iter()
-        .find_map(|l| {
-            l.text
-                .split_once("@@TB L1 stats ")
-                .map(|(_, j)| j.to_string())
-        })
-        .ok_or_else(|| out.error("no stats marker: the vmm wrote no --stats-json file"))?;
-    json.split_once(&format!("\"{key}\":"))
-        .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| out.error(format!("no counter {key} in {json}")))
+    out.stats_counter(key)
 }
 
 /// The guest read the first 16 MiB of the L0 disk image exactly, and the vmm exited 0.

@@ -25,6 +25,7 @@ mod error;
 mod outcome;
 mod run;
 mod scenario;
+pub mod viommu;
 
 pub use console::{Line, Marker, MARKER_PREFIX};
 pub use error::TestbedError;

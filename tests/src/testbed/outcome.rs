@@ -126,6 +126,28 @@ impl Outcome {
         self.marker("VMM", "exit")?.field_num("secs")
     }
 
+    /// The one-line JSON of the VT-d counters the vmm wrote, as the L1 script printed it
+    /// (`@@TB L1 stats JSON`, see [`super::viommu`]).
+    pub fn vmm_stats(&self) -> Result<String, TestbedError> {
+        self.lines
+            .iter()
+            .find_map(|l| {
+                l.text
+                    .split_once("@@TB L1 stats ")
+                    .map(|(_, j)| j.trim().to_string())
+            })
+            .ok_or_else(|| self.error("no stats marker: the vmm wrote no --stats-json file"))
+    }
+
+    /// The first unsigned counter named `key` in [`Outcome::vmm_stats`].
+    pub fn stats_counter(&self, key: &str) -> Result<u64, TestbedError> {
+        let json = self.vmm_stats()?;
+        json.split_once(&format!("\"{key}\":"))
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| self.error(format!("no counter {key} in {json}")))
+    }
+
     /// Whether any console line contains `needle`.
     pub fn console_contains(&self, needle: &str) -> bool {
         self.lines.iter().any(|l| l.text.contains(needle))

@@ -1,0 +1,53 @@
+//! What the testbed tests of our virtual VT-d share: an L1 script that boots L2 under our vmm
+//! with `--viommu`, optionally with L1's NVMe controllers behind it, and prints the counters the
+//! vmm wrote at exit (`--stats-json`) as an `@@TB L1 stats JSON` line, which
+//! [`Outcome::vmm_stats`](super::Outcome::vmm_stats) reads back.
+
+use super::{L2Vmm, Scenario};
+
+/// Where the vmm writes its counters.
+pub const STATS_JSON: &str = "/tmp/stats.json";
+
+/// Binds L1's NVMe controllers to vfio-pci and sets `$DEVS` to `--device` options putting each
+/// behind the VT-d.
+pub const BIND_NVME_BEHIND_VTD: &str = r#"
+nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
+DEVS=""
+for d in $nvmes; do
+  DEVS="$DEVS --device path=$d,iommu=on"
+done
+"#;
+
+/// An L1 script that runs `boot` (an L2 boot under our vmm with `--stats-json` [`STATS_JSON`])
+/// after `prologue`, then prints the counters on one line.
+pub fn printing_stats(name: &str, prologue: &str, boot: &Scenario) -> Scenario {
+    let script = format!(
+        "{prologue}{}echo \"@@TB L1 stats $(tr -d ' \\n' <{STATS_JSON})\"\n",
+        boot.l1_script_text()
+    );
+    Scenario::l1_script(name, &script).with_vmm()
+}
+
+/// L2 (384 MiB) under `vmm --viommu VIOMMU` with the kernel arguments `l2_args`, running the
+/// L2 action `action`; with `nvme`, every L1 NVMe controller is passed through behind the unit.
+pub fn l2_on_our_vtd(
+    name: &str,
+    viommu: &str,
+    l2_args: &[&str],
+    action: &str,
+    nvme: bool,
+) -> Scenario {
+    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
+        .memory_mib(384)
+        .action(action)
+        .vmm_arg(&format!("--viommu {viommu}"))
+        .vmm_arg(&format!("--stats-json {STATS_JSON}"));
+    if nvme {
+        boot = boot.vmm_arg("$DEVS");
+    }
+    for a in l2_args {
+        boot = boot.l2_cmdline_arg(a);
+    }
+    let prologue = if nvme { BIND_NVME_BEHIND_VTD } else { "" };
+    printing_stats(name, prologue, &boot)
+}
