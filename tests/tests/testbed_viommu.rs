@@ -41,12 +41,7 @@ fn l2_linux_enables_intel_iommu_on_our_vtd_and_invalidates_through_its_queue(
             format!("no '{needle}' in dmesg"),
         )?;
     }
-    out.ensure(
-        out.lines
-            .iter()
-            .any(|l| l.text.contains("Adding to iommu group")),
-        "no device was added to an IOMMU group",
-    )?;
+    viommu::ensure_driver_grouped_devices(&out)?;
     let json = stats(&out)?;
     let descriptors = out.stats_counter("descriptors").unwrap_or(0);
     let waits = out.stats_counter("waits").unwrap_or(0);

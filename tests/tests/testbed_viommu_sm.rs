@@ -122,16 +122,7 @@ fn l2_linux_takes_first_stage_tables_and_lazy_flushing_when_first_stage_is_offer
         ecap & (ECAP_SMTS | ECAP_FLTS) == ECAP_SMTS | ECAP_FLTS,
         format!("the guest read ECAP {ecap:#x}: first-stage expected"),
     )?;
-    out.ensure(
-        out.console_contains("Intel(R) Virtualization Technology for Directed I/O"),
-        "the driver did not come up",
-    )?;
-    out.ensure(
-        out.lines
-            .iter()
-            .any(|l| l.text.contains("Adding to iommu group")),
-        "no device was added to an IOMMU group",
-    )?;
+    viommu::ensure_driver_grouped_devices(&out)?;
     ran_in_scalable_mode(&out)?;
     // Linux 6.1 takes first-stage tables for DMA domains whenever FLTS is offered
     // (first_level_by_default), and with the fix "Allow to use flush-queue when first level is

@@ -3,7 +3,7 @@
 //! vmm wrote at exit (`--stats-json`) as an `@@TB L1 stats JSON` line, which
 //! [`Outcome::vmm_stats`](super::Outcome::vmm_stats) reads back.
 
-use super::{L2Vmm, Scenario};
+use super::{L2Vmm, Outcome, Scenario, TestbedError};
 
 /// Where the vmm writes its counters.
 pub const STATS_JSON: &str = "/tmp/stats.json";
@@ -50,4 +50,16 @@ pub fn l2_on_our_vtd(
     }
     let prologue = if nvme { BIND_NVME_BEHIND_VTD } else { "" };
     printing_stats(name, prologue, &boot)
+}
+
+/// The guest's intel-iommu driver came up and put devices into IOMMU groups.
+pub fn ensure_driver_grouped_devices(out: &Outcome) -> Result<(), TestbedError> {
+    out.ensure(
+        out.console_contains("Intel(R) Virtualization Technology for Directed I/O"),
+        "the intel-iommu driver did not come up",
+    )?;
+    out.ensure(
+        out.console_contains("Adding to iommu group"),
+        "no device was added to an IOMMU group",
+    )
 }

@@ -84,18 +84,22 @@ impl ScalableTables {
         self.root + u64::from(sid.bus()) * 16 + if sid.devfn() >= 128 { 8 } else { 0 }
     }
 
+    /// The table the entry at `entry` points to (present bit 0, address 63:12), allocating it
+    /// and making the entry present first if it is not.
+    fn table_of(&mut self, entry: u64) -> u64 {
+        let v = self.read(entry);
+        if v & 1 != 0 {
+            return v & !0xfff;
+        }
+        let t = self.pages.alloc();
+        self.write(entry, t | 1);
+        t
+    }
+
     /// Address of `sid`'s 256-bit context entry, allocating its context table.
     pub fn context_addr(&mut self, sid: SourceId) -> u64 {
         let half = self.root_half_addr(sid);
-        let v = self.read(half);
-        let table = if v & 1 != 0 {
-            v & !0xfff
-        } else {
-            let t = self.pages.alloc();
-            self.write(half, t | 1);
-            t
-        };
-        table + u64::from(sid.devfn() & 0x7f) * CONTEXT_ENTRY
+        self.table_of(half) + u64::from(sid.devfn() & 0x7f) * CONTEXT_ENTRY
     }
 
     pub fn read_context_raw(&mut self, sid: SourceId) -> [u64; 4] {
@@ -131,16 +135,8 @@ impl ScalableTables {
 
     /// Address of the 512-bit PASID table entry of `pasid` behind `sid`, allocating its table.
     pub fn pasid_entry_addr(&mut self, sid: SourceId, pasid: u32) -> u64 {
-        let dir_entry = self.directory(sid) + u64::from(pasid / PASIDS_PER_TABLE) * 8;
-        let v = self.read(dir_entry);
-        let table = if v & 1 != 0 {
-            v & !0xfff
-        } else {
-            let t = self.pages.alloc();
-            self.write(dir_entry, t | 1);
-            t
-        };
-        table + u64::from(pasid % PASIDS_PER_TABLE) * PASID_ENTRY
+        let dir_entry = self.pasid_dir_entry_addr(sid, pasid);
+        self.table_of(dir_entry) + u64::from(pasid % PASIDS_PER_TABLE) * PASID_ENTRY
     }
 
     /// Address of the PASID directory entry of `pasid` behind `sid`.
