@@ -6,7 +6,8 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use viommu::intremap::{MsiMessage, IRTA_EIME};
+use viommu::intremap::IRTA_EIME;
+use vm_device::interrupt::MsiMessage;
 use viommu::regs::*;
 use viommu::testing::Driver;
 use viommu::{SourceId, VtdConfig};
@@ -112,7 +113,7 @@ fuzz_target!(|input: Input| {
                 assert!(lo & 1 != 0, "not-present entry delivered");
                 assert_eq!(out.data & 0xff, ((lo >> 16) & 0xff) as u32, "vector");
                 let x2apic = input.x2apic && irta & IRTA_EIME != 0;
-                let dest = (out.addr >> 12) as u32 & 0xff | (out.addr >> 32) as u32 & !0xff;
+                let dest = (out.address >> 12) as u32 & 0xff | (out.address >> 32) as u32 & !0xff;
                 let want = if x2apic {
                     (lo >> 32) as u32
                 } else {

@@ -2,8 +2,8 @@ use vm_device::pci::bar::BarKind;
 use vm_device::ratelimit::{capture::lines_logged_by, BURST};
 
 use super::*;
-use crate::msi::MsiMessage;
 use crate::testing::{BumpAllocator, FakeDevice, FakeRoutes};
+use vm_device::interrupt::MsiMessage;
 
 const RAM: (u64, u64) = (0, 0x8000_0000);
 

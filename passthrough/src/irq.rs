@@ -12,11 +12,7 @@ use vm_device::warn_limited;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::access::{IrqKind, IrqSetError, VfioAccess};
-use crate::msi::MsiMessage;
-
-/// x86 MSI address window (Intel SDM Vol. 3, 11.11.1: bits 31:20 are 0xFEE).
-pub const MSI_ADDRESS_MASK: u64 = 0xffff_ffff_fff0_0000;
-pub const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+use vm_device::interrupt::MsiMessage;
 
 /// A KVM-side operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,10 +108,6 @@ pub struct Vectors {
     vectors: Vec<Vector>,
 }
 
-fn valid_msi(msg: &MsiMessage) -> bool {
-    msg.address & MSI_ADDRESS_MASK == MSI_ADDRESS_BASE
-}
-
 impl Vectors {
     /// No vectors.
     pub fn new(kind: IrqKind) -> Self {
@@ -203,8 +195,8 @@ impl Vectors {
             warn_limited!("{kind} vector {i} is not enabled; update ignored");
             return Ok(());
         };
-        let deliverable = !masked && valid_msi(&msg);
-        if !masked && !valid_msi(&msg) {
+        let deliverable = !masked && msg.is_interrupt();
+        if !masked && !msg.is_interrupt() {
             warn_limited!(
                 "{kind} vector {i}: address {:#x} is not an interrupt address; not delivered",
                 msg.address

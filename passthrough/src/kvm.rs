@@ -33,7 +33,7 @@ use vfio_ioctls::VfioDeviceFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::irq::{IrqRoutes, RouteError};
-use crate::msi::MsiMessage;
+use vm_device::interrupt::MsiMessage;
 
 /// IOAPIC pins (GSIs 0..24) in KVM's default routing, and the GSIs KVM reserves for the
 /// user-space IOAPIC with the split irqchip.

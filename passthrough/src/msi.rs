@@ -4,15 +4,9 @@
 //! own MSI registers when we enable MSI through VFIO_DEVICE_SET_IRQS, and the message the
 //! guest chose becomes the KVM route behind each vector's eventfd.
 
+use vm_device::interrupt::MsiMessage;
 use vm_device::pci::configuration::merge_bytes;
 use vm_device::pci::spec::*;
-
-/// One interrupt message: where the guest wants the write and what it writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct MsiMessage {
-    pub address: u64,
-    pub data: u32,
-}
 
 /// What the interrupt side must do after a guest write to the capability.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use vm_device::pci::configuration::merge_bytes;
 use vm_device::pci::spec::*;
 use vm_device::{debug_limited, warn_limited};
 
-use crate::msi::MsiMessage;
+use vm_device::interrupt::MsiMessage;
 
 /// What the interrupt side must do after a guest write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use vm_device::pci::bar::{AllocError, BarAllocator, BarKind};
 
 use crate::access::{IrqKind, IrqSetError, MmapArea, RegionInfo, VfioAccess, CONFIG_REGION};
 use crate::irq::{IrqRoutes, RouteError};
-use crate::msi::MsiMessage;
+use vm_device::interrupt::MsiMessage;
 
 #[derive(Default)]
 pub struct FakeState {

@@ -11,35 +11,15 @@
 //! or the fault to report. It has no state of its own: the unit owns the latched table and the
 //! enables, and the VMM owns the routes (see [`InterruptRoutes`]).
 
+use vm_device::interrupt::{
+    MsiMessage, MSI_ADDRESS_DEST_MODE_LOGICAL, MSI_ADDRESS_DEST_SHIFT, MSI_ADDRESS_EXT_DEST_SHIFT,
+    MSI_ADDRESS_REDIRECTION_HINT, MSI_ADDRESS_WINDOW, MSI_DATA_DELIVERY_MODE_SHIFT,
+    MSI_DATA_LEVEL_ASSERT, MSI_DATA_SUBHANDLE_MASK, MSI_DATA_TRIGGER_LEVEL,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::fault::FaultReason;
 use crate::SourceId;
-
-/// The interrupt address window, bits 31:20 of every interrupt request (5.1.2).
-pub const MSI_ADDR_WINDOW: u64 = 0xfee0_0000;
-const MSI_ADDR_WINDOW_MASK: u64 = 0xfff0_0000;
-
-// 5.1.2.2: interrupt requests in remappable format, address fields.
-/// Interrupt format: set for remappable format.
-pub const MSI_ADDR_IF_REMAPPABLE: u64 = 1 << 4;
-/// Subhandle valid: the data's low 16 bits are added to the handle.
-pub const MSI_ADDR_SHV: u64 = 1 << 3;
-/// Handle bit 15 sits in address bit 2.
-pub const MSI_ADDR_HANDLE_15: u64 = 1 << 2;
-/// Handle bits 14:0 sit in address bits 19:5.
-pub const MSI_ADDR_HANDLE_SHIFT: u32 = 5;
-const MSI_ADDR_HANDLE_LO_MASK: u64 = 0x7fff;
-/// Data bits 15:0 are the subhandle; bits 31:16 are reserved.
-const MSI_DATA_SUBHANDLE_MASK: u32 = 0xffff;
-
-// 5.1.2.1 and the Intel SDM (10.11): interrupt requests in compatibility format.
-const MSI_ADDR_DEST_SHIFT: u32 = 12;
-const MSI_ADDR_RH: u64 = 1 << 3;
-const MSI_ADDR_DM_LOGICAL: u64 = 1 << 2;
-const MSI_DATA_DLM_SHIFT: u32 = 8;
-const MSI_DATA_LEVEL_ASSERT: u32 = 1 << 14;
-const MSI_DATA_TM_LEVEL: u32 = 1 << 15;
 
 // 11.4.x: interrupt remapping table address register.
 /// Table address, bits 63:12.
@@ -75,65 +55,6 @@ const IRTE_HI_RSVD: u64 = !0xf_ffff;
 const SVT_NONE: u64 = 0b00;
 const SVT_REQUESTER_ID: u64 = 0b01;
 const SVT_BUS_RANGE: u64 = 0b10;
-
-/// An MSI: the address and data a device (or the IOAPIC) writes to raise an interrupt.
-///
-/// A translated message for a destination above 255 (x2APIC) carries destination bits 31:8 in
-/// address bits 63:40, the extended destination convention KVM uses when user space enables
-/// `KVM_X2APIC_API_USE_32BIT_IDS`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct MsiMessage {
-    pub addr: u64,
-    pub data: u32,
-}
-
-impl MsiMessage {
-    pub const fn new(addr: u64, data: u32) -> Self {
-        MsiMessage { addr, data }
-    }
-
-    /// Is this an interrupt request at all (an address in the interrupt window)?
-    pub fn is_interrupt(&self) -> bool {
-        self.addr & MSI_ADDR_WINDOW_MASK == MSI_ADDR_WINDOW && self.addr >> 32 == 0
-    }
-
-    /// Is it in remappable format (address bit 4)?
-    pub fn is_remappable(&self) -> bool {
-        self.addr & MSI_ADDR_IF_REMAPPABLE != 0
-    }
-
-    /// The handle of a remappable request (5.1.2.2).
-    pub fn handle(&self) -> u32 {
-        let lo = (self.addr >> MSI_ADDR_HANDLE_SHIFT) & MSI_ADDR_HANDLE_LO_MASK;
-        let hi = u64::from(self.addr & MSI_ADDR_HANDLE_15 != 0) << 15;
-        (lo | hi) as u32
-    }
-
-    /// The interrupt_index of a remappable request: its handle, plus the subhandle when SHV is
-    /// set (5.1.3). May exceed 16 bits, which no table holds.
-    pub fn interrupt_index(&self) -> u32 {
-        if self.addr & MSI_ADDR_SHV != 0 {
-            self.handle() + (self.data & MSI_DATA_SUBHANDLE_MASK)
-        } else {
-            self.handle()
-        }
-    }
-
-    /// A remappable-format request for `index` without subhandle, as an IOAPIC or a driver
-    /// that gives each vector its own handle writes it.
-    pub fn remappable(index: u16) -> Self {
-        let index = u64::from(index);
-        let addr = MSI_ADDR_WINDOW
-            | (index & MSI_ADDR_HANDLE_LO_MASK) << MSI_ADDR_HANDLE_SHIFT
-            | if index & 0x8000 != 0 {
-                MSI_ADDR_HANDLE_15
-            } else {
-                0
-            }
-            | MSI_ADDR_IF_REMAPPABLE;
-        MsiMessage { addr, data: 0 }
-    }
-}
 
 /// The interrupt remapping table as the last SIRTP latched it from IRTA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,22 +105,23 @@ pub struct Interrupt {
 
 impl Interrupt {
     /// The compatibility-format MSI that delivers this interrupt (destinations above 255 in
-    /// address bits 63:40, see [`MsiMessage`]).
+    /// address bits 63:40, see [`MSI_ADDRESS_EXT_DEST_SHIFT`]).
     pub fn to_msi(&self) -> MsiMessage {
-        let mut addr = MSI_ADDR_WINDOW
-            | u64::from(self.dest & 0xff) << MSI_ADDR_DEST_SHIFT
-            | u64::from(self.dest & !0xff) << 32;
+        let mut address = MSI_ADDRESS_WINDOW
+            | u64::from(self.dest & 0xff) << MSI_ADDRESS_DEST_SHIFT
+            | u64::from(self.dest & !0xff) << MSI_ADDRESS_EXT_DEST_SHIFT;
         if self.redirection_hint {
-            addr |= MSI_ADDR_RH;
+            address |= MSI_ADDRESS_REDIRECTION_HINT;
         }
         if self.logical {
-            addr |= MSI_ADDR_DM_LOGICAL;
+            address |= MSI_ADDRESS_DEST_MODE_LOGICAL;
         }
-        let mut data = u32::from(self.vector) | u32::from(self.delivery_mode) << MSI_DATA_DLM_SHIFT;
+        let mut data =
+            u32::from(self.vector) | u32::from(self.delivery_mode) << MSI_DATA_DELIVERY_MODE_SHIFT;
         if self.level {
-            data |= MSI_DATA_TM_LEVEL | MSI_DATA_LEVEL_ASSERT;
+            data |= MSI_DATA_TRIGGER_LEVEL | MSI_DATA_LEVEL_ASSERT;
         }
-        MsiMessage { addr, data }
+        MsiMessage { address, data }
     }
 }
 
@@ -314,7 +236,7 @@ pub fn translate<M: GuestMemoryBackend>(
         return Ok(msg);
     }
     let index = msg.interrupt_index();
-    if msg.data & !MSI_DATA_SUBHANDLE_MASK != 0 || msg.addr >> 32 != 0 {
+    if msg.data & !MSI_DATA_SUBHANDLE_MASK != 0 || msg.address >> 32 != 0 {
         return Err(RemapFault::new(FaultReason::IrRequestReserved, index));
     }
     // IRE can only be set once a table pointer was latched; a unit without one behaves as if

@@ -3,6 +3,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::testing::{mem, Mem, TEST_MEM_SIZE};
+use vm_device::interrupt::*;
 
 const TABLE: u64 = 0x10_0000;
 const DEV: SourceId = SourceId(0x0018); // 00:03.0
@@ -58,9 +59,9 @@ fn handle_and_subhandle_make_the_index() {
     assert!(m.is_remappable() && m.is_interrupt());
     assert_eq!(m.handle(), 0x8123);
     assert_eq!(m.interrupt_index(), 0x8123);
-    let shv = MsiMessage::new(m.addr | MSI_ADDR_SHV, 5);
+    let shv = MsiMessage::new(m.address | MSI_ADDRESS_SHV, 5);
     assert_eq!(shv.interrupt_index(), 0x8128);
-    let no_shv = MsiMessage::new(m.addr, 5);
+    let no_shv = MsiMessage::new(m.address, 5);
     assert_eq!(no_shv.interrupt_index(), 0x8123, "data ignored without SHV");
 }
 
@@ -70,15 +71,18 @@ fn xapic_entry_gives_vector_destination_and_modes() {
     let lo = irte_xapic(0x45, 3) | IRTE_LO_DM | IRTE_LO_RH | IRTE_LO_TM | 1 << IRTE_LO_DLM_SHIFT;
     write_irte(&m, 7, lo, 0);
     let out = translate(&m, &state(8, false), DEV, MsiMessage::remappable(7)).unwrap();
-    assert_eq!(out.addr, 0xfee0_3000 | MSI_ADDR_RH | MSI_ADDR_DM_LOGICAL);
+    assert_eq!(
+        out.address,
+        0xfee0_3000 | MSI_ADDRESS_REDIRECTION_HINT | MSI_ADDRESS_DEST_MODE_LOGICAL
+    );
     assert_eq!(
         out.data,
-        0x45 | 1 << 8 | MSI_DATA_TM_LEVEL | MSI_DATA_LEVEL_ASSERT
+        0x45 | 1 << 8 | MSI_DATA_TRIGGER_LEVEL | MSI_DATA_LEVEL_ASSERT
     );
     // Edge, physical, fixed.
     write_irte(&m, 7, irte_xapic(0x30, 0xfe), 0);
     let out = translate(&m, &state(8, false), DEV, MsiMessage::remappable(7)).unwrap();
-    assert_eq!((out.addr, out.data), (0xfee0_0000 | 0xfe << 12, 0x30));
+    assert_eq!((out.address, out.data), (0xfee0_0000 | 0xfe << 12, 0x30));
 }
 
 #[test]
@@ -86,9 +90,9 @@ fn x2apic_entry_gives_a_32_bit_destination() {
     let m = mem();
     write_irte(&m, 1, IRTE_LO_P | 0x60 << 16 | 0x0001_2345 << 32, 0);
     let out = translate(&m, &state(8, true), DEV, MsiMessage::remappable(1)).unwrap();
-    assert_eq!(out.addr & 0xffff_ffff, 0xfee0_0000 | 0x45 << 12);
+    assert_eq!(out.address & 0xffff_ffff, 0xfee0_0000 | 0x45 << 12);
     assert_eq!(
-        out.addr >> 40,
+        out.address >> 40,
         0x123,
         "destination bits 31:8 in address 63:40"
     );
@@ -101,7 +105,7 @@ fn subhandle_selects_the_entry() {
     write_irte(&m, 10, irte_xapic(0x31, 0), 0);
     write_irte(&m, 12, irte_xapic(0x33, 0), 0);
     let base = MsiMessage::remappable(10);
-    let msg = MsiMessage::new(base.addr | MSI_ADDR_SHV, 2);
+    let msg = MsiMessage::new(base.address | MSI_ADDRESS_SHV, 2);
     let out = translate(&m, &state(8, false), DEV, msg).unwrap();
     assert_eq!(out.data & 0xff, 0x33);
 }
@@ -110,7 +114,7 @@ fn subhandle_selects_the_entry() {
 fn reserved_request_bits_fault_with_reason_0x20() {
     let m = mem();
     write_irte(&m, 1, irte_xapic(0x31, 0), 0);
-    let msg = MsiMessage::new(MsiMessage::remappable(1).addr, 1 << 16);
+    let msg = MsiMessage::new(MsiMessage::remappable(1).address, 1 << 16);
     assert_eq!(
         fault_of(translate(&m, &state(8, false), DEV, msg)),
         (FaultReason::IrRequestReserved, 1, false)
@@ -396,16 +400,16 @@ proptest! {
         let handle = handle % 32;
         let mut msg = MsiMessage::remappable(handle);
         if shv {
-            msg = MsiMessage::new(msg.addr | MSI_ADDR_SHV, u32::from(subhandle % 16));
+            msg = MsiMessage::new(msg.address | MSI_ADDRESS_SHV, u32::from(subhandle % 16));
         }
         let source = SourceId(source);
         let index = msg.interrupt_index();
         match (translate(&m, &s, source, msg), reference(&table, x2apic, source, index)) {
             (Ok(out), Ok((vector, dest))) => {
                 prop_assert_eq!(out.data & 0xff, u32::from(vector));
-                let got = (out.addr >> 12) as u32 & 0xff | ((out.addr >> 32) as u32 & !0xff);
+                let got = (out.address >> 12) as u32 & 0xff | ((out.address >> 32) as u32 & !0xff);
                 prop_assert_eq!(got, dest);
-                prop_assert!(out.addr & MSI_ADDR_IF_REMAPPABLE == 0, "delivered in compatibility format");
+                prop_assert!(out.address & MSI_ADDRESS_FORMAT_REMAPPABLE == 0, "delivered in compatibility format");
             }
             (Err(f), Err(reason)) => {
                 prop_assert_eq!(f.reason, reason);

@@ -1,11 +1,12 @@
 //! Interrupt remapping in the unit (VT-d spec chapter 5): the GCMD commands that set it up, the
 //! interrupt-entry cache as the routes a VMM holds, and the requests of emulated devices.
 
+use vm_device::interrupt::MsiMessage;
 use vm_memory::GuestMemoryBackend;
 
 use super::Vtd;
 use crate::fault::Fault;
-use crate::intremap::{self, IecScope, InterruptRoutes, MsiMessage, RemapFault, RemapTable};
+use crate::intremap::{self, IecScope, InterruptRoutes, RemapFault, RemapTable};
 use crate::regs::*;
 use crate::SourceId;
 

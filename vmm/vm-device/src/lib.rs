@@ -4,6 +4,9 @@
 //! - [`dma`]: the host-DMA trait a DMA remapping model drives and a device-assignment backend
 //!   implements (the viommu crate's VT-d engine and the passthrough crate's VFIO container), so
 //!   neither of those crates depends on the other;
+//! - [`interrupt`]: the MSI message and its formats (compatibility and remappable), which the
+//!   VT-d's interrupt remapping, the passthrough crate's MSI/MSI-X and KVM routes and the VMM's
+//!   IOAPIC all speak, and the trait an emulated device raises its MSIs through;
 //! - [`pci`]: the PCI configuration-space and BAR model the VMM's emulated functions and the
 //!   passthrough crate's VFIO functions share, and the trait the root complex drives them by;
 //! - [`ratelimit`]: logging for lines a guest can trigger at will, bounded per call site.
@@ -13,5 +16,6 @@
 //! of the VMM that its device crates build on, not a project of its own.
 
 pub mod dma;
+pub mod interrupt;
 pub mod pci;
 pub mod ratelimit;

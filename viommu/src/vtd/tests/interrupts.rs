@@ -4,8 +4,9 @@
 use std::sync::{Arc, Mutex};
 
 use super::*;
-use crate::intremap::{IecScope, InterruptRoutes, MsiMessage, Translate, IRTA_EIME};
+use crate::intremap::{IecScope, InterruptRoutes, Translate, IRTA_EIME};
 use crate::testing::DRIVER_STATUS;
+use vm_device::interrupt::MsiMessage;
 
 const IRT: u64 = 30 << 20;
 const IR_DEV: SourceId = SourceId(0x0018);
@@ -138,7 +139,7 @@ fn remapped_requests_deliver_what_the_irte_says() {
         .remap_interrupt(IR_DEV, MsiMessage::remappable(4))
         .unwrap();
     assert_eq!(out.data, 0x51);
-    assert_eq!(out.addr, 0xfee0_3000 | 0x100 << 40);
+    assert_eq!(out.address, 0xfee0_3000 | 0x100 << 40);
     assert_eq!(f.vtd.stats().interrupts_remapped, 1);
     assert!(f.msi.take().is_empty(), "no fault event");
 }

@@ -13,7 +13,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use passthrough::kvm::{KvmRouting, IOAPIC_PINS};
-use passthrough::msi::MsiMessage;
+use vm_device::interrupt::MsiMessage;
 use vm_device::{debug_limited, warn_limited};
 use vmm_sys_util::timerfd::TimerFd;
 

@@ -22,8 +22,8 @@ mod rte;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use passthrough::msi::MsiMessage;
 use vm_device::debug_limited;
+use vm_device::interrupt::MsiMessage;
 
 use crate::devices::bus::BusDevice;
 

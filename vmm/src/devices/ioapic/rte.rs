@@ -23,7 +23,10 @@
 //! yields a remappable-format request (VT-d spec 5.1.2.2: handle in address bits 19:5 and 2,
 //! format bit 4, SHV bit 3): the IOAPIC never interprets the format, the remapping unit does.
 
-use passthrough::msi::MsiMessage;
+use vm_device::interrupt::{
+    MsiMessage, MSI_ADDRESS_DEST_MODE_LOGICAL, MSI_ADDRESS_REDIRECTION_HINT, MSI_ADDRESS_WINDOW,
+    MSI_DATA_DELIVERY_MODE_SHIFT, MSI_DATA_LEVEL_ASSERT, MSI_DATA_TRIGGER_LEVEL,
+};
 
 /// Bits 7:0: the vector.
 const VECTOR_MASK: u64 = 0xff;
@@ -61,16 +64,9 @@ const WRITABLE: u64 = 0xffff_0000_0001_ffff & !(DELIVERY_STATUS | REMOTE_IRR);
 /// The state after reset: masked, everything else clear.
 pub(super) const RESET: u64 = MASKED;
 
-// The MSI address and data (Intel SDM Vol. 3A, 11.11.1 and 11.11.2).
-/// Address bits 31:20.
-const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+/// Entry bits 63:48 land in message address bits 19:4 (the MSI format's fields are
+/// `vm_device::interrupt`'s).
 const MSI_ADDRESS_UPPER_SHIFT: u32 = 4;
-const MSI_ADDRESS_REDIRECTION_HINT: u64 = 1 << 3;
-const MSI_ADDRESS_DEST_MODE_LOGICAL: u64 = 1 << 2;
-const MSI_DATA_DELIVERY_MODE_SHIFT: u32 = 8;
-/// Data bit 14: level asserted (meaningful for level-triggered messages only).
-const MSI_DATA_LEVEL_ASSERT: u32 = 1 << 14;
-const MSI_DATA_TRIGGER_LEVEL: u32 = 1 << 15;
 
 /// Trigger mode, bit 15.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,8 +217,8 @@ impl RedirectionEntry {
     /// The MSI-format write the IOAPIC puts on the bus for this entry.
     pub fn message(self) -> MsiMessage {
         let mode = self.delivery_mode_bits();
-        let mut address =
-            MSI_ADDRESS_BASE | (((self.0 >> UPPER_SHIFT) & UPPER_MASK) << MSI_ADDRESS_UPPER_SHIFT);
+        let mut address = MSI_ADDRESS_WINDOW
+            | (((self.0 >> UPPER_SHIFT) & UPPER_MASK) << MSI_ADDRESS_UPPER_SHIFT);
         if self.0 & DEST_MODE_LOGICAL != 0 {
             address |= MSI_ADDRESS_DEST_MODE_LOGICAL;
         }
