@@ -55,6 +55,12 @@ pub enum RouteError {
     /// The eventfd to detach is not a line of the pin.
     #[error("IOAPIC pin {pin}: eventfd {fd} is not attached to it")]
     NotAttached { pin: u32, fd: i32 },
+    /// An MSI route takes one irqfd (one eventfd a vector).
+    #[error("GSI {gsi} already has an irqfd")]
+    IrqfdTaken { gsi: u32 },
+    /// The eventfd of a vector could not be duplicated.
+    #[error("GSI {gsi}: cannot duplicate the irqfd's eventfd: {source}")]
+    IrqfdDup { gsi: u32, source: std::io::Error },
 }
 
 /// Errors wiring a vector.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
-use passthrough::kvm::{KvmRouting, IOAPIC_PINS};
+use passthrough::kvm::{KvmRouting, PinRoute, IOAPIC_PINS};
 use vm_device::interrupt::MsiMessage;
 use vm_device::{debug_limited, warn_limited};
 use vmm_sys_util::timerfd::TimerFd;
@@ -31,11 +31,12 @@ struct KvmIoapicOutput {
 
 impl IoapicOutput for KvmIoapicOutput {
     fn pin_changed(&mut self, pin: u8, state: PinState) {
-        let level = state.trigger == TriggerMode::Level;
-        if let Err(e) =
-            self.routing
-                .set_ioapic_pin(u32::from(pin), state.message, state.masked, level)
-        {
+        let route = PinRoute {
+            message: Some(state.message),
+            masked: state.masked,
+            level: state.trigger == TriggerMode::Level,
+        };
+        if let Err(e) = self.routing.set_ioapic_pin(u32::from(pin), route) {
             warn_limited!("IOAPIC pin {pin}: {e}");
         }
     }
