@@ -61,8 +61,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         let mut translated = 0;
         let (mem, state) = (&self.mem, &self.remap);
         routes.retranslate(scope, &mut |source, msg| {
-            translated += u64::from(state.enabled);
-            intremap::translate(mem, state, source, msg)
+            let out = intremap::translate(mem, state, source, msg);
+            translated += u64::from(state.enabled && out.is_ok());
+            out
         });
         self.stats.interrupts_remapped += translated;
         self.interrupt_routes = Some(routes);
@@ -87,6 +88,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         msg: MsiMessage,
     ) -> Result<MsiMessage, RemapFault> {
         intremap::translate(&self.mem, &self.remap, source, msg)
+    }
+
+    /// What the interrupt request `msg` from `source` means, for a VMM setting up the route
+    /// that will deliver it (a KVM GSI route delivers a device's MSIs without the unit): counted
+    /// in `interrupts_remapped` as every route the unit re-translates is, but a fault is not
+    /// recorded, since no request was made (the route holder has the request go through
+    /// [`Self::remap_interrupt`] when the device raises it).
+    pub fn translate_route(
+        &mut self,
+        source: SourceId,
+        msg: MsiMessage,
+    ) -> Result<MsiMessage, RemapFault> {
+        let out = intremap::translate(&self.mem, &self.remap, source, msg);
+        self.stats.interrupts_remapped += u64::from(self.remap.enabled && out.is_ok());
+        out
     }
 
     /// An interrupt request `msg` from `source` (an emulated device, or a route that faulted):

@@ -258,3 +258,29 @@ fn compatibility_format_follows_cfi_and_is_blocked_in_x2apic_mode() {
         FaultReason::IrCompatibilityBlocked as u64
     );
 }
+
+#[test]
+fn a_route_translation_counts_as_remapped_but_records_no_fault() {
+    let mut f = ir_fixture();
+    let (lo, hi) = irte(0x51, 2);
+    write_irte(&f, 4, lo, hi);
+    let compat = MsiMessage::new(0xfee0_1000, 0x40);
+    assert_eq!(f.vtd.translate_route(IR_DEV, compat), Ok(compat));
+    assert_eq!(f.vtd.stats().interrupts_remapped, 0, "remapping is off");
+    f.drv
+        .set_interrupt_remapping(&mut f.vtd, IRT | IRTA_EIME | 7, true);
+    let out = f
+        .vtd
+        .translate_route(IR_DEV, MsiMessage::remappable(4))
+        .unwrap();
+    assert_eq!((out.address, out.data), (0xfee0_2000, 0x51));
+    assert_eq!(f.vtd.stats().interrupts_remapped, 1);
+    let fault = f
+        .vtd
+        .translate_route(IR_DEV, MsiMessage::remappable(9))
+        .unwrap_err();
+    assert_eq!(fault.reason, FaultReason::IrEntryNotPresent);
+    assert_eq!(f.r64(FRCD_REG_BASE + 8) & FRCD_HI_F, 0, "no fault record");
+    let s = f.vtd.stats();
+    assert_eq!((s.interrupts_remapped, s.interrupt_faults), (1, 0));
+}
