@@ -290,7 +290,12 @@ fn main() {
         serial_out: Box::new(std::io::stdout()),
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
-        viommu: device.iommu.then(ViommuConfig::default),
+        // DMA remapping only: the guest's MSIs are in compatibility format, on either irqchip.
+        viommu: device.iommu.then_some(ViommuConfig {
+            intremap: false,
+            eim: false,
+            ..ViommuConfig::default()
+        }),
         irqchip,
     });
     let mut vm = match built {

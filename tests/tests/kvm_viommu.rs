@@ -30,7 +30,13 @@ fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture) -> Vmm {
     vm_with_vtd_config(code, irqchip, out, ViommuConfig::default())
 }
 
-fn vm_with_vtd_config(code: Vec<u8>, irqchip: bool, out: &Capture, vtd: ViommuConfig) -> Vmm {
+fn vm_with_vtd_config(code: Vec<u8>, irqchip: bool, out: &Capture, mut vtd: ViommuConfig) -> Vmm {
+    // These guests test DMA remapping and the unit's own interrupts on KVM's in-kernel
+    // irqchip, which interrupt remapping cannot have (kvm_intremap tests remapping).
+    if irqchip {
+        vtd.intremap = false;
+        vtd.eim = false;
+    }
     let mode = CpuMode::LongMode { rip: CODE };
     let boot = if irqchip {
         BootSource::RawWithIrqchip {

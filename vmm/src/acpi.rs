@@ -23,6 +23,7 @@ use crate::devices::acpi_pm1::{
     PM1_CNT_LEN, PM1_CNT_OFFSET, PM1_EVT_LEN, PM1_EVT_OFFSET, PM_BLOCK_PORT, PM_TMR_LEN,
     PM_TMR_OFFSET,
 };
+use crate::devices::ioapic::IOAPIC_ID;
 use crate::devices::legacy::serial::{COM1_IRQ, COM1_PORT};
 use crate::devices::pvpanic::PVPANIC_PORT;
 use crate::pci::bus::{intx_gsi, NUM_SLOTS};
@@ -37,7 +38,12 @@ const OEM_REVISION: u32 = 1;
 const MADT_PCAT_COMPAT: u32 = 1;
 const MADT_TYPE_LAPIC: u8 = 0;
 const MADT_TYPE_IOAPIC: u8 = 1;
+/// Processor Local x2APIC structure (ACPI 6.4, 5.2.12.12): 32-bit APIC IDs and processor UIDs.
+const MADT_TYPE_X2APIC: u8 = 9;
 const MADT_LAPIC_ENABLED: u32 = 1;
+/// The highest APIC ID a Processor Local APIC structure (type 0) takes: 255 is the xAPIC
+/// broadcast ID, so from there on the MADT uses x2APIC structures, as QEMU does.
+const MADT_MAX_XAPIC_ID: u32 = 254;
 // FADT IA-PC boot architecture flags (ACPI 6.4, Table 5.11): VGA not present (bit 2), CMOS RTC
 // not present (bit 5). Linux keeps time with kvmclock; the RTC at 0x70 is there for programs
 // that drive PC hardware directly (kvm-unit-tests), and an ACPI OS is told to leave it alone.
@@ -70,7 +76,7 @@ pub enum AcpiError {
 #[derive(Clone, Debug)]
 pub struct AcpiConfig {
     /// vCPU count; APIC IDs are 0..n.
-    pub vcpus: u8,
+    pub vcpus: u32,
     /// Guest RAM, to place the 64-bit PCI window.
     pub ram_size: u64,
     /// Complete extra tables (header and checksum included), e.g. DMAR.
@@ -240,9 +246,10 @@ pub fn dsdt(ram_size: u64) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
-/// The MADT: one enabled local APIC per vCPU (APIC ID = index) and the IOAPIC at GSI 0;
-/// PCAT_COMPAT says whether 8259 PICs are present too.
-pub fn madt(vcpus: u8, pcat_compat: bool) -> Vec<u8> {
+/// The MADT: one enabled local APIC per vCPU (APIC ID = processor UID = index; an x2APIC
+/// structure for APIC IDs above 254) and the IOAPIC at GSI 0; PCAT_COMPAT says whether 8259
+/// PICs are present too.
+pub fn madt(vcpus: u32, pcat_compat: bool) -> Vec<u8> {
     let mut t = Sdt::new(
         *b"APIC",
         HEADER_LEN + 8,
@@ -254,11 +261,22 @@ pub fn madt(vcpus: u8, pcat_compat: bool) -> Vec<u8> {
     t.write_u32(36, APIC_START as u32);
     t.write_u32(40, if pcat_compat { MADT_PCAT_COMPAT } else { 0 });
     for id in 0..vcpus {
-        let mut e = vec![MADT_TYPE_LAPIC, 8, id, id];
-        e.extend_from_slice(&MADT_LAPIC_ENABLED.to_le_bytes());
+        let e: Vec<u8> = match u8::try_from(id) {
+            Ok(id8) if id <= MADT_MAX_XAPIC_ID => [MADT_TYPE_LAPIC, 8, id8, id8]
+                .into_iter()
+                .chain(MADT_LAPIC_ENABLED.to_le_bytes())
+                .collect(),
+            // Type, length, reserved, x2APIC ID, flags, ACPI processor UID.
+            _ => [MADT_TYPE_X2APIC, 16, 0, 0]
+                .into_iter()
+                .chain(id.to_le_bytes())
+                .chain(MADT_LAPIC_ENABLED.to_le_bytes())
+                .chain(id.to_le_bytes())
+                .collect(),
+        };
         t.append_slice(&e);
     }
-    let mut ioapic = vec![MADT_TYPE_IOAPIC, 12, 0, 0];
+    let mut ioapic = vec![MADT_TYPE_IOAPIC, 12, IOAPIC_ID, 0];
     ioapic.extend_from_slice(&(IOAPIC_START as u32).to_le_bytes());
     ioapic.extend_from_slice(&0u32.to_le_bytes());
     t.append_slice(&ioapic);

@@ -14,7 +14,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
 }
 
-fn build(vcpus: u8, extra: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
+fn build(vcpus: u32, extra: Vec<Vec<u8>>) -> Vec<(u64, Vec<u8>)> {
     AcpiTables::build(&AcpiConfig {
         vcpus,
         ram_size: 512 << 20,
@@ -130,6 +130,47 @@ fn madt_lists_each_cpu_and_the_ioapic() {
     }
     assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 1)]);
     assert_eq!(ioapic, Some(0xfec0_0000));
+}
+
+#[test]
+fn madt_lists_apic_ids_above_254_in_x2apic_entries() {
+    let blobs = build(288, vec![]);
+    let (_, madt) = find(&blobs, b"APIC");
+    assert_eq!(sum(madt), 0);
+    assert_eq!(u32_at(madt, 4) as usize, madt.len());
+    let mut off = 44;
+    // (type, APIC ID, processor UID, flags) of every processor entry.
+    let mut cpus = vec![];
+    while off < madt.len() {
+        let (ty, len) = (madt[off], madt[off + 1] as usize);
+        match (ty, len) {
+            (0, 8) => cpus.push((
+                0,
+                u32::from(madt[off + 3]),
+                u32::from(madt[off + 2]),
+                u32_at(madt, off + 4),
+            )),
+            // ACPI 6.4, 5.2.12.12: reserved (2), x2APIC ID, flags, processor UID.
+            (9, 16) => {
+                assert_eq!(&madt[off + 2..off + 4], &[0, 0], "reserved");
+                cpus.push((
+                    9,
+                    u32_at(madt, off + 4),
+                    u32_at(madt, off + 12),
+                    u32_at(madt, off + 8),
+                ));
+            }
+            (1, 12) => {}
+            other => panic!("unexpected MADT entry {other:?}"),
+        }
+        off += len;
+    }
+    assert_eq!(cpus.len(), 288);
+    for (id, &(ty, apic, uid, flags)) in cpus.iter().enumerate() {
+        let id = id as u32;
+        assert_eq!((apic, uid, flags), (id, id, 1), "processor {id}");
+        assert_eq!(ty, if id <= 254 { 0 } else { 9 }, "processor {id}");
+    }
 }
 
 #[test]

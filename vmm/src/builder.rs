@@ -12,7 +12,7 @@ use crate::acpi::{AcpiConfig, AcpiTables};
 use crate::arch::x86_64::boot::KernelFormat;
 use crate::arch::x86_64::multiboot::MULTIBOOT_BOOTLOADER_MAGIC;
 use crate::arch::x86_64::{bios, boot, regs};
-use crate::config::{DeviceConfig, ViommuConfig, VmConfig};
+use crate::config::{DeviceConfig, ViommuConfig, VmConfig, MAX_XAPIC_VCPUS};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::Bus;
 use crate::devices::ioapic::SharedIoapic;
@@ -62,6 +62,18 @@ pub enum BuildError {
     /// The sleep eventfd could not be created.
     #[error("cannot create the sleep eventfd: {0}")]
     SleepEvent(#[source] std::io::Error),
+    /// Interrupt remapping asked for with KVM's IOAPIC.
+    #[error(
+        "the VT-d's interrupt remapping needs the split irqchip: an in-kernel IOAPIC's \
+         interrupts would bypass remapping"
+    )]
+    IntremapNeedsSplit,
+    /// More vCPUs than xAPIC IDs without x2APIC remapping.
+    #[error(
+        "{0} vCPUs need APIC IDs above 254, which Linux uses only in x2APIC mode with interrupt \
+         remapping: the VT-d needs intremap and eim"
+    )]
+    NeedsX2apicRemapping(u32),
 }
 
 /// What the guest boots.
@@ -101,8 +113,8 @@ pub enum BootSource {
 
 /// Everything needed to build a VM.
 pub struct MachineConfig {
-    /// vCPU count.
-    pub vcpus: u8,
+    /// vCPU count; vCPU `n` has APIC ID `n`.
+    pub vcpus: u32,
     /// RAM bytes.
     pub memory_size: u64,
     /// Boot payload.
@@ -180,11 +192,23 @@ impl Vmm {
             _ => None,
         };
         check_host_memory(cfg.memory_size)?;
+        if cfg.viommu.is_some_and(|v| v.intremap) && irqchip == Some(Irqchip::Kernel) {
+            return Err(BuildError::IntremapNeedsSplit);
+        }
+        let eim = cfg.viommu.is_some_and(|v| v.intremap && v.eim);
+        if cfg.vcpus > MAX_XAPIC_VCPUS && !eim {
+            return Err(BuildError::NeedsX2apicRemapping(cfg.vcpus));
+        }
         let mut vm = Vm::new()?;
+        vm.check_vcpus(cfg.vcpus)?;
         let mem = create_guest_memory(cfg.memory_size)?;
         vm.register_memory(&mem)?;
         if let Some(irqchip) = irqchip {
             vm.setup_irqchip(irqchip)?;
+            // Remapped interrupts may name x2APIC destinations above 255.
+            if eim {
+                vm.enable_x2apic_api()?;
+            }
         }
         let exit = ExitHandle::new().map_err(BuildError::ExitEvent)?;
         let sleep = SleepHandle::new().map_err(BuildError::SleepEvent)?;

@@ -13,9 +13,12 @@ use crate::vstate::vm::Irqchip;
 /// Default guest memory size when `--memory` is not given.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 /// Default vCPU count when `--cpus` is not given.
-pub const DEFAULT_VCPUS: u8 = 1;
-/// Upper bound on vCPUs: APIC IDs must fit the 8-bit xAPIC ID and MADT entry fields.
-pub const MAX_VCPUS: u8 = 254;
+pub const DEFAULT_VCPUS: u32 = 1;
+/// Most vCPUs in xAPIC mode: APIC IDs 0..=254 (255 is the xAPIC broadcast ID). Beyond, a guest
+/// needs x2APIC, which Linux uses for APIC IDs above 255 only with interrupt remapping in
+/// extended interrupt mode (`--viommu intremap=on,eim=on`). KVM's own limit is checked when
+/// the VM is built.
+pub const MAX_XAPIC_VCPUS: u32 = 255;
 /// Default command line of a bzImage: serial console, reboot through the triple-fault/ACPI
 /// paths we handle, and fail loudly instead of waiting on a panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
@@ -93,6 +96,18 @@ pub enum InvalidReason {
          not follow them"
     )]
     FirstStageWithPassthrough,
+    #[error("extended interrupt mode (x2APIC destinations) needs intremap=on")]
+    EimNeedsIntremap,
+    #[error(
+        "an in-kernel IOAPIC's interrupts would bypass the VT-d's interrupt remapping (use \
+         --irqchip split, or --viommu intremap=off)"
+    )]
+    KernelIrqchipWithIntremap,
+    #[error(
+        "more than {MAX_XAPIC_VCPUS} vCPUs need APIC IDs above 254, which Linux uses only in \
+         x2APIC mode with interrupt remapping (add --viommu intremap=on,eim=on)"
+    )]
+    NeedsX2apicRemapping,
 }
 
 /// Why a size does not parse.
@@ -125,8 +140,8 @@ pub struct VmConfig {
     /// Kernel command line, when given; otherwise the kernel format's default applies
     /// (`arch::x86_64::boot::KernelFormat::default_cmdline`).
     pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    pub vcpus: u8,
+    /// Number of vCPUs; vCPU `n` has APIC ID `n`.
+    pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory_size: u64,
     /// The virtual VT-d, when `--viommu` asks for one.
@@ -139,11 +154,12 @@ pub struct VmConfig {
     pub irqchip: Irqchip,
 }
 
-/// The irqchip when `--irqchip` is not given.
+/// The irqchip when `--irqchip` is not given and the VT-d does not remap interrupts (with
+/// interrupt remapping it is [`Irqchip::Split`]: the IOAPIC's interrupts must reach the unit).
 pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
-/// [,scalable-mode=on|off][,first-stage=on|off]`.
+/// [,scalable-mode=on|off][,first-stage=on|off][,intremap=on|off][,eim=on|off]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
     /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
@@ -157,9 +173,19 @@ pub struct ViommuConfig {
     pub scalable_mode: bool,
     /// First-stage translation offered too; only without passed-through devices.
     pub first_stage: bool,
+    /// Interrupt remapping (ECAP.IR): every interrupt source behind the unit (passed-through
+    /// MSI/MSI-X, the IOAPIC, emulated devices) is remapped through the guest's table. Needs
+    /// the split irqchip.
+    pub intremap: bool,
+    /// Extended interrupt mode (ECAP.EIM): x2APIC destinations, so a guest can have more than
+    /// 255 vCPUs. Needs `intremap`.
+    pub eim: bool,
 }
 
 impl Default for ViommuConfig {
+    /// What `--viommu` alone gives: a complete VT-d, DMA and interrupt remapping with x2APIC,
+    /// as every VT-d since the first x2APIC machines (and QEMU's `intremap=on`, whose eim
+    /// follows intremap with KVM).
     fn default() -> Self {
         ViommuConfig {
             aw_bits: 48,
@@ -167,6 +193,8 @@ impl Default for ViommuConfig {
             async_queue: false,
             scalable_mode: false,
             first_stage: false,
+            intremap: true,
+            eim: true,
         }
     }
 }
@@ -177,7 +205,8 @@ vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
            [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
-                     [,scalable-mode=on|off][,first-stage=on|off]]
+                     [,scalable-mode=on|off][,first-stage=on|off]
+                     [,intremap=on|off][,eim=on|off]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
            [--irqchip kernel|split]
@@ -188,7 +217,9 @@ Options:
   --initramfs PATH     initramfs loaded for a bzImage; a multiboot kernel's first module
   --cmdline STR        kernel command line (default for a bzImage: \"console=ttyS0 reboot=k
                        panic=1\"; a multiboot kernel gets its path, then STR if given)
-  --cpus boot=N        number of vCPUs, 1..254 (default 1)
+  --cpus boot=N        number of vCPUs (default 1): up to 255, or up to what KVM allows
+                       (KVM_CAP_MAX_VCPUS) with --viommu intremap=on,eim=on, as a Linux
+                       guest needs interrupt remapping for x2APIC IDs above 255
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
   --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
@@ -202,7 +233,10 @@ Options:
                        a caching-mode guest sends no invalidation when it maps through
                        first-stage tables, so only emulated devices, which translate on
                        demand, can follow them; hardware nesting through iommufd is what
-                       would lift this)
+                       would lift this), intremap=on|off (default on:
+                       interrupt remapping, as real VT-d has, of passed-through MSI/MSI-X,
+                       the IOAPIC and emulated devices; implies --irqchip split), eim=on|off
+                       (default: as intremap; x2APIC destinations, needed beyond 255 vCPUs)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -210,9 +244,10 @@ Options:
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must
                        say iommu=on and its DMA follows the guest's VT-d tables
   --irqchip kernel|split
-                       kernel (default): PIC, IOAPIC and PIT in KVM; split: only the local
-                       APICs in KVM, the IOAPIC in the VMM (no PIC, no PIT: the guest needs
-                       the TSC-deadline timer, as Linux uses it under KVM)
+                       kernel (default without interrupt remapping): PIC, IOAPIC and PIT in
+                       KVM; split (default with --viommu intremap=on): only the local APICs
+                       in KVM, the IOAPIC in the VMM (no PIC, no PIT: the guest needs the
+                       TSC-deadline timer, as Linux uses it under KVM)
   -h, --help           print this help
   -V, --version        print the version
 
@@ -295,20 +330,30 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     n.checked_mul(1u64 << shift).ok_or(SizeError::Overflow)
 }
 
-fn parse_cpus(input: &str) -> Result<u8, ConfigError> {
+fn parse_cpus(input: &str) -> Result<u32, ConfigError> {
     let list = OptionList::parse("--cpus", input, &["boot"])?;
     let raw = list.require("boot")?;
     let n: u32 = raw
         .parse()
         .map_err(|_| list.invalid("boot", raw, InvalidReason::NotAWholeNumber))?;
-    if n == 0 || n > u32::from(MAX_VCPUS) {
+    if n == 0 {
         let range = InvalidReason::OutOfRange {
             min: 1,
-            max: MAX_VCPUS.into(),
+            max: u32::MAX.into(),
         };
         return Err(list.invalid("boot", raw, range));
     }
-    Ok(n as u8)
+    Ok(n)
+}
+
+/// The on/off value of `key` in `list`, if given.
+fn on_off(list: &OptionList, key: &'static str) -> Result<Option<bool>, ConfigError> {
+    match list.get(key) {
+        None => Ok(None),
+        Some("on") => Ok(Some(true)),
+        Some("off") => Ok(Some(false)),
+        Some(raw) => Err(list.invalid(key, raw, InvalidReason::NotOneOf("on or off"))),
+    }
 }
 
 fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
@@ -319,7 +364,7 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     let list = OptionList::parse(
         "--viommu",
         input,
-        &["aw-bits", "flush", "queue", "scalable-mode", "first-stage"],
+        &["aw-bits", "flush", "queue", "scalable-mode", "first-stage", "intremap", "eim"],
     )?;
     if let Some(raw) = list.get("aw-bits") {
         c.aw_bits = match raw {
@@ -345,13 +390,8 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             _ => return Err(list.invalid("queue", raw, InvalidReason::NotOneOf("sync or async"))),
         };
     }
-    let on_off = |key: &'static str| match list.get(key) {
-        None | Some("off") => Ok(false),
-        Some("on") => Ok(true),
-        Some(raw) => Err(list.invalid(key, raw, InvalidReason::NotOneOf("on or off"))),
-    };
-    c.scalable_mode = on_off("scalable-mode")?;
-    c.first_stage = on_off("first-stage")?;
+    c.scalable_mode = on_off(&list, "scalable-mode")?.unwrap_or(false);
+    c.first_stage = on_off(&list, "first-stage")?.unwrap_or(false);
     if c.first_stage && !c.scalable_mode {
         return Err(list.invalid(
             "first-stage",
@@ -361,6 +401,14 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     }
     if c.first_stage && c.aw_bits != 48 {
         return Err(list.invalid("first-stage", "on", InvalidReason::FirstStageNeeds48Bits));
+    }
+    if let Some(on) = on_off(&list, "intremap")? {
+        c.intremap = on;
+    }
+    // Extended interrupt mode follows interrupt remapping unless asked for.
+    c.eim = on_off(&list, "eim")?.unwrap_or(c.intremap);
+    if c.eim && !c.intremap {
+        return Err(list.invalid("eim", "on", InvalidReason::EimNeedsIntremap));
     }
     Ok(c)
 }
@@ -518,16 +566,39 @@ where
     }
 
     check_devices_and_viommu(&devices, viommu)?;
+    let intremap = viommu.is_some_and(|v| v.intremap);
+    let irqchip = match irqchip {
+        Some(Irqchip::Kernel) if intremap => {
+            return Err(ConfigError::InvalidValue {
+                option: "--irqchip",
+                key: "mode",
+                value: "kernel".into(),
+                reason: InvalidReason::KernelIrqchipWithIntremap,
+            })
+        }
+        Some(chip) => chip,
+        None if intremap => Irqchip::Split,
+        None => DEFAULT_IRQCHIP,
+    };
+    let vcpus = vcpus.unwrap_or(DEFAULT_VCPUS);
+    if vcpus > MAX_XAPIC_VCPUS && !viommu.is_some_and(|v| v.intremap && v.eim) {
+        return Err(ConfigError::InvalidValue {
+            option: "--cpus",
+            key: "boot",
+            value: vcpus.to_string(),
+            reason: InvalidReason::NeedsX2apicRemapping,
+        });
+    }
     Ok(Command::Run(VmConfig {
         kernel: kernel.ok_or(ConfigError::MissingKernel)?,
         initramfs,
         cmdline,
-        vcpus: vcpus.unwrap_or(DEFAULT_VCPUS),
+        vcpus,
         memory_size: memory.unwrap_or(DEFAULT_MEMORY_SIZE),
         viommu,
         stats_json,
         devices,
-        irqchip: irqchip.unwrap_or(DEFAULT_IRQCHIP),
+        irqchip,
     }))
 }
 
@@ -648,7 +719,7 @@ mod tests {
         );
         assert_eq!(
             err(&["--kernel", "k", "--cpus", "boot=0"]),
-            "--cpus: invalid boot '0': must be 1..=254"
+            "--cpus: invalid boot '0': must be 1..=4294967295"
         );
         assert_eq!(
             err(&["--kernel", "k", "--cpus", "2"]),
@@ -754,6 +825,83 @@ mod tests {
             err(&["--kernel", "/k", "--irqchip", "split", "--irqchip", "split"]),
             "option --irqchip given more than once"
         );
+    }
+
+    #[test]
+    fn viommu_remaps_interrupts_with_x2apic_by_default_on_the_split_irqchip() {
+        let c = run(&["--kernel", "/k", "--viommu"]);
+        let v = c.viommu.unwrap();
+        assert!(v.intremap && v.eim);
+        assert_eq!(
+            c.irqchip,
+            Irqchip::Split,
+            "the IOAPIC must be ours to remap"
+        );
+        let c = run(&["--kernel", "/k", "--viommu", "intremap=off"]);
+        let v = c.viommu.unwrap();
+        assert!(!v.intremap && !v.eim, "eim follows intremap");
+        assert_eq!(c.irqchip, Irqchip::Kernel);
+        let c = run(&["--kernel", "/k", "--viommu", "eim=off"]);
+        let v = c.viommu.unwrap();
+        assert!(v.intremap && !v.eim);
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "intremap=off",
+            "--irqchip",
+            "split",
+        ]);
+        assert_eq!(c.irqchip, Irqchip::Split);
+        let c = run(&[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "intremap=off",
+            "--irqchip",
+            "kernel",
+        ]);
+        assert_eq!(c.irqchip, Irqchip::Kernel);
+    }
+
+    #[test]
+    fn bad_interrupt_remapping_options_say_why_in_one_line() {
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "--irqchip", "kernel"]),
+            "--irqchip: invalid mode 'kernel': an in-kernel IOAPIC's interrupts would bypass \
+             the VT-d's interrupt remapping (use --irqchip split, or --viommu intremap=off)"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "intremap=off,eim=on"]),
+            "--viommu: invalid eim 'on': extended interrupt mode (x2APIC destinations) needs \
+             intremap=on"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "intremap=yes"]),
+            "--viommu: invalid intremap 'yes': must be on or off"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "eim=1"]),
+            "--viommu: invalid eim '1': must be on or off"
+        );
+    }
+
+    #[test]
+    fn more_than_255_vcpus_need_x2apic_remapping() {
+        assert_eq!(run(&["--kernel", "/k", "--cpus", "boot=255"]).vcpus, 255);
+        let c = run(&["--kernel", "/k", "--cpus", "boot=288", "--viommu"]);
+        assert_eq!(c.vcpus, 288);
+        let why = "more than 255 vCPUs need APIC IDs above 254, which Linux uses only in x2APIC \
+                   mode with interrupt remapping (add --viommu intremap=on,eim=on)";
+        assert_eq!(
+            err(&["--kernel", "/k", "--cpus", "boot=256"]),
+            format!("--cpus: invalid boot '256': {why}")
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--cpus", "boot=300", "--viommu", "eim=off"]),
+            format!("--cpus: invalid boot '300': {why}")
+        );
+        assert!(err(&["--kernel", "/k", "--cpus", "boot=-1"]).contains("whole number"));
     }
 
     #[test]

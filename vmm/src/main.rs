@@ -14,36 +14,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Writes the VT-d counters (all zero without a VT-d) as one JSON object.
 fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Result<()> {
-    let (stats, config, root_table) = match vtd {
-        Some(v) => {
-            let v = vtd::lock(v);
-            (v.stats(), Some(*v.config()), Some(v.root_table_mode()))
-        }
-        None => (viommu::Stats::default(), None, None),
-    };
-    let mut json = serde_json::to_value(stats).map_err(std::io::Error::other)?;
-    let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
-    json["viommu"] = serde_json::json!(config.map(|c| serde_json::json!({
-        "aw_bits": c.aw_bits,
-        "flush": match c.flush {
-            viommu::FlushMode::Strict => "strict",
-            viommu::FlushMode::Deferred { .. } => "deferred",
-        },
-        "queue": if doorbells.is_some() { "async" } else { "sync" },
-        "scalable_mode": c.scalable_mode,
-        "first_stage": c.first_stage,
-        // The kind of root table the guest last pointed the unit at (RTADDR.TTM).
-        "root_table": match root_table {
-            Some(viommu::tables::TableMode::Scalable) => "scalable",
-            _ => "legacy",
-        },
-    })));
-    // Tail writes KVM took through the queue doorbells (queue=async).
-    json["queue_doorbells"] = serde_json::json!(doorbells.unwrap_or(0));
-    // What handling the guest's register writes (queue runs included) cost the VMM.
-    let (writes, write_ns) = vtd.map(|v| v.write_time()).unwrap_or((0, 0));
-    json["register_writes"] = serde_json::json!(writes);
-    json["register_write_ns"] = serde_json::json!(write_ns);
+    let json = vtd::stats_json(vtd);
     // Written whole and renamed into place, so a reader never sees a half-written file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json:#}\n"))?;

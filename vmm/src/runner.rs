@@ -135,6 +135,9 @@ fn event_loop(
     if let Some(ioapic) = devices.ioapic() {
         em.add_subscriber(Box::new(ioapic.storm_timer()));
     }
+    if let Some(remapping) = devices.interrupt_remapping() {
+        em.add_subscriber(Box::new(remapping.blocked_handler()));
+    }
     if let Some(vtd) = devices.vtd() {
         if let Some(timer) = DeferredFlushTimer::new(vtd.clone())
             .map_err(host("cannot create the VT-d deferred-flush timer"))?

@@ -48,6 +48,7 @@ fn help_and_version() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Usage: vmm --kernel PATH"), "{text}");
     assert!(text.contains("--memory size=SIZE"));
+    assert!(text.contains("intremap=on|off (default on"), "{text}");
     let out = vmm(&["--version"]);
     assert!(out.status.success());
     assert_eq!(
@@ -146,6 +147,37 @@ fn more_memory_than_the_host_has() {
     fails_with(
         &["--kernel", k.to_str().unwrap(), "--memory", "size=64T"],
         "--memory size of 67108864 MiB is more than the host's",
+    );
+}
+
+#[test]
+fn more_vcpus_than_kvm_allows_fail_naming_its_limit() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "/dev/kvm is missing"
+        );
+        eprintln!("SKIPPED: /dev/kvm is missing");
+        return;
+    }
+    // KVM_CAP_MAX_VCPUS is at most 4096 on any x86 KVM.
+    let k = fake_bzimage("fake-bzimage-cpus");
+    fails_with(
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "size=64M",
+            "--viommu",
+            "--cpus",
+            "boot=100000",
+        ],
+        "100000 vCPUs asked, KVM allows at most",
+    );
+    fails_with(
+        &["--kernel", k.to_str().unwrap(), "--cpus", "boot=256"],
+        "--cpus: invalid boot '256': more than 255 vCPUs need APIC IDs above 254",
     );
 }
 

@@ -8,7 +8,10 @@
 //! - a port I/O or platform MMIO device: a row in [`legacy`]'s table, or one
 //!   [`DeviceManager::register`] call with its bus, base and length;
 //! - an emulated PCI function: a `DeviceManager` method that builds it and puts it on bus 0
-//!   (as [`DeviceManager::add_edu`] does), its BARs placed and dispatched by the PCI bus;
+//!   (as [`DeviceManager::add_edu`] does), its BARs placed and dispatched by the PCI bus; it
+//!   raises MSIs through the [`vm_device::interrupt::MsiSender`] that
+//!   [`DeviceManager::msi_sender`] gives for its requester ID (remapped by the VT-d when there
+//!   is one);
 //! - its ACPI description: a table from [`DeviceManager::acpi_tables`].
 
 pub mod ioapic;
@@ -21,7 +24,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use kvm_ioctls::VmFd;
 use viommu::SourceId;
+use vm_device::interrupt::MsiSender;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::{DeviceConfig, ViommuConfig};
@@ -31,6 +36,7 @@ use crate::devices::fw_cfg::FwCfgConfig;
 use crate::devices::ioapic::kvm::KvmIoapic;
 use crate::devices::legacy::rtc::Rtc;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::vtd::intremap::DeviceMsi;
 use crate::devices::vtd::SharedVtd;
 use crate::exit::ExitHandle;
 use crate::pci::bus::{PciBus, PciBusError};
@@ -90,7 +96,11 @@ pub struct DeviceManager {
     rtc: Arc<Mutex<Rtc>>,
     pm1: Arc<Mutex<Pm1Block>>,
     vtd: Option<SharedVtd>,
+    /// The VT-d's interrupt remapping, when it does that.
+    remapping: Option<vtd::Remapping>,
     ioapic: Option<KvmIoapic>,
+    /// For emulated devices' MSIs (KVM_SIGNAL_MSI).
+    vm_fd: Arc<VmFd>,
 }
 
 impl DeviceManager {
@@ -102,7 +112,7 @@ impl DeviceManager {
     pub fn new(
         vm: &Vm,
         ram_size: u64,
-        vcpus: u8,
+        vcpus: u32,
         serial_out: Box<dyn Write + Send>,
         exit: &ExitHandle,
         sleep: &SleepHandle,
@@ -110,9 +120,11 @@ impl DeviceManager {
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let ioapic = ioapic::create_ioapic(vm, &mmio)?;
+        // fw_cfg's CPU counts are 16 bits; KVM allows far fewer vCPUs.
+        let cpus = u16::try_from(vcpus).unwrap_or(u16::MAX);
         let fw_cfg = FwCfgConfig {
-            boot_cpus: vcpus.into(),
-            max_cpus: vcpus.into(),
+            boot_cpus: cpus,
+            max_cpus: cpus,
             ram_size,
         };
         let legacy = legacy::add_legacy_devices(&pio, vm, serial_out, exit, sleep, fw_cfg)?;
@@ -126,7 +138,9 @@ impl DeviceManager {
             rtc: legacy.rtc,
             pm1: legacy.pm1,
             vtd: None,
+            remapping: None,
             ioapic,
+            vm_fd: vm.shared_fd(),
         })
     }
 
@@ -143,7 +157,9 @@ impl DeviceManager {
             .map_err(|source| DeviceManagerError::Register { what, base, source })
     }
 
-    /// Adds the virtual VT-d described by `config`; its registers go on the MMIO bus.
+    /// Adds the virtual VT-d described by `config`; its registers go on the MMIO bus. With
+    /// interrupt remapping, every interrupt source behind it (the IOAPIC, the devices assigned
+    /// later, emulated devices' MSIs) is remapped by it. Once, before assigning devices.
     pub fn add_vtd(
         &mut self,
         config: ViommuConfig,
@@ -151,7 +167,23 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
     ) -> Result<&SharedVtd, DeviceManagerError> {
         let unit = vtd::create_vtd(config, vm, mem, &self.mmio)?;
+        if config.intremap {
+            self.remapping = vtd::wire_interrupt_remapping(&unit, vm, self.ioapic.as_ref())?;
+        }
         Ok(self.vtd.insert(unit))
+    }
+
+    /// How an emulated device with requester ID `source` raises its MSIs: through the VT-d's
+    /// interrupt remapping when there is a VT-d (which every PCI device sits behind), then
+    /// KVM_SIGNAL_MSI.
+    pub fn msi_sender(&self, source: SourceId) -> Arc<dyn MsiSender> {
+        Arc::new(DeviceMsi::new(source, self.vtd.clone(), self.vm_fd.clone()))
+    }
+
+    /// The VT-d's interrupt remapping, when it does that: its routes, and the signals it
+    /// blocks, which the event loop takes.
+    pub fn interrupt_remapping(&self) -> Option<&vtd::Remapping> {
+        self.remapping.as_ref()
     }
 
     /// Puts an emulated `edu` on PCI bus 0, behind the VT-d when there is one; returns its
@@ -168,7 +200,8 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         devices: &[DeviceConfig],
     ) -> Result<(), DeviceManagerError> {
-        self.vfio = vfio::attach(vm, mem, &self.pci, devices, self.vtd.as_ref())?;
+        let remapping = self.remapping.as_ref().map(vtd::Remapping::routes);
+        self.vfio = vfio::attach(vm, mem, &self.pci, devices, self.vtd.as_ref(), remapping)?;
         Ok(())
     }
 
@@ -176,7 +209,7 @@ impl DeviceManager {
     pub fn acpi_tables(&self) -> Vec<Vec<u8>> {
         self.vtd
             .as_ref()
-            .map(|v| crate::devices::vtd::dmar_table(crate::devices::vtd::lock(v).config().aw_bits))
+            .map(|v| crate::devices::vtd::dmar_table(crate::devices::vtd::lock(v).config()))
             .into_iter()
             .collect()
     }

@@ -10,7 +10,7 @@ use kvm_ioctls::VmFd;
 use passthrough::device::VfioPciDevice;
 use passthrough::dma::ContainerDma;
 use passthrough::function::PciFunction;
-use passthrough::irq::IrqError;
+use passthrough::irq::{IrqError, IrqRoutes};
 use passthrough::kvm::create_kvm_vfio_device;
 use passthrough::setup::{check, HostPaths, SetupError, VfioHost};
 use passthrough::slots::GuestMapper;
@@ -19,6 +19,7 @@ use vm_device::dma::HostDmaError;
 use vm_memory::GuestMemoryMmap;
 
 use crate::config::DeviceConfig;
+use crate::devices::vtd::intremap::{InterruptRemapping, RemappedIrqRoutes};
 use crate::devices::vtd::SharedVtd;
 use crate::pci::bus::{intx_gsi, PciBus, PciBusError};
 use crate::vstate::vm::{SlotAllocator, Vm};
@@ -84,12 +85,16 @@ impl VfioDevices {
 
 /// Opens each device and puts it on `pci`. A device behind the VT-d gets a container of its
 /// own, attached to `vtd`; the others share one that maps all guest RAM for their DMA.
+///
+/// With `remapping` (the VT-d's interrupt remapping), a device behind the VT-d has its MSI and
+/// MSI-X routes translated by it.
 pub fn attach(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     pci: &Mutex<PciBus>,
     devices: &[DeviceConfig],
     vtd: Option<&SharedVtd>,
+    remapping: Option<&Arc<InterruptRemapping>>,
 ) -> Result<Option<VfioDevices>, VfioError> {
     if devices.is_empty() {
         return Ok(None);
@@ -124,11 +129,19 @@ pub fn attach(
             .free_slot()
             .ok_or_else(|| bus_error(PciBusError::NoFreeSlot))?;
         let intx = |pin: u8| Some(intx_gsi(slot as u8, pin.saturating_sub(1)));
-        let function = PciFunction::new(name.clone(), dev, Box::new(routing.routes()), &intx)
-            .map_err(|source| VfioError::Irq {
+        let source = viommu::SourceId::new(0, slot as u8, 0);
+        let routes: Box<dyn IrqRoutes> = match (d.iommu, vtd, remapping) {
+            (true, Some(vtd), Some(r)) => {
+                Box::new(RemappedIrqRoutes::new(source, vtd.clone(), r.clone()))
+            }
+            _ => Box::new(routing.routes()),
+        };
+        let function = PciFunction::new(name.clone(), dev, routes, &intx).map_err(|source| {
+            VfioError::Irq {
                 device: name.clone(),
                 source,
-            })?;
+            }
+        })?;
         let mapper = SlotMapper {
             vm: vm.shared_fd(),
             slots: vm.slots(),
@@ -145,7 +158,6 @@ pub fn attach(
             let vtd = vtd.ok_or_else(|| VfioError::NoViommu {
                 device: name.clone(),
             })?;
-            let source = viommu::SourceId::new(0, slot as u8, 0);
             let dma = ContainerDma::new(host.container().clone(), mem.clone());
             crate::devices::vtd::lock(vtd)
                 .attach(source, Box::new(dma))

@@ -1,16 +1,22 @@
 //! The virtual VT-d: the model (viommu) behind the register device of [`crate::devices::vtd`],
 //! on the MMIO bus at [`VTD_REGS_START`], with its register page mapped read-only where KVM
-//! can and its queue doorbells when asked.
+//! can and its queue doorbells when asked; with interrupt remapping, the routes it translates
+//! ([`crate::devices::vtd::intremap`]) and the watcher of the signals it blocks.
 
 use std::sync::{Arc, Mutex};
 
+use kvm_ioctls::VmFd;
+use passthrough::kvm::Irqchip;
 use vm_memory::GuestMemoryMmap;
 
 use super::{DeviceManager, DeviceManagerError};
 use crate::arch::x86_64::layout::{VTD_REGS_SIZE, VTD_REGS_START};
 use crate::config::ViommuConfig;
 use crate::devices::bus::Bus;
+use crate::devices::ioapic::kvm::KvmIoapic;
+use crate::devices::vtd::blocked::{BlockedSignalHandler, BlockedSignalSet};
 use crate::devices::vtd::doorbell::QueueDoorbells;
+use crate::devices::vtd::intremap::{InterruptRemapping, IoapicRemapping};
 use crate::devices::vtd::mirror::{MirrorError, RegisterMirror};
 use crate::devices::vtd::{KvmMsi, SharedVtd, VtdRegisters, VtdUnit};
 use crate::vstate::vm::Vm;
@@ -30,6 +36,74 @@ pub enum VtdSetupError {
     /// KVM refused the doorbells' ioeventfds.
     #[error("VT-d queue doorbells (KVM_IOEVENTFD): {0}")]
     RegisterDoorbells(#[source] kvm_ioctls::Error),
+    /// The epoll set for the signals interrupt remapping blocks could not be created.
+    #[error("cannot create the set of blocked interrupt signals: {0}")]
+    BlockedSignals(#[source] std::io::Error),
+}
+
+/// Interrupt remapping over the VM's split irqchip: the routes the unit translates and the
+/// signals it blocks, which the event loop takes ([`Remapping::blocked_handler`]).
+pub struct Remapping {
+    routes: Arc<InterruptRemapping>,
+    blocked: Arc<BlockedSignalSet>,
+    vtd: SharedVtd,
+    vm: Arc<VmFd>,
+}
+
+impl Remapping {
+    /// The routes every interrupt source behind the unit goes through.
+    pub fn routes(&self) -> &Arc<InterruptRemapping> {
+        &self.routes
+    }
+
+    /// The eventfds of the routes blocked now.
+    pub fn blocked(&self) -> &Arc<BlockedSignalSet> {
+        &self.blocked
+    }
+
+    /// What the event loop runs to take blocked signals.
+    pub fn blocked_handler(&self) -> BlockedSignalHandler {
+        BlockedSignalHandler {
+            set: self.blocked.clone(),
+            remapping: self.routes.clone(),
+            vtd: self.vtd.clone(),
+            vm: self.vm.clone(),
+        }
+    }
+}
+
+/// Puts every interrupt source of `vm` behind `unit`'s interrupt remapping: the unit
+/// re-translates the routes, KVM's table hands the eventfds of blocked routes to a watcher,
+/// the IOAPIC's pins and deliveries go through the unit. None when there is nothing to remap
+/// (a VM without the split irqchip: no irqchip at all, since the builder refuses remapping
+/// with KVM's IOAPIC).
+pub(super) fn wire_interrupt_remapping(
+    unit: &SharedVtd,
+    vm: &Vm,
+    ioapic: Option<&KvmIoapic>,
+) -> Result<Option<Remapping>, VtdSetupError> {
+    let Some(routing) = vm.routing().filter(|r| r.irqchip() == Irqchip::Split) else {
+        return Ok(None);
+    };
+    let routes = InterruptRemapping::new(routing.clone());
+    let blocked = BlockedSignalSet::new().map_err(VtdSetupError::BlockedSignals)?;
+    // One VT-d a VM: the table has no watcher yet.
+    let _ = routing.set_blocked_signals(blocked.clone());
+    unit.lock().set_interrupt_routes(routes.holder());
+    if let Some(io) = ioapic {
+        let remapping = IoapicRemapping {
+            vtd: unit.clone(),
+            remapping: routes.clone(),
+        };
+        // A fresh IOAPIC, never put behind a unit before.
+        let _ = io.set_remapping(remapping);
+    }
+    Ok(Some(Remapping {
+        routes,
+        blocked,
+        vtd: unit.clone(),
+        vm: vm.shared_fd(),
+    }))
 }
 
 /// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`]. Caching
@@ -50,6 +124,8 @@ pub(super) fn create_vtd(
         },
         scalable_mode: c.scalable_mode,
         first_stage: c.first_stage,
+        interrupt_remapping: c.intremap,
+        x2apic: c.intremap && c.eim,
         ..viommu::VtdConfig::default()
     };
     let unit = viommu::Vtd::new(

@@ -31,13 +31,13 @@ pub enum VcpuError {
     /// A vCPU ioctl failed.
     #[error("vCPU {id}: {what} failed: {source}")]
     Ioctl {
-        id: u8,
+        id: u32,
         what: &'static str,
         source: kvm_ioctls::Error,
     },
     /// KVM accepted fewer MSRs than we set.
     #[error("vCPU {id}: KVM_SET_MSRS set {set} of {want} MSRs")]
-    Msrs { id: u8, set: usize, want: usize },
+    Msrs { id: u32, set: usize, want: usize },
 }
 
 /// How a vCPU starts.
@@ -68,7 +68,8 @@ pub enum CpuMode {
 /// One vCPU.
 pub struct Vcpu {
     fd: VcpuFd,
-    id: u8,
+    /// Also its APIC ID.
+    id: u32,
     /// What a platform reset (the wake from S3) brings back, taken when configured.
     reset: Option<ResetState>,
 }
@@ -83,7 +84,7 @@ struct ResetState {
 
 impl Vcpu {
     /// Creates vCPU `id` (its APIC ID is `id` too).
-    pub fn new(vm: &Vm, id: u8) -> Result<Self, VcpuError> {
+    pub fn new(vm: &Vm, id: u32) -> Result<Self, VcpuError> {
         let fd = vm
             .fd()
             .create_vcpu(u64::from(id))
@@ -106,9 +107,9 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs, FPU, LAPIC LINT pins; for the boot vCPU (id 0) also the registers
     /// for `mode`. Application processors wait for INIT/SIPI from the guest.
-    pub fn configure(&mut self, vm: &Vm, count: u8, mode: CpuMode) -> Result<(), VcpuError> {
+    pub fn configure(&mut self, vm: &Vm, count: u32, mode: CpuMode) -> Result<(), VcpuError> {
         let mut cpuid = vm.supported_cpuid().clone();
-        cpuid::patch_cpuid(cpuid.as_mut_slice(), self.id, count);
+        cpuid::patch_cpuid(cpuid.as_mut_slice(), self.id, count, vm.has_irqchip());
         if vm.has_tsc_deadline() {
             for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
                 e.ecx |= LEAF1_ECX_TSC_DEADLINE;
@@ -285,7 +286,7 @@ impl UnhandledPorts {
         *self.0.entry((direction, port)).or_default() += 1;
     }
 
-    fn log(&self, id: u8) {
+    fn log(&self, id: u32) {
         for ((direction, port), n) in &self.0 {
             log::debug!("vCPU {id}: unhandled port {direction} {port:#x}: {n} accesses");
         }
@@ -329,7 +330,7 @@ pub struct VcpuBuses {
 }
 
 fn handle_exit(
-    id: u8,
+    id: u32,
     exit: VcpuExit,
     buses: &VcpuBuses,
     unhandled: &mut UnhandledPorts,

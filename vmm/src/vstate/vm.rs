@@ -7,14 +7,17 @@
 //! fixed part depends on how [`Vm::setup_irqchip`] created the irqchip.
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_CAP_SPLIT_IRQCHIP,
-    KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_X2APIC_API, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
+    KVM_PIT_SPEAKER_DUMMY, KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK, KVM_X2APIC_API_USE_32BIT_IDS,
 };
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use passthrough::kvm::{KvmRouting, IOAPIC_PINS};
+use vm_device::interrupt::MsiMessage;
+use vm_device::{debug_limited, warn_limited};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::KVM_TSS_ADDRESS;
@@ -39,6 +42,13 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// More vCPUs, or a higher vCPU (APIC) ID, than KVM allows.
+    #[error("{vcpus} vCPUs asked, KVM allows at most {max} ({cap})")]
+    TooManyVcpus {
+        vcpus: u32,
+        max: u32,
+        cap: &'static str,
+    },
     /// Memory slot registration failed.
     #[error(
         "KVM_SET_USER_MEMORY_REGION slot {slot} at {addr:#x} ({size:#x} bytes) failed: {source}"
@@ -53,6 +63,22 @@ pub enum VmError {
 
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Ioctl { what, source }
+}
+
+/// Sends `message` into the VM (KVM_SIGNAL_MSI) on behalf of `what`; a failure, or a message
+/// no local APIC takes (e.g. one the guest disabled), is logged, rate-limited.
+pub fn signal_msi(vm: &VmFd, message: MsiMessage, what: &str) {
+    let msi = kvm_msi {
+        address_lo: message.address as u32,
+        address_hi: (message.address >> 32) as u32,
+        data: message.data,
+        ..Default::default()
+    };
+    match vm.signal_msi(msi) {
+        Ok(0) => debug_limited!("{what}: {message:x?} reached no local APIC"),
+        Ok(_) => {}
+        Err(e) => warn_limited!("{what}: KVM_SIGNAL_MSI {message:x?} failed: {e}"),
+    }
 }
 
 /// Hands out KVM memory slot numbers: guest RAM first, then whatever devices map later
@@ -78,6 +104,9 @@ pub struct Vm {
     routing: Option<Arc<KvmRouting>>,
     tsc_deadline: bool,
     readonly_mem: bool,
+    /// KVM_CAP_MAX_VCPUS and KVM_CAP_MAX_VCPU_ID.
+    max_vcpus: u32,
+    max_vcpu_id: u32,
     slots: Arc<SlotAllocator>,
 }
 
@@ -103,6 +132,8 @@ impl Vm {
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let readonly_mem = kvm.check_extension(Cap::ReadonlyMem);
+        let max_vcpus = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+        let max_vcpu_id = u32::try_from(kvm.get_max_vcpu_id()).unwrap_or(u32::MAX);
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS as usize)
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
@@ -113,8 +144,42 @@ impl Vm {
             routing: None,
             tsc_deadline,
             readonly_mem,
+            max_vcpus,
+            max_vcpu_id,
             slots: Arc::new(SlotAllocator::default()),
         })
+    }
+
+    /// Checks that KVM takes `vcpus` vCPUs with IDs (= APIC IDs) 0..vcpus.
+    pub fn check_vcpus(&self, vcpus: u32) -> Result<(), VmError> {
+        let too_many = |max, cap| VmError::TooManyVcpus { vcpus, max, cap };
+        if vcpus > self.max_vcpus {
+            return Err(too_many(self.max_vcpus, "KVM_CAP_MAX_VCPUS"));
+        }
+        // IDs are below KVM_CAP_MAX_VCPU_ID.
+        if vcpus > self.max_vcpu_id {
+            return Err(too_many(self.max_vcpu_id, "KVM_CAP_MAX_VCPU_ID"));
+        }
+        Ok(())
+    }
+
+    /// Has KVM's routes and KVM_SIGNAL_MSI take 32-bit x2APIC destinations, destination ID
+    /// bits 31:8 in address bits 63:40 (KVM_CAP_X2APIC_API with KVM_X2APIC_API_USE_32BIT_IDS),
+    /// and no longer treat destination 0xff as a broadcast in x2APIC mode (the broadcast
+    /// quirk), so that remapped interrupts can reach APIC IDs above 254. Before the vCPUs.
+    pub fn enable_x2apic_api(&self) -> Result<(), VmError> {
+        if !self.fd.check_extension(Cap::X2ApicApi) {
+            return Err(VmError::MissingCap("KVM_CAP_X2APIC_API"));
+        }
+        let mut cap = kvm_enable_cap {
+            cap: KVM_CAP_X2APIC_API,
+            ..Default::default()
+        };
+        cap.args[0] =
+            u64::from(KVM_X2APIC_API_USE_32BIT_IDS | KVM_X2APIC_API_DISABLE_BROADCAST_QUIRK);
+        self.fd
+            .enable_cap(&cap)
+            .map_err(ioctl("KVM_ENABLE_CAP(KVM_CAP_X2APIC_API)"))
     }
 
     /// Registers every region of `mem` as a KVM memory slot.

@@ -3,19 +3,23 @@
 //! the run loop polls. The device manager puts it on the MMIO bus
 //! ([`crate::device_manager::DeviceManager`]); the vCPUs hand it KVM_EXIT_IOAPIC_EOI.
 //!
-//! Messages go to KVM as the IOAPIC makes them: no interrupt remapping yet.
+//! Behind a VT-d with interrupt remapping ([`KvmIoapic::set_remapping`]) the pins' routes carry
+//! the translations of the entries' messages and each delivery is a request to the unit, from
+//! [`super::IOAPIC_SOURCE_ID`]; otherwise messages go to KVM as the IOAPIC makes them.
 
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
 use passthrough::kvm::{KvmRouting, PinRoute, IOAPIC_PINS};
 use vm_device::interrupt::MsiMessage;
 use vm_device::{debug_limited, warn_limited};
 use vmm_sys_util::timerfd::TimerFd;
+
+use crate::devices::vtd::intremap::IoapicRemapping;
+use crate::vstate::vm::signal_msi;
 
 use super::{lock, Ioapic, IoapicOutput, PinState, SharedIoapic, TriggerMode, IOAPIC_NUM_PINS};
 
@@ -27,33 +31,37 @@ struct KvmIoapicOutput {
     vm: Arc<VmFd>,
     routing: Arc<KvmRouting>,
     timer: Arc<Mutex<TimerFd>>,
+    /// The VT-d's interrupt remapping, once the unit that does it is added.
+    remapping: Arc<OnceLock<IoapicRemapping>>,
 }
 
 impl IoapicOutput for KvmIoapicOutput {
     fn pin_changed(&mut self, pin: u8, state: PinState) {
-        let route = PinRoute {
-            message: Some(state.message),
-            masked: state.masked,
-            level: state.trigger == TriggerMode::Level,
+        let routed = match self.remapping.get() {
+            Some(r) => r.pin_changed(pin, state),
+            None => {
+                let route = PinRoute {
+                    message: Some(state.message),
+                    masked: state.masked,
+                    level: state.trigger == TriggerMode::Level,
+                };
+                self.routing.set_ioapic_pin(u32::from(pin), route)
+            }
         };
-        if let Err(e) = self.routing.set_ioapic_pin(u32::from(pin), route) {
+        if let Err(e) = routed {
             warn_limited!("IOAPIC pin {pin}: {e}");
         }
     }
 
     fn deliver(&mut self, pin: u8, message: MsiMessage) {
-        let msi = kvm_msi {
-            address_lo: message.address as u32,
-            address_hi: (message.address >> 32) as u32,
-            data: message.data,
-            ..Default::default()
+        let message = match self.remapping.get() {
+            Some(r) => match r.request(message) {
+                Some(m) => m,
+                None => return debug_limited!("IOAPIC pin {pin}: {message:x?} blocked"),
+            },
+            None => message,
         };
-        // 0: KVM found no local APIC to take it (e.g. one the guest disabled).
-        match self.vm.signal_msi(msi) {
-            Ok(0) => debug_limited!("IOAPIC pin {pin}: {message:x?} reached no local APIC"),
-            Ok(_) => {}
-            Err(e) => warn_limited!("IOAPIC pin {pin}: KVM_SIGNAL_MSI {message:x?} failed: {e}"),
-        }
+        signal_msi(&self.vm, message, "IOAPIC");
     }
 
     fn end_of_interrupt(&mut self, pin: u8) {
@@ -76,6 +84,7 @@ fn lock_timer(timer: &Mutex<TimerFd>) -> MutexGuard<'_, TimerFd> {
 pub struct KvmIoapic {
     ioapic: SharedIoapic,
     timer: Arc<Mutex<TimerFd>>,
+    remapping: Arc<OnceLock<IoapicRemapping>>,
 }
 
 impl KvmIoapic {
@@ -83,13 +92,27 @@ impl KvmIoapic {
     /// KVM_SIGNAL_MSI. Fails only when no timerfd can be created.
     pub fn new(vm: Arc<VmFd>, routing: Arc<KvmRouting>) -> std::io::Result<Self> {
         let timer = Arc::new(Mutex::new(TimerFd::new()?));
+        let remapping = Arc::new(OnceLock::new());
         let output = KvmIoapicOutput {
             vm,
             routing,
             timer: timer.clone(),
+            remapping: remapping.clone(),
         };
         let ioapic = Arc::new(Mutex::new(Ioapic::new(Box::new(output))));
-        Ok(Self { ioapic, timer })
+        Ok(Self {
+            ioapic,
+            timer,
+            remapping,
+        })
+    }
+
+    /// Puts the IOAPIC behind the VT-d's interrupt remapping (once; Err when it already is),
+    /// and routes every pin through it.
+    pub fn set_remapping(&self, remapping: IoapicRemapping) -> Result<(), IoapicRemapping> {
+        self.remapping.set(remapping)?;
+        lock(&self.ioapic).refresh_routes();
+        Ok(())
     }
 
     /// The model, shared by the MMIO bus, the vCPUs (EOI exits) and the timer.

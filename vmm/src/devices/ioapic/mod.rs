@@ -6,9 +6,10 @@
 //! version (0x01), arbitration (0x02), redirection entries (0x10 + 2n low, 0x11 + 2n high).
 //!
 //! A plain state machine: it never touches KVM. What it drives is an [`IoapicOutput`], which the
-//! VMM implements over KVM in [`kvm`]: it sends interrupt messages (KVM_SIGNAL_MSI, or through the VT-d's interrupt
-//! remapping), keeps the KVM GSI routes of lines that KVM injects from an eventfd in line with
-//! the entries, forwards EOIs to those lines (VFIO INTx resample) and runs the storm guard's timer.
+//! VMM implements over KVM in [`kvm`]: it sends interrupt messages (KVM_SIGNAL_MSI, through the
+//! VT-d's interrupt remapping when that is on), keeps the KVM GSI routes of lines that KVM
+//! injects from an eventfd in line with the entries, forwards EOIs to those lines (VFIO INTx
+//! resample) and runs the storm guard's timer.
 //!
 //! Lines driven through [`Ioapic::set_irq`] get the full 82093AA semantics: an edge is delivered
 //! when an unmasked line rises and is lost when masked; a level-triggered line is delivered while
@@ -22,6 +23,7 @@ mod rte;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use viommu::SourceId;
 use vm_device::debug_limited;
 use vm_device::interrupt::MsiMessage;
 
@@ -31,6 +33,13 @@ pub use rte::{Addressing, DeliveryMode, RedirectionEntry, TriggerMode};
 
 /// Input pins, hence redirection entries.
 pub const IOAPIC_NUM_PINS: usize = 24;
+/// The IOAPIC's ID after reset, as the MADT and the DMAR table's device scope name it.
+pub const IOAPIC_ID: u8 = 0;
+/// The requester ID of the IOAPIC's interrupt requests to the remapping unit, as the DMAR
+/// table's IOAPIC device scope announces it (so IRTEs can validate it as any device's): bus
+/// 0xff, which no PCI function of ours can have (the root complex has bus 0 only, without
+/// bridges), device 0, function 0, where QEMU's q35 puts its IOAPIC too.
+pub const IOAPIC_SOURCE_ID: SourceId = SourceId(0xff00);
 /// The MMIO window at [`crate::arch::x86_64::layout::IOAPIC_START`].
 pub const IOAPIC_MMIO_SIZE: u64 = 0x1000;
 

@@ -3,7 +3,9 @@
 //! asked (see [`doorbell`]), its interrupts as KVM MSIs, the timer that bounds deferred unmaps,
 //! and the DMAR table that announces it.
 
+pub mod blocked;
 pub mod doorbell;
+pub mod intremap;
 pub mod mirror;
 
 use std::ops::{Deref, DerefMut};
@@ -13,16 +15,18 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
+use vm_device::interrupt::MsiMessage;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
-use viommu::dmar::{Dmar, Drhd};
-use viommu::{FlushMode, MsiSink, Vtd};
+use viommu::dmar::{DeviceScope, Dmar, Drhd, DMAR_FLAG_INTR_REMAP};
+use viommu::{FlushMode, MsiSink, Vtd, VtdConfig};
 
 use crate::arch::x86_64::layout::VTD_REGS_START;
 use crate::devices::bus::BusDevice;
+use crate::devices::ioapic::{IOAPIC_ID, IOAPIC_SOURCE_ID};
+use crate::vstate::vm::signal_msi;
 use doorbell::QueueDoorbells;
 use mirror::RegisterMirror;
 
@@ -188,37 +192,83 @@ impl MutEventSubscriber for DoorbellWatcher {
     }
 }
 
-/// Delivers the unit's fault-event and invalidation-completion interrupts as KVM MSIs.
+/// Delivers the unit's fault-event and invalidation-completion interrupts as KVM MSIs, as they
+/// are: the VT-d spec exempts the interrupts the unit generates itself from remapping.
 pub struct KvmMsi(pub Arc<VmFd>);
 
 impl MsiSink for KvmMsi {
     fn send(&self, addr: u64, data: u32) {
-        let msi = kvm_msi {
-            address_lo: addr as u32,
-            address_hi: (addr >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        if let Err(e) = self.0.signal_msi(msi) {
-            log::warn!("VT-d: cannot deliver MSI {addr:#x}/{data:#x}: {e}");
-        }
+        signal_msi(&self.0, MsiMessage::new(addr, data), "VT-d");
     }
 }
 
-/// The DMAR table: one remapping unit at [`VTD_REGS_START`] covering every PCI device.
-pub fn dmar_table(aw_bits: u32) -> Vec<u8> {
+/// The DMAR table: one remapping unit at [`VTD_REGS_START`] covering every PCI device. With
+/// interrupt remapping the table says so (INTR_REMAP; the x2APIC opt-out stays clear, so a
+/// guest may use x2APIC with it) and the unit's device scope names the IOAPIC with the
+/// requester ID its requests carry, without which Linux does not enable interrupt remapping.
+pub fn dmar_table(config: &VtdConfig) -> Vec<u8> {
+    let ir = config.interrupt_remapping;
+    let scopes = if ir {
+        vec![DeviceScope::IoApic {
+            id: IOAPIC_ID,
+            bus: IOAPIC_SOURCE_ID.bus(),
+            device: IOAPIC_SOURCE_ID.devfn() >> 3,
+            function: IOAPIC_SOURCE_ID.devfn() & 7,
+        }]
+    } else {
+        Vec::new()
+    };
     Dmar {
-        host_address_width: aw_bits as u8,
-        flags: 0,
+        host_address_width: config.aw_bits as u8,
+        flags: if ir { DMAR_FLAG_INTR_REMAP } else { 0 },
         units: vec![Drhd {
             segment: 0,
             register_base: VTD_REGS_START,
             include_pci_all: true,
-            scopes: Vec::new(),
+            scopes,
         }],
         reserved_regions: Vec::new(),
     }
     .to_bytes(*b"RVMM  ", *b"RVMMDMAR", 1)
+}
+
+/// The unit's counters (all zero without a unit) and configuration as one JSON object, as
+/// `--stats-json` writes it: every [`viommu::Stats`] counter (DMA and interrupt remapping),
+/// the configuration under "viommu" (null without a unit), and what the VMM itself did.
+pub fn stats_json(vtd: Option<&SharedVtd>) -> serde_json::Value {
+    let (stats, config, root_table) = match vtd {
+        Some(v) => {
+            let v = lock(v);
+            (v.stats(), Some(*v.config()), Some(v.root_table_mode()))
+        }
+        None => (viommu::Stats::default(), None, None),
+    };
+    let mut json = serde_json::to_value(stats).unwrap_or_default();
+    let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
+    json["viommu"] = serde_json::json!(config.map(|c| serde_json::json!({
+        "aw_bits": c.aw_bits,
+        "flush": match c.flush {
+            FlushMode::Strict => "strict",
+            FlushMode::Deferred { .. } => "deferred",
+        },
+        "queue": if doorbells.is_some() { "async" } else { "sync" },
+        "scalable_mode": c.scalable_mode,
+        "first_stage": c.first_stage,
+        "intremap": c.interrupt_remapping,
+        "eim": c.x2apic,
+        // The kind of root table the guest last pointed the unit at (RTADDR.TTM).
+        "root_table": match root_table {
+            Some(viommu::tables::TableMode::Scalable) => "scalable",
+            _ => "legacy",
+        },
+    })));
+    // Tail writes KVM took through the queue doorbells (queue=async).
+    json["queue_doorbells"] = serde_json::json!(doorbells.unwrap_or(0));
+    // What handling the guest's register writes (queue runs included) cost the VMM.
+    let (writes, write_ns) = vtd.map(|v| v.write_time()).unwrap_or((0, 0));
+    json["register_writes"] = serde_json::json!(writes);
+    json["register_write_ns"] = serde_json::json!(write_ns);
+    json
 }
 
 /// In deferred mode, carries out queued host unmaps once their time bound passes even if the
@@ -301,8 +351,41 @@ mod tests {
     }
 
     #[test]
+    fn the_stats_json_has_the_interrupt_remapping_counters_and_configuration() {
+        let json = stats_json(None);
+        assert_eq!(json["viommu"], serde_json::Value::Null);
+        assert_eq!(json["interrupts_remapped"], 0);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let config = viommu::VtdConfig {
+            interrupt_remapping: true,
+            x2apic: true,
+            ..viommu::VtdConfig::default()
+        };
+        let vtd = Vtd::new(
+            config,
+            mem,
+            Box::new(RecordingMsi::default()),
+            Box::new(viommu::SystemClock::default()),
+        )
+        .expect("config");
+        let unit = VtdUnit::new(vtd, None);
+        // Remapping on (SIRTP, IRE: two cache invalidations), then a request for an entry of
+        // the zeroed table: not present, blocked.
+        viommu::testing::Driver::new().set_interrupt_remapping(&mut unit.lock(), 0x1_0000, true);
+        let msg = vm_device::interrupt::MsiMessage::remappable(1);
+        assert_eq!(unit.lock().remap_interrupt(viommu::SourceId(8), msg), None);
+        let json = stats_json(Some(&unit));
+        assert_eq!(json["interrupts_remapped"], 0);
+        assert_eq!(json["interrupt_faults"], 1);
+        assert_eq!(json["iec_invalidations"], 2);
+        assert_eq!(json["viommu"]["intremap"], true);
+        assert_eq!(json["viommu"]["eim"], true);
+        assert_eq!(json["viommu"]["queue"], "sync");
+    }
+
+    #[test]
     fn dmar_table_names_one_include_all_unit_at_the_register_block() {
-        let t = dmar_table(48);
+        let t = dmar_table(&viommu::VtdConfig::default());
         assert_eq!(&t[0..4], b"DMAR");
         assert_eq!(t[36], 47, "host address width minus one");
         let drhd = &t[48..];
@@ -310,6 +393,32 @@ mod tests {
         assert_eq!(
             u64::from_le_bytes(drhd[8..16].try_into().unwrap()),
             VTD_REGS_START
+        );
+        assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        assert_eq!(t[37], 0, "no interrupt remapping");
+        assert_eq!(t.len(), 48 + 16, "no device scope");
+    }
+
+    #[test]
+    fn with_interrupt_remapping_the_dmar_says_so_and_scopes_the_ioapic_at_its_requester_id() {
+        let config = viommu::VtdConfig {
+            interrupt_remapping: true,
+            x2apic: true,
+            aw_bits: 39,
+            ..viommu::VtdConfig::default()
+        };
+        let t = dmar_table(&config);
+        assert_eq!(t[36], 38);
+        assert_eq!(t[37], 0b01, "INTR_REMAP set, X2APIC_OPT_OUT clear");
+        let drhd = &t[48..];
+        assert_eq!(u16::from_le_bytes([drhd[2], drhd[3]]), 16 + 8, "one scope");
+        // 8.3.1: type 3 (IOAPIC), length 8, enumeration ID = the MADT's IOAPIC ID, start bus
+        // 0xff, path device 0 function 0: requester ID ff:00.0.
+        assert_eq!(&drhd[16..24], &[3, 8, 0, 0, IOAPIC_ID, 0xff, 0, 0]);
+        assert_eq!(IOAPIC_SOURCE_ID, viommu::SourceId::new(0xff, 0, 0));
+        assert_eq!(
+            u32::from_le_bytes(t[4..8].try_into().unwrap()) as usize,
+            t.len()
         );
         assert_eq!(t.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
     }
