@@ -128,10 +128,11 @@ pub(super) fn create_vtd(
         x2apic: c.intremap && c.eim,
         ..viommu::VtdConfig::default()
     };
+    let interrupts = KvmMsi::new(vm.shared_fd());
     let unit = viommu::Vtd::new(
         config,
         mem.clone(),
-        Box::new(KvmMsi(vm.shared_fd())),
+        Box::new(interrupts.clone()),
         Box::new(viommu::SystemClock::default()),
     )
     .map_err(VtdSetupError::Model)?;
@@ -142,7 +143,7 @@ pub(super) fn create_vtd(
         log::info!("KVM cannot map read-only memory: VT-d register reads will exit");
         None
     };
-    let shared = VtdUnit::new(unit, mirror);
+    let shared = VtdUnit::new(unit, mirror, Some(interrupts));
     if c.async_queue {
         let bells = QueueDoorbells::new().map_err(VtdSetupError::Doorbells)?;
         bells

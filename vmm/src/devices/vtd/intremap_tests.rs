@@ -62,7 +62,7 @@ fn fixture() -> Option<Fixture> {
         Box::new(ManualClock::default()),
     )
     .expect("config");
-    let unit = VtdUnit::new(vtd, None);
+    let unit = VtdUnit::new(vtd, None, None);
     let routing = vm.routing().expect("the table").clone();
     let remapping = InterruptRemapping::new(routing.clone());
     let set = BlockedSignalSet::new().expect("epoll");

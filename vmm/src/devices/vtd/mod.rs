@@ -49,16 +49,28 @@ pub struct VtdUnit {
 struct Published {
     vtd: Vtd<GuestMemoryMmap>,
     mirror: Option<RegisterMirror>,
+    /// The unit's own interrupts, sent once the page shows what raised them.
+    interrupts: Option<KvmMsi>,
 }
 
 impl VtdUnit {
     /// Wraps `vtd`; with `mirror`, every change is rendered into its page (rendered once now).
-    pub fn new(vtd: Vtd<GuestMemoryMmap>, mut mirror: Option<RegisterMirror>) -> SharedVtd {
+    /// `interrupts` is the sink `vtd` was created with, when it is a [`KvmMsi`]: what it holds
+    /// is sent when the lock is released.
+    pub fn new(
+        vtd: Vtd<GuestMemoryMmap>,
+        mut mirror: Option<RegisterMirror>,
+        interrupts: Option<KvmMsi>,
+    ) -> SharedVtd {
         if let Some(m) = &mut mirror {
             m.render(&vtd);
         }
         Arc::new(VtdUnit {
-            published: Mutex::new(Published { vtd, mirror }),
+            published: Mutex::new(Published {
+                vtd,
+                mirror,
+                interrupts,
+            }),
             doorbells: OnceLock::new(),
             writes: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
@@ -147,9 +159,17 @@ impl DerefMut for VtdGuard<'_> {
 
 impl Drop for VtdGuard<'_> {
     fn drop(&mut self) {
-        let Published { vtd, mirror } = &mut *self.published;
+        let Published {
+            vtd,
+            mirror,
+            interrupts,
+        } = &mut *self.published;
         if let (true, Some(mirror)) = (self.changed, mirror) {
             mirror.render(vtd);
+        }
+        // After the page: the guest's handler may read it before this thread goes on.
+        if let Some(interrupts) = interrupts {
+            interrupts.flush();
         }
     }
 }
@@ -193,12 +213,40 @@ impl MutEventSubscriber for DoorbellWatcher {
 }
 
 /// Delivers the unit's fault-event and invalidation-completion interrupts as KVM MSIs, as they
-/// are: the VT-d spec exempts the interrupts the unit generates itself from remapping.
-pub struct KvmMsi(pub Arc<VmFd>);
+/// are: the VT-d spec exempts the interrupts the unit generates itself from remapping. Raised
+/// while the unit is locked, they wait until the guard releasing it has rendered the register
+/// page ([`VtdUnit::new`]): register reads from the page do not wait for the lock, and a
+/// handler on another vCPU (the unit may raise them from the event loop, e.g. for a blocked
+/// interrupt's fault) must not read fault or completion status older than the interrupt.
+#[derive(Clone)]
+pub struct KvmMsi {
+    vm: Arc<VmFd>,
+    outbox: Arc<Mutex<Vec<MsiMessage>>>,
+}
+
+impl KvmMsi {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        KvmMsi {
+            vm,
+            outbox: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Sends what was raised since the last flush.
+    fn flush(&self) {
+        let raised = std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|e| e.into_inner()));
+        for m in raised {
+            signal_msi(&self.vm, m, "VT-d");
+        }
+    }
+}
 
 impl MsiSink for KvmMsi {
     fn send(&self, addr: u64, data: u32) {
-        signal_msi(&self.0, MsiMessage::new(addr, data), "VT-d");
+        self.outbox
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(MsiMessage::new(addr, data));
     }
 }
 
@@ -324,7 +372,7 @@ mod tests {
             Box::new(viommu::SystemClock::default()),
         )
         .expect("config");
-        VtdUnit::new(vtd, Some(RegisterMirror::unmapped().expect("page")))
+        VtdUnit::new(vtd, Some(RegisterMirror::unmapped().expect("page")), None)
     }
 
     #[test]
@@ -368,7 +416,7 @@ mod tests {
             Box::new(viommu::SystemClock::default()),
         )
         .expect("config");
-        let unit = VtdUnit::new(vtd, None);
+        let unit = VtdUnit::new(vtd, None, None);
         // Remapping on (SIRTP, IRE: two cache invalidations), then a request for an entry of
         // the zeroed table: not present, blocked.
         viommu::testing::Driver::new().set_interrupt_remapping(&mut unit.lock(), 0x1_0000, true);
