@@ -2,10 +2,14 @@
 //! run through the vmm library. Without /dev/kvm the tests skip loudly, and fail when CI=true.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use iced_x86::code_asm::{al, dx, CodeAssembler, IcedError};
+use iced_x86::code_asm::{
+    al, dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, CodeAssembler, IcedError,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::devices::bus::BusDevice;
+use vmm::devices::ioapic::{self, SharedIoapic};
 
 /// Where 64-bit test code is loaded and entered.
 pub const CODE: u64 = 0x10_0000;
@@ -123,4 +127,82 @@ pub fn load_idt_and_enable_apic(
     a.lidt(ptr(rbx))?;
     a.mov(rbx, 0xfee0_00f0u64)?;
     a.mov(dword_ptr(rbx), 0x1ffu32)
+}
+
+/// Emits code writing `high` then `low` (as Linux does) to IOAPIC redirection entry `pin`.
+/// Clobbers rbx, rcx.
+pub fn program_entry(
+    a: &mut CodeAssembler,
+    pin: u32,
+    low: u32,
+    high: u32,
+) -> Result<(), IcedError> {
+    a.mov(rbx, IOAPIC_SEL)?;
+    a.mov(rcx, IOAPIC_WIN)?;
+    a.mov(dword_ptr(rbx), 0x11 + 2 * pin)?;
+    a.mov(dword_ptr(rcx), high)?;
+    a.mov(dword_ptr(rbx), 0x10 + 2 * pin)?;
+    a.mov(dword_ptr(rcx), low)
+}
+
+/// Emits code reading the low half of IOAPIC entry `pin` into eax. Clobbers rbx, rcx.
+pub fn read_entry(a: &mut CodeAssembler, pin: u32) -> Result<(), IcedError> {
+    a.mov(rbx, IOAPIC_SEL)?;
+    a.mov(rcx, IOAPIC_WIN)?;
+    a.mov(dword_ptr(rbx), 0x10 + 2 * pin)?;
+    a.mov(eax, dword_ptr(rcx))
+}
+
+/// Emits a wait, interrupts on, until the u64 at `counter` reaches `n`; interrupts are off
+/// after it. Clobbers rax.
+pub fn wait_for_count(a: &mut CodeAssembler, counter: u64, n: i32) -> Result<(), IcedError> {
+    let mut wait = a.create_label();
+    let mut done = a.create_label();
+    a.set_label(&mut wait)?;
+    a.cli()?;
+    a.mov(rax, counter)?;
+    a.cmp(qword_ptr(rax), n)?;
+    a.jae(done)?;
+    // STI's shadow covers the HLT: no wake-up is lost between the check and the halt.
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    a.set_label(&mut done)
+}
+
+/// Emits an ACPI power-off (S5 through PM1a control), repeated should the write return.
+pub fn power_off(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut off = a.create_label();
+    a.set_label(&mut off)?;
+    a.mov(dx, PM1A_CNT)?;
+    a.mov(al, SLP_S5)?;
+    a.out(dx, al)?;
+    a.hlt()?;
+    a.jmp(off)
+}
+
+/// A test device whose register drives an input line of the split irqchip's IOAPIC from guest
+/// writes (1: asserted, 0: not): the model's own delivery path, as an emulated device's line.
+pub struct IoapicLineDriver {
+    pub ioapic: SharedIoapic,
+    pub pin: u8,
+    /// Every value written, in order.
+    pub writes: Arc<Mutex<Vec<u8>>>,
+}
+
+impl BusDevice for IoapicLineDriver {
+    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
+        let level = data.first().copied().unwrap_or(0);
+        self.writes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(level);
+        ioapic::lock(&self.ioapic)
+            .set_irq(self.pin, level != 0)
+            .expect("a pin of the IOAPIC");
+    }
 }

@@ -12,16 +12,14 @@
 //!
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
-    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, read_u32, read_u64, Capture, CODE,
-    IOAPIC_SEL, IOAPIC_WIN, LAPIC_EOI, PM1A_CNT, RESULTS, SLP_S5,
+    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_entry,
+    read_u32, read_u64, wait_for_count, Capture, IoapicLineDriver, CODE, LAPIC_EOI, RESULTS,
 };
-use vmm::devices::bus::BusDevice;
-use vmm::devices::ioapic::{self, SharedIoapic};
 use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
 const RTE_LEVEL: u32 = 1 << 15;
@@ -39,30 +37,6 @@ const COM1: u32 = 0x3f8;
 const COM1_PIN: u32 = 4;
 const COM1_VECTOR: u32 = 0x44;
 const IER_THRE: u32 = 1 << 1;
-
-/// Drives an input line of the IOAPIC from guest writes.
-struct LineDriver {
-    ioapic: SharedIoapic,
-    pin: u8,
-    writes: Arc<Mutex<Vec<u8>>>,
-}
-
-impl BusDevice for LineDriver {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn write(&mut self, _base: u64, _offset: u64, data: &[u8]) {
-        let level = data.first().copied().unwrap_or(0);
-        self.writes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(level);
-        ioapic::lock(&self.ioapic)
-            .set_irq(self.pin, level != 0)
-            .expect("a pin of the IOAPIC");
-    }
-}
 
 fn build(code: Vec<u8>, out: &Capture) -> Vmm {
     Vmm::build(MachineConfig {
@@ -91,51 +65,6 @@ fn watchdog(vmm: &Vmm) {
     });
 }
 
-/// Emits code writing `low` (and a high half of 0: physical destination APIC 0) to redirection
-/// entry `pin`, high half first as Linux does. Clobbers rax, rbx, rcx.
-fn program_entry(a: &mut CodeAssembler, pin: u32, low: u32) -> Result<(), IcedError> {
-    a.mov(rbx, IOAPIC_SEL)?;
-    a.mov(rcx, IOAPIC_WIN)?;
-    a.mov(dword_ptr(rbx), 0x11 + 2 * pin)?;
-    a.mov(dword_ptr(rcx), 0u32)?;
-    a.mov(dword_ptr(rbx), 0x10 + 2 * pin)?;
-    a.mov(dword_ptr(rcx), low)
-}
-
-/// Emits code reading the low half of entry `pin` into eax. Clobbers rbx, rcx.
-fn read_entry(a: &mut CodeAssembler, pin: u32) -> Result<(), IcedError> {
-    a.mov(rbx, IOAPIC_SEL)?;
-    a.mov(rcx, IOAPIC_WIN)?;
-    a.mov(dword_ptr(rbx), 0x10 + 2 * pin)?;
-    a.mov(eax, dword_ptr(rcx))
-}
-
-/// Emits a wait, interrupts on, until the u64 at RESULTS reaches `n`.
-fn wait_for_count(a: &mut CodeAssembler, n: i32) -> Result<(), IcedError> {
-    let mut wait = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut wait)?;
-    a.cli()?;
-    a.mov(rax, RESULTS)?;
-    a.cmp(qword_ptr(rax), n)?;
-    a.jae(done)?;
-    // STI's shadow covers the HLT: no wake-up is lost between the check and the halt.
-    a.sti()?;
-    a.hlt()?;
-    a.jmp(wait)?;
-    a.set_label(&mut done)
-}
-
-fn power_off(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    let mut off = a.create_label();
-    a.set_label(&mut off)?;
-    a.mov(dx, PM1A_CNT)?;
-    a.mov(al, SLP_S5)?;
-    a.out(dx, al)?;
-    a.hlt()?;
-    a.jmp(off)
-}
-
 #[test]
 fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_around_the_eoi() {
     if !kvm_available() {
@@ -147,10 +76,10 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         let mut handler = a.create_label();
         idt_gate(a, IDT, u64::from(LINE_VECTOR), handler)?;
         load_idt_and_enable_apic(a, IDT, IDTR)?;
-        program_entry(a, LINE_PIN, RTE_LEVEL | LINE_VECTOR)?;
+        program_entry(a, LINE_PIN, RTE_LEVEL | LINE_VECTOR, 0)?;
         a.mov(rax, LINE_DEV)?;
         a.mov(dword_ptr(rax), 1u32)?;
-        wait_for_count(a, 3)?;
+        wait_for_count(a, RESULTS, 3)?;
         // Anything still pending comes in now (and would be counted).
         a.sti()?;
         for _ in 0..64 {
@@ -192,10 +121,10 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.mov(dword_ptr(rdx + rcx * 4 + 4), eax)?;
         a.cmp(qword_ptr(rdx), 1)?;
         a.jne(not_first)?;
-        program_entry(a, LINE_PIN, RTE_MASKED | RTE_LEVEL | LINE_VECTOR)?;
+        program_entry(a, LINE_PIN, RTE_MASKED | RTE_LEVEL | LINE_VECTOR, 0)?;
         a.mov(rax, LAPIC_EOI)?;
         a.mov(dword_ptr(rax), 0u32)?;
-        program_entry(a, LINE_PIN, RTE_LEVEL | LINE_VECTOR)?;
+        program_entry(a, LINE_PIN, RTE_LEVEL | LINE_VECTOR, 0)?;
         a.jmp(out)?;
         a.set_label(&mut not_first)?;
         a.mov(rax, LAPIC_EOI)?;
@@ -216,7 +145,7 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
     let writes = Arc::new(Mutex::new(Vec::new()));
     vmm.mmio_bus()
         .insert(
-            Arc::new(Mutex::new(LineDriver {
+            Arc::new(Mutex::new(IoapicLineDriver {
                 ioapic: io.clone(),
                 pin: LINE_PIN as u8,
                 writes: writes.clone(),
@@ -265,14 +194,14 @@ fn serial_edge_reaches_the_guest_through_its_entry_and_is_lost_while_masked() {
         idt_gate(a, IDT, u64::from(COM1_VECTOR), handler)?;
         load_idt_and_enable_apic(a, IDT, IDTR)?;
         // Masked: the UART's THR-empty edge goes nowhere.
-        program_entry(a, COM1_PIN, RTE_MASKED | COM1_VECTOR)?;
+        program_entry(a, COM1_PIN, RTE_MASKED | COM1_VECTOR, 0)?;
         a.mov(dx, COM1 + 1)?;
         a.mov(al, IER_THRE)?;
         a.out(dx, al)?;
         a.mov(dx, COM1 + 2)?;
         a.in_(al, dx)?; // IIR: acknowledge
                         // Unmasked: nothing was held pending.
-        program_entry(a, COM1_PIN, COM1_VECTOR)?;
+        program_entry(a, COM1_PIN, COM1_VECTOR, 0)?;
         a.sti()?;
         for _ in 0..64 {
             a.pause()?;
@@ -287,7 +216,7 @@ fn serial_edge_reaches_the_guest_through_its_entry_and_is_lost_while_masked() {
         a.out(dx, al)?;
         a.mov(al, IER_THRE)?;
         a.out(dx, al)?;
-        wait_for_count(a, 1)?;
+        wait_for_count(a, RESULTS, 1)?;
         a.mov(dx, COM1 + 1)?;
         a.xor(al, al)?;
         a.out(dx, al)?;

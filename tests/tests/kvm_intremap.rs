@@ -1,0 +1,347 @@
+//! Interrupt remapping in a real KVM VM on this machine (split irqchip, our VT-d with
+//! `intremap=on,eim=on`): a small guest of our own programs the interrupt remapping table
+//! (IRTEs in its RAM, IRTA, SIRTP, IRE through GCMD) and the IOAPIC's entries in remappable
+//! format, and takes what arrives.
+//!
+//! The interrupts come from two sources: the serial port's line, which KVM injects from its
+//! eventfd on the route of IOAPIC pin 4 (the route holds the IRTE's translation; while the
+//! translation faults the eventfd is watched in user space and each signal is a request the
+//! unit blocks), and a test device driving pin 10 through the IOAPIC model, whose delivery is a
+//! request to the unit (KVM_SIGNAL_MSI of what it lets through). The entries' own vector field
+//! holds a vector whose handler counts bypasses: nothing may arrive there.
+//!
+//! Without /dev/kvm these tests skip loudly, and fail when CI=true.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use iced_x86::code_asm::*;
+use integration::small_guest::{
+    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_u32,
+    read_u64, wait_for_count, Capture, IoapicLineDriver, CODE, LAPIC_EOI, RESULTS,
+};
+use viommu::descriptor::encode;
+use viommu::intremap::IRTA_EIME;
+use viommu::regs::*;
+use viommu::FaultReason;
+use vmm::arch::x86_64::layout::VTD_REGS_START;
+use vmm::config::ViommuConfig;
+use vmm::devices::ioapic::IOAPIC_SOURCE_ID;
+use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
+
+const IDT: u64 = 0x31_0000;
+const IDTR: u64 = 0x31_1000;
+/// The guest's interrupt remapping table: 16 entries (IRTA.S = 3), x2APIC mode.
+const IRT: u64 = 0x40_0000;
+const IRTA: u64 = IRT | IRTA_EIME | 3;
+const QUEUE: u64 = 0x41_0000;
+const STATUS: u64 = 0x41_1000;
+/// The vectors the IRTEs name: before and after the guest's invalidation.
+const V_REMAPPED: u32 = 0x61;
+const V_AFTER_IEC: u32 = 0x62;
+/// The vector field of the remappable entries (Linux puts the pin there): never delivered.
+const V_BYPASS: u32 = 0x30;
+/// The unit's fault event, compatibility format: the unit's own interrupts are not remapped.
+const V_FAULT: u32 = 0x70;
+/// Counters (u64) and what the guest copies out.
+const REMAPPED: u64 = RESULTS;
+const BYPASSED: u64 = RESULTS + 8;
+const FAULTS: u64 = RESULTS + 16;
+const AFTER_IEC: u64 = RESULTS + 24;
+/// Fault records 0..3 as the guest read them, 16 bytes each.
+const RECORDS: u64 = RESULTS + 32;
+const FSTS_AT_END: u64 = RESULTS + 80;
+/// COM1 and its IOAPIC pin; IER bit 1 enables the THR-empty interrupt.
+const COM1: u32 = 0x3f8;
+const COM1_PIN: u32 = 4;
+const IER_THRE: u32 = 1 << 1;
+/// The test device driving pin 10 (1: asserted, 0: not).
+const LINE_DEV: u64 = 0xf000_0000;
+const LINE_PIN: u32 = 10;
+/// An IRTE's source validation against a requester ID (SVT = 01b).
+const SVT_REQUESTER_ID: u64 = 1 << 18;
+/// A PCI requester ID that is not the IOAPIC's.
+const OTHER_SID: u16 = 0x0018;
+/// The interrupt index past the 16-entry table.
+const BAD_HANDLE: u32 = 20;
+
+/// The IRTE (low, high) for `vector` on x2APIC ID 0, checked against requester `sid`.
+fn irte(vector: u32, sid: u16) -> (u64, u64) {
+    (
+        1 | u64::from(vector) << 16,
+        SVT_REQUESTER_ID | u64::from(sid),
+    )
+}
+
+/// The high half of a remappable-format redirection entry for interrupt index `index`
+/// (VT-d spec 5.1.5.1: format bit 48, index 14:0 in bits 63:49).
+fn remappable_high(index: u32) -> u32 {
+    (index & 0x7fff) << 17 | 1 << 16
+}
+
+fn build(code: Vec<u8>, out: &Capture) -> Vmm {
+    Vmm::build(MachineConfig {
+        vcpus: 1,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: Some(ViommuConfig::default()),
+        irqchip: Irqchip::Split,
+    })
+    .expect("build the VM with the split irqchip and interrupt remapping")
+}
+
+/// Emits an IRTE write at `index` of the table (clobbers rax, rcx).
+fn write_irte(a: &mut CodeAssembler, index: u64, (lo, hi): (u64, u64)) -> Result<(), IcedError> {
+    a.mov(rcx, IRT + 16 * index)?;
+    a.mov(rax, lo)?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.mov(rax, hi)?;
+    a.mov(qword_ptr(rcx + 8), rax)
+}
+
+/// Emits a GCMD write of `value` (r12 = the register block), then waits for GSTS to show
+/// `status`. Clobbers rax.
+fn gcmd(a: &mut CodeAssembler, value: u32, status: u32) -> Result<(), IcedError> {
+    let mut wait = a.create_label();
+    a.mov(dword_ptr(r12 + GCMD_REG), value)?;
+    a.set_label(&mut wait)?;
+    a.mov(eax, dword_ptr(r12 + GSTS_REG))?;
+    a.and(eax, status)?;
+    a.jz(wait)
+}
+
+/// Emits a new THR-empty edge of the serial port: IIR read (the UART raises THR empty again
+/// only once the last one was acknowledged, which no handler did when it was blocked), IER off,
+/// then on.
+fn serial_edge(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(dx, COM1 + 2)?;
+    a.in_(al, dx)?;
+    a.mov(dx, COM1 + 1)?;
+    a.xor(al, al)?;
+    a.out(dx, al)?;
+    a.mov(al, IER_THRE)?;
+    a.out(dx, al)
+}
+
+/// Emits the copy of fault record `n` to RECORDS and its clearing (F is write-1-to-clear), so
+/// the next fault raises the fault event again. Clobbers rax, rcx.
+fn take_fault_record(a: &mut CodeAssembler, n: u64) -> Result<(), IcedError> {
+    let reg = (FRCD_REG_BASE + 16 * n) as i32;
+    a.mov(rcx, RECORDS + 16 * n)?;
+    a.mov(rax, qword_ptr(r12 + reg))?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.mov(rax, qword_ptr(r12 + reg + 8))?;
+    a.mov(qword_ptr(rcx + 8), rax)?;
+    a.mov(rax, FRCD_HI_F)?;
+    a.mov(qword_ptr(r12 + reg + 8), rax)
+}
+
+/// A handler counting into `counter`; `serial` handlers acknowledge the UART (IIR read).
+fn handler(a: &mut CodeAssembler, counter: u64, serial: bool) -> Result<(), IcedError> {
+    a.push(rax)?;
+    a.push(rdx)?;
+    a.mov(rax, counter)?;
+    a.inc(qword_ptr(rax))?;
+    if serial {
+        a.mov(dx, COM1 + 2)?;
+        a.in_(al, dx)?;
+    }
+    a.mov(rax, LAPIC_EOI)?;
+    a.mov(dword_ptr(rax), 0u32)?;
+    a.pop(rdx)?;
+    a.pop(rax)?;
+    a.iretq()
+}
+
+/// The fault record `n` the guest copied: (requester ID, reason, interrupt index).
+fn record(mem: &vm_memory::GuestMemoryMmap, n: u64) -> (u16, u64, u64) {
+    let lo = read_u64(mem, RECORDS + 16 * n);
+    let hi = read_u64(mem, RECORDS + 16 * n + 8);
+    assert_ne!(hi & FRCD_HI_F, 0, "record {n} was pending");
+    (hi as u16, (hi >> 32) & 0xff, lo >> 48)
+}
+
+#[test]
+fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_records() {
+    if !kvm_available() {
+        return;
+    }
+    let [wait_lo, wait_hi] = encode::wait(Some((STATUS, 1)), false, false);
+    let [iec_lo, iec_hi] = encode::interrupt_entry_cache(None);
+    let code = asm64(|a| {
+        let labels: Vec<CodeLabel> = (0..4).map(|_| a.create_label()).collect();
+        let [mut on_remapped, mut on_after, mut on_bypass, mut on_fault] =
+            <[CodeLabel; 4]>::try_from(labels).expect("four labels");
+        idt_gate(a, IDT, V_REMAPPED.into(), on_remapped)?;
+        idt_gate(a, IDT, V_AFTER_IEC.into(), on_after)?;
+        idt_gate(a, IDT, V_BYPASS.into(), on_bypass)?;
+        idt_gate(a, IDT, V_FAULT.into(), on_fault)?;
+        load_idt_and_enable_apic(a, IDT, IDTR)?;
+        a.mov(r12, VTD_REGS_START)?;
+        // The table: entry 0 for the IOAPIC, entry 1 not present, entry 2 for another
+        // requester.
+        write_irte(a, 0, irte(V_REMAPPED, IOAPIC_SOURCE_ID.0))?;
+        write_irte(a, 2, irte(V_REMAPPED, OTHER_SID))?;
+        // Fault events to V_FAULT at APIC 0, unmasked.
+        a.mov(dword_ptr(r12 + FEDATA_REG), V_FAULT)?;
+        a.mov(dword_ptr(r12 + FEADDR_REG), 0xfee0_0000u32)?;
+        a.mov(dword_ptr(r12 + FECTL_REG), 0u32)?;
+        // Queued invalidation, then the table pointer and remapping on.
+        a.xor(eax, eax)?;
+        a.mov(qword_ptr(r12 + IQT_REG), rax)?;
+        a.mov(rax, QUEUE)?;
+        a.mov(qword_ptr(r12 + IQA_REG), rax)?;
+        gcmd(a, GCMD_QIE, GSTS_QIES)?;
+        a.mov(rax, IRTA)?;
+        a.mov(qword_ptr(r12 + IRTA_REG), rax)?;
+        gcmd(a, GCMD_QIE | GCMD_SIRTP, GSTS_IRTPS)?;
+        gcmd(a, GCMD_QIE | GCMD_IRE, GSTS_IRES)?;
+
+        // 1. The serial line through entry 0: KVM delivers the IRTE's vector.
+        program_entry(a, COM1_PIN, V_BYPASS, remappable_high(0))?;
+        serial_edge(a)?;
+        wait_for_count(a, REMAPPED, 1)?;
+        // 2. A handle past the table: blocked, the signal taken in user space faults.
+        program_entry(a, COM1_PIN, V_BYPASS, remappable_high(BAD_HANDLE))?;
+        serial_edge(a)?;
+        wait_for_count(a, FAULTS, 1)?;
+        take_fault_record(a, 0)?;
+        // 3. An entry that is not present.
+        program_entry(a, COM1_PIN, V_BYPASS, remappable_high(1))?;
+        serial_edge(a)?;
+        wait_for_count(a, FAULTS, 2)?;
+        take_fault_record(a, 1)?;
+        // 4. The test device's pin through an entry for another requester: the IOAPIC's own
+        //    delivery, blocked by source validation.
+        program_entry(a, LINE_PIN, V_BYPASS, remappable_high(2))?;
+        a.mov(rax, LINE_DEV)?;
+        a.mov(dword_ptr(rax), 1u32)?;
+        a.mov(dword_ptr(rax), 0u32)?;
+        wait_for_count(a, FAULTS, 3)?;
+        take_fault_record(a, 2)?;
+        // 5. Entry 1 made present, then an interrupt-entry-cache invalidation and a wait: the
+        //    serial line (still on entry 1) is delivered again, with the new vector.
+        write_irte(a, 1, irte(V_AFTER_IEC, IOAPIC_SOURCE_ID.0))?;
+        a.mov(rcx, QUEUE)?;
+        for (i, q) in [iec_lo, iec_hi, wait_lo, wait_hi].into_iter().enumerate() {
+            a.mov(rax, q)?;
+            a.mov(qword_ptr(rcx + 8 * i as i32), rax)?;
+        }
+        a.mov(rax, 2u64 << IQ_INDEX_SHIFT)?;
+        a.mov(qword_ptr(r12 + IQT_REG), rax)?;
+        let mut completed = a.create_label();
+        a.set_label(&mut completed)?;
+        a.mov(rax, STATUS)?;
+        a.cmp(dword_ptr(rax), 1)?;
+        a.jne(completed)?;
+        serial_edge(a)?;
+        wait_for_count(a, AFTER_IEC, 1)?;
+        // Anything still pending comes in now (and would be counted).
+        a.sti()?;
+        for _ in 0..64 {
+            a.pause()?;
+        }
+        a.cli()?;
+        a.mov(dx, COM1 + 1)?;
+        a.xor(al, al)?;
+        a.out(dx, al)?;
+        a.mov(eax, dword_ptr(r12 + FSTS_REG))?;
+        a.mov(rcx, FSTS_AT_END)?;
+        a.mov(dword_ptr(rcx), eax)?;
+        power_off(a)?;
+
+        a.set_label(&mut on_remapped)?;
+        handler(a, REMAPPED, true)?;
+        a.set_label(&mut on_after)?;
+        handler(a, AFTER_IEC, true)?;
+        a.set_label(&mut on_bypass)?;
+        handler(a, BYPASSED, true)?;
+        a.set_label(&mut on_fault)?;
+        handler(a, FAULTS, false)
+    });
+    let out = Capture::default();
+    let vmm = build(code, &out);
+    let io = vmm.ioapic().expect("our IOAPIC").clone();
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    vmm.mmio_bus()
+        .insert(
+            Arc::new(Mutex::new(IoapicLineDriver {
+                ioapic: io,
+                pin: LINE_PIN as u8,
+                writes: writes.clone(),
+            })),
+            LINE_DEV,
+            0x1000,
+        )
+        .unwrap();
+    let mem = vmm.guest_memory().clone();
+    let unit = vmm.vtd().expect("a VT-d").clone();
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        exit.request(VmExit::Failed("no power-off within 20 s".into()));
+    });
+    let mut stats = None;
+    let outcome = vmm.run_with(|_| stats = Some(vmm::devices::vtd::lock(&unit).stats()));
+    assert_eq!(outcome.expect("run"), VmExit::PowerOff, "{}", out.text());
+    assert_eq!(
+        read_u64(&mem, REMAPPED),
+        1,
+        "one interrupt at the IRTE's vector"
+    );
+    assert_eq!(
+        read_u64(&mem, AFTER_IEC),
+        1,
+        "and one at the new one after the IEC"
+    );
+    assert_eq!(
+        read_u64(&mem, BYPASSED),
+        0,
+        "nothing at the entries' own vector"
+    );
+    assert_eq!(
+        read_u64(&mem, FAULTS),
+        3,
+        "one fault event per blocked request"
+    );
+    let ioapic = IOAPIC_SOURCE_ID.0;
+    assert_eq!(
+        record(&mem, 0),
+        (
+            ioapic,
+            FaultReason::IrIndexBeyondTable as u64,
+            BAD_HANDLE.into()
+        ),
+        "a bad handle"
+    );
+    assert_eq!(
+        record(&mem, 1),
+        (ioapic, FaultReason::IrEntryNotPresent as u64, 1),
+        "a not-present IRTE"
+    );
+    assert_eq!(
+        record(&mem, 2),
+        (ioapic, FaultReason::IrSourceIdMismatch as u64, 2),
+        "a source-ID mismatch"
+    );
+    assert_eq!(
+        read_u32(&mem, FSTS_AT_END) & (FSTS_PPF | FSTS_PFO),
+        0,
+        "every record taken, none lost"
+    );
+    assert_eq!(*writes.lock().unwrap(), [1, 0]);
+    let stats = stats.expect("the counters");
+    assert_eq!(stats.interrupt_faults, 3);
+    assert!(stats.interrupts_remapped >= 2, "{stats:?}");
+    assert!(
+        stats.iec_invalidations >= 3,
+        "SIRTP, IRE and the descriptor: {stats:?}"
+    );
+}
