@@ -10,6 +10,11 @@
 //! request to the unit (KVM_SIGNAL_MSI of what it lets through). The entries' own vector field
 //! holds a vector whose handler counts bypasses: nothing may arrive there.
 //!
+//! A second guest has 288 vCPUs (x2APIC IDs up to 287, which only x2APIC mode with interrupt
+//! remapping lets a guest address): every application processor starts and sees its own
+//! x2APIC ID, the MADT in its RAM lists them all, and an interrupt the IRTE sends to APIC 287
+//! reaches that vCPU through KVM's route.
+//!
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +29,7 @@ use viommu::descriptor::encode;
 use viommu::intremap::IRTA_EIME;
 use viommu::regs::*;
 use viommu::FaultReason;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::ViommuConfig;
 use vmm::devices::ioapic::IOAPIC_SOURCE_ID;
@@ -161,7 +167,7 @@ fn handler(a: &mut CodeAssembler, counter: u64, serial: bool) -> Result<(), Iced
 }
 
 /// The fault record `n` the guest copied: (requester ID, reason, interrupt index).
-fn record(mem: &vm_memory::GuestMemoryMmap, n: u64) -> (u16, u64, u64) {
+fn record(mem: &GuestMemoryMmap, n: u64) -> (u16, u64, u64) {
     let lo = read_u64(mem, RECORDS + 16 * n);
     let hi = read_u64(mem, RECORDS + 16 * n + 8);
     assert_ne!(hi & FRCD_HI_F, 0, "record {n} was pending");
@@ -344,4 +350,216 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         stats.iec_invalidations >= 3,
         "SIRTP, IRE and the descriptor: {stats:?}"
     );
+}
+
+/// The 288-vCPU guest's real-mode segment at 0x10000 (SIPI vector 0x10), clear of the boot
+/// page tables and stack: the application processors' code and interrupt handler, the counters
+/// and the bitmap of x2APIC IDs seen.
+const AP_SEGMENT: u16 = 0x1000;
+const AP_BASE: u64 = (AP_SEGMENT as u64) << 4;
+const SIPI_VECTOR: u32 = (AP_BASE >> 12) as u32;
+const AP_CODE: u64 = AP_BASE;
+const AP_HANDLER: u64 = AP_BASE + 0x100;
+const STARTED: u64 = AP_BASE + 0x1000;
+const HITS: u64 = AP_BASE + 0x1004;
+const HIT_ID: u64 = AP_BASE + 0x1008;
+const SEEN: u64 = AP_BASE + 0x1100;
+const MANY: u32 = 288;
+/// The APIC ID the remapped interrupt is sent to: one no xAPIC ID can name.
+const TARGET: u32 = MANY - 1;
+
+/// An offset in the APs' segment.
+fn ap_offset(addr: u64) -> u64 {
+    addr - AP_BASE
+}
+
+/// An application processor's code, real mode at AP_CODE (CS = AP_SEGMENT): record its x2APIC
+/// ID (CPUID 0xb EDX) in the bitmap, count itself, then halt; the target switches its local
+/// APIC to x2APIC mode and takes interrupts, whose real-mode handler (AP_HANDLER, IVT entry
+/// V_REMAPPED) counts them and records who took them.
+fn ap_code() -> (Vec<u8>, Vec<u8>) {
+    let mut a = CodeAssembler::new(16).expect("16-bit assembler");
+    let assembled = (|| -> Result<Vec<u8>, IcedError> {
+        let mut halt = a.create_label();
+        a.cli()?;
+        a.mov(ax, u32::from(AP_SEGMENT))?;
+        a.mov(ds, ax)?;
+        a.mov(eax, 0xbu32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.lock().bts(dword_ptr(ap_offset(SEEN)), edx)?;
+        a.lock().inc(dword_ptr(ap_offset(STARTED)))?;
+        a.cmp(edx, TARGET)?;
+        a.jne(halt)?;
+        // The target's local APIC: x2APIC mode (IA32_APIC_BASE EXTD, with EN), software
+        // enabled (spurious-vector register, MSR 0x80f); SDM Vol. 3, 10.12.
+        a.mov(ecx, 0x1bu32)?;
+        a.rdmsr()?;
+        a.or(eax, 0xc00u32)?;
+        a.wrmsr()?;
+        a.mov(ecx, 0x80fu32)?;
+        a.mov(eax, 0x1ffu32)?;
+        a.xor(edx, edx)?;
+        a.wrmsr()?;
+        a.sti()?;
+        a.set_label(&mut halt)?;
+        a.hlt()?;
+        a.jmp(halt)?;
+        a.assemble(ap_offset(AP_CODE))
+    })();
+    let code = assembled.expect("AP code assembles");
+    let mut h = CodeAssembler::new(16).expect("16-bit assembler");
+    let handler = (|| -> Result<Vec<u8>, IcedError> {
+        h.push(ds)?;
+        h.mov(ax, u32::from(AP_SEGMENT))?;
+        h.mov(ds, ax)?;
+        h.lock().inc(dword_ptr(ap_offset(HITS)))?;
+        h.mov(eax, 0xbu32)?;
+        h.xor(ecx, ecx)?;
+        h.cpuid()?;
+        h.mov(dword_ptr(ap_offset(HIT_ID)), edx)?;
+        // EOI through the x2APIC MSR 0x80b.
+        h.mov(ecx, 0x80bu32)?;
+        h.xor(eax, eax)?;
+        h.xor(edx, edx)?;
+        h.wrmsr()?;
+        h.pop(ds)?;
+        h.iret()?;
+        h.assemble(ap_offset(AP_HANDLER))
+    })();
+    (code, handler.expect("AP handler assembles"))
+}
+
+#[test]
+fn a_288_vcpu_guest_starts_every_cpu_with_its_x2apic_id_and_a_remapped_interrupt_reaches_apic_287()
+{
+    if !kvm_available() {
+        return;
+    }
+    // The boot processor: its own bit, the real-mode IVT entry of V_REMAPPED, an IRTE sending
+    // V_REMAPPED to x2APIC ID TARGET and the serial pin through it, then INIT and two SIPIs to
+    // all the others; once all have counted themselves, a serial edge, and wait for the hit.
+    let code = asm64(|a| {
+        a.mov(eax, 0xbu32)?;
+        a.xor(ecx, ecx)?;
+        a.cpuid()?;
+        a.mov(rax, SEEN)?;
+        a.lock().bts(dword_ptr(rax), edx)?;
+        a.mov(rax, u64::from(V_REMAPPED) * 4)?;
+        a.mov(
+            dword_ptr(rax),
+            u32::from(AP_SEGMENT) << 16 | ap_offset(AP_HANDLER) as u32,
+        )?;
+        write_irte(
+            a,
+            0,
+            (1 | u64::from(V_REMAPPED) << 16 | u64::from(TARGET) << 32, 0),
+        )?;
+        a.mov(r12, VTD_REGS_START)?;
+        a.mov(rax, IRTA)?;
+        a.mov(qword_ptr(r12 + IRTA_REG), rax)?;
+        gcmd(a, GCMD_SIRTP, GSTS_IRTPS)?;
+        gcmd(a, GCMD_IRE, GSTS_IRES)?;
+        program_entry(a, COM1_PIN, V_BYPASS, remappable_high(0))?;
+        // INIT, then SIPI (to AP_CODE) twice, to all excluding self (Intel SDM Vol. 3,
+        // 10.6.1: ICR low, shorthand 11b, level assert).
+        a.mov(rbx, 0xfee0_0300u64)?;
+        let sipi = 0xc_4600 | SIPI_VECTOR;
+        for icr in [0xc_4500u32, sipi, sipi] {
+            a.mov(dword_ptr(rbx), icr)?;
+            for _ in 0..256 {
+                a.pause()?;
+            }
+        }
+        let mut all = a.create_label();
+        a.set_label(&mut all)?;
+        a.pause()?;
+        a.mov(rax, STARTED)?;
+        a.cmp(dword_ptr(rax), MANY - 1)?;
+        a.jb(all)?;
+        serial_edge(a)?;
+        let mut hit = a.create_label();
+        a.set_label(&mut hit)?;
+        a.pause()?;
+        a.mov(rax, HITS)?;
+        a.cmp(dword_ptr(rax), 1)?;
+        a.jb(hit)?;
+        a.mov(dx, COM1 + 1)?;
+        a.xor(al, al)?;
+        a.out(dx, al)?;
+        power_off(a)
+    });
+    let out = Capture::default();
+    let vmm = Vmm::build(MachineConfig {
+        vcpus: MANY,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu: Some(ViommuConfig::default()),
+        irqchip: Irqchip::Split,
+    })
+    .expect("KVM takes 288 vCPUs with x2APIC IDs");
+    let mem = vmm.guest_memory().clone();
+    let (ap, handler) = ap_code();
+    mem.write_slice(&ap, GuestAddress(AP_CODE)).unwrap();
+    mem.write_slice(&handler, GuestAddress(AP_HANDLER)).unwrap();
+    let madt = madt_processors(&mem);
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        exit.request(VmExit::Failed("no power-off within 60 s".into()));
+    });
+    let outcome = vmm.run();
+    let started = read_u32(&mem, STARTED);
+    assert_eq!(
+        outcome.expect("run"),
+        VmExit::PowerOff,
+        "{started} APs started"
+    );
+    assert_eq!(started, MANY - 1, "every application processor ran");
+    let seen: Vec<u32> = (0..MANY)
+        .filter(|id| read_u32(&mem, SEEN + u64::from(id / 32) * 4) & 1 << (id % 32) != 0)
+        .collect();
+    assert_eq!(seen, (0..MANY).collect::<Vec<_>>(), "each x2APIC ID once");
+    assert_eq!(read_u32(&mem, HITS), 1, "one remapped interrupt");
+    assert_eq!(read_u32(&mem, HIT_ID), TARGET, "at x2APIC ID 287");
+    assert_eq!(
+        madt,
+        (0..MANY).collect::<Vec<_>>(),
+        "the guest's MADT lists every APIC ID"
+    );
+}
+
+/// The APIC IDs of the enabled processors the MADT in guest memory lists (types 0 and 9).
+fn madt_processors(mem: &GuestMemoryMmap) -> Vec<u32> {
+    let xsdt = read_u64(mem, 0xe0000 + 24);
+    let len = u64::from(read_u32(mem, xsdt + 4));
+    let madt = (36..len)
+        .step_by(8)
+        .map(|o| read_u64(mem, xsdt + o))
+        .find(|&t| read_u32(mem, t) == u32::from_le_bytes(*b"APIC"))
+        .expect("a MADT");
+    let mut bytes = vec![0u8; read_u32(mem, madt + 4) as usize];
+    mem.read_slice(&mut bytes, GuestAddress(madt))
+        .expect("the MADT in guest memory");
+    let mut ids = Vec::new();
+    let mut off = 44;
+    while off + 2 <= bytes.len() {
+        let (ty, len) = (bytes[off], usize::from(bytes[off + 1]));
+        let field =
+            |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
+        match ty {
+            0 if field(off + 4) & 1 != 0 => ids.push(u32::from(bytes[off + 3])),
+            9 if field(off + 8) & 1 != 0 => ids.push(field(off + 4)),
+            _ => {}
+        }
+        off += len.max(2);
+    }
+    ids
 }
