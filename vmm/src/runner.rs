@@ -1,5 +1,6 @@
 //! Running a built VM: one thread a vCPU, the event loop on the calling thread (exit requests,
-//! serial input, the VT-d's deferred-flush timer and queue doorbells, the IOAPIC's storm guard,
+//! serial input, the VT-d's deferred-flush timer, queue doorbells and the interrupt signals its
+//! remapping blocks, the IOAPIC's storm guard,
 //! ACPI S3: getting the vCPUs out of a sleeping guest and waking it), and the stop that kicks
 //! every vCPU once.
 
