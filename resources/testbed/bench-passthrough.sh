@@ -19,11 +19,7 @@ while (($#)); do
   esac
 done
 
-bash "$TB_SRC/build.sh"
-if [[ -z "$vmm" ]]; then
-  (cd "$TB_REPO" && cargo build --release -q -p vmm --bin vmm --target-dir "$TB_OUT/cargo")
-  vmm="$TB_OUT/cargo/release/vmm"
-fi
+vmm=$(tb_build_with_vmm "$vmm")
 
 run="$TB_OUT/runs/bench-passthrough"
 mkdir -p "$run" "$(dirname "$log")"

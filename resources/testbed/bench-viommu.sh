@@ -50,22 +50,12 @@ python3=/usr/bin/python3
 "$python3" -c 'import matplotlib' 2>/dev/null ||
   tb_die "the chart needs Debian's matplotlib: apt-get install -y python3-matplotlib"
 
-bash "$TB_SRC/build.sh"
-if [[ -z "$vmm" ]]; then
-  (cd "$TB_REPO" && cargo build --release -q -p vmm --bin vmm --target-dir "$TB_OUT/cargo")
-  vmm="$TB_OUT/cargo/release/vmm"
-fi
+vmm=$(tb_build_with_vmm "$vmm")
 mkdir -p "$out"
 run="$out/run"
 rm -rf "$run" && mkdir -p "$run"
 
-# The L2 initramfs: the testbed's (uncompressed, so the two archives concatenate without
-# alignment trouble) + an overlay with fio, its libraries and the benchmark action.
-ov="$run/l2-overlay"
-mkdir -p "$ov/tb/actions"
-tb_copy_bin "$ov" /usr/bin/fio
-install -m 0644 "$TB_SRC/bench-viommu-io.sh" "$ov/tb/actions/bench-io.sh"
-{ gzip -dc "$TB_OUT/l2.cpio.gz"; tb_cpio "$ov"; } >"$run/l2-bench.cpio"
+tb_bench_l2_initrd "$run/l2-bench.cpio"
 
 l2cmd="console=ttyS0 panic=-1 quiet iomem=relaxed tb.action=bench-io tb.count4k=$count4k tb.count128k=$count128k tb.fioios=$fioios"
 cat >"$run/scenario.sh" <<'SCRIPT'

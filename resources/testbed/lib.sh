@@ -69,3 +69,29 @@ tb_install_busybox() {
 tb_cpio() {
   (cd "$1" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 --reproducible)
 }
+
+# Writes to OUT the benchmarks' L2 initramfs: the testbed's (uncompressed, so the two archives
+# concatenate without alignment trouble) + an overlay with fio, its libraries and the benchmark
+# action (bench-viommu-io.sh as /tb/actions/bench-io.sh).
+tb_bench_l2_initrd() {
+  local out="$1" ov
+  ov="$(mktemp -d)"
+  mkdir -p "$ov/tb/actions"
+  tb_copy_bin "$ov" /usr/bin/fio
+  install -m 0644 "$TB_SRC/bench-viommu-io.sh" "$ov/tb/actions/bench-io.sh"
+  { gzip -dc "$TB_OUT/l2.cpio.gz"; tb_cpio "$ov"; } >"$out"
+  rm -rf "$ov"
+}
+
+# Builds the testbed (build.sh) and, unless VMM names a binary, our vmm (release, its own target
+# directory: a `cargo test` may hold target/'s lock); prints the vmm's path. Usage:
+#   vmm=$(tb_build_with_vmm "$vmm")
+tb_build_with_vmm() {
+  bash "$TB_SRC/build.sh" >&2
+  if [[ -n "$1" ]]; then
+    echo "$1"
+    return
+  fi
+  (cd "$TB_REPO" && cargo build --release -q -p vmm --bin vmm --target-dir "$TB_OUT/cargo") >&2
+  echo "$TB_OUT/cargo/release/vmm"
+}

@@ -8,8 +8,10 @@ use iced_x86::code_asm::{
     al, dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, CodeAssembler, IcedError,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::config::ViommuConfig;
 use vmm::devices::bus::BusDevice;
 use vmm::devices::ioapic::{self, SharedIoapic};
+use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
 
 /// Where 64-bit test code is loaded and entered.
 pub const CODE: u64 = 0x10_0000;
@@ -205,4 +207,40 @@ impl BusDevice for IoapicLineDriver {
             .set_irq(self.pin, level != 0)
             .expect("a pin of the IOAPIC");
     }
+}
+
+/// A VM of `vcpus` vCPUs and 64 MiB running `code` at [`CODE`] in long mode with KVM's
+/// `irqchip` (HLT waits for an interrupt: the guest ends the run with an ACPI power-off), the
+/// virtual VT-d `viommu` if given, its serial output in `out`.
+pub fn vm_with_irqchip(
+    code: Vec<u8>,
+    vcpus: u32,
+    irqchip: Irqchip,
+    viommu: Option<ViommuConfig>,
+    out: &Capture,
+) -> Vmm {
+    Vmm::build(MachineConfig {
+        vcpus,
+        memory_size: 64 << 20,
+        boot: BootSource::RawWithIrqchip {
+            image: code,
+            load_addr: CODE,
+            mode: CpuMode::LongMode { rip: CODE },
+        },
+        serial_out: Box::new(out.clone()),
+        serial_in: SerialIn::None,
+        extra_acpi_tables: Vec::new(),
+        viommu,
+        irqchip,
+    })
+    .expect("build the VM")
+}
+
+/// Ends `vmm`'s run with a failure if the guest has not powered off within `secs` seconds.
+pub fn watchdog(vmm: &Vmm, secs: u64) {
+    let exit = vmm.exit_handle();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        exit.request(VmExit::Failed(format!("no power-off within {secs} s")));
+    });
 }

@@ -18,12 +18,12 @@
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_u32,
-    read_u64, wait_for_count, Capture, IoapicLineDriver, CODE, LAPIC_EOI, RESULTS,
+    read_u64, vm_with_irqchip, wait_for_count, watchdog, Capture, IoapicLineDriver, LAPIC_EOI,
+    RESULTS,
 };
 use viommu::descriptor::encode;
 use viommu::intremap::IRTA_EIME;
@@ -33,7 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::ViommuConfig;
 use vmm::devices::ioapic::IOAPIC_SOURCE_ID;
-use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{Irqchip, VmExit};
 
 const IDT: u64 = 0x31_0000;
 const IDTR: u64 = 0x31_1000;
@@ -83,24 +83,6 @@ fn irte(vector: u32, sid: u16) -> (u64, u64) {
 /// (VT-d spec 5.1.5.1: format bit 48, index 14:0 in bits 63:49).
 fn remappable_high(index: u32) -> u32 {
     (index & 0x7fff) << 17 | 1 << 16
-}
-
-fn build(code: Vec<u8>, out: &Capture) -> Vmm {
-    Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot: BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
-        irqchip: Irqchip::Split,
-    })
-    .expect("build the VM with the split irqchip and interrupt remapping")
 }
 
 /// Emits an IRTE write at `index` of the table (clobbers rax, rcx).
@@ -273,7 +255,7 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         handler(a, FAULTS, false)
     });
     let out = Capture::default();
-    let vmm = build(code, &out);
+    let vmm = vm_with_irqchip(code, 1, Irqchip::Split, Some(ViommuConfig::default()), &out);
     let io = vmm.ioapic().expect("our IOAPIC").clone();
     let writes = Arc::new(Mutex::new(Vec::new()));
     vmm.mmio_bus()
@@ -289,11 +271,7 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         .unwrap();
     let mem = vmm.guest_memory().clone();
     let unit = vmm.vtd().expect("a VT-d").clone();
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        exit.request(VmExit::Failed("no power-off within 20 s".into()));
-    });
+    watchdog(&vmm, 20);
     let mut stats = None;
     let outcome = vmm.run_with(|_| stats = Some(vmm::devices::vtd::lock(&unit).stats()));
     assert_eq!(outcome.expect("run"), VmExit::PowerOff, "{}", out.text());
@@ -490,31 +468,19 @@ fn a_288_vcpu_guest_starts_every_cpu_with_its_x2apic_id_and_a_remapped_interrupt
         power_off(a)
     });
     let out = Capture::default();
-    let vmm = Vmm::build(MachineConfig {
-        vcpus: MANY,
-        memory_size: 64 << 20,
-        boot: BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(ViommuConfig::default()),
-        irqchip: Irqchip::Split,
-    })
-    .expect("KVM takes 288 vCPUs with x2APIC IDs");
+    let vmm = vm_with_irqchip(
+        code,
+        MANY,
+        Irqchip::Split,
+        Some(ViommuConfig::default()),
+        &out,
+    );
     let mem = vmm.guest_memory().clone();
     let (ap, handler) = ap_code();
     mem.write_slice(&ap, GuestAddress(AP_CODE)).unwrap();
     mem.write_slice(&handler, GuestAddress(AP_HANDLER)).unwrap();
     let madt = madt_processors(&mem);
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        exit.request(VmExit::Failed("no power-off within 60 s".into()));
-    });
+    watchdog(&vmm, 60);
     let outcome = vmm.run();
     let started = read_u32(&mem, STARTED);
     assert_eq!(

@@ -13,14 +13,14 @@
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_entry,
-    read_u32, read_u64, wait_for_count, Capture, IoapicLineDriver, CODE, LAPIC_EOI, RESULTS,
+    read_u32, read_u64, vm_with_irqchip, wait_for_count, watchdog, Capture, IoapicLineDriver,
+    LAPIC_EOI, RESULTS,
 };
-use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{Irqchip, VmExit};
 
 const RTE_LEVEL: u32 = 1 << 15;
 const RTE_MASKED: u32 = 1 << 16;
@@ -37,33 +37,6 @@ const COM1: u32 = 0x3f8;
 const COM1_PIN: u32 = 4;
 const COM1_VECTOR: u32 = 0x44;
 const IER_THRE: u32 = 1 << 1;
-
-fn build(code: Vec<u8>, out: &Capture) -> Vmm {
-    Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot: BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode: CpuMode::LongMode { rip: CODE },
-        },
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: None,
-        irqchip: Irqchip::Split,
-    })
-    .expect("build the VM with the split irqchip")
-}
-
-/// Ends the run with a failure if the guest has not powered off within 20 s.
-fn watchdog(vmm: &Vmm) {
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        exit.request(VmExit::Failed("no power-off within 20 s".into()));
-    });
-}
 
 #[test]
 fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_around_the_eoi() {
@@ -137,7 +110,7 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.iretq()
     });
     let out = Capture::default();
-    let vmm = build(code, &out);
+    let vmm = vm_with_irqchip(code, 1, Irqchip::Split, None, &out);
     let io = vmm
         .ioapic()
         .expect("the split irqchip has our IOAPIC")
@@ -155,7 +128,7 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         )
         .unwrap();
     let mem = vmm.guest_memory().clone();
-    watchdog(&vmm);
+    watchdog(&vmm, 20);
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
     assert_eq!(read_u64(&mem, RESULTS), 3, "three interrupts, then quiet");
     // The 3rd reads remote IRR clear on this machine's KVM (EOI at acceptance), set on one
@@ -238,9 +211,9 @@ fn serial_edge_reaches_the_guest_through_its_entry_and_is_lost_while_masked() {
         a.iretq()
     });
     let out = Capture::default();
-    let vmm = build(code, &out);
+    let vmm = vm_with_irqchip(code, 1, Irqchip::Split, None, &out);
     let mem = vmm.guest_memory().clone();
-    watchdog(&vmm);
+    watchdog(&vmm, 20);
     assert_eq!(vmm.run().expect("run"), VmExit::PowerOff);
     assert_eq!(
         read_u32(&mem, RESULTS + 8),
