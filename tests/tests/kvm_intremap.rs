@@ -11,9 +11,9 @@
 //! holds a vector whose handler counts bypasses: nothing may arrive there.
 //!
 //! A second guest has 288 vCPUs (x2APIC IDs up to 287, which only x2APIC mode with interrupt
-//! remapping lets a guest address): every application processor starts and sees its own
-//! x2APIC ID, the MADT in its RAM lists them all, and an interrupt the IRTE sends to APIC 287
-//! reaches that vCPU through KVM's route.
+//! remapping lets a guest address): every processor starts in x2APIC mode, as firmware leaves
+//! such a machine, and sees its own x2APIC ID, the MADT in its RAM lists them all, and an
+//! interrupt the IRTE sends to APIC 287 reaches that vCPU through KVM's route.
 //!
 //! Without /dev/kvm these tests skip loudly, and fail when CI=true.
 
@@ -342,6 +342,7 @@ const STARTED: u64 = AP_BASE + 0x1000;
 const HITS: u64 = AP_BASE + 0x1004;
 const HIT_ID: u64 = AP_BASE + 0x1008;
 const SEEN: u64 = AP_BASE + 0x1100;
+const BSP_APIC_BASE: u64 = AP_BASE + 0x100c;
 const MANY: u32 = 288;
 /// The APIC ID the remapped interrupt is sent to: one no xAPIC ID can name.
 const TARGET: u32 = MANY - 1;
@@ -352,9 +353,10 @@ fn ap_offset(addr: u64) -> u64 {
 }
 
 /// An application processor's code, real mode at AP_CODE (CS = AP_SEGMENT): record its x2APIC
-/// ID (CPUID 0xb EDX) in the bitmap, count itself, then halt; the target switches its local
-/// APIC to x2APIC mode and takes interrupts, whose real-mode handler (AP_HANDLER, IVT entry
-/// V_REMAPPED) counts them and records who took them.
+/// ID (CPUID 0xb EDX) in the bitmap, count itself, then halt; the target enables its local
+/// APIC (in x2APIC mode from the start, as firmware leaves a machine with APIC IDs above 254)
+/// and takes interrupts, whose real-mode handler (AP_HANDLER, IVT entry V_REMAPPED) counts
+/// them and records who took them.
 fn ap_code() -> (Vec<u8>, Vec<u8>) {
     let mut a = CodeAssembler::new(16).expect("16-bit assembler");
     let assembled = (|| -> Result<Vec<u8>, IcedError> {
@@ -369,12 +371,9 @@ fn ap_code() -> (Vec<u8>, Vec<u8>) {
         a.lock().inc(dword_ptr(ap_offset(STARTED)))?;
         a.cmp(edx, TARGET)?;
         a.jne(halt)?;
-        // The target's local APIC: x2APIC mode (IA32_APIC_BASE EXTD, with EN), software
-        // enabled (spurious-vector register, MSR 0x80f); SDM Vol. 3, 10.12.
-        a.mov(ecx, 0x1bu32)?;
-        a.rdmsr()?;
-        a.or(eax, 0xc00u32)?;
-        a.wrmsr()?;
+        // The target's local APIC, software enabled through the x2APIC MSR of the
+        // spurious-vector register (0x80f; SDM Vol. 3, 10.12): it started in x2APIC mode, or
+        // the MSR access faults and the guest triple-faults.
         a.mov(ecx, 0x80fu32)?;
         a.mov(eax, 0x1ffu32)?;
         a.xor(edx, edx)?;
@@ -439,12 +438,19 @@ fn a_288_vcpu_guest_starts_every_cpu_with_its_x2apic_id_and_a_remapped_interrupt
         gcmd(a, GCMD_SIRTP, GSTS_IRTPS)?;
         gcmd(a, GCMD_IRE, GSTS_IRES)?;
         program_entry(a, COM1_PIN, V_BYPASS, remappable_high(0))?;
-        // INIT, then SIPI (to AP_CODE) twice, to all excluding self (Intel SDM Vol. 3,
-        // 10.6.1: ICR low, shorthand 11b, level assert).
-        a.mov(rbx, 0xfee0_0300u64)?;
+        // The boot processor started in x2APIC mode (IA32_APIC_BASE bit 10).
+        a.mov(ecx, 0x1bu32)?;
+        a.rdmsr()?;
+        a.mov(rcx, BSP_APIC_BASE)?;
+        a.mov(dword_ptr(rcx), eax)?;
+        // INIT, then SIPI (to AP_CODE) twice, to all excluding self, through the x2APIC ICR
+        // (MSR 0x830; SDM Vol. 3, 10.6.1 and 10.12.9: shorthand 11b, level assert).
         let sipi = 0xc_4600 | SIPI_VECTOR;
         for icr in [0xc_4500u32, sipi, sipi] {
-            a.mov(dword_ptr(rbx), icr)?;
+            a.mov(ecx, 0x830u32)?;
+            a.mov(eax, icr)?;
+            a.xor(edx, edx)?;
+            a.wrmsr()?;
             for _ in 0..256 {
                 a.pause()?;
             }
@@ -489,6 +495,11 @@ fn a_288_vcpu_guest_starts_every_cpu_with_its_x2apic_id_and_a_remapped_interrupt
         "{started} APs started"
     );
     assert_eq!(started, MANY - 1, "every application processor ran");
+    assert_eq!(
+        read_u32(&mem, BSP_APIC_BASE) & 0xd00,
+        0xd00,
+        "the BSP started enabled, in x2APIC mode"
+    );
     let seen: Vec<u32> = (0..MANY)
         .filter(|id| read_u32(&mem, SEEN + u64::from(id / 32) * 4) & 1 << (id % 32) != 0)
         .collect();

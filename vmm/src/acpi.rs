@@ -14,6 +14,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use crate::arch::x86_64::interrupts::MAX_XAPIC_ID;
 use crate::arch::x86_64::layout::{
     pci_mmio64_start, ACPI_END, APIC_START, IOAPIC_START, PCI_ECAM_START, PCI_MMIO32_SIZE,
     PCI_MMIO32_START, PCI_MMIO64_SIZE, RSDP_START,
@@ -41,9 +42,7 @@ const MADT_TYPE_IOAPIC: u8 = 1;
 /// Processor Local x2APIC structure (ACPI 6.4, 5.2.12.12): 32-bit APIC IDs and processor UIDs.
 const MADT_TYPE_X2APIC: u8 = 9;
 const MADT_LAPIC_ENABLED: u32 = 1;
-/// The highest APIC ID a Processor Local APIC structure (type 0) takes: 255 is the xAPIC
-/// broadcast ID, so from there on the MADT uses x2APIC structures, as QEMU does.
-const MADT_MAX_XAPIC_ID: u32 = 254;
+
 // FADT IA-PC boot architecture flags (ACPI 6.4, Table 5.11): VGA not present (bit 2), CMOS RTC
 // not present (bit 5). Linux keeps time with kvmclock; the RTC at 0x70 is there for programs
 // that drive PC hardware directly (kvm-unit-tests), and an ACPI OS is told to leave it alone.
@@ -262,7 +261,8 @@ pub fn madt(vcpus: u32, pcat_compat: bool) -> Vec<u8> {
     t.write_u32(40, if pcat_compat { MADT_PCAT_COMPAT } else { 0 });
     for id in 0..vcpus {
         let e: Vec<u8> = match u8::try_from(id) {
-            Ok(id8) if id <= MADT_MAX_XAPIC_ID => [MADT_TYPE_LAPIC, 8, id8, id8]
+            // From 255, the xAPIC broadcast ID, on: x2APIC structures, as QEMU's.
+            Ok(id8) if id <= MAX_XAPIC_ID => [MADT_TYPE_LAPIC, 8, id8, id8]
                 .into_iter()
                 .chain(MADT_LAPIC_ENABLED.to_le_bytes())
                 .collect(),

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::arch::x86_64::interrupts::MAX_XAPIC_ID;
 use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
 use crate::vstate::vm::Irqchip;
 
@@ -18,7 +19,7 @@ pub const DEFAULT_VCPUS: u32 = 1;
 /// needs x2APIC, which Linux uses for APIC IDs above 255 only with interrupt remapping in
 /// extended interrupt mode (`--viommu intremap=on,eim=on`). KVM's own limit is checked when
 /// the VM is built.
-pub const MAX_XAPIC_VCPUS: u32 = 255;
+pub const MAX_XAPIC_VCPUS: u32 = MAX_XAPIC_ID + 1;
 /// Default command line of a bzImage: serial console, reboot through the triple-fault/ACPI
 /// paths we handle, and fail loudly instead of waiting on a panic.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";

@@ -78,7 +78,8 @@ pub struct Vcpu {
 struct ResetState {
     /// The local APIC registers (with the in-kernel irqchip).
     lapic: Option<kvm_lapic_state>,
-    /// IA32_APIC_BASE: xAPIC mode, and the BSP flag on vCPU 0.
+    /// IA32_APIC_BASE: xAPIC mode (x2APIC with more than 255 vCPUs), and the BSP flag on
+    /// vCPU 0.
     apic_base: u64,
 }
 
@@ -122,6 +123,14 @@ impl Vcpu {
         self.set_boot_msrs_and_fpu()?;
 
         let lapic = if vm.has_irqchip() {
+            // APIC IDs above 254: every processor starts in x2APIC mode (an INIT keeps it).
+            if count > interrupts::MAX_XAPIC_ID + 1 {
+                let mut sregs = self.fd.get_sregs().map_err(self.ioctl("KVM_GET_SREGS"))?;
+                sregs.apic_base = interrupts::x2apic_mode(sregs.apic_base);
+                self.fd
+                    .set_sregs(&sregs)
+                    .map_err(self.ioctl("KVM_SET_SREGS"))?;
+            }
             let mut lapic = self.fd.get_lapic().map_err(self.ioctl("KVM_GET_LAPIC"))?;
             interrupts::set_lint(&mut lapic);
             self.fd

@@ -121,7 +121,9 @@ pub trait IoapicOutput: Send {
 pub type SharedIoapic = Arc<Mutex<Ioapic>>;
 
 /// Locks the IOAPIC. A vCPU that panicked holding it left consistent state (every method
-/// completes its update before calling out), so a poisoned lock is taken over.
+/// completes its update before calling out), so a poisoned lock is taken over. Its output takes
+/// the VT-d's lock (interrupt remapping) and KVM's routing table's while it is held: nothing that
+/// holds those may lock the IOAPIC (see `crate::devices::vtd::intremap`).
 pub fn lock(ioapic: &SharedIoapic) -> MutexGuard<'_, Ioapic> {
     ioapic.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -78,7 +78,9 @@ impl VtdUnit {
     }
 
     /// Locks the unit. A vCPU that panicked while holding it leaves consistent state (every
-    /// operation completes or is dropped whole), so a poisoned lock is taken over.
+    /// operation completes or is dropped whole), so a poisoned lock is taken over. Lock order
+    /// ([`intremap`]): after a device's or the IOAPIC's lock, before the interrupt routes' and
+    /// KVM's routing table's.
     pub fn lock(&self) -> VtdGuard<'_> {
         VtdGuard {
             published: self.published.lock().unwrap_or_else(|e| e.into_inner()),
