@@ -365,7 +365,15 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     let list = OptionList::parse(
         "--viommu",
         input,
-        &["aw-bits", "flush", "queue", "scalable-mode", "first-stage", "intremap", "eim"],
+        &[
+            "aw-bits",
+            "flush",
+            "queue",
+            "scalable-mode",
+            "first-stage",
+            "intremap",
+            "eim",
+        ],
     )?;
     if let Some(raw) = list.get("aw-bits") {
         c.aw_bits = match raw {
