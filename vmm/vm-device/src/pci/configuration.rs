@@ -42,6 +42,7 @@ const REG_CACHE_LINE: usize = PCI_CACHE_LINE_SIZE / 4;
 const REG_BAR0: usize = PCI_BASE_ADDRESS_0 / 4;
 const REG_BAR_END: usize = PCI_BASE_ADDRESS_5_END / 4;
 const REG_SUBSYSTEM: usize = PCI_SUBSYSTEM_VENDOR_ID / 4;
+const REG_CAPABILITY_LIST: usize = PCI_CAPABILITY_LIST / 4;
 const REG_INTERRUPT: usize = PCI_INTERRUPT_LINE / 4;
 
 /// Command bits an emulated function implements: I/O and memory decode, bus master, INTx
@@ -104,6 +105,36 @@ impl PciConfiguration {
     /// The command register.
     pub fn command(&self) -> u16 {
         self.regs[REG_COMMAND] as u16
+    }
+
+    /// Sets the interrupt pin the function reports (1 = INTA# .. 4 = INTD#, 0: none; PCI 3.0,
+    /// 6.2.4). The interrupt line stays the OS's (or firmware's) to write.
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        let shift = 8 * (PCI_INTERRUPT_PIN % 4);
+        let reg = &mut self.regs[REG_INTERRUPT];
+        *reg = (*reg & !(0xff << shift)) | u32::from(pin) << shift;
+    }
+
+    /// Points the capabilities pointer at `first` and sets Status.Capabilities List (PCI 3.0,
+    /// 6.7). The capability registers themselves are the device model's: it answers accesses
+    /// inside them.
+    pub fn set_capabilities_pointer(&mut self, first: u8) {
+        self.regs[REG_CAPABILITY_LIST] = u32::from(first);
+        self.set_status_bit(PCI_STATUS_CAP_LIST, true);
+    }
+
+    /// Sets Status.Interrupt Status, which reflects the function's INTx# (PCI 3.0, 6.2.3).
+    pub fn set_interrupt_status(&mut self, asserted: bool) {
+        self.set_status_bit(PCI_STATUS_INTERRUPT, asserted);
+    }
+
+    fn set_status_bit(&mut self, bit: u16, set: bool) {
+        let bit = u32::from(bit) << 16;
+        if set {
+            self.regs[REG_COMMAND] |= bit;
+        } else {
+            self.regs[REG_COMMAND] &= !bit;
+        }
     }
 
     /// Reads dword register `reg`; out of range reads as all ones.
@@ -288,6 +319,29 @@ mod tests {
         assert_eq!(c.read_reg(0x10), 0xffff_0005);
         c.set_reg(REG_BAR0, 0xdead_beef, u32::MAX);
         assert_eq!(c.read_reg(REG_BAR0), 0, "BAR registers are the BAR model's");
+    }
+
+    #[test]
+    fn pin_capabilities_and_interrupt_status_are_read_only_to_the_guest() {
+        let mut c = cfg();
+        c.set_interrupt_pin(1);
+        c.set_capabilities_pointer(0x40);
+        c.set_interrupt_status(true);
+        c.write_reg(REG_INTERRUPT, 0, &[0x11, 0x04]);
+        c.write_reg(REG_CAPABILITY_LIST, 0, &[0x80]);
+        c.write_reg(REG_COMMAND, 2, &[0, 0]);
+        assert_eq!(c.read_reg(REG_INTERRUPT), 0x0111, "line written, pin kept");
+        assert_eq!(c.read_reg(REG_CAPABILITY_LIST), 0x40);
+        let status = (c.read_reg(REG_COMMAND) >> 16) as u16;
+        assert_eq!(status, PCI_STATUS_CAP_LIST | PCI_STATUS_INTERRUPT);
+        c.set_interrupt_status(false);
+        assert_eq!((c.read_reg(REG_COMMAND) >> 16) as u16, PCI_STATUS_CAP_LIST);
+        assert!(c.write_reg(REG_COMMAND, 0, &[0x06, 0]).is_empty());
+        assert_eq!(
+            c.command(),
+            0x6,
+            "the command half is untouched by status bits"
+        );
     }
 
     #[test]

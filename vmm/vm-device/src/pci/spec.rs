@@ -29,7 +29,8 @@ pub const PCI_COMMAND_MEMORY: u16 = 0x0002;
 pub const PCI_COMMAND_MASTER: u16 = 0x0004;
 pub const PCI_COMMAND_INTX_DISABLE: u16 = 0x0400;
 
-// Status register: capability list present (PCI 3.0, 6.2.3).
+// Status register (PCI 3.0, 6.2.3): the function's INTx# is asserted; capability list present.
+pub const PCI_STATUS_INTERRUPT: u16 = 0x0008;
 pub const PCI_STATUS_CAP_LIST: u16 = 0x0010;
 
 // BAR encoding (PCI 3.0, 6.2.5.1).
