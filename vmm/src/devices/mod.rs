@@ -9,6 +9,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
+pub mod interrupt;
 pub mod ioapic;
 pub mod legacy;
 pub mod pc_testdev;
