@@ -464,7 +464,7 @@ fn run_edu_guest(
     let vmm = vm_with_vtd_config(edu_guest(setup), true, &Capture::default(), config);
     let mem = vmm.guest_memory().clone();
     let unit = vmm.vtd().expect("a VT-d was asked for").clone();
-    let source = vmm.devices().add_edu(&mem).expect("add edu");
+    let source = vmm.add_edu().expect("add edu");
     assert_eq!(source, SourceId::new(0, 1, 0), "edu sits at 00:01.0");
     let pattern: Vec<u8> = (0..E_LEN as u32).map(|i| (i * 13 + 7) as u8).collect();
     let canary = vec![0xa5u8; E_LEN as usize];

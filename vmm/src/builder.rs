@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use viommu::SourceId;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::acpi::{AcpiConfig, AcpiTables};
@@ -284,6 +285,12 @@ impl Vmm {
     pub fn assign_devices(&mut self, devices: &[DeviceConfig]) -> Result<(), BuildError> {
         self.devices.assign_devices(&self.vm, &self.mem, devices)?;
         Ok(())
+    }
+
+    /// Puts QEMU's `edu` test device on PCI bus 0 (behind the VT-d when there is one), as
+    /// firmware leaves it; returns its requester id. Call before [`Vmm::run`].
+    pub fn add_edu(&self) -> Result<SourceId, BuildError> {
+        Ok(self.devices.add_edu(&self.vm, &self.mem)?)
     }
 
     /// The devices.

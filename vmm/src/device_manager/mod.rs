@@ -33,6 +33,7 @@ use crate::config::{DeviceConfig, ViommuConfig};
 use crate::devices::acpi_pm1::Pm1Block;
 use crate::devices::bus::{Bus, BusError, SharedDevice};
 use crate::devices::fw_cfg::FwCfgConfig;
+use crate::devices::interrupt::{IoapicLine, IrqLine, KvmIrqLine};
 use crate::devices::ioapic::kvm::KvmIoapic;
 use crate::devices::legacy::rtc::Rtc;
 use crate::devices::legacy::serial::SerialDevice;
@@ -41,7 +42,7 @@ use crate::devices::vtd::SharedVtd;
 use crate::exit::ExitHandle;
 use crate::pci::bus::{PciBus, PciBusError};
 use crate::sleep::SleepHandle;
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{Irqchip, Vm, VmError};
 
 /// Errors setting devices up; each names the device and what failed.
 #[derive(Debug, thiserror::Error)]
@@ -186,10 +187,34 @@ impl DeviceManager {
         self.remapping.as_ref()
     }
 
-    /// Puts an emulated `edu` on PCI bus 0, behind the VT-d when there is one; returns its
-    /// requester id.
-    pub fn add_edu(&self, mem: &GuestMemoryMmap) -> Result<SourceId, DeviceManagerError> {
-        Ok(pci::add_edu(&self.pci, mem, self.vtd.as_ref())?)
+    /// Puts an emulated `edu` on PCI bus 0 of `vm`, behind the VT-d when there is one, its BAR
+    /// placed and its interrupt line set as firmware leaves them; returns its requester id.
+    pub fn add_edu(&self, vm: &Vm, mem: &GuestMemoryMmap) -> Result<SourceId, DeviceManagerError> {
+        let intx = |gsi| self.intx_line(vm, gsi);
+        Ok(pci::add_edu(
+            &self.pci,
+            mem,
+            self.vtd.as_ref(),
+            |source| self.msi_sender(source),
+            intx,
+        )?)
+    }
+
+    /// An emulated function's INTx wire to GSI `gsi` (an IOAPIC pin, 16..24 for PCI): KVM's
+    /// IOAPIC with the in-kernel irqchip, ours with the split one (whose messages the VT-d
+    /// remaps); None without an irqchip.
+    fn intx_line(&self, vm: &Vm, gsi: u32) -> Option<Box<dyn IrqLine>> {
+        match (vm.irqchip()?, &self.ioapic) {
+            (Irqchip::Kernel, _) => Some(Box::new(KvmIrqLine::new(vm.shared_fd(), gsi))),
+            (Irqchip::Split, Some(ioapic)) => {
+                let line = IoapicLine::new(ioapic.shared().clone(), gsi);
+                if line.is_none() {
+                    log::warn!("GSI {gsi} is no pin of the IOAPIC: INTx not wired");
+                }
+                line.map(|l| Box::new(l) as Box<dyn IrqLine>)
+            }
+            (Irqchip::Split, None) => None,
+        }
     }
 
     /// Assigns the host PCI functions `devices` (VFIO) and maps guest RAM for their DMA (or

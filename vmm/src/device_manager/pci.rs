@@ -4,18 +4,24 @@
 use std::sync::{Arc, Mutex};
 
 use viommu::SourceId;
+use vm_device::pci::spec::{
+    PCI_COMMAND, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_INTERRUPT_LINE, PCI_INTERRUPT_PIN,
+};
 use vm_memory::GuestMemoryMmap;
 
 use super::{DeviceManager, DeviceManagerError};
 use crate::arch::x86_64::layout::{PCI_ECAM_SIZE, PCI_ECAM_START};
 use crate::devices::bus::Bus;
-use crate::devices::edu::Edu;
+use crate::devices::edu::{Edu, EduInterrupts};
+use crate::devices::interrupt::IrqLine;
 use crate::devices::vtd::SharedVtd;
 use crate::pci::allocator::PciAllocator;
 use crate::pci::bus::{
-    PciBus, PciBusError, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT, CONFIG_IO_LEN,
+    intx_gsi, ConfigAddress, PciBus, PciBusError, PciConfigIo, PciConfigMmio, CONFIG_ADDRESS_PORT,
+    CONFIG_IO_LEN,
 };
 use crate::pci::root::PciHostBridge;
+use vm_device::interrupt::MsiSender;
 
 /// Bus 0 with its host bridge at 00:00.0, its BARs placed in the windows of a guest with
 /// `ram_size` bytes of RAM, its config mechanisms on `pio` and `mmio`.
@@ -45,17 +51,50 @@ pub(super) fn create_pci_root(
     Ok(pci)
 }
 
-/// Puts an emulated edu on PCI bus 0, behind `vtd` when given; returns its requester id.
+/// Puts an emulated edu on PCI bus 0, behind `vtd` when given, sending its MSIs through the
+/// sender `msi` makes for its requester ID and its INTA# to the wire `intx` makes for the GSI
+/// the `_PRT` gives it; returns its requester id. Its BAR is placed and its interrupt line set, as firmware leaves them.
 pub(super) fn add_edu(
     pci: &Mutex<PciBus>,
     mem: &GuestMemoryMmap,
     vtd: Option<&SharedVtd>,
+    msi: impl FnOnce(SourceId) -> Arc<dyn MsiSender>,
+    intx: impl FnOnce(u32) -> Option<Box<dyn IrqLine>>,
 ) -> Result<SourceId, PciBusError> {
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    let slot = bus.free_slot().ok_or(PciBusError::NoFreeSlot)?;
-    let source = SourceId::new(0, slot as u8, 0);
-    let edu = Edu::new(mem.clone(), vtd.map(|v| (v.clone(), source)));
+    let slot = bus.free_slot().ok_or(PciBusError::NoFreeSlot)? as u8;
+    let source = SourceId::new(0, slot, 0);
+    let interrupts = EduInterrupts {
+        msi: msi(source),
+        intx: intx(intx_gsi(slot, 0)),
+    };
+    let edu = Edu::new(mem.clone(), source, vtd.cloned(), interrupts);
     let added = bus.add_device(Arc::new(Mutex::new(edu)))?;
-    debug_assert_eq!(added, slot);
+    debug_assert_eq!(added, usize::from(slot));
+    firmware_init(&bus, slot);
     Ok(source)
+}
+
+/// What PC firmware does to a function it finds at boot (SeaBIOS's `pci_bios_init_device`):
+/// sets its interrupt line to the GSI the `_PRT` routes its pin to, and turns on decoding of
+/// its BARs, which the bus placed. Bus mastering stays off: that is the driver's to turn on.
+/// Programs written for QEMU's PC, such as kvm-unit-tests, rely on both.
+fn firmware_init(bus: &PciBus, slot: u8) {
+    let at = |offset: usize| ConfigAddress {
+        bus: 0,
+        device: slot,
+        function: 0,
+        reg: offset / 4,
+        offset: offset % 4,
+    };
+    let mut pin = [0u8];
+    bus.config_read(at(PCI_INTERRUPT_PIN), &mut pin);
+    if let Some(intx) = pin[0].checked_sub(1).filter(|i| *i < 4) {
+        // GSIs 16..24: a byte.
+        bus.config_write(at(PCI_INTERRUPT_LINE), &[intx_gsi(slot, intx) as u8]);
+    }
+    let mut command = [0u8; 2];
+    bus.config_read(at(PCI_COMMAND), &mut command);
+    let command = u16::from_le_bytes(command) | PCI_COMMAND_MEMORY | PCI_COMMAND_IO;
+    bus.config_write(at(PCI_COMMAND), &command.to_le_bytes());
 }

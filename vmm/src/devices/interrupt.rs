@@ -1,64 +1,22 @@
-//! How emulated PCI functions raise interrupts: message-signalled ones through an
-//! [`MsiSender`], which the device manager hands each function, and legacy INTx through an
-//! [`IrqLine`] wired to the IOAPIC pin the DSDT's `_PRT` gives the function's slot.
+//! How emulated PCI functions raise legacy INTx: through an [`IrqLine`] wired to the IOAPIC
+//! pin the DSDT's `_PRT` gives the function's slot. (Their MSIs go through the
+//! [`vm_device::interrupt::MsiSender`] the device manager binds to their requester ID, which
+//! the VT-d remaps when it remaps interrupts.)
 //!
 //! A device model only calls these traits, so it stays a plain state machine its unit tests
-//! drive with fakes. The implementations here deliver through KVM: [`DirectMsi`] with
-//! KVM_SIGNAL_MSI as the message is written (no interrupt remapping), [`KvmIrqLine`] with
-//! KVM_IRQ_LINE on the in-kernel irqchip, [`IoapicLine`] on the split irqchip's IOAPIC model.
+//! drive with fakes. The implementations here deliver through KVM: [`KvmIrqLine`] with
+//! KVM_IRQ_LINE on the in-kernel irqchip, [`IoapicLine`] on the split irqchip's IOAPIC model
+//! (whose messages the VT-d remaps).
 //! An emulated device lives in the VMM and knows its line's level at every moment, so it drives
 //! the level directly, with the IOAPIC's own semantics for edge and level entries, rather than
 //! through the irqfd and resample eventfd an assigned device's INTx needs.
 
 use std::sync::Arc;
 
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::VmFd;
-use passthrough::irq::{MSI_ADDRESS_BASE, MSI_ADDRESS_MASK};
-use viommu::SourceId;
-use vm_device::{debug_limited, warn_limited};
+use vm_device::warn_limited;
 
 use crate::devices::ioapic::{self, SharedIoapic};
-
-/// Where a function's message-signalled interrupts go.
-pub trait MsiSender: Send + Sync {
-    /// Delivers the interrupt message `function` writes: `data` to `address` (PCI 3.0, 6.8.3.3).
-    fn send(&self, function: SourceId, address: u64, data: u32);
-}
-
-/// MSIs straight to KVM's local APICs (KVM_SIGNAL_MSI), in compatibility format as the function
-/// wrote them: no interrupt remapping on the way.
-pub struct DirectMsi(Arc<VmFd>);
-
-impl DirectMsi {
-    /// Delivers into `vm`, which needs KVM's local APICs (either irqchip).
-    pub fn new(vm: Arc<VmFd>) -> Self {
-        Self(vm)
-    }
-}
-
-impl MsiSender for DirectMsi {
-    fn send(&self, function: SourceId, address: u64, data: u32) {
-        // A write outside the interrupt window is a memory write, not an interrupt (Intel SDM
-        // Vol. 3, 11.11.1); a function that makes one has a guest that programmed it so.
-        if address & MSI_ADDRESS_MASK != MSI_ADDRESS_BASE {
-            warn_limited!("{function}: MSI to {address:#x} is outside 0xfee00000-0xfeefffff");
-            return;
-        }
-        let msi = kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        // 0: KVM found no local APIC to take it (e.g. one the guest disabled).
-        match self.0.signal_msi(msi) {
-            Ok(0) => debug_limited!("{function}: MSI {address:#x}/{data:#x} reached no local APIC"),
-            Ok(_) => {}
-            Err(e) => warn_limited!("{function}: KVM_SIGNAL_MSI {address:#x}/{data:#x}: {e}"),
-        }
-    }
-}
 
 /// A function's INTx# wire, level-triggered: asserted until the function deasserts it.
 pub trait IrqLine: Send {
@@ -121,9 +79,9 @@ impl IrqLine for IoapicLine {
 mod tests {
     use super::*;
     use crate::devices::ioapic::{Ioapic, IoapicOutput, PinState};
-    use passthrough::msi::MsiMessage;
     use std::sync::Mutex;
     use std::time::Duration;
+    use vm_device::interrupt::MsiMessage;
 
     /// Records what the IOAPIC delivers.
     struct Delivered(Arc<Mutex<Vec<(u8, MsiMessage)>>>);
