@@ -36,6 +36,9 @@ pub enum ConfigError {
     /// An option given twice.
     #[error("option {0} given more than once")]
     Duplicate(&'static str),
+    /// A flag given a value.
+    #[error("option {option} takes no value (got '{value}')")]
+    UnexpectedValue { option: &'static str, value: String },
     /// `--kernel` absent.
     #[error("missing --kernel PATH (see --help)")]
     MissingKernel,
@@ -153,6 +156,8 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// Where the IOAPIC lives (`--irqchip kernel|split`).
     pub irqchip: Irqchip,
+    /// QEMU's `edu` test device on PCI bus 0 (`--edu`).
+    pub edu: bool,
 }
 
 /// The irqchip when `--irqchip` is not given and the VT-d does not remap interrupts (with
@@ -210,7 +215,7 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
                      [,intremap=on|off][,eim=on|off]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
-           [--irqchip kernel|split]
+           [--edu] [--irqchip kernel|split]
 
 Options:
   --kernel PATH        kernel to boot: a Linux bzImage (64-bit boot protocol) or a multiboot
@@ -244,6 +249,12 @@ Options:
                        assign a host PCI function bound to vfio-pci (repeatable); without
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must
                        say iommu=on and its DMA follows the guest's VT-d tables
+  --edu                add QEMU's edu test device (1234:11e8: factorial, interrupt raise and
+                       acknowledge, DMA engine, MSI or INTx) in the first free PCI slot,
+                       as firmware leaves it (BAR0 placed and decoding, interrupt line set);
+                       with --viommu its DMA and interrupts go through the VT-d. QEMU's
+                       -device edu; a flag of its own, as Cloud Hypervisor names each emulated
+                       device by an option (--pvpanic), because --device is for host functions
   --irqchip kernel|split
                        kernel (default without interrupt remapping): PIC, IOAPIC and PIT in
                        KVM; split (default with --viommu intremap=on): only the local APICs
@@ -525,6 +536,7 @@ where
     let mut stats_json = None;
     let mut devices = Vec::new();
     let mut irqchip = None;
+    let mut edu = false;
 
     let mut it = args.into_iter().map(Into::into).peekable();
     while let Some(arg) = it.next() {
@@ -545,8 +557,21 @@ where
             "--stats-json" => "--stats-json",
             "--device" => "--device",
             "--irqchip" => "--irqchip",
+            "--edu" => "--edu",
             _ => return Err(ConfigError::UnknownArgument(arg)),
         };
+        if name == "--edu" {
+            if let Some(value) = inline {
+                return Err(ConfigError::UnexpectedValue {
+                    option: name,
+                    value,
+                });
+            }
+            if std::mem::replace(&mut edu, true) {
+                return Err(ConfigError::Duplicate(name));
+            }
+            continue;
+        }
         let value = match inline {
             Some(v) => v,
             // `--viommu` alone takes the defaults.
@@ -608,6 +633,7 @@ where
         stats_json,
         devices,
         irqchip,
+        edu,
     }))
 }
 
@@ -968,6 +994,22 @@ mod tests {
             "--device",
             "path=/d,iommu=on",
         ]);
+    }
+
+    #[test]
+    fn edu_is_a_flag_given_at_most_once() {
+        assert!(!run(&["--kernel", "/k"]).edu);
+        let c = run(&["--kernel", "/k", "--edu", "--viommu", "--cpus", "boot=4"]);
+        assert!(c.edu && c.viommu.is_some() && c.vcpus == 4);
+        assert!(run(&["--edu", "--kernel", "/k"]).edu);
+        assert_eq!(
+            err(&["--kernel", "/k", "--edu", "--edu"]),
+            "option --edu given more than once"
+        );
+        assert_eq!(
+            err(&["--kernel", "/k", "--edu=on"]),
+            "option --edu takes no value (got 'on')"
+        );
     }
 
     #[test]

@@ -70,6 +70,12 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
+    // The emulated edu first: it takes the first free slot, the assigned devices the next.
+    if cfg.edu {
+        if let Err(e) = vmm.add_edu() {
+            return fail(e);
+        }
+    }
     if let Err(e) = vmm.assign_devices(&cfg.devices) {
         return fail(e);
     }
