@@ -4,6 +4,18 @@
 //! kernel, `-smp` as `--cpus`, `-append` as `--cmdline`, the environment file as the initramfs.
 //!
 //! Without /dev/kvm, the tarball, or gcc/make, the tests skip loudly; with CI=true they fail.
+//!
+//! The runner of the whole suite builds on it: [`cfg`] reads `x86/unittests.cfg`, [`params`]
+//! maps a test's QEMU options to ours, [`runner`] runs a test under our vmm or under QEMU and
+//! judges it as the suite's `run_tests.sh` does, [`pass_list`] is the list of tests QEMU passes
+//! here that ours must pass, and [`table`] prints the results (the `kvm-unit-tests` binary,
+//! which `resources/kvm-unit-tests.sh` runs).
+
+pub mod cfg;
+pub mod params;
+pub mod pass_list;
+pub mod runner;
+pub mod table;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -144,6 +156,10 @@ pub struct Run {
     pub status: Option<ExitStatus>,
     /// The guest's serial output, then the vmm's stderr.
     pub output: String,
+    /// The process's stdout alone (the guest's serial output, for the vmm).
+    pub stdout: String,
+    /// The process's stderr alone.
+    pub stderr: String,
     /// How long it ran.
     pub duration: Duration,
 }
@@ -163,6 +179,9 @@ impl Run {
     }
 }
 
+/// QEMU's default RAM, which the suite's `x86/run` keeps unless a test asks for more.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+
 /// How a test is run.
 #[derive(Clone, Debug, Default)]
 pub struct Options<'a> {
@@ -174,33 +193,64 @@ pub struct Options<'a> {
     pub env: Option<&'a Path>,
     /// `--irqchip` (`kernel`, the default, or `split`).
     pub irqchip: Option<&'a str>,
+    /// Guest RAM in MiB ([`DEFAULT_MEMORY_MIB`] when `None`).
+    pub memory_mib: Option<u64>,
+    /// `--viommu`'s options, when the test wants a VT-d.
+    pub viommu: Option<&'a str>,
+    /// `--edu`.
+    pub edu: bool,
+}
+
+impl Options<'_> {
+    /// The vmm's arguments after `--kernel`.
+    pub fn vmm_args(&self) -> Vec<String> {
+        let memory = self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+        let mut args = vec![
+            "--cpus".to_string(),
+            format!("boot={}", self.cpus.max(1)),
+            "--memory".to_string(),
+            format!("size={memory}M"),
+        ];
+        if !self.args.is_empty() {
+            args.extend(["--cmdline".to_string(), self.args.to_string()]);
+        }
+        if let Some(env) = self.env {
+            args.extend(["--initramfs".to_string(), env.display().to_string()]);
+        }
+        if let Some(irqchip) = self.irqchip {
+            args.extend(["--irqchip".to_string(), irqchip.to_string()]);
+        }
+        if let Some(viommu) = self.viommu {
+            // `--viommu=` keeps an empty option list one argument.
+            args.push(format!("--viommu={viommu}"));
+        }
+        if self.edu {
+            args.push("--edu".to_string());
+        }
+        args
+    }
 }
 
 /// Runs the vmm on `kernel` with `opts`, killing it after `timeout`.
 pub fn run_vmm(kernel: &Path, opts: &Options, timeout: Duration) -> Result<Run, String> {
     let vmm = vmm_binary()?;
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .args(["--cpus", &format!("boot={}", opts.cpus.max(1))])
-        // QEMU's default RAM, which x86/run keeps.
-        .args(["--memory", "size=128M"]);
-    if !opts.args.is_empty() {
-        cmd.args(["--cmdline", opts.args]);
-    }
-    if let Some(env) = opts.env {
-        cmd.arg("--initramfs").arg(env);
-    }
-    if let Some(irqchip) = opts.irqchip {
-        cmd.args(["--irqchip", irqchip]);
-    }
+    cmd.arg("--kernel").arg(kernel).args(opts.vmm_args());
+    run_process(cmd, timeout).map_err(|e| format!("{}: {e}", vmm.display()))
+}
+
+/// Runs `cmd` in a process group of its own with its output captured, killing the group after
+/// `timeout` (a runner script's QEMU goes with it).
+pub fn run_process(mut cmd: Command, timeout: Duration) -> Result<Run, String> {
+    use std::os::unix::process::CommandExt;
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", vmm.display()))?;
+        .map_err(|e| format!("cannot start: {e}"))?;
     let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
     let mut stderr = child.stderr.take().ok_or("no stderr pipe")?;
     let out_reader = std::thread::spawn(move || {
@@ -217,22 +267,39 @@ pub fn run_vmm(kernel: &Path, opts: &Options, timeout: Duration) -> Result<Run, 
         match child.try_wait() {
             Ok(Some(s)) => break Some(s),
             Ok(None) if start.elapsed() >= timeout => {
+                kill_group(child.id());
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for the vmm: {e}")),
+            Err(e) => return Err(format!("waiting for it: {e}")),
         }
     };
     let duration = start.elapsed();
-    let mut output = out_reader.join().unwrap_or_default();
-    output.extend(err_reader.join().unwrap_or_default());
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    let stdout = String::from_utf8_lossy(&stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
     Ok(Run {
         status,
-        output: String::from_utf8_lossy(&output).into_owned(),
+        output: format!("{stdout}{stderr}"),
+        stdout,
+        stderr,
         duration,
     })
+}
+
+/// Kills the process group `pgid` (a child spawned with `process_group(0)`: its id).
+fn kill_group(pgid: u32) {
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
+    // SAFETY: kill(2) with a negative pid signals the process group of our own child, which
+    // `process_group(0)` made; it touches no memory of ours.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
 }
 
 /// Runs `x86/<flat>` of the built suite.
