@@ -2,7 +2,10 @@
 //! checks the multiboot entry state, boot information, fw_cfg and isa-debug-exit, then tests of
 //! kvm-unit-tests' PASS list (the suite built from the shared tarball), each run as the suite's
 //! runner runs it under QEMU and judged as the runner judges it: exit status 1 (the guest wrote
-//! 0 to isa-debug-exit) and, for tests that report, every line a PASS.
+//! 0 to isa-debug-exit) and, for tests that report, every line a PASS. Last, every test on the
+//! pass list kept in `tests/kvm-unit-tests/qemu-passes.txt` (what QEMU passes here) with its
+//! `unittests.cfg` options mapped to ours, two at a time, as `resources/kvm-unit-tests.sh
+//! --pass-list` runs them.
 //!
 //! Without /dev/kvm, the tarball or a compiler these tests skip loudly, and fail when CI=true.
 
@@ -10,6 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
+use integration::kvm_unit_tests::pass_list;
+use integration::kvm_unit_tests::runner::{parallel, Suite};
+use integration::kvm_unit_tests::table::render_text;
 use integration::kvm_unit_tests::{
     run_test, run_vmm, skip_unless, suite, vmm_binary, Options, Run,
 };
@@ -323,4 +329,40 @@ fn kut_vmexit_inl_pmtimer_times_the_pm_timer_the_fadt_names() {
         "{}",
         run.output
     );
+}
+
+#[test]
+fn kut_every_test_qemu_passes_here_passes_on_ours_with_its_subtests() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(dir) = skip_unless(suite()) else {
+        return;
+    };
+    let Some(_) = skip_unless(vmm_binary()) else {
+        return;
+    };
+    let suite = Suite::load(dir).expect("the suite's x86/unittests.cfg");
+    let path = pass_list::path();
+    let text = std::fs::read_to_string(&path).expect("the pass list");
+    let list = pass_list::parse(&text).expect("the pass list parses");
+    assert!(
+        list.len() >= 19,
+        "the shared README's PASS list has 19 tests"
+    );
+    let notes = Default::default();
+    let rows = parallel(&list, 2, |e| {
+        suite.run_row(&e.name, false, true, &list, &notes)
+    });
+    let table = render_text(&rows, false);
+    let failures: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let j = r.judgement.as_ref()?;
+            let log = r.ours.as_ref().map_or("", |o| o.log.as_str());
+            j.is_failure().then(|| format!("{}: {j}\n{log}", r.name))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{table}\n{}", failures.join("\n\n"));
+    eprintln!("{table}");
 }
