@@ -1,7 +1,8 @@
 //! The legacy port I/O devices, each at its fixed port: those every PC guest expects (COM1, the
 //! i8042's reset line, the pvpanic port, the ACPI PM register for S5 and reset) and those that
 //! programs written for QEMU's PC drive directly (kvm-unit-tests): fw_cfg, isa-debug-exit, the
-//! RTC/CMOS, the PM1 block with the PM timer (S3) and pc-testdev's register.
+//! RTC/CMOS, the PM1 block with the PM timer (S3) and pc-testdev (its register, and its MMIO
+//! area on the MMIO bus).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -18,7 +19,10 @@ use crate::devices::fw_cfg::{FwCfg, FwCfgConfig, FW_CFG_LEN, FW_CFG_PORT};
 use crate::devices::legacy::i8042::{I8042, I8042_DATA_PORT, I8042_LEN};
 use crate::devices::legacy::rtc::{Rtc, RTC_LEN, RTC_PORT};
 use crate::devices::legacy::serial::{SerialDevice, COM1_IRQ, COM1_LEN, COM1_PORT};
-use crate::devices::pc_testdev::{PcTestdev, PC_TESTDEV_LEN, PC_TESTDEV_PORT};
+use crate::devices::pc_testdev::{
+    PcTestdev, PcTestdevIomem, PC_TESTDEV_IOMEM_SIZE, PC_TESTDEV_IOMEM_START, PC_TESTDEV_LEN,
+    PC_TESTDEV_PORT,
+};
 use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use crate::exit::ExitHandle;
 use crate::sleep::SleepHandle;
@@ -35,9 +39,11 @@ pub(super) struct LegacyDevices {
 /// Puts the legacy devices on `pio`. COM1 writes to `serial_out` and interrupts on IRQ 4 when
 /// `vm` has an irqchip: GSI 4 of its routing table, which is pin 4 of KVM's IOAPIC or, with the
 /// split irqchip, a line of pin 4 of ours. The devices that end the VM do so through `exit`;
-/// the PM1 block suspends it through `sleep`; fw_cfg serves `fw_cfg`.
+/// the PM1 block suspends it through `sleep`; fw_cfg serves `fw_cfg`. pc-testdev's MMIO area
+/// goes on `mmio`.
 pub(super) fn add_legacy_devices(
     pio: &Bus,
+    mmio: &Bus,
     vm: &Vm,
     serial_out: Box<dyn Write + Send>,
     exit: &ExitHandle,
@@ -108,5 +114,12 @@ pub(super) fn add_legacy_devices(
     for (what, device, base, len) in devices {
         DeviceManager::register(pio, what, device, base, len)?;
     }
+    DeviceManager::register(
+        mmio,
+        "pc-testdev MMIO area",
+        Arc::new(Mutex::new(PcTestdevIomem::default())),
+        PC_TESTDEV_IOMEM_START,
+        PC_TESTDEV_IOMEM_SIZE,
+    )?;
     Ok(LegacyDevices { serial, rtc, pm1 })
 }

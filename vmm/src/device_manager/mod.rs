@@ -128,7 +128,7 @@ impl DeviceManager {
             max_cpus: cpus,
             ram_size,
         };
-        let legacy = legacy::add_legacy_devices(&pio, vm, serial_out, exit, sleep, fw_cfg)?;
+        let legacy = legacy::add_legacy_devices(&pio, &mmio, vm, serial_out, exit, sleep, fw_cfg)?;
         let pci = pci::create_pci_root(ram_size, &mmio, &pio)?;
         Ok(Self {
             vfio: None,

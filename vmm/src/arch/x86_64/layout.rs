@@ -10,6 +10,7 @@
 //! 0xfec0_0000                 IOAPIC
 //! 0xfed9_0000 .. +0x1000      reserved for the VT-d register block (DMAR DRHD)
 //! 0xfee0_0000                 LAPIC
+//! 0xff00_0000 .. +0x1_0000    pc-testdev's memory-like MMIO area (kvm-unit-tests' "ioram")
 //! 4 GiB ..                    RAM above the hole, then the PCI 64-bit MMIO window
 //! ```
 
@@ -66,6 +67,10 @@ pub const VTD_REGS_START: u64 = 0xfed9_0000;
 pub const VTD_REGS_SIZE: u64 = 0x1000;
 /// Local APIC base (Intel SDM Vol. 3A, 11.4.1, IA32_APIC_BASE default).
 pub const APIC_START: u64 = 0xfee0_0000;
+/// pc-testdev's MMIO area, where QEMU's PC has it (hw/misc/pc-testdev.c; kvm-unit-tests'
+/// `IORAM_BASE_PHYS`), and its size.
+pub const PC_TESTDEV_IOMEM_START: u64 = 0xff00_0000;
+pub const PC_TESTDEV_IOMEM_SIZE: u64 = 0x1_0000;
 /// Start of RAM above the hole.
 pub const RAM_64BIT_START: u64 = 0x1_0000_0000;
 /// Size of the PCI 64-bit MMIO window placed after RAM.
@@ -105,6 +110,8 @@ const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
 const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= PLATFORM_MMIO_START);
 const _: () = assert!(PLATFORM_MMIO_START < IOAPIC_START && IOAPIC_START < VTD_REGS_START);
 const _: () = assert!(VTD_REGS_START + VTD_REGS_SIZE <= APIC_START);
+const _: () = assert!(APIC_START + 0x1000 <= PC_TESTDEV_IOMEM_START);
+const _: () = assert!(PC_TESTDEV_IOMEM_START + PC_TESTDEV_IOMEM_SIZE <= KVM_TSS_ADDRESS);
 
 #[cfg(test)]
 mod tests {
