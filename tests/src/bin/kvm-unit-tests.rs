@@ -2,6 +2,7 @@
 //! after the other) and prints one table; `resources/kvm-unit-tests.sh` builds and runs it.
 //! Exits non-zero when a test on the pass list fails on ours (or passes though marked xfail).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use integration::kvm_unit_tests::pass_list::{self, Entry};
@@ -10,8 +11,8 @@ use integration::kvm_unit_tests::table::{self, Row};
 use integration::kvm_unit_tests::{suite, vmm_binary};
 
 const USAGE: &str = "\
-Usage: kvm-unit-tests [--qemu] [--pass-list] [--all] [-j N] [--markdown] [--refresh-pass-list]
-                      [TEST...]
+Usage: kvm-unit-tests [--qemu] [--pass-list] [--all] [-j N] [--markdown] [--logs DIR]
+                      [--refresh-pass-list] [TEST...]
 
 Runs the x86 tests of kvm-unit-tests' x86/unittests.cfg (the suite built from the shared
 tarball into target/kvm-unit-tests) under our vmm, with each test's smp, test_args and
@@ -25,6 +26,7 @@ not run.
   --all                also the tests marked nodefault
   -j N                 tests run side by side (default 2, or 1 with --qemu: times compared)
   --markdown           print the table in Markdown
+  --logs DIR           write what each run printed to DIR/TEST.ours.log (and .qemu.log)
   --refresh-pass-list  with --qemu over all tests: rewrite the pass list from the tests QEMU
                        passes (keeping the xfail markers of those still on it)
 
@@ -38,6 +40,7 @@ struct Args {
     jobs: Option<usize>,
     markdown: bool,
     refresh: bool,
+    logs: Option<PathBuf>,
     tests: Vec<String>,
 }
 
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args, String> {
         jobs: None,
         markdown: false,
         refresh: false,
+        logs: None,
         tests: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +68,7 @@ fn parse_args() -> Result<Args, String> {
                 let n = n.parse().map_err(|_| format!("-j {n}: not a number"))?;
                 a.jobs = Some(n);
             }
+            "--logs" => a.logs = Some(it.next().ok_or("--logs needs a directory")?.into()),
             "-h" | "--help" => return Err(USAGE.to_string()),
             t if !t.starts_with('-') => a.tests.push(t.to_string()),
             other => return Err(format!("unknown argument '{other}'\n\n{USAGE}")),
@@ -113,11 +118,18 @@ fn run() -> Result<bool, String> {
         suite.tests.iter().map(|t| t.name.clone()).collect()
     };
     let jobs = args.jobs.unwrap_or(if args.qemu { 1 } else { 2 });
+    if let Some(dir) = &args.logs {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
     let rows = parallel(&names, jobs, |name| {
         // Named tests and the list's run even when marked nodefault, as the suite's -a would.
         let all = args.all || args.pass_list || !args.tests.is_empty();
         let row = suite.run_row(name, args.qemu, all, &list, &notes);
         eprintln!("{}", progress_line(&row));
+        if let Some(dir) = &args.logs {
+            write_logs(dir, &row);
+        }
         row
     });
 
@@ -133,6 +145,17 @@ fn run() -> Result<bool, String> {
         refresh(&list_path, &list_text, &list, &rows)?;
     }
     Ok(ok)
+}
+
+/// Writes what each side of `row` printed into `dir`; a failure is said, not fatal.
+fn write_logs(dir: &Path, row: &Row) {
+    for (side, outcome) in [("ours", &row.ours), ("qemu", &row.qemu)] {
+        let Some(o) = outcome else { continue };
+        let path = dir.join(format!("{}.{side}.log", row.name));
+        if let Err(e) = std::fs::write(&path, &o.log) {
+            eprintln!("kvm-unit-tests: cannot write {}: {e}", path.display());
+        }
+    }
 }
 
 fn progress_line(row: &Row) -> String {
@@ -220,10 +243,10 @@ fn refresh(
     Ok(())
 }
 
-fn which(program: &str) -> Option<std::path::PathBuf> {
+fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
         .to_str()?
         .split(':')
-        .map(|d| std::path::Path::new(d).join(program))
+        .map(|d| Path::new(d).join(program))
         .find(|p| p.is_file())
 }
