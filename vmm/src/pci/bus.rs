@@ -94,6 +94,9 @@ pub fn decode_ecam(offset: u64) -> ConfigAddress {
 
 /// Decodes CONFIG_ADDRESS plus the CONFIG_DATA byte offset (PCI 3.0, Figure 3-2: enable 31,
 /// bus 23:16, device 15:11, function 10:8, register 7:2). None when the enable bit is clear.
+/// Bits 1:0, which the spec reserves, are ORed into the byte offset as QEMU's i440FX and Q35
+/// hosts do: kvm-unit-tests' `pci_config_readw(dev, PCI_DEVICE_ID)` writes 0x...02 to
+/// CONFIG_ADDRESS and reads the word at 0xCFC, and expects the device ID.
 pub fn decode_config_address(addr: u32, data_offset: usize) -> Option<ConfigAddress> {
     if addr & CONFIG_ENABLE == 0 {
         return None;
@@ -103,7 +106,7 @@ pub fn decode_config_address(addr: u32, data_offset: usize) -> Option<ConfigAddr
         device: ((addr >> 11) & 0x1f) as u8,
         function: ((addr >> 8) & 0x7) as u8,
         reg: ((addr & 0xfc) >> 2) as usize,
-        offset: data_offset,
+        offset: (addr & 0x3) as usize | data_offset,
     })
 }
 

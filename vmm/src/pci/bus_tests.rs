@@ -99,6 +99,23 @@ fn cf8_decoding() {
         (a.bus, a.device, a.function, a.reg, a.offset),
         (1, 1, 2, 5, 3)
     );
+    // CONFIG_ADDRESS's low bits select the byte as on QEMU's hosts.
+    let a = decode_config_address(0x8000_0802, 0).unwrap();
+    assert_eq!((a.device, a.reg, a.offset), (1, 0, 2));
+}
+
+#[test]
+fn cf8_low_address_bits_pick_the_word_kvm_unit_tests_reads() {
+    let (bus, _, _) = setup();
+    let mut io = PciConfigIo::new(Arc::downgrade(&bus));
+    let mut id = [0u8; 4];
+    io.write(0xcf8, 0, &0x8000_0000u32.to_le_bytes());
+    io.read(0xcf8, 4, &mut id);
+    // PCI_DEVICE_ID (offset 2) with the offset in CONFIG_ADDRESS, read as a word at 0xCFC.
+    io.write(0xcf8, 0, &0x8000_0002u32.to_le_bytes());
+    let mut w = [0u8; 2];
+    io.read(0xcf8, 4, &mut w);
+    assert_eq!(w, [id[2], id[3]]);
 }
 
 #[test]
