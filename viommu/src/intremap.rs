@@ -87,6 +87,11 @@ pub struct RemapState {
     pub compat_allowed: bool,
     /// The table latched by SIRTP, if any.
     pub table: Option<RemapTable>,
+    /// A requester whose requests skip the IRTE's source validation ([`VtdConfig`]'s
+    /// `unverified_source`).
+    ///
+    /// [`VtdConfig`]: crate::VtdConfig
+    pub unverified_source: Option<SourceId>,
 }
 
 /// The interrupt to deliver, as a remapped IRTE (or a passed compatibility request) names it.
@@ -259,7 +264,7 @@ pub fn translate<M: GuestMemoryBackend>(
         return Err(RemapFault::new(FaultReason::IrTableAccess, index));
     };
     let irte = decode_irte(lo, hi, table.x2apic, index)?;
-    if !irte.allows(source) {
+    if state.unverified_source != Some(source) && !irte.allows(source) {
         return Err(RemapFault {
             fpd: lo & IRTE_LO_FPD != 0,
             ..RemapFault::new(FaultReason::IrSourceIdMismatch, index)

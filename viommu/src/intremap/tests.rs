@@ -27,6 +27,7 @@ fn state(entries_log2: u64, x2apic: bool) -> RemapState {
             TABLE | (entries_log2 - 1) | if x2apic { IRTA_EIME } else { 0 },
             true,
         )),
+        unverified_source: None,
     }
 }
 
@@ -168,6 +169,7 @@ fn table_outside_guest_memory_faults_with_reason_0x23() {
         enabled: true,
         compat_allowed: false,
         table: Some(RemapTable::from_irta((TEST_MEM_SIZE - 0x1000) | 0xf, false)),
+        unverified_source: None,
     };
     assert_eq!(
         fault_of(translate(&m, &s, DEV, MsiMessage::remappable(0x200))),
@@ -244,6 +246,32 @@ fn compatibility_format_is_blocked_unless_cfis_in_xapic_mode() {
         fault_of(translate(&m, &x2, DEV, compat)).0,
         FaultReason::IrCompatibilityBlocked,
         "x2APIC mode blocks compatibility format whatever CFI says"
+    );
+}
+
+#[test]
+fn an_unverified_source_skips_source_validation_and_no_other_check() {
+    let m = mem();
+    let ioapic = SourceId::new(0xff, 0, 0);
+    let mut s = state(8, false);
+    let rid_of_another = SVT_REQUESTER_ID << IRTE_HI_SVT_SHIFT | 0x20; // 00:04.0
+    write_irte(&m, 9, irte_xapic(0x40, 1), rid_of_another);
+    let request = MsiMessage::remappable(9);
+    assert_eq!(
+        fault_of(translate(&m, &s, ioapic, request)).0,
+        FaultReason::IrSourceIdMismatch
+    );
+    s.unverified_source = Some(ioapic);
+    assert!(translate(&m, &s, ioapic, request).is_ok());
+    assert_eq!(
+        fault_of(translate(&m, &s, DEV, request)).0,
+        FaultReason::IrSourceIdMismatch,
+        "only that requester"
+    );
+    write_irte(&m, 9, 0, rid_of_another);
+    assert_eq!(
+        fault_of(translate(&m, &s, ioapic, request)).0,
+        FaultReason::IrEntryNotPresent
     );
 }
 

@@ -98,6 +98,12 @@ pub struct VtdConfig {
     /// since 6.x does not), so a VFIO type1 host could never follow its tables; only hardware
     /// nesting through iommufd could.
     pub first_stage: bool,
+    /// A requester whose interrupt requests skip IRTE source validation (SVT/SQ/SID, 9.10),
+    /// as QEMU's VT-d skips it for its IOAPIC (whose requests carry no requester ID there):
+    /// for guest code written against QEMU, such as kvm-unit-tests' `intel_iommu`, whose IOAPIC
+    /// IRTE names the edu's requester ID. None (the default) validates every request, as the
+    /// spec says.
+    pub unverified_source: Option<SourceId>,
 }
 
 impl Default for VtdConfig {
@@ -114,6 +120,7 @@ impl Default for VtdConfig {
             x2apic: false,
             scalable_mode: false,
             first_stage: false,
+            unverified_source: None,
         }
     }
 }
@@ -331,7 +338,10 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             faults: FaultLog::new(config.fault_records),
             fsts_errors: 0,
             iqh: 0,
-            remap: RemapState::default(),
+            remap: RemapState {
+                unverified_source: config.unverified_source,
+                ..RemapState::default()
+            },
             interrupt_routes: None,
             spaces: BTreeMap::new(),
             refused: BTreeMap::new(),
