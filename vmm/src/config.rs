@@ -165,7 +165,8 @@ pub struct VmConfig {
 pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
-/// [,scalable-mode=on|off][,first-stage=on|off][,intremap=on|off][,eim=on|off]`.
+/// [,scalable-mode=on|off][,first-stage=on|off][,intremap=on|off][,eim=on|off]
+/// [,ioapic-sid-check=on|off]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
     /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
@@ -186,6 +187,10 @@ pub struct ViommuConfig {
     /// Extended interrupt mode (ECAP.EIM): x2APIC destinations, so a guest can have more than
     /// 255 vCPUs. Needs `intremap`.
     pub eim: bool,
+    /// The IOAPIC's interrupt requests are source-validated against its IRTE (VT-d 9.10), as
+    /// the spec says; off skips that for the IOAPIC, as QEMU's VT-d does, for guest code
+    /// written against QEMU.
+    pub ioapic_sid_check: bool,
 }
 
 impl Default for ViommuConfig {
@@ -201,6 +206,7 @@ impl Default for ViommuConfig {
             first_stage: false,
             intremap: true,
             eim: true,
+            ioapic_sid_check: true,
         }
     }
 }
@@ -212,7 +218,7 @@ vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
            [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
                      [,scalable-mode=on|off][,first-stage=on|off]
-                     [,intremap=on|off][,eim=on|off]]
+                     [,intremap=on|off][,eim=on|off][,ioapic-sid-check=on|off]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
            [--edu] [--irqchip kernel|split]
@@ -242,7 +248,11 @@ Options:
                        would lift this), intremap=on|off (default on:
                        interrupt remapping, as real VT-d has, of passed-through MSI/MSI-X,
                        the IOAPIC and emulated devices; implies --irqchip split), eim=on|off
-                       (default: as intremap; x2APIC destinations, needed beyond 255 vCPUs)
+                       (default: as intremap; x2APIC destinations, needed beyond 255 vCPUs),
+                       ioapic-sid-check=on|off (default on: the IOAPIC's interrupts are
+                       checked against their IRTE's source-id fields, as the spec says; off
+                       skips that for the IOAPIC as QEMU does, for guests written against
+                       QEMU such as kvm-unit-tests' intel_iommu)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -384,6 +394,7 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             "first-stage",
             "intremap",
             "eim",
+            "ioapic-sid-check",
         ],
     )?;
     if let Some(raw) = list.get("aw-bits") {
@@ -430,6 +441,7 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     if c.eim && !c.intremap {
         return Err(list.invalid("eim", "on", InvalidReason::EimNeedsIntremap));
     }
+    c.ioapic_sid_check = on_off(&list, "ioapic-sid-check")?.unwrap_or(true);
     Ok(c)
 }
 
@@ -878,7 +890,9 @@ mod tests {
         assert_eq!(c.irqchip, Irqchip::Kernel);
         let c = run(&["--kernel", "/k", "--viommu", "eim=off"]);
         let v = c.viommu.unwrap();
-        assert!(v.intremap && !v.eim);
+        assert!(v.intremap && !v.eim && v.ioapic_sid_check);
+        let c = run(&["--kernel", "/k", "--viommu", "ioapic-sid-check=off"]);
+        assert!(c.viommu.is_some_and(|v| v.intremap && !v.ioapic_sid_check));
         let c = run(&[
             "--kernel",
             "/k",

@@ -7,7 +7,7 @@
 //! | `-smp N` | `--cpus boot=N` |
 //! | `-m SIZE` | `--memory size=SIZE` (MiB when no unit, as QEMU) |
 //! | `-M`/`-machine q35,kernel-irqchip=split` | `--irqchip split` (`=on`: kernel; the machine type is ours either way) |
-//! | `-device intel-iommu,intremap=on,eim=off[,aw-bits=N]` | `--viommu intremap=on,eim=off,aw-bits=39` (QEMU 7.2's default width is 39 bits; caching mode is always on in ours) |
+//! | `-device intel-iommu,intremap=on,eim=off[,aw-bits=N]` | `--viommu intremap=on,eim=off,aw-bits=39,ioapic-sid-check=off` (QEMU 7.2's default width is 39 bits; caching mode is always on in ours; QEMU's IOAPIC requests skip IRTE source validation, and `intel_iommu` relies on it: its IOAPIC IRTE names the edu's requester ID) |
 //! | `-device edu` | `--edu` |
 //! | `-cpu MODEL,+feat` | nothing: our vCPUs have every feature KVM offers (as `-cpu host`) |
 //! | `-enable-kvm` | nothing: always KVM |
@@ -155,6 +155,8 @@ fn device(o: &mut VmmOptions, value: &str) {
                 }
             }
             ours.push(format!("aw-bits={aw_bits}"));
+            // QEMU validates no IOAPIC request's source-id (they carry none there).
+            ours.push("ioapic-sid-check=off".to_string());
             o.viommu = Some(ours.join(","));
         }
         _ => o.unmapped.push(format!("-device {value}")),
@@ -195,7 +197,10 @@ mod tests {
             "-M q35,kernel-irqchip=split -device intel-iommu,intremap=on,eim=off -device edu",
         );
         assert_eq!(o.irqchip, Some("split"));
-        assert_eq!(o.viommu.as_deref(), Some("intremap=on,eim=off,aw-bits=39"));
+        assert_eq!(
+            o.viommu.as_deref(),
+            Some("intremap=on,eim=off,aw-bits=39,ioapic-sid-check=off")
+        );
         assert!(o.edu);
         assert!(o.unmapped.is_empty(), "{:?}", o.unmapped);
         assert_eq!(o.cpus, 2);
@@ -210,7 +215,7 @@ mod tests {
                 "size=128M",
                 "--irqchip",
                 "split",
-                "--viommu=intremap=on,eim=off,aw-bits=39",
+                "--viommu=intremap=on,eim=off,aw-bits=39,ioapic-sid-check=off",
                 "--edu"
             ]
         );

@@ -14,6 +14,7 @@ use crate::arch::x86_64::layout::{VTD_REGS_SIZE, VTD_REGS_START};
 use crate::config::ViommuConfig;
 use crate::devices::bus::Bus;
 use crate::devices::ioapic::kvm::KvmIoapic;
+use crate::devices::ioapic::IOAPIC_SOURCE_ID;
 use crate::devices::vtd::blocked::{BlockedSignalHandler, BlockedSignalSet};
 use crate::devices::vtd::doorbell::QueueDoorbells;
 use crate::devices::vtd::intremap::{InterruptRemapping, IoapicRemapping};
@@ -126,6 +127,7 @@ pub(super) fn create_vtd(
         first_stage: c.first_stage,
         interrupt_remapping: c.intremap,
         x2apic: c.intremap && c.eim,
+        unverified_source: (!c.ioapic_sid_check).then_some(IOAPIC_SOURCE_ID),
         ..viommu::VtdConfig::default()
     };
     let interrupts = KvmMsi::new(vm.shared_fd());
