@@ -13,9 +13,7 @@
 //! when it adds a first-stage mapping, so the host could not follow them (see
 //! [`crate::VtdConfig::first_stage`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, VolatileMemory};
+use crate::memory::TableMemory;
 
 use crate::fault::{Access, FaultReason};
 use crate::tables::beyond_haw_mask;
@@ -92,27 +90,15 @@ fn reserved(pte: u64, level: u8, caps: &Capabilities) -> bool {
 }
 
 /// Sets `flags` in the entry at `addr` if it still holds `seen`. False when the guest changed it.
-fn set_flags<M: GuestMemoryBackend>(mem: &M, addr: u64, seen: u64, flags: u64) -> bool {
+fn set_flags<M: TableMemory>(mem: &M, addr: u64, seen: u64, flags: u64) -> bool {
     if seen & flags == flags {
         return true;
     }
-    let Ok(slice) = mem.get_slice(GuestAddress(addr), 8) else {
-        return false;
-    };
-    let Ok(cell) = slice.get_atomic_ref::<AtomicU64>(0) else {
-        return false;
-    };
-    cell.compare_exchange(
-        seen.to_le(),
-        (seen | flags).to_le(),
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    )
-    .is_ok()
+    mem.compare_exchange_u64(addr, seen, seen | flags) == Some(true)
 }
 
 /// Translates `req` through `table`, setting accessed and dirty flags as it succeeds.
-pub fn translate<M: GuestMemoryBackend>(
+pub fn translate<M: TableMemory>(
     mem: &M,
     table: FirstStageTable,
     req: Request,
@@ -135,7 +121,7 @@ pub fn translate<M: GuestMemoryBackend>(
 }
 
 /// One walk; None when an accessed/dirty update found the entry changed.
-fn walk_once<M: GuestMemoryBackend>(
+fn walk_once<M: TableMemory>(
     mem: &M,
     table: FirstStageTable,
     req: Request,
@@ -148,13 +134,13 @@ fn walk_once<M: GuestMemoryBackend>(
     for level in (1..=FIRST_STAGE_LEVELS).rev() {
         let shift = level_shift(level);
         let entry_addr = addr + ((req.iova >> shift) & 511) * 8;
-        let pte = u64::from_le(mem.read_obj(GuestAddress(entry_addr)).map_err(|_| {
+        let pte = mem.read_u64(entry_addr).ok_or({
             if level == FIRST_STAGE_LEVELS {
                 FaultReason::FirstStageRootAccess
             } else {
                 FaultReason::FirstStageEntryAccess
             }
-        })?);
+        })?;
         if pte & FS_P == 0 {
             return Err(FaultReason::FirstStageEntryNotPresent);
         }

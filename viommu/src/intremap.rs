@@ -16,9 +16,9 @@ use vm_device::interrupt::{
     MSI_ADDRESS_REDIRECTION_HINT, MSI_ADDRESS_WINDOW, MSI_DATA_DELIVERY_MODE_SHIFT,
     MSI_DATA_LEVEL_ASSERT, MSI_DATA_SUBHANDLE_MASK, MSI_DATA_TRIGGER_LEVEL,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::fault::FaultReason;
+use crate::memory::TableMemory;
 use crate::SourceId;
 
 // 11.4.x: interrupt remapping table address register.
@@ -224,7 +224,7 @@ impl Irte {
 
 /// Translates the interrupt request `msg` from `source` under `state`: the interrupt to deliver,
 /// or the fault that blocks it. Reads the IRTE from `mem`; records nothing.
-pub fn translate<M: GuestMemoryBackend>(
+pub fn translate<M: TableMemory>(
     mem: &M,
     state: &RemapState,
     source: SourceId,
@@ -256,9 +256,9 @@ pub fn translate<M: GuestMemoryBackend>(
         .base
         .checked_add(u64::from(index) * IRTE_SIZE)
         .and_then(|addr| {
-            let lo: u64 = mem.read_obj(GuestAddress(addr)).ok()?;
-            let hi: u64 = mem.read_obj(GuestAddress(addr.checked_add(8)?)).ok()?;
-            Some((u64::from_le(lo), u64::from_le(hi)))
+            let lo = mem.read_u64(addr)?;
+            let hi = mem.read_u64(addr.checked_add(8)?)?;
+            Some((lo, hi))
         });
     let Some((lo, hi)) = entry else {
         return Err(RemapFault::new(FaultReason::IrTableAccess, index));

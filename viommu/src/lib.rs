@@ -15,8 +15,11 @@ pub mod fault;
 pub mod first_stage;
 pub mod host;
 pub mod intremap;
+pub mod memory;
 pub mod ranges;
+pub mod record;
 pub mod regs;
+pub mod replay;
 pub mod scalable;
 pub mod shadow;
 mod snapshots;
@@ -29,10 +32,12 @@ pub mod walk;
 
 pub use fault::{Access, Fault, FaultReason, PasidTag};
 pub use host::{HostDma, HostDmaError};
-pub use stats::Stats;
+pub use stats::{Footprint, Stats};
 pub use vm_device::dma::Perm;
 pub use vtd::registers;
-pub use vtd::{Clock, ConfigError, FlushMode, MsiSink, SyncStrategy, SystemClock, Vtd, VtdConfig};
+pub use vtd::{
+    Clock, ConfigError, FlushMode, MsiSink, RecordError, SyncStrategy, SystemClock, Vtd, VtdConfig,
+};
 
 /// Size of a VT-d page.
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;

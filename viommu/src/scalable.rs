@@ -11,7 +11,7 @@
 //! recording of the faults found past them (even when their present bit is clear), except
 //! failures to read a table.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use crate::memory::TableMemory;
 
 use crate::fault::{FaultReason, PasidTag};
 use crate::first_stage::FirstStageTable;
@@ -119,17 +119,17 @@ pub struct PasidEntry {
     pub fpd: bool,
 }
 
-fn read_words<M: GuestMemoryBackend, const N: usize>(mem: &M, addr: u64) -> Option<[u64; N]> {
+fn read_words<M: TableMemory, const N: usize>(mem: &M, addr: u64) -> Option<[u64; N]> {
     let mut words = [0u64; N];
     for (i, w) in words.iter_mut().enumerate() {
         let a = addr.checked_add(i as u64 * 8)?;
-        *w = u64::from_le(mem.read_obj(GuestAddress(a)).ok()?);
+        *w = mem.read_u64(a)?;
     }
     Some(words)
 }
 
 /// Looks up the scalable-mode context entry of `source` under the root table at `root_table`.
-pub fn lookup_context<M: GuestMemoryBackend>(
+pub fn lookup_context<M: TableMemory>(
     mem: &M,
     root_table: u64,
     source: SourceId,
@@ -178,7 +178,7 @@ pub fn lookup_context<M: GuestMemoryBackend>(
 
 /// Looks up the PASID table entry of `pasid` (which the caller checked against the context's
 /// limit) through the directory of `ctx`.
-pub fn lookup_pasid<M: GuestMemoryBackend>(
+pub fn lookup_pasid<M: TableMemory>(
     mem: &M,
     ctx: &ScalableContext,
     pasid: u32,
@@ -270,7 +270,7 @@ fn pasid_entry_reserved(qw: &[u64; 8], caps: &Capabilities) -> bool {
 /// Looks up what a request from `source` with `pasid` (None: a request without a PASID, which
 /// uses the context's RID_PASID and is a user request) translates through, under the
 /// scalable-mode root table at `root_table`. A supervisor request needs SRE in the PASID entry.
-pub fn lookup<M: GuestMemoryBackend>(
+pub fn lookup<M: TableMemory>(
     mem: &M,
     root_table: u64,
     source: SourceId,

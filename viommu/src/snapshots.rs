@@ -32,6 +32,11 @@ pub(crate) struct LeafTables {
 }
 
 impl LeafTables {
+    /// Number of tables with a snapshot.
+    pub fn len(&self) -> usize {
+        self.known.len()
+    }
+
     /// Is the table at `table`, covering the span at `base`, as last mirrored? If not, stages
     /// a snapshot of it for [`LeafTables::commit`].
     pub fn unchanged(&mut self, base: u64, table: u64, perm: Perm, entries: &[u64]) -> bool {

@@ -1,9 +1,8 @@
 //! One attached device's host address space: which view of the guest's translations it follows,
 //! the invalidated ranges waiting to be synced, and the host mappings that implement it.
 
-use vm_memory::GuestMemoryBackend;
-
 use crate::host::HostDma;
+use crate::memory::TableMemory;
 use crate::ranges::{self, Range};
 use crate::shadow::{clip_to_ram_into, coalesce, Failed, HostWork, Plan, Shadow};
 use crate::snapshots::LeafTables;
@@ -108,12 +107,17 @@ impl Space {
         }
     }
 
+    /// Last-level tables this space keeps a snapshot of (4 KiB each).
+    pub fn snapshot_count(&self) -> usize {
+        self.snapshots.len()
+    }
+
     pub fn has_pending(&self) -> bool {
         self.view_changed || !self.pending.is_empty()
     }
 
     /// Visits what `view` translates over `[start, end)`.
-    fn items<M: GuestMemoryBackend>(
+    fn items<M: TableMemory>(
         view: View,
         env: &SyncEnv<'_, M>,
         (start, end): Range,
@@ -155,7 +159,7 @@ impl Space {
     }
 
     /// Syncs the pending ranges (or the whole space after a view change) in one batch.
-    pub fn sync<M: GuestMemoryBackend>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
+    pub fn sync<M: TableMemory>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
         let mut report = SyncReport::default();
         let (ranges, defer) = if self.view_changed {
             (vec![FULL], false)
@@ -235,7 +239,7 @@ impl Space {
     }
 
     /// Syncs `range` at once, leaf by leaf, the way QEMU does: the measured baseline.
-    pub fn sync_per_leaf<M: GuestMemoryBackend>(
+    pub fn sync_per_leaf<M: TableMemory>(
         &mut self,
         env: &SyncEnv<'_, M>,
         range: Range,

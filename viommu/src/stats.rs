@@ -67,6 +67,19 @@ pub struct Stats {
     pub iec_invalidations: u64,
 }
 
+/// What the sync engine holds in memory for the attached devices: each host mapping is one
+/// entry of a B-tree (tens of bytes), each snapshot a copy of a guest last-level table (4 KiB).
+/// Both follow what the guest maps: one host mapping per run of contiguous guest leaves, at most
+/// one snapshot per last-level table the guest's syncs covered whole (and a fixed bound per
+/// device).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Footprint {
+    pub host_mappings: usize,
+    /// Of those, mappings kept on the host for a deferred unmap.
+    pub deferred_mappings: usize,
+    pub snapshots: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@
 //! with one 128-bit entry per device/function. A context entry names the domain and how the
 //! device's requests are translated.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use crate::memory::TableMemory;
 
 use crate::fault::FaultReason;
 use crate::first_stage::FirstStageTable;
@@ -89,9 +89,9 @@ impl LookupFault {
     }
 }
 
-fn read_entry<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Option<[u64; 2]> {
-    let lo: u64 = mem.read_obj(GuestAddress(addr)).ok()?;
-    let hi: u64 = mem.read_obj(GuestAddress(addr.checked_add(8)?)).ok()?;
+fn read_entry<M: TableMemory>(mem: &M, addr: u64) -> Option<[u64; 2]> {
+    let lo = mem.read_u64(addr)?;
+    let hi = mem.read_u64(addr.checked_add(8)?)?;
     Some([lo, hi])
 }
 
@@ -101,7 +101,7 @@ pub(crate) fn beyond_haw_mask(haw: u32) -> u64 {
 }
 
 /// Looks up the context of `source` in the legacy-mode root table at `root_table`.
-pub fn lookup<M: GuestMemoryBackend>(
+pub fn lookup<M: TableMemory>(
     mem: &M,
     root_table: u64,
     source: SourceId,

@@ -6,7 +6,7 @@
 //! gives the legacy one); [`walk_range`] visits every leaf and hole over a range, for shadowing
 //! the guest's tables into host mappings.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use crate::memory::TableMemory;
 
 use crate::fault::{Access, FaultReason};
 use crate::tables::beyond_haw_mask;
@@ -218,7 +218,7 @@ impl StageFault {
 
 /// Translates `iova` through `table` for a request of kind `access`, failing with the legacy
 /// reason.
-pub fn translate<M: GuestMemoryBackend>(
+pub fn translate<M: TableMemory>(
     mem: &M,
     table: PageTable,
     iova: u64,
@@ -229,7 +229,7 @@ pub fn translate<M: GuestMemoryBackend>(
 }
 
 /// Translates `iova` through `table` for a request of kind `access`.
-pub fn walk<M: GuestMemoryBackend>(
+pub fn walk<M: TableMemory>(
     mem: &M,
     table: PageTable,
     iova: u64,
@@ -244,7 +244,7 @@ pub fn walk<M: GuestMemoryBackend>(
     for level in (1..=table.levels).rev() {
         let shift = level_shift(level);
         let index = (iova >> shift) & (ENTRIES_PER_TABLE - 1);
-        let pte: u64 = mem.read_obj(GuestAddress(addr + index * 8)).map_err(|_| {
+        let pte = mem.read_u64(addr + index * 8).ok_or({
             if level == table.levels {
                 StageFault::RootAccess
             } else {
@@ -290,7 +290,7 @@ pub fn walk<M: GuestMemoryBackend>(
 /// The walk does at most `counters.budget` visits: a hostile guest can build tables whose
 /// entries all point to the same lower table, so the leaf count is bounded by the budget, not
 /// by the tables.
-pub fn walk_range<M: GuestMemoryBackend>(
+pub fn walk_range<M: TableMemory>(
     mem: &M,
     table: PageTable,
     range: (u64, u64),
@@ -302,7 +302,7 @@ pub fn walk_range<M: GuestMemoryBackend>(
 }
 
 /// [`walk_range`], asking `unchanged` about each last-level table the range covers whole.
-pub fn walk_range_with<M: GuestMemoryBackend>(
+pub fn walk_range_with<M: TableMemory>(
     mem: &M,
     table: PageTable,
     (start, end): (u64, u64),
@@ -334,7 +334,7 @@ struct RangeWalker<'a, 'h, M> {
     unchanged: Option<UnchangedHook<'a, 'h>>,
 }
 
-impl<M: GuestMemoryBackend> RangeWalker<'_, '_, M> {
+impl<M: TableMemory> RangeWalker<'_, '_, M> {
     fn emit(&mut self, item: WalkItem) -> Result<(), BudgetExceeded> {
         if self.counters.budget == 0 {
             return Err(BudgetExceeded);
@@ -368,11 +368,9 @@ impl<M: GuestMemoryBackend> RangeWalker<'_, '_, M> {
             std::ptr::write_bytes(p, 0, count);
             std::slice::from_raw_parts_mut(p, count)
         };
-        let read = self
-            .mem
-            .read_slice(as_bytes_mut(ptes), GuestAddress(addr + first * 8));
+        let read = self.mem.read_bytes(addr + first * 8, as_bytes_mut(ptes));
         self.counters.tables_read += 1;
-        if read.is_err() {
+        if !read {
             return self.emit(WalkItem::Hole {
                 iova: start,
                 len: end - start,

@@ -7,6 +7,7 @@ use vm_memory::GuestMemoryBackend;
 use super::Vtd;
 use crate::fault::Fault;
 use crate::intremap::{self, IecScope, InterruptRoutes, RemapFault, RemapTable};
+use crate::record::Event;
 use crate::regs::*;
 use crate::SourceId;
 
@@ -87,6 +88,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         source: SourceId,
         msg: MsiMessage,
     ) -> Result<MsiMessage, RemapFault> {
+        self.record_event(Event::QueryInterrupt { source, msg });
         intremap::translate(&self.mem, &self.remap, source, msg)
     }
 
@@ -109,6 +111,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// the interrupt to deliver, or None when remapping blocks it, in which case the fault is
     /// recorded unless the IRTE disables fault processing, and the fault event raised.
     pub fn remap_interrupt(&mut self, source: SourceId, msg: MsiMessage) -> Option<MsiMessage> {
+        self.record_event(Event::RemapInterrupt { source, msg });
         match intremap::translate(&self.mem, &self.remap, source, msg) {
             Ok(out) => {
                 self.stats.interrupts_remapped += u64::from(self.remap.enabled);

@@ -1,7 +1,7 @@
 //! Invalidation: the queue (VT-d spec 6.5.2), register-based invalidation (6.5.1), and how both
 //! become host work for the attached devices.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 
 use super::{iq_entries, FlushMode, SyncStrategy, Vtd};
 use crate::descriptor::{
@@ -9,7 +9,9 @@ use crate::descriptor::{
 };
 use crate::fault::{Access, Fault, FaultReason};
 use crate::host::HostOp;
+use crate::memory::TableMemory;
 use crate::ranges::Range;
+use crate::record::{Event, Tap};
 use crate::regs::*;
 use crate::space::{Space, SyncEnv, SyncReport, View, FULL};
 use crate::tables::TableMode;
@@ -93,7 +95,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             self.iqh = (self.iqh + step) % entries;
         }
         self.sync_pending();
-        self.poll();
+        self.poll_due();
     }
 
     /// Reads the descriptor at `addr`: 128 bits, or 256 when `wide`.
@@ -102,7 +104,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         let n = if wide { 4 } else { 2 };
         for (i, w) in words.iter_mut().take(n).enumerate() {
             let a = addr.checked_add(i as u64 * 8)?;
-            *w = u64::from_le(self.mem.read_obj(GuestAddress(a)).ok()?);
+            *w = self.mem.read_u64(a)?;
         }
         Some(words)
     }
@@ -155,9 +157,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 // fence flag needs nothing more.
                 self.sync_pending();
                 if let Some((addr, data)) = status_write {
-                    self.mem
-                        .write_obj(data, GuestAddress(addr))
-                        .map_err(|_| QueueError::StatusWrite(addr))?;
+                    if !self.mem.write_bytes(addr, &data.to_le_bytes()) {
+                        return Err(QueueError::StatusWrite(addr));
+                    }
                 }
                 if interrupt {
                     self.completion_event();
@@ -264,7 +266,10 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Runs `f` on every attached device with what a sync needs to know of the guest, then
     /// accounts for the reports it returns.
-    fn each_space(&mut self, mut f: impl FnMut(&SyncEnv<'_, M>, &mut Space) -> Option<SyncReport>) {
+    fn each_space(
+        &mut self,
+        mut f: impl FnMut(&SyncEnv<'_, Tap<M>>, &mut Space) -> Option<SyncReport>,
+    ) {
         let mut spaces = std::mem::take(&mut self.spaces);
         let env = SyncEnv {
             mem: &self.mem,
@@ -362,6 +367,12 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// from a timer too, so unmaps come due when the guest submits nothing more (by
     /// [`Vtd::next_deadline`], or periodically as this VMM's timer does).
     pub fn poll(&mut self) {
+        self.record_event(Event::Poll);
+        self.poll_due();
+    }
+
+    /// [`Vtd::poll`], as the unit itself calls it while handling an event.
+    fn poll_due(&mut self) {
         let FlushMode::Deferred {
             max_pending,
             max_delay,
@@ -379,12 +390,17 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             .map(|s| self.clock.now().saturating_sub(s))
             .unwrap_or_default();
         if pending >= max_pending || age >= max_delay {
-            self.flush_deferred();
+            self.flush_all_deferred();
         }
     }
 
     /// Carries out every deferred unmap now (for example before the VM stops).
     pub fn flush_deferred(&mut self) {
+        self.record_event(Event::FlushDeferred);
+        self.flush_all_deferred();
+    }
+
+    fn flush_all_deferred(&mut self) {
         if self.deferred_pending() > 0 {
             self.stats.deferred_flushes += 1;
         }
@@ -451,7 +467,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             Some(s) => {
                 self.invalidate_iotlb(s);
                 self.sync_pending();
-                self.poll();
+                self.poll_due();
                 granularity
             }
             None => {

@@ -8,6 +8,7 @@ use super::registers::{
     WORDS,
 };
 use super::Vtd;
+use crate::record::Event;
 use crate::regs::*;
 use crate::tables::TableMode;
 
@@ -34,6 +35,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Handles a guest write of `data` at `offset` in the register window.
     pub fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        self.record_event(Event::write(offset, data));
         // Everything one write triggers (a whole queue of descriptors) shares one walk budget.
         self.walk_left = self.config.walk_budget;
         match data.len() {

@@ -7,6 +7,8 @@
 mod interrupts;
 mod invalidation;
 mod mmio;
+mod record;
+pub use record::RecordError;
 pub mod registers;
 #[cfg(test)]
 mod tests;
@@ -21,8 +23,10 @@ use crate::fault::{FaultLog, FaultReason};
 use crate::host::HostDma;
 use crate::intremap::{InterruptRoutes, RemapState};
 use crate::ranges::{self, Range};
+use crate::record::{Event, Tap};
 use crate::regs::*;
 use crate::space::Space;
+use crate::stats::Footprint;
 use crate::tables::TableMode;
 use crate::{Capabilities, SourceId, Stats};
 use registers::RegisterFile;
@@ -184,7 +188,7 @@ pub struct Vtd<M: GuestMemoryBackend> {
     caps: Capabilities,
     cap: u64,
     ecap: u64,
-    mem: M,
+    mem: Tap<M>,
     ram: Vec<Range>,
     ram_bounds: Vec<u64>,
     msi: Box<dyn MsiSink>,
@@ -327,7 +331,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             caps,
             cap,
             ecap,
-            mem,
+            mem: Tap::new(mem),
             ram,
             ram_bounds,
             msi,
@@ -382,6 +386,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// Puts `source` behind the unit: from now on its host mappings (through `host`) follow
     /// what the guest's tables say. With translation off, that is all of guest RAM.
     pub fn attach(&mut self, source: SourceId, host: Box<dyn HostDma>) -> Result<(), ConfigError> {
+        self.record_event(Event::Attach(source));
         if !self.config.caching_mode {
             return Err(ConfigError::NoCachingMode(source));
         }
@@ -402,6 +407,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Removes `source` from the unit, unmapping everything the host maps for it.
     pub fn detach(&mut self, source: SourceId) {
+        self.record_event(Event::Detach(source));
         self.refused.remove(&source);
         if let Some(mut space) = self.spaces.remove(&source) {
             let report = space.unmap_all();
@@ -420,6 +426,17 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// What the engine holds for the attached devices: host mappings and table snapshots.
+    pub fn footprint(&self) -> Footprint {
+        let mut f = Footprint::default();
+        for s in self.spaces.values() {
+            f.host_mappings += s.shadow.len();
+            f.deferred_mappings += s.shadow.doomed();
+            f.snapshots += s.snapshot_count();
+        }
+        f
     }
 
     /// The queue's current head and size in 128-bit units (256 << IQA.QS, the unit of the tail

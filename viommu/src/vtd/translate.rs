@@ -8,6 +8,7 @@ use vm_memory::GuestMemoryBackend;
 use super::Vtd;
 use crate::fault::{Access, Fault, FaultReason, PasidTag, RecordOutcome};
 use crate::first_stage::{self, Request};
+use crate::record::Event;
 use crate::space::View;
 use crate::tables::{self, Context, LookupFault, TableMode, Translation};
 use crate::walk::{self, Leaf};
@@ -103,6 +104,12 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         iova: u64,
         access: Access,
     ) -> Result<(u64, u64), Fault> {
+        self.record_event(Event::Translate {
+            source,
+            pasid,
+            iova,
+            access,
+        });
         if !self.translation_enabled() {
             return Ok((iova, PAGE_SIZE - (iova & (PAGE_SIZE - 1))));
         }
