@@ -158,7 +158,7 @@ impl MachineConfig {
             serial_out: Box::new(std::io::stdout()),
             serial_in: SerialIn::Stdin,
             extra_acpi_tables: Vec::new(),
-            viommu: c.viommu,
+            viommu: c.viommu.clone(),
             irqchip: c.irqchip,
         }
     }
@@ -193,10 +193,10 @@ impl Vmm {
             _ => None,
         };
         check_host_memory(cfg.memory_size)?;
-        if cfg.viommu.is_some_and(|v| v.intremap) && irqchip == Some(Irqchip::Kernel) {
+        if cfg.viommu.as_ref().is_some_and(|v| v.intremap) && irqchip == Some(Irqchip::Kernel) {
             return Err(BuildError::IntremapNeedsSplit);
         }
-        let eim = cfg.viommu.is_some_and(|v| v.intremap && v.eim);
+        let eim = cfg.viommu.as_ref().is_some_and(|v| v.intremap && v.eim);
         if cfg.vcpus > MAX_XAPIC_VCPUS && !eim {
             return Err(BuildError::NeedsX2apicRemapping(cfg.vcpus));
         }
@@ -222,7 +222,7 @@ impl Vmm {
             &exit,
             &sleep,
         )?;
-        if let Some(c) = cfg.viommu {
+        if let Some(c) = cfg.viommu.clone() {
             devices.add_vtd(c, &vm, &mem)?;
         }
 

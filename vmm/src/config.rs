@@ -42,6 +42,9 @@ pub enum ConfigError {
     /// `--kernel` absent.
     #[error("missing --kernel PATH (see --help)")]
     MissingKernel,
+    /// `vmm replay` without a recording.
+    #[error("vmm replay needs at least one recording (see vmm replay --help)")]
+    NoRecording,
     /// A `key=value` item without `=`.
     #[error("{option}: expected key=value, got '{item}'")]
     NotKeyValue { option: &'static str, item: String },
@@ -112,7 +115,12 @@ pub enum InvalidReason {
          x2APIC mode with interrupt remapping (add --viommu intremap=on,eim=on)"
     )]
     NeedsX2apicRemapping,
+    #[error("record-limit= needs record=PATH")]
+    LimitWithoutRecord,
 }
+
+/// The smallest size cap a recording may have: its header and a boot's first events.
+const MIN_RECORD_LIMIT: u64 = 1 << 20;
 
 /// Why a size does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -132,6 +140,10 @@ pub enum Command {
     Version,
     /// Boot a VM.
     Run(VmConfig),
+    /// Print `vmm replay`'s usage and exit 0.
+    ReplayHelp,
+    /// Replay VT-d recordings (`vmm replay`).
+    Replay(crate::replay::ReplayConfig),
 }
 
 /// The whole VM configuration.
@@ -166,8 +178,8 @@ pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
 /// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
 /// [,scalable-mode=on|off][,first-stage=on|off][,intremap=on|off][,eim=on|off]
-/// [,ioapic-sid-check=on|off]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// [,ioapic-sid-check=on|off][,record=PATH[,record-limit=SIZE]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
     /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
     pub aw_bits: u32,
@@ -191,7 +203,14 @@ pub struct ViommuConfig {
     /// the spec says; off skips that for the IOAPIC, as QEMU's VT-d does, for guest code
     /// written against QEMU.
     pub ioapic_sid_check: bool,
+    /// Where to record the guest's traffic to the unit, for `vmm replay`.
+    pub record: Option<PathBuf>,
+    /// The most bytes the recording may take.
+    pub record_limit: u64,
 }
+
+/// The size cap of a recording when `record-limit=` is not given.
+pub const DEFAULT_RECORD_LIMIT: u64 = 256 << 20;
 
 impl Default for ViommuConfig {
     /// What `--viommu` alone gives: a complete VT-d, DMA and interrupt remapping with x2APIC,
@@ -207,6 +226,8 @@ impl Default for ViommuConfig {
             intremap: true,
             eim: true,
             ioapic_sid_check: true,
+            record: None,
+            record_limit: DEFAULT_RECORD_LIMIT,
         }
     }
 }
@@ -218,10 +239,12 @@ vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
 Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--memory size=SIZE]
            [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
                      [,scalable-mode=on|off][,first-stage=on|off]
-                     [,intremap=on|off][,eim=on|off][,ioapic-sid-check=on|off]]
+                     [,intremap=on|off][,eim=on|off][,ioapic-sid-check=on|off]
+                     [,record=PATH[,record-limit=SIZE]]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
            [--edu] [--irqchip kernel|split]
+       vmm replay PATH... [OPTIONS]   (see vmm replay --help)
 
 Options:
   --kernel PATH        kernel to boot: a Linux bzImage (64-bit boot protocol) or a multiboot
@@ -252,7 +275,9 @@ Options:
                        ioapic-sid-check=on|off (default on: the IOAPIC's interrupts are
                        checked against their IRTE's source-id fields, as the spec says; off
                        skips that for the IOAPIC as QEMU does, for guests written against
-                       QEMU such as kvm-unit-tests' intel_iommu)
+                       QEMU such as kvm-unit-tests' intel_iommu),
+                       record=PATH (write what the guest makes the unit do, for
+                       `vmm replay`; record-limit=SIZE caps it, default 256M)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -395,6 +420,8 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             "intremap",
             "eim",
             "ioapic-sid-check",
+            "record",
+            "record-limit",
         ],
     )?;
     if let Some(raw) = list.get("aw-bits") {
@@ -442,6 +469,25 @@ fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
         return Err(list.invalid("eim", "on", InvalidReason::EimNeedsIntremap));
     }
     c.ioapic_sid_check = on_off(&list, "ioapic-sid-check")?.unwrap_or(true);
+    if let Some(raw) = list.get("record") {
+        if raw.is_empty() {
+            return Err(list.invalid("record", raw, InvalidReason::Empty));
+        }
+        c.record = Some(PathBuf::from(raw));
+    }
+    if let Some(raw) = list.get("record-limit") {
+        if c.record.is_none() {
+            return Err(list.invalid("record-limit", raw, InvalidReason::LimitWithoutRecord));
+        }
+        let limit = parse_size(raw).map_err(|e| list.invalid("record-limit", raw, e))?;
+        if limit < MIN_RECORD_LIMIT {
+            let reason = InvalidReason::TooSmall {
+                min_mib: MIN_RECORD_LIMIT >> 20,
+            };
+            return Err(list.invalid("record-limit", raw, reason));
+        }
+        c.record_limit = limit;
+    }
     Ok(c)
 }
 
@@ -503,7 +549,7 @@ fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
 /// device it does not remap would have the guest program IOVAs the host never learns of.
 fn check_devices_and_viommu(
     devices: &[DeviceConfig],
-    viommu: Option<ViommuConfig>,
+    viommu: Option<&ViommuConfig>,
 ) -> Result<(), ConfigError> {
     for d in devices {
         let invalid = |reason: InvalidReason| ConfigError::InvalidValue {
@@ -551,6 +597,13 @@ where
     let mut edu = false;
 
     let mut it = args.into_iter().map(Into::into).peekable();
+    if it.peek().is_some_and(|a| a == "replay") {
+        let rest: Vec<String> = it.skip(1).collect();
+        if rest.iter().any(|a| a == "-h" || a == "--help") {
+            return Ok(Command::ReplayHelp);
+        }
+        return crate::replay::parse_replay_args(&rest).map(Command::Replay);
+    }
     while let Some(arg) = it.next() {
         // Accept both `--opt value` and `--opt=value`.
         let (name, inline) = match arg.split_once('=') {
@@ -611,8 +664,8 @@ where
         }
     }
 
-    check_devices_and_viommu(&devices, viommu)?;
-    let intremap = viommu.is_some_and(|v| v.intremap);
+    check_devices_and_viommu(&devices, viommu.as_ref())?;
+    let intremap = viommu.as_ref().is_some_and(|v| v.intremap);
     let irqchip = match irqchip {
         Some(Irqchip::Kernel) if intremap => {
             return Err(ConfigError::InvalidValue {
@@ -627,7 +680,7 @@ where
         None => DEFAULT_IRQCHIP,
     };
     let vcpus = vcpus.unwrap_or(DEFAULT_VCPUS);
-    if vcpus > MAX_XAPIC_VCPUS && !viommu.is_some_and(|v| v.intremap && v.eim) {
+    if vcpus > MAX_XAPIC_VCPUS && !viommu.as_ref().is_some_and(|v| v.intremap && v.eim) {
         return Err(ConfigError::InvalidValue {
             option: "--cpus",
             key: "boot",

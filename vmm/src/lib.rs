@@ -34,6 +34,7 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod pci;
+pub mod replay;
 pub mod runner;
 pub mod sleep;
 pub mod vstate;

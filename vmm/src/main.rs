@@ -1,20 +1,62 @@
 //! The `vmm` binary: parse the command line, build the VM, run it, turn the outcome into an
 //! exit code and at most one line on stderr.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use viommu::record::RecordSummary;
 use vmm::config::{parse_args, Command, USAGE};
 use vmm::devices::vtd::{self, SharedVtd};
 use vmm::{MachineConfig, VmExit, Vmm};
+
+/// Counts heap allocations while `vmm replay` runs, which reports them per descriptor; a VM run
+/// leaves it off (one relaxed load per allocation).
+struct CountingAlloc;
+
+static COUNT_ALLOCATIONS: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNT_ALLOCATIONS.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is the system allocator's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` or `realloc` here, i.e. from the system allocator.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNT_ALLOCATIONS.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as for `alloc` and `dealloc`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmm: error: {msg}");
     ExitCode::FAILURE
 }
 
-/// Writes the VT-d counters (all zero without a VT-d) as one JSON object.
-fn write_stats(path: &std::path::Path, vtd: Option<&SharedVtd>) -> std::io::Result<()> {
-    let json = vtd::stats_json(vtd);
+/// Writes the VT-d counters (all zero without a VT-d) as one JSON object; `record` is what the
+/// finished recording cost, when there was one (while recording, the unit says).
+fn write_stats(
+    path: &std::path::Path,
+    vtd: Option<&SharedVtd>,
+    record: Option<RecordSummary>,
+) -> std::io::Result<()> {
+    let json = vtd::stats_json(vtd, record);
     // Written whole and renamed into place, so a reader never sees a half-written file.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{json:#}\n"))?;
@@ -36,7 +78,7 @@ fn spawn_stats_writer(
     let handle = std::thread::spawn(move || {
         while !flag.load(Ordering::Relaxed) {
             std::thread::sleep(std::time::Duration::from_millis(100));
-            if let Err(e) = write_stats(&path, Some(&vtd)) {
+            if let Err(e) = write_stats(&path, Some(&vtd), None) {
                 log::warn!("cannot write {}: {e}", path.display());
                 return;
             }
@@ -57,6 +99,17 @@ fn main() -> ExitCode {
         Ok(Command::Version) => {
             println!("vmm {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
+        }
+        Ok(Command::ReplayHelp) => {
+            println!("{}", vmm::replay::REPLAY_USAGE);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Replay(c)) => {
+            COUNT_ALLOCATIONS.store(true, Ordering::Relaxed);
+            return match vmm::replay::run(&c, &|| ALLOCATIONS.load(Ordering::Relaxed)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            };
         }
         Ok(Command::Run(cfg)) => cfg,
         Err(e) => return fail(e),
@@ -92,8 +145,13 @@ fn main() -> ExitCode {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = handle.join();
         }
+        // The recording closes with the same counters the stats file gets.
+        let record = vtd.as_ref().and_then(|v| vtd::lock(v).finish_recording());
+        if let Some(r) = record.filter(|r| r.capped || r.failed) {
+            log::warn!("VT-d recording incomplete: {r:?}");
+        }
         if let Some(path) = &cfg.stats_json {
-            stats_written = write_stats(path, vtd.as_ref())
+            stats_written = write_stats(path, vtd.as_ref(), record)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()));
         }
     });

@@ -167,8 +167,9 @@ impl DeviceManager {
         vm: &Vm,
         mem: &GuestMemoryMmap,
     ) -> Result<&SharedVtd, DeviceManagerError> {
+        let intremap = config.intremap;
         let unit = vtd::create_vtd(config, vm, mem, &self.mmio)?;
-        if config.intremap {
+        if intremap {
             self.remapping = vtd::wire_interrupt_remapping(&unit, vm, self.ioapic.as_ref())?;
         }
         Ok(self.vtd.insert(unit))

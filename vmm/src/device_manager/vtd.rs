@@ -40,6 +40,13 @@ pub enum VtdSetupError {
     /// The epoll set for the signals interrupt remapping blocks could not be created.
     #[error("cannot create the set of blocked interrupt signals: {0}")]
     BlockedSignals(#[source] std::io::Error),
+    /// The recording file could not be created.
+    #[error("cannot create the VT-d recording {path}: {source}")]
+    RecordFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Interrupt remapping over the VM's split irqchip: the routes the unit translates and the
@@ -107,6 +114,10 @@ pub(super) fn wire_interrupt_remapping(
     }))
 }
 
+/// Buffer of the recording file: most submissions' records are far smaller, so a write(2)
+/// happens every few hundred of them.
+const RECORD_BUFFER: usize = 1 << 20;
+
 /// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`]. Caching
 /// mode is always on: devices whose DMA the host remaps need it.
 pub(super) fn create_vtd(
@@ -131,13 +142,28 @@ pub(super) fn create_vtd(
         ..viommu::VtdConfig::default()
     };
     let interrupts = KvmMsi::new(vm.shared_fd());
-    let unit = viommu::Vtd::new(
+    let mut unit = viommu::Vtd::new(
         config,
         mem.clone(),
         Box::new(interrupts.clone()),
         Box::new(viommu::SystemClock::default()),
     )
     .map_err(VtdSetupError::Model)?;
+    if let Some(path) = &c.record {
+        let file = std::fs::File::create(path).map_err(|source| VtdSetupError::RecordFile {
+            path: path.clone(),
+            source,
+        })?;
+        let sink = std::io::BufWriter::with_capacity(RECORD_BUFFER, file);
+        let recorder = viommu::record::Recorder::new(
+            Box::new(sink),
+            path.display().to_string(),
+            c.record_limit,
+        );
+        // A unit fresh from Vtd::new always takes a recording.
+        let _ = unit.start_recording(recorder);
+        log::info!("VT-d: recording to {}", path.display());
+    }
     // Register reads as memory loads where KVM can map a read-only page; writes still trap.
     let mirror = if vm.has_readonly_mem() {
         Some(RegisterMirror::map(vm, VTD_REGS_START).map_err(VtdSetupError::RegisterPage)?)

@@ -21,6 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use viommu::dmar::{DeviceScope, Dmar, Drhd, DMAR_FLAG_INTR_REMAP};
+use viommu::record::RecordSummary;
 use viommu::{FlushMode, MsiSink, Vtd, VtdConfig};
 
 use crate::arch::x86_64::layout::VTD_REGS_START;
@@ -285,13 +286,20 @@ pub fn dmar_table(config: &VtdConfig) -> Vec<u8> {
 /// The unit's counters (all zero without a unit) and configuration as one JSON object, as
 /// `--stats-json` writes it: every [`viommu::Stats`] counter (DMA and interrupt remapping),
 /// the configuration under "viommu" (null without a unit), and what the VMM itself did.
-pub fn stats_json(vtd: Option<&SharedVtd>) -> serde_json::Value {
-    let (stats, config, root_table) = match vtd {
+/// `record` is what a finished recording wrote and cost (while recording, the unit says).
+pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> serde_json::Value {
+    let (stats, config, root_table, record) = match vtd {
         Some(v) => {
             let v = lock(v);
-            (v.stats(), Some(*v.config()), Some(v.root_table_mode()))
+            let record = record.or_else(|| v.recording());
+            (
+                v.stats(),
+                Some(*v.config()),
+                Some(v.root_table_mode()),
+                record,
+            )
         }
-        None => (viommu::Stats::default(), None, None),
+        None => (viommu::Stats::default(), None, None, record),
     };
     let mut json = serde_json::to_value(stats).unwrap_or_default();
     let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
@@ -318,6 +326,8 @@ pub fn stats_json(vtd: Option<&SharedVtd>) -> serde_json::Value {
     let (writes, write_ns) = vtd.map(|v| v.write_time()).unwrap_or((0, 0));
     json["register_writes"] = serde_json::json!(writes);
     json["register_write_ns"] = serde_json::json!(write_ns);
+    // What recording (record=PATH) wrote and cost: its `ns` is part of register_write_ns.
+    json["record"] = serde_json::json!(record);
     json
 }
 
@@ -402,7 +412,7 @@ mod tests {
 
     #[test]
     fn the_stats_json_has_the_interrupt_remapping_counters_and_configuration() {
-        let json = stats_json(None);
+        let json = stats_json(None, None);
         assert_eq!(json["viommu"], serde_json::Value::Null);
         assert_eq!(json["interrupts_remapped"], 0);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
@@ -424,7 +434,7 @@ mod tests {
         viommu::testing::Driver::new().set_interrupt_remapping(&mut unit.lock(), 0x1_0000, true);
         let msg = vm_device::interrupt::MsiMessage::remappable(1);
         assert_eq!(unit.lock().remap_interrupt(viommu::SourceId(8), msg), None);
-        let json = stats_json(Some(&unit));
+        let json = stats_json(Some(&unit), None);
         assert_eq!(json["interrupts_remapped"], 0);
         assert_eq!(json["interrupt_faults"], 1);
         assert_eq!(json["iec_invalidations"], 2);
