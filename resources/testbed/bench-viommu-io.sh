@@ -8,9 +8,13 @@
 # belong to that workload alone (the console's latency is far below 1 s; deferred unmaps flush
 # after 10 ms, inside the quiet second).
 # Sizes (env from the L2 cmdline): tb.count4k= (default 2000), tb.count128k= (default 1024),
-# tb.fioios= random reads per fio job (default 1500).
+# tb.fioios= random reads per fio job (default 1500). tb.workloads= the workloads to run, joined
+# by '+' (default dd-4k+dd-128k+fio-rand4k; `none` runs none), tb.exitcost=0 skips the exit cost
+# measurement (record-viommu.sh records one workload per boot).
 dev=/dev/nvme0n1
 n4k="${TB_COUNT4K:-2000}" n128k="${TB_COUNT128K:-1024}" fioios="${TB_FIOIOS:-1500}"
+workloads="+${TB_WORKLOADS:-dd-4k+dd-128k+fio-rand4k}+"
+wanted() { case "$workloads" in *"+$1+"*) return 0 ;; esac; return 1; }
 if [ ! -b "$dev" ]; then
   for m in $(cat /tb/modules/nvme.list); do insmod "$m" 2>/dev/null; done
 fi
@@ -42,7 +46,7 @@ bench() {
   mark "bench end w=$w rc=$rc secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') bytes=$bytes $extra"
 }
 
-bench dd-4k $((n4k * 4096)) dd if="$dev" of=/dev/null bs=4k count="$n4k" iflag=direct
+wanted dd-4k && bench dd-4k $((n4k * 4096)) dd if="$dev" of=/dev/null bs=4k count="$n4k" iflag=direct
 # The disk holds 512 blocks of 128 KiB: more are read as passes over the whole disk, so the run is
 # long enough for /proc/uptime's 10 ms ticks.
 dd128k() {
@@ -53,14 +57,14 @@ dd128k() {
     left=$((left - c))
   done
 }
-bench dd-128k $((n128k * 131072)) dd128k
+wanted dd-128k && bench dd-128k $((n128k * 131072)) dd128k
 # Two jobs, one per vCPU (so one NVMe queue each), 4 in flight each, random 4 KiB reads over the
 # whole 64 MiB disk; a fixed number of I/Os, so every VMM does the same work.
-bench fio-rand4k $((2 * fioios * 4096)) fio --name=mq --filename="$dev" --direct=1 --rw=randread \
+wanted fio-rand4k && bench fio-rand4k $((2 * fioios * 4096)) fio --name=mq --filename="$dev" --direct=1 --rw=randread \
   --bs=4k --ioengine=libaio --iodepth=4 --numjobs=2 --thread --cpus_allowed=0-1 \
   --cpus_allowed_policy=split --number_ios="$fioios" --norandommap --randrepeat=1 \
   --group_reporting --minimal
 # What one exit costs under this VMM, by where it is handled (exit-cost.sh; the bench's L2 runs
 # with iomem=relaxed for it): the floor under every vIOMMU row.
-TB_N=5000 . /tb/actions/exit-cost.sh
+[ "${TB_EXITCOST:-1}" = 0 ] || TB_N=5000 . /tb/actions/exit-cost.sh
 mark "bench done"
