@@ -132,13 +132,30 @@ impl Space {
                 len: end - start,
             }),
             View::Identity => {
+                // Addresses outside RAM translate to nothing: holes, so a leaf-by-leaf sync
+                // removes what the host still maps there (IOVAs above RAM that the tables mapped
+                // before translation went off).
+                let mut pos = start;
                 for (s, e) in ranges::intersect(&[(start, end)], env.ram) {
+                    if s > pos {
+                        visit(WalkItem::Hole {
+                            iova: pos,
+                            len: s - pos,
+                        });
+                    }
                     visit(WalkItem::Leaf(Leaf {
                         iova: s,
                         gpa: s,
                         len: e - s,
                         perm: Perm::RW,
                     }));
+                    pos = e;
+                }
+                if pos < end {
+                    visit(WalkItem::Hole {
+                        iova: pos,
+                        len: end - pos,
+                    });
                 }
             }
             View::Tables { table, .. } => {

@@ -359,6 +359,31 @@ fn per_leaf_baseline_reaches_the_same_host_translations() {
 }
 
 #[test]
+fn turning_translation_off_leaves_no_mapping_above_ram_under_either_strategy() {
+    for strategy in [SyncStrategy::Batched, SyncStrategy::PerLeaf] {
+        let config = VtdConfig {
+            strategy,
+            ..VtdConfig::default()
+        };
+        let mut f = fixture_with(config, SimHost::new());
+        let (_, pt) = f.linux_boot();
+        let mut t = f.tables();
+        // An IOVA above guest RAM, as Linux hands them out from the top of 32 bits.
+        map(&mut t, pt, 0xfff0_0000, 0x30_0000, 2);
+        f.sync(&[encode::iotlb_page(DOMAIN, 0xfff0_0000, 1, false)]);
+        assert_eq!(f.host_pages().len(), 2);
+        f.drv.set_translation(&mut f.vtd, false);
+        let pages = f.host.get().page_map();
+        assert_eq!(
+            pages.len() as u64,
+            crate::testing::TEST_MEM_SIZE / P,
+            "{strategy:?}: all of RAM, identity, and nothing else"
+        );
+        assert!(pages.iter().all(|(&i, &(g, _))| i == g), "{strategy:?}");
+    }
+}
+
+#[test]
 fn detach_removes_every_host_mapping() {
     let mut f = fixture();
     assert!(!f.host_pages().is_empty());
