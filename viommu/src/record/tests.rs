@@ -195,6 +195,33 @@ fn a_deferred_recording_replays_to_its_live_counters_and_replays_are_determinist
 }
 
 #[test]
+fn a_timer_poll_is_recorded_only_when_it_finds_unmaps_due() {
+    let mut g = Guest::new(FlushMode::DEFERRED_DEFAULT, u64::MAX);
+    let events = |g: &Guest| g.vtd.recording().unwrap().events;
+    let idle = events(&g);
+    g.vtd.poll();
+    assert_eq!(events(&g), idle, "nothing waits");
+    let iova = 0xffff_0000;
+    g.tables.map(g.pt, iova, 0x20_0000, P, Perm::RW);
+    g.sync(&[encode::iotlb_page(DOMAIN, iova, 0, false)]);
+    g.tables.unmap(g.pt, iova, P);
+    g.sync(&[encode::iotlb_page(DOMAIN, iova, 0, false)]);
+    assert_eq!(g.vtd.deferred_pending(), 1);
+    let waiting = events(&g);
+    g.vtd.poll();
+    assert_eq!(events(&g), waiting, "not due yet");
+    g.clock.advance(Duration::from_millis(10));
+    g.vtd.poll();
+    assert_eq!(events(&g), waiting + 1);
+    assert_eq!(g.vtd.deferred_pending(), 0);
+    let (bytes, live) = g.finish();
+    let rec = Recording::parse(&bytes).unwrap();
+    let polls = rec.steps.iter().filter(|s| s.event == Event::Poll).count();
+    assert_eq!(polls, 1);
+    assert_eq!(replay_as_recorded(&rec).stats, live);
+}
+
+#[test]
 fn a_deferred_policy_with_other_bounds_gets_the_timer_polls_the_vmm_would_make() {
     let mut g = Guest::new(FlushMode::Strict, u64::MAX);
     g.io(60, 1);

@@ -322,8 +322,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.stats.deferred_unmaps_cancelled += w.revived;
         self.stats.pages_walked += report.tables_read;
         self.stats.walk_budget_exceeded += u64::from(report.budget_exceeded);
-        if w.deferred > 0 && self.deferred_since.is_none() {
-            self.deferred_since = Some(self.clock.now());
+        if w.deferred > 0 || w.revived > 0 || w.mappings_removed > 0 {
+            // The age bound runs from the first unmap deferred while none waited, and starts
+            // afresh once the last waiting one is cancelled or carried out (a timer poll has
+            // nothing to do until the next one).
+            self.deferred_since = match self.deferred_pending() {
+                0 => None,
+                _ => self.deferred_since.or_else(|| Some(self.clock.now())),
+            };
         }
         for failed in report.failed {
             self.stats.host_errors += 1;
@@ -367,29 +373,38 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// from a timer too, so unmaps come due when the guest submits nothing more (by
     /// [`Vtd::next_deadline`], or periodically as this VMM's timer does).
     pub fn poll(&mut self) {
+        // A poll that finds nothing due changes nothing (the age bound restarts whenever the
+        // last waiting unmap goes): not an event worth recording, nor engine time worth
+        // replaying.
+        if !self.deferred_due() {
+            return;
+        }
         self.record_event(Event::Poll);
         self.poll_due();
     }
 
-    /// [`Vtd::poll`], as the unit itself calls it while handling an event.
-    fn poll_due(&mut self) {
+    /// Have the deferred unmaps reached their count or age bound, so that [`Vtd::poll`] would
+    /// carry them out?
+    pub fn deferred_due(&self) -> bool {
         let FlushMode::Deferred {
             max_pending,
             max_delay,
         } = self.config.flush
         else {
-            return;
+            return false;
         };
         let pending = self.deferred_pending();
-        if pending == 0 {
-            self.deferred_since = None;
-            return;
-        }
-        let age = self
-            .deferred_since
-            .map(|s| self.clock.now().saturating_sub(s))
-            .unwrap_or_default();
-        if pending >= max_pending || age >= max_delay {
+        // The clock only when the count does not decide.
+        pending > 0
+            && (pending >= max_pending
+                || self
+                    .deferred_since
+                    .is_some_and(|s| self.clock.now().saturating_sub(s) >= max_delay))
+    }
+
+    /// [`Vtd::poll`], as the unit itself calls it while handling an event.
+    fn poll_due(&mut self) {
+        if self.deferred_due() {
             self.flush_all_deferred();
         }
     }

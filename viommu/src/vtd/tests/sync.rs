@@ -262,8 +262,8 @@ fn deferred_unmaps_wait_for_the_count_bound() {
 }
 
 /// A booted deferred-mode unit whose guest mapped page 0 and unmapped it again, so the host
-/// unmap waits; and the guest's tables.
-fn one_deferred_unmap() -> (Fixture, Tables) {
+/// unmap waits; the guest's tables and its device's page table.
+fn one_deferred_unmap() -> (Fixture, Tables, PageTable) {
     let mut f = deferred_fixture();
     let (_, pt) = f.linux_boot();
     let mut t = f.tables();
@@ -272,12 +272,12 @@ fn one_deferred_unmap() -> (Fixture, Tables) {
     t.unmap(pt, 0, P);
     f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
     assert_eq!(f.vtd.deferred_pending(), 1);
-    (f, t)
+    (f, t, pt)
 }
 
 #[test]
 fn deferred_unmaps_wait_for_the_time_bound() {
-    let (mut f, _) = one_deferred_unmap();
+    let (mut f, ..) = one_deferred_unmap();
     assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(10)));
     f.clock.advance(Duration::from_millis(9));
     f.vtd.poll();
@@ -290,13 +290,34 @@ fn deferred_unmaps_wait_for_the_time_bound() {
 
 #[test]
 fn no_deadline_once_no_deferred_unmap_waits() {
-    let (mut f, _) = one_deferred_unmap();
+    let (mut f, ..) = one_deferred_unmap();
     f.clock.advance(Duration::from_millis(4));
     assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(6)));
     // Detaching the device unmaps everything it had, the unmap that waited included.
     f.vtd.detach(DEV);
     assert_eq!(f.vtd.deferred_pending(), 0);
     assert_eq!(f.vtd.next_deadline(), None);
+}
+
+#[test]
+fn the_age_bound_starts_afresh_once_the_last_waiting_unmap_is_cancelled() {
+    let (mut f, mut t, pt) = one_deferred_unmap();
+    f.clock.advance(Duration::from_millis(8));
+    map(&mut t, pt, 0, 0x10_0000, 1);
+    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    assert_eq!(f.vtd.deferred_pending(), 0, "the remap cancelled it");
+    assert_eq!(f.vtd.next_deadline(), None);
+    f.clock.advance(Duration::from_millis(5));
+    t.unmap(pt, 0, P);
+    f.sync(&[encode::iotlb_page(DOMAIN, 0, 0, false)]);
+    // 13 ms after the first unmap, but the one waiting now is new.
+    assert_eq!(f.vtd.next_deadline(), Some(Duration::from_millis(10)));
+    f.clock.advance(Duration::from_millis(9));
+    f.vtd.poll();
+    assert_eq!(f.host_pages().len(), 1, "not due yet");
+    f.clock.advance(Duration::from_millis(1));
+    f.vtd.poll();
+    assert!(f.host_pages().is_empty());
 }
 
 #[test]
@@ -321,7 +342,7 @@ fn deferred_remap_of_the_same_translation_cancels_the_unmap() {
 
 #[test]
 fn deferred_mode_still_unmaps_at_once_when_the_device_changes_domain() {
-    let (mut f, mut t) = one_deferred_unmap();
+    let (mut f, mut t, _) = one_deferred_unmap();
     assert_eq!(f.host_pages().len(), 1);
     t.write_context_raw(DEV, 0, 0);
     f.sync(&[encode::context_device(0, DEV, 0)]);
