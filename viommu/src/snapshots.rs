@@ -60,6 +60,10 @@ impl LeafTables {
     /// After a sync of `ranges` (normalized) succeeded: forgets the spans it touched except
     /// those found unchanged, then keeps the snapshots it took.
     pub fn commit(&mut self, ranges: &[Range], unchanged: &[Range]) {
+        // Most syncs cover a few pages of one table: nothing was known, nothing taken.
+        if self.known.is_empty() && self.staged.is_empty() {
+            return;
+        }
         let kept = |base: u64| {
             let i = unchanged.partition_point(|r| r.1 <= base);
             unchanged.get(i).is_some_and(|r| r.0 <= base)

@@ -9,6 +9,10 @@ use crate::snapshots::LeafTables;
 use crate::walk::{walk_range_with, Leaf, PageTable, UnchangedHook, WalkCounters, WalkItem};
 use crate::{Capabilities, Perm, SourceId};
 
+/// Most leaves whose room a space keeps between syncs: a wait's sync collects a few, and the
+/// room a whole-space sync needed is given back rather than held for the device's lifetime.
+const KEPT_LEAF_ROOM: usize = 1024;
+
 /// The whole input address space a sync may have to cover (52-bit addresses).
 pub(crate) const FULL: Range = (0, 1 << 52);
 
@@ -78,6 +82,8 @@ pub(crate) struct Space {
     view_changed: bool,
     /// Last-level tables as the host last mirrored them.
     snapshots: LeafTables,
+    /// The buffer a sync collects the guest's leaves in, kept between syncs.
+    desired: Vec<Leaf>,
 }
 
 impl Space {
@@ -90,6 +96,7 @@ impl Space {
             pending: Vec::new(),
             view_changed: true,
             snapshots: LeafTables::default(),
+            desired: Vec::new(),
         }
     }
 
@@ -189,7 +196,9 @@ impl Space {
             self.recycle_pending(ranges);
             return report;
         }
-        let mut desired = Vec::new();
+        // The leaf buffer lives in the space, so a sync per wait does not allocate it anew.
+        let mut desired = std::mem::take(&mut self.desired);
+        desired.clear();
         let mut unchanged = Vec::new();
         let mut counters = WalkCounters::new(env.walk_budget.get());
         let snapshots = &mut self.snapshots;
@@ -225,7 +234,8 @@ impl Space {
             );
             self.snapshots.clear();
             unchanged.clear();
-            (Vec::new(), false)
+            desired.clear();
+            (desired, false)
         } else {
             (coalesce(desired, env.ram_bounds), defer)
         };
@@ -243,6 +253,9 @@ impl Space {
             self.snapshots.clear();
         }
         self.recycle_pending(ranges);
+        if desired.capacity() <= KEPT_LEAF_ROOM {
+            self.desired = desired;
+        }
         report
     }
 
