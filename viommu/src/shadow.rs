@@ -70,7 +70,8 @@ struct UnmapRun {
     count: u64,
 }
 
-/// What a sync decided, before any host call.
+/// What a sync decided, before any host call. A space keeps one between syncs, so that a sync
+/// per wait descriptor does not allocate its lists anew.
 #[derive(Debug, Default)]
 pub struct Plan {
     /// Host mappings to remove, grouped into unmap calls, ascending.
@@ -79,11 +80,33 @@ pub struct Plan {
     mark: Vec<(u64, Vec<Range>)>,
     /// Extents to map once the removals are done, ascending and coalesced.
     map: Vec<Leaf>,
+    /// Scratch of [`Shadow::plan_into`]: what kept mappings cover, and one mapping's live and
+    /// dead parts.
+    covered: Vec<Range>,
+    live: Vec<Range>,
+    dead: Vec<Range>,
 }
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.mark.is_empty() && self.map.is_empty()
+    }
+
+    /// Entries the plan's lists have room for.
+    pub fn room(&self) -> usize {
+        self.remove.capacity()
+            + self.mark.capacity()
+            + self.map.capacity()
+            + self.covered.capacity()
+            + self.live.capacity()
+            + self.dead.capacity()
+    }
+
+    fn clear(&mut self) {
+        self.remove.clear();
+        self.mark.clear();
+        self.map.clear();
+        self.covered.clear();
     }
 }
 
@@ -141,25 +164,27 @@ impl Shadow {
         });
     }
 
-    /// The mappings overlapping any of `ranges` (normalized), ascending.
-    fn overlapping(&self, ranges: &[Range]) -> Vec<(u64, &HostMapping)> {
-        let mut found: Vec<(u64, &HostMapping)> = Vec::new();
-        for &(s, e) in ranges {
-            let straddling = self
-                .maps
-                .range(..=s)
-                .next_back()
-                .filter(|(&k, m)| k + m.len > s);
-            for (&k, m) in straddling
-                .into_iter()
-                .chain(self.maps.range(s.saturating_add(1)..e))
-            {
-                if found.last().map(|l| l.0) != Some(k) {
-                    found.push((k, m));
-                }
-            }
-        }
-        found
+    /// The mappings overlapping any of `ranges` (normalized), ascending, each once.
+    fn overlapping<'a>(
+        &'a self,
+        ranges: &'a [Range],
+    ) -> impl Iterator<Item = (u64, &'a HostMapping)> + 'a {
+        let mut last = None;
+        ranges
+            .iter()
+            .flat_map(move |&(s, e)| {
+                let straddling = self
+                    .maps
+                    .range(..=s)
+                    .next_back()
+                    .filter(|(&k, m)| k + m.len > s);
+                straddling
+                    .into_iter()
+                    .chain(self.maps.range(s.saturating_add(1)..e))
+            })
+            // A mapping across the gap between two ranges comes once for each.
+            .filter(move |&(&k, _)| last.replace(k) != Some(k))
+            .map(|(&k, m)| (k, m))
     }
 
     /// Plans the host calls that make the host translate exactly `desired` over `ranges`
@@ -175,10 +200,28 @@ impl Shadow {
         defer: bool,
     ) -> Plan {
         let mut plan = Plan::default();
+        self.plan_into(ranges, desired, ram_bounds, defer, &mut plan);
+        plan
+    }
+
+    /// [`Shadow::plan`] into `plan`'s lists, which it clears first.
+    pub fn plan_into(
+        &self,
+        ranges: &[Range],
+        desired: &[Leaf],
+        ram_bounds: &[u64],
+        defer: bool,
+        plan: &mut Plan,
+    ) {
+        plan.clear();
         // Parts of `desired` that kept mappings already translate; ascending by construction.
-        let mut covered: Vec<Range> = Vec::new();
-        let mut carry: Vec<Leaf> = Vec::new();
-        let (mut live, mut dead) = (Vec::new(), Vec::new());
+        let mut covered = std::mem::take(&mut plan.covered);
+        // What removed mappings translate outside `ranges`, to map again.
+        let mut to_map = std::mem::take(&mut plan.map);
+        let (mut live, mut dead) = (
+            std::mem::take(&mut plan.live),
+            std::mem::take(&mut plan.dead),
+        );
         for (key, h) in self.overlapping(ranges) {
             let (hs, he) = (key, key + h.len);
             live.clear();
@@ -211,11 +254,11 @@ impl Shadow {
             // ranges, and only it needs them worked out.
             let remove = conflict || (!defer && !dead.is_empty());
             if remove {
-                self.remove_in(&mut plan, key, h.len);
+                self.remove_in(plan, key, h.len);
                 if inside_len < h.len {
                     // What the guest still translates outside the ranges must come back.
                     let outside = ranges::subtract(&ranges::subtract(&[(hs, he)], ranges), &h.dead);
-                    carry.extend(outside.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
+                    to_map.extend(outside.iter().map(|&(s, e)| h.leaf_at(key, s, e)));
                 }
                 continue;
             }
@@ -229,7 +272,6 @@ impl Shadow {
                 }
             }
         }
-        let mut to_map = carry;
         // `desired` minus `covered`, in one pass over both sorted lists.
         let mut ci = 0;
         for d in desired {
@@ -256,7 +298,7 @@ impl Shadow {
         }
         to_map.sort_unstable_by_key(|l| l.iova);
         plan.map = coalesce(to_map, ram_bounds);
-        plan
+        (plan.covered, plan.live, plan.dead) = (covered, live, dead);
     }
 
     /// Plans the deferred flush: every mapping with dead ranges is removed and its live parts
@@ -278,12 +320,12 @@ impl Shadow {
     /// the host maps. Returns the calls the host refused.
     pub fn apply(
         &mut self,
-        plan: Plan,
+        plan: &mut Plan,
         host: &mut dyn HostDma,
         work: &mut HostWork,
     ) -> Vec<Failed> {
         let mut failed = Vec::new();
-        for run in plan.remove {
+        for run in plan.remove.drain(..) {
             work.unmap_calls += 1;
             match host.unmap(run.start, run.end - run.start) {
                 Ok(()) => {
@@ -298,7 +340,7 @@ impl Shadow {
                 Err(error) => failed.push(Failed { error }),
             }
         }
-        for (key, dead) in plan.mark {
+        for (key, dead) in plan.mark.drain(..) {
             if let Some(h) = self.maps.get_mut(&key) {
                 match (h.dead.is_empty(), dead.is_empty()) {
                     (true, false) => {
@@ -314,7 +356,7 @@ impl Shadow {
                 h.dead = dead;
             }
         }
-        for l in plan.map {
+        for l in plan.map.drain(..) {
             work.map_calls += 1;
             match host.map(l.iova, l.gpa, l.len, l.perm) {
                 Ok(()) => {
@@ -352,7 +394,7 @@ impl Shadow {
                 WalkItem::Leaf(l) => (l.iova, l.iova + l.len, Some(l)),
                 WalkItem::Unchanged { .. } => continue,
             };
-            let keys: Vec<u64> = self.overlapping(&[(s, e)]).iter().map(|o| o.0).collect();
+            let keys: Vec<u64> = self.overlapping(&[(s, e)]).map(|o| o.0).collect();
             let unchanged = match (leaf, keys.as_slice()) {
                 // One host mapping that holds the whole leaf as it is: nothing to do.
                 (Some(l), [k]) => {
@@ -377,7 +419,7 @@ impl Shadow {
                 clip_to_ram_into(&l, ram, ram_bounds, &mut plan.map);
             }
             plan.map.sort_unstable_by_key(|l| l.iova);
-            failed.extend(self.apply(plan, host, work));
+            failed.extend(self.apply(&mut plan, host, work));
         }
         failed
     }
@@ -456,9 +498,9 @@ mod tests {
         defer: bool,
     ) -> HostWork {
         let r: Vec<Range> = ranges.iter().map(|&(a, b)| (a * P, b * P)).collect();
-        let plan = s.plan(&ranges::normalize(r), desired, &[], defer);
+        let mut plan = s.plan(&ranges::normalize(r), desired, &[], defer);
         let mut w = HostWork::default();
-        assert!(s.apply(plan, host, &mut w).is_empty());
+        assert!(s.apply(&mut plan, host, &mut w).is_empty());
         assert_eq!(
             host.page_map(),
             shadow_pages(s),
@@ -595,9 +637,9 @@ mod tests {
             true,
         );
         assert_eq!(h.page_map().len(), 8);
-        let plan = s.plan_flush(&[]);
+        let mut plan = s.plan_flush(&[]);
         let mut w = HostWork::default();
-        assert!(s.apply(plan, &mut h, &mut w).is_empty());
+        assert!(s.apply(&mut plan, &mut h, &mut w).is_empty());
         assert_eq!((w.unmap_calls, w.mappings_removed), (1, 1));
         let pages = h.page_map();
         let mapped: Vec<u64> = pages.keys().map(|k| k / P).collect();
@@ -622,9 +664,9 @@ mod tests {
     fn refused_map_leaves_the_shadow_exact() {
         let mut s = Shadow::new();
         let mut h = SimHost::with_limit(1);
-        let plan = s.plan(&[(0, 4 * P)], &[leaf(0, 10, 1), leaf(2, 30, 1)], &[], false);
+        let mut plan = s.plan(&[(0, 4 * P)], &[leaf(0, 10, 1), leaf(2, 30, 1)], &[], false);
         let mut w = HostWork::default();
-        let failed = s.apply(plan, &mut h, &mut w);
+        let failed = s.apply(&mut plan, &mut h, &mut w);
         assert_eq!(failed.len(), 1);
         assert_eq!(s.len(), 1);
         assert_eq!(h.page_map(), shadow_pages(&s));

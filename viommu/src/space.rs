@@ -9,9 +9,10 @@ use crate::snapshots::LeafTables;
 use crate::walk::{walk_range_with, Leaf, PageTable, UnchangedHook, WalkCounters, WalkItem};
 use crate::{Capabilities, Perm, SourceId};
 
-/// Most leaves whose room a space keeps between syncs: a wait's sync collects a few, and the
-/// room a whole-space sync needed is given back rather than held for the device's lifetime.
-const KEPT_LEAF_ROOM: usize = 1024;
+/// Most leaves (and plan entries) whose room a space keeps between syncs: a wait's sync needs a
+/// few, and the room a whole-space sync needed is given back rather than held for the device's
+/// lifetime.
+const KEPT_ROOM: usize = 1024;
 
 /// The whole input address space a sync may have to cover (52-bit addresses).
 pub(crate) const FULL: Range = (0, 1 << 52);
@@ -84,6 +85,8 @@ pub(crate) struct Space {
     snapshots: LeafTables,
     /// The buffer a sync collects the guest's leaves in, kept between syncs.
     desired: Vec<Leaf>,
+    /// The plan a sync fills, kept between syncs.
+    plan: Plan,
 }
 
 impl Space {
@@ -97,6 +100,7 @@ impl Space {
             view_changed: true,
             snapshots: LeafTables::default(),
             desired: Vec::new(),
+            plan: Plan::default(),
         }
     }
 
@@ -245,15 +249,20 @@ impl Space {
         } else {
             std::borrow::Cow::Owned(ranges::subtract(&ranges, &unchanged))
         };
-        let plan = self.shadow.plan(&to_plan, &desired, env.ram_bounds, defer);
-        self.apply(plan, &mut report);
+        let mut plan = std::mem::take(&mut self.plan);
+        self.shadow
+            .plan_into(&to_plan, &desired, env.ram_bounds, defer, &mut plan);
+        self.apply(&mut plan, &mut report);
+        if plan.room() <= KEPT_ROOM {
+            self.plan = plan;
+        }
         if report.failed.is_empty() && !report.budget_exceeded {
             self.snapshots.commit(&ranges, &unchanged);
         } else {
             self.snapshots.clear();
         }
         self.recycle_pending(ranges);
-        if desired.capacity() <= KEPT_LEAF_ROOM {
+        if desired.capacity() <= KEPT_ROOM {
             self.desired = desired;
         }
         report
@@ -312,13 +321,13 @@ impl Space {
     pub fn flush_deferred(&mut self, ram_bounds: &[u64]) -> SyncReport {
         let mut report = SyncReport::default();
         if self.shadow.doomed() > 0 {
-            let plan = self.shadow.plan_flush(ram_bounds);
-            self.apply(plan, &mut report);
+            let mut plan = self.shadow.plan_flush(ram_bounds);
+            self.apply(&mut plan, &mut report);
         }
         report
     }
 
-    fn apply(&mut self, plan: Plan, report: &mut SyncReport) {
+    fn apply(&mut self, plan: &mut Plan, report: &mut SyncReport) {
         if !plan.is_empty() {
             report.failed = self
                 .shadow
@@ -332,8 +341,8 @@ impl Space {
         self.set_view(View::Blocked);
         self.view_changed = true;
         let mut report = SyncReport::default();
-        let plan = self.shadow.plan(&[FULL], &[], &[], false);
-        self.apply(plan, &mut report);
+        let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
+        self.apply(&mut plan, &mut report);
         self.view_changed = false;
         report
     }
