@@ -133,14 +133,18 @@ impl Header {
                 max_delay,
             } => (CFG_DEFERRED, max_pending as u64, max_delay),
         };
-        let flags = u64::from(c.caching_mode) * CFG_CACHING_MODE
-            | u64::from(c.pass_through) * CFG_PASS_THROUGH
-            | u64::from(c.interrupt_remapping) * CFG_INTERRUPT_REMAPPING
-            | u64::from(c.x2apic) * CFG_X2APIC
-            | u64::from(c.scalable_mode) * CFG_SCALABLE_MODE
-            | u64::from(c.first_stage) * CFG_FIRST_STAGE
-            | deferred
-            | u64::from(c.strategy == SyncStrategy::PerLeaf) * CFG_PER_LEAF;
+        let flags = [
+            (c.caching_mode, CFG_CACHING_MODE),
+            (c.pass_through, CFG_PASS_THROUGH),
+            (c.interrupt_remapping, CFG_INTERRUPT_REMAPPING),
+            (c.x2apic, CFG_X2APIC),
+            (c.scalable_mode, CFG_SCALABLE_MODE),
+            (c.first_stage, CFG_FIRST_STAGE),
+            (c.strategy == SyncStrategy::PerLeaf, CFG_PER_LEAF),
+        ]
+        .into_iter()
+        .filter(|&(on, _)| on)
+        .fold(deferred, |flags, (_, flag)| flags | flag);
         put_varint(&mut block, flags);
         put_varint(&mut block, c.fault_records as u64);
         put_varint(&mut block, max_pending);
