@@ -60,26 +60,15 @@ static GLOBAL: CountingAlloc = CountingAlloc;
 
 use viommu::descriptor::encode;
 use viommu::testing::{
-    mem, Driver, ManualClock, Mem, RecordingMsi, ScalableTables, SharedHost, SimHost, Tables,
+    mem, Driver, ManualClock, Mem, NullHost, RecordingMsi, ScalableTables, SharedHost, SimHost,
+    Tables,
 };
 use viommu::walk::PageTable;
-use viommu::{FlushMode, HostDma, HostDmaError, Perm, SourceId, SyncStrategy, Vtd, VtdConfig};
+use viommu::{FlushMode, HostDma, Perm, SourceId, SyncStrategy, Vtd, VtdConfig};
 
 const P: u64 = 0x1000;
 const DEV: SourceId = SourceId(0x0018);
 const DOMAIN: u16 = 1;
-
-/// A host that accepts everything and does nothing, for timing the model alone.
-struct NullHost;
-
-impl HostDma for NullHost {
-    fn map(&mut self, _: u64, _: u64, _: u64, _: Perm) -> Result<(), HostDmaError> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u64, _: u64) -> Result<(), HostDmaError> {
-        Ok(())
-    }
-}
 
 /// Which tables and queue the guest drives the unit with.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -17,10 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::record::{Ending, Event, Recorder, Recording};
 use crate::stats::Footprint;
-use crate::testing::{SharedHost, SimHost};
-use crate::{
-    Clock, ConfigError, FlushMode, HostDma, HostDmaError, MsiSink, Perm, Stats, SyncStrategy, Vtd,
-};
+use crate::testing::{NullHost, SharedHost, SimHost};
+use crate::{Clock, ConfigError, FlushMode, HostDma, MsiSink, Stats, SyncStrategy, Vtd};
 
 /// How the unit turns invalidations into host work, for one replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,17 +151,6 @@ struct NoMsi;
 
 impl MsiSink for NoMsi {
     fn send(&self, _: u64, _: u32) {}
-}
-
-struct NullHost;
-
-impl HostDma for NullHost {
-    fn map(&mut self, _: u64, _: u64, _: u64, _: Perm) -> Result<(), HostDmaError> {
-        Ok(())
-    }
-    fn unmap(&mut self, _: u64, _: u64) -> Result<(), HostDmaError> {
-        Ok(())
-    }
 }
 
 /// The period of the VMM's deferred-flush timer for `max_delay` (vmm's `DeferredFlushTimer`).
