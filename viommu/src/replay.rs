@@ -9,16 +9,20 @@
 //! quarter of the delay bound, at least 1 ms apart) and found something due. A poll that finds
 //! nothing due changes nothing, so it is neither recorded nor replayed.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use vm_device::interrupt::MsiMessage;
+
+use crate::intremap::{IecScope, InterruptRoutes, Translate};
 use crate::record::{Ending, Event, Recorder, Recording};
 use crate::stats::Footprint;
 use crate::testing::{NullHost, SharedHost, SimHost};
-use crate::{Clock, ConfigError, FlushMode, HostDma, MsiSink, Stats, SyncStrategy, Vtd};
+use crate::{Clock, ConfigError, FlushMode, HostDma, MsiSink, SourceId, Stats, SyncStrategy, Vtd};
 
 /// How the unit turns invalidations into host work, for one replay.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,6 +157,32 @@ impl MsiSink for NoMsi {
     fn send(&self, _: u64, _: u32) {}
 }
 
+/// The VMM's route holder during a replay: at each call it re-translates what the live holder
+/// did at its call of the same event, in order.
+#[derive(Clone, Default)]
+struct ReplayRoutes(Arc<Mutex<VecDeque<Vec<Route>>>>);
+
+/// A route as the recording names it: the source and the message it raises.
+type Route = (SourceId, MsiMessage);
+
+impl ReplayRoutes {
+    /// The calls the live holder made during the next event.
+    fn expect(&self, calls: &[Vec<Route>]) {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        q.extend(calls.iter().cloned());
+    }
+}
+
+impl InterruptRoutes for ReplayRoutes {
+    fn retranslate(&mut self, _: IecScope, translate: &mut Translate<'_>) {
+        let call = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+        for (source, msg) in call.unwrap_or_default() {
+            let _ = translate(source, msg);
+        }
+    }
+}
+
 /// The period of the VMM's deferred-flush timer for `max_delay` (vmm's `DeferredFlushTimer`).
 fn timer_period(max_delay: Duration) -> Duration {
     (max_delay / 4).max(Duration::from_millis(1))
@@ -190,6 +220,8 @@ pub fn replay(
         Box::new(clock.clone()),
     )
     .map_err(ReplayError::Config)?;
+    let routes = ReplayRoutes::default();
+    vtd.set_interrupt_routes(Box::new(routes.clone()));
     if options.record {
         // A fresh unit always takes a recording.
         let _ = vtd.start_recording(Recorder::new(
@@ -238,6 +270,7 @@ pub fn replay(
         if step.event == Event::Poll && !recorded_polls {
             continue;
         }
+        routes.expect(&rec.retranslations[step.retranslations.clone()]);
         clock.set(step.time);
         run(&mut vtd, &mut out, &step.event);
     }
@@ -275,6 +308,9 @@ fn execute(vtd: &mut Vtd<GuestMemoryMmap>, event: &Event, host: Host) {
         }
         Event::QueryInterrupt { source, msg } => {
             let _ = vtd.translate_interrupt(source, msg);
+        }
+        Event::TranslateRoute { source, msg } => {
+            let _ = vtd.translate_route(source, msg);
         }
     }
 }

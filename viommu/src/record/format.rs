@@ -23,7 +23,9 @@ pub(crate) const TAG_DETACH: u8 = 0x05;
 pub(crate) const TAG_TRANSLATE: u8 = 0x06;
 pub(crate) const TAG_REMAP_INTERRUPT: u8 = 0x07;
 pub(crate) const TAG_QUERY_INTERRUPT: u8 = 0x08;
+pub(crate) const TAG_TRANSLATE_ROUTE: u8 = 0x09;
 pub(crate) const TAG_MEMORY: u8 = 0x10;
+pub(crate) const TAG_RETRANSLATE: u8 = 0x11;
 pub(crate) const TAG_CAPPED: u8 = 0x7e;
 pub(crate) const TAG_END: u8 = 0x7f;
 
@@ -73,6 +75,11 @@ pub enum Event {
     },
     /// A VMM asked what an interrupt request means (no state changes, but the IRTE was read).
     QueryInterrupt {
+        source: SourceId,
+        msg: MsiMessage,
+    },
+    /// A VMM translated an interrupt request for a route it sets up (counted as remapped).
+    TranslateRoute {
         source: SourceId,
         msg: MsiMessage,
     },
@@ -316,11 +323,13 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, dt_ns: u64, event: &Event) {
             put_varint(out, iova);
             out.push(u8::from(access == Access::Write));
         }
-        Event::RemapInterrupt { source: s, msg } | Event::QueryInterrupt { source: s, msg } => {
-            let tag = if matches!(event, Event::RemapInterrupt { .. }) {
-                TAG_REMAP_INTERRUPT
-            } else {
-                TAG_QUERY_INTERRUPT
+        Event::RemapInterrupt { source: s, msg }
+        | Event::QueryInterrupt { source: s, msg }
+        | Event::TranslateRoute { source: s, msg } => {
+            let tag = match event {
+                Event::RemapInterrupt { .. } => TAG_REMAP_INTERRUPT,
+                Event::QueryInterrupt { .. } => TAG_QUERY_INTERRUPT,
+                _ => TAG_TRANSLATE_ROUTE,
             };
             out.push(tag);
             put_varint(out, dt_ns);
@@ -328,6 +337,17 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, dt_ns: u64, event: &Event) {
             put_varint(out, msg.address);
             put_varint(out, u64::from(msg.data));
         }
+    }
+}
+
+/// Encodes the routes a VMM's route holder re-translated in one call (during the last event).
+pub(crate) fn encode_retranslation(out: &mut Vec<u8>, routes: &[(SourceId, MsiMessage)]) {
+    out.push(TAG_RETRANSLATE);
+    put_varint(out, routes.len() as u64);
+    for (source, msg) in routes {
+        put_varint(out, u64::from(source.0));
+        put_varint(out, msg.address);
+        put_varint(out, u64::from(msg.data));
     }
 }
 
@@ -355,6 +375,9 @@ pub struct Step {
     pub event: Event,
     /// Its changes of guest memory: indexes into [`Recording::memory`].
     pub memory: std::ops::Range<usize>,
+    /// The route holder's re-translations during it: indexes into
+    /// [`Recording::retranslations`].
+    pub retranslations: std::ops::Range<usize>,
 }
 
 /// A change of guest memory: `len` bytes at `addr`, stored at `offset` of
@@ -384,6 +407,8 @@ pub struct Recording {
     pub memory: Vec<Change>,
     /// The bytes of every change, back to back.
     pub bytes: Vec<u8>,
+    /// Each call of the VMM's route holder: the routes it re-translated, in order.
+    pub retranslations: Vec<Vec<(SourceId, MsiMessage)>>,
     pub ending: Ending,
 }
 
@@ -460,6 +485,7 @@ impl Recording {
         let mut steps: Vec<Step> = Vec::new();
         let mut memory = Vec::new();
         let mut bytes = Vec::new();
+        let mut retranslations = Vec::new();
         let mut time = Duration::ZERO;
         let ending = loop {
             let at = r.pos;
@@ -489,6 +515,19 @@ impl Recording {
                 });
                 bytes.extend_from_slice(data);
                 step.memory.end = memory.len();
+                continue;
+            }
+            if tag == TAG_RETRANSLATE {
+                let count = r.varint("the count of re-translated routes")?;
+                let mut routes = Vec::new();
+                for _ in 0..count {
+                    routes.push((r.source()?, r.msi()?));
+                }
+                let Some(step) = steps.last_mut() else {
+                    return Err(r.error_at(at, "an event before the first route re-translation"));
+                };
+                retranslations.push(routes);
+                step.retranslations.end = retranslations.len();
                 continue;
             }
             if tag == TAG_CAPPED {
@@ -559,12 +598,17 @@ impl Recording {
                     source: r.source()?,
                     msg: r.msi()?,
                 },
+                TAG_TRANSLATE_ROUTE => Event::TranslateRoute {
+                    source: r.source()?,
+                    msg: r.msi()?,
+                },
                 _ => return Err(r.error_at(at, "a known record tag")),
             };
             steps.push(Step {
                 time,
                 event,
                 memory: memory.len()..memory.len(),
+                retranslations: retranslations.len()..retranslations.len(),
             });
         };
         if r.pos != data.len() {
@@ -575,6 +619,7 @@ impl Recording {
             steps,
             memory,
             bytes,
+            retranslations,
             ending,
         })
     }

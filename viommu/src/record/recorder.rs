@@ -6,7 +6,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::format::{self, Event, Header, TAG_CAPPED, TAG_END};
-use crate::PAGE_SIZE;
+use crate::{SourceId, PAGE_SIZE};
+use vm_device::interrupt::MsiMessage;
 
 /// Bytes kept free below the cap for the record that says the cap was reached.
 const CAP_RESERVE: u64 = 16;
@@ -203,6 +204,20 @@ impl Recorder {
             }
             self.scratch = out;
         }
+    }
+
+    /// The VMM's route holder re-translated `routes` while the unit handled the last event.
+    pub(crate) fn retranslated(&mut self, routes: &[(SourceId, MsiMessage)]) {
+        if self.stopped || self.summary.events == 0 {
+            return;
+        }
+        let t = ticks();
+        let mut out = std::mem::take(&mut self.scratch);
+        out.clear();
+        format::encode_retranslation(&mut out, routes);
+        self.emit(&out);
+        self.scratch = out;
+        self.charge(t);
     }
 
     /// The unit wrote `data` at `addr`: it knows those bytes now (a replay writes them too).

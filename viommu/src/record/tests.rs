@@ -194,6 +194,82 @@ fn a_deferred_recording_replays_to_its_live_counters_and_replays_are_determinist
     }
 }
 
+/// The VMM's routes: each re-translation goes through all of them.
+struct VmmRoutes(Vec<(SourceId, vm_device::interrupt::MsiMessage)>);
+
+impl crate::intremap::InterruptRoutes for VmmRoutes {
+    fn retranslate(
+        &mut self,
+        _: crate::intremap::IecScope,
+        translate: &mut crate::intremap::Translate<'_>,
+    ) {
+        for &(source, msg) in &self.0 {
+            let _ = translate(source, msg);
+        }
+    }
+}
+
+#[test]
+fn route_translations_and_re_translations_replay_to_the_live_counters() {
+    use vm_device::interrupt::MsiMessage;
+    use vm_memory::Bytes;
+    const IRT: u64 = 30 << 20;
+    let mem = mem();
+    let config = VtdConfig {
+        interrupt_remapping: true,
+        x2apic: true,
+        ..VtdConfig::default()
+    };
+    let mut vtd = Vtd::new(
+        config,
+        mem.clone(),
+        Box::new(RecordingMsi::default()),
+        Box::new(ManualClock::default()),
+    )
+    .unwrap();
+    let buf = Buf::default();
+    vtd.start_recording(Recorder::new(Box::new(buf.clone()), "test", u64::MAX))
+        .unwrap();
+    // Remappable messages for IRTE handles 0 and 1 (address bit 4, handle from bit 5).
+    let routes = vec![
+        (DEV, MsiMessage::new(0xfee0_0010, 0)),
+        (DEV, MsiMessage::new(0xfee0_0030, 0)),
+    ];
+    vtd.set_interrupt_routes(Box::new(VmmRoutes(routes.clone())));
+    // Present IRTEs (vector 0x40 + i, x2APIC destination i) that check DEV's requester id.
+    let write_irtes = |vector_base: u64| {
+        for i in 0..2u64 {
+            let lo = 1 | (vector_base + i) << 16 | i << 32;
+            let hi = 1 << 18 | u64::from(DEV.0);
+            mem.write_obj(lo, vm_memory::GuestAddress(IRT + i * 16))
+                .unwrap();
+            mem.write_obj(hi, vm_memory::GuestAddress(IRT + i * 16 + 8))
+                .unwrap();
+        }
+    };
+    write_irtes(0x40);
+    let mut drv = Driver::new();
+    drv.enable_qi(&mut vtd);
+    drv.set_interrupt_remapping(&mut vtd, IRT | crate::intremap::IRTA_EIME | 7, true);
+    for &(source, msg) in &routes {
+        assert!(vtd.translate_route(source, msg).is_ok());
+    }
+    // The guest moves both vectors and invalidates the interrupt-entry cache: the routes are
+    // re-translated while the unit handles the submission.
+    write_irtes(0x50);
+    assert!(drv.submit_sync(&mut vtd, &mem, &[encode::interrupt_entry_cache(None)], 1));
+    let live = vtd.stats();
+    assert!(live.interrupts_remapped >= 6, "{live:?}");
+    vtd.finish_recording().unwrap();
+    let rec = Recording::parse(&buf.bytes()).unwrap();
+    assert!(rec
+        .steps
+        .iter()
+        .any(|s| matches!(s.event, Event::TranslateRoute { .. })));
+    assert!(!rec.retranslations.is_empty());
+    assert_eq!(replay_as_recorded(&rec).stats, live);
+}
+
 #[test]
 fn a_timer_poll_is_recorded_only_when_it_finds_unmaps_due() {
     let mut g = Guest::new(FlushMode::DEFERRED_DEFAULT, u64::MAX);
@@ -386,6 +462,20 @@ fn events_round_trip_through_the_format() {
             source: SourceId(9),
             msg: vm_device::interrupt::MsiMessage::new(0xfee0_0000, 7),
         },
+        Event::TranslateRoute {
+            source: SourceId(0x20),
+            msg: vm_device::interrupt::MsiMessage::new(0xfee0_0030, 0),
+        },
+    ];
+    let routes = [
+        (
+            SourceId(0x20),
+            vm_device::interrupt::MsiMessage::new(0xfee0_0010, 0),
+        ),
+        (
+            SourceId(0xff00),
+            vm_device::interrupt::MsiMessage::new(0xfee0_0050, 1),
+        ),
     ];
     let buf = Buf::default();
     let mut r = Recorder::new(Box::new(buf.clone()), "x", u64::MAX);
@@ -397,10 +487,21 @@ fn events_round_trip_through_the_format() {
     for (i, e) in events.iter().enumerate() {
         r.event(Duration::from_secs(5) + Duration::from_micros(i as u64), e);
     }
+    r.retranslated(&routes);
+    r.retranslated(&[]);
     r.finish("{}");
     let rec = Recording::parse(&buf.bytes()).unwrap();
     assert_eq!(rec.header, header);
     let got: Vec<Event> = rec.steps.iter().map(|s| s.event).collect();
     assert_eq!(got, events);
+    let last = rec.steps.last().unwrap();
+    assert_eq!(
+        rec.retranslations[last.retranslations.clone()],
+        [routes.to_vec(), Vec::new()],
+        "re-translations belong to the event they happened in"
+    );
+    assert!(rec.steps[..events.len() - 1]
+        .iter()
+        .all(|s| s.retranslations.is_empty()));
     assert_eq!(rec.steps[3].time, Duration::from_micros(3));
 }

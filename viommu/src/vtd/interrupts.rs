@@ -60,12 +60,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             return;
         };
         let mut translated = 0;
+        // The routes are the VMM's: a recording keeps which ones were re-translated.
+        let recording = self.mem.recorder().is_some();
+        let mut seen = Vec::new();
         let (mem, state) = (&self.mem, &self.remap);
         routes.retranslate(scope, &mut |source, msg| {
+            if recording {
+                seen.push((source, msg));
+            }
             let out = intremap::translate(mem, state, source, msg);
             translated += u64::from(state.enabled && out.is_ok());
             out
         });
+        if let Some(mut r) = self.mem.recorder() {
+            r.retranslated(&seen);
+        }
         self.stats.interrupts_remapped += translated;
         self.interrupt_routes = Some(routes);
     }
@@ -102,6 +111,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         source: SourceId,
         msg: MsiMessage,
     ) -> Result<MsiMessage, RemapFault> {
+        self.record_event(Event::TranslateRoute { source, msg });
         let out = intremap::translate(&self.mem, &self.remap, source, msg);
         self.stats.interrupts_remapped += u64::from(self.remap.enabled && out.is_ok());
         out
