@@ -443,11 +443,11 @@ fn replay_corpus(filter: Option<&str>) {
             counted(&Policy::strict()),
             counted(&deferred_policy),
         );
-        // Each policy's best of 5 over a host that does nothing, the runs interleaved so that
+        // Each policy's best of 15 over a host that does nothing, the runs interleaved so that
         // a busy moment of the machine weighs on all alike.
         let timed = [Policy::strict(), Policy::per_leaf(), deferred_policy];
         let mut best = [(f64::INFINITY, f64::INFINITY); 3];
-        for _ in 0..5 {
+        for _ in 0..15 {
             for (p, b) in timed.iter().zip(best.iter_mut()) {
                 let o = replay(&rec, p, Host::Null, Options::default(), &meter).expect("replays");
                 *b = (
