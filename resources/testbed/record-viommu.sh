@@ -23,20 +23,12 @@ while (($#)); do
   esac
 done
 
-bash "$TB_SRC/build.sh"
-if [[ -z "$vmm" ]]; then
-  (cd "$TB_REPO" && cargo build --release -q -p vmm --bin vmm --target-dir "$TB_OUT/cargo")
-  vmm="$TB_OUT/cargo/release/vmm"
-fi
+vmm=$(tb_build_with_vmm "$vmm")
 mkdir -p "$out"
 run="$TB_OUT/record-viommu"
 rm -rf "$run" && mkdir -p "$run"
 
-ov="$run/l2-overlay"
-mkdir -p "$ov/tb/actions"
-tb_copy_bin "$ov" /usr/bin/fio
-install -m 0644 "$TB_SRC/bench-viommu-io.sh" "$ov/tb/actions/bench-io.sh"
-{ gzip -dc "$TB_OUT/l2.cpio.gz"; tb_cpio "$ov"; } >"$run/l2-bench.cpio"
+tb_bench_l2_initrd "$run/l2-bench.cpio"
 
 l2cmd="console=ttyS0 panic=-1 quiet tb.action=bench-io tb.exitcost=0 intel_iommu=on"
 names="boot dd-4k dd-128k fio-2x4"
