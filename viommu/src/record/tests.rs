@@ -171,23 +171,18 @@ fn a_deferred_recording_replays_to_its_live_counters_and_replays_are_determinist
     assert_eq!(a.stats, b.stats);
     assert_eq!(a.events, b.events);
     // Other policies replay the same events.
+    let run = |policy: &Policy| {
+        replay::replay(
+            &rec,
+            policy,
+            Host::Type1,
+            Options::default(),
+            &no_allocations,
+        )
+        .unwrap()
+    };
     for policy in [Policy::per_leaf(), Policy::strict()] {
-        let x = replay::replay(
-            &rec,
-            &policy,
-            Host::Type1,
-            Options::default(),
-            &no_allocations,
-        )
-        .unwrap();
-        let y = replay::replay(
-            &rec,
-            &policy,
-            Host::Type1,
-            Options::default(),
-            &no_allocations,
-        )
-        .unwrap();
+        let (x, y) = (run(&policy), run(&policy));
         assert_eq!(x.stats, y.stats, "{}", policy.name);
         assert_eq!(x.stats.descriptors, live.descriptors);
         assert_eq!(x.stats.deferred_unmaps, 0);
