@@ -22,15 +22,16 @@ fn vmm(args: &[&str]) -> Output {
         .expect("run the vmm binary")
 }
 
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-replay-test-{}", std::process::id()));
+/// A directory of this process for `test` alone (tests run in parallel).
+fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-replay-test-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
 
 /// A recording of a unit that a Linux-like driver put through 50 single-page and 20 8-page
-/// map/unmap cycles, strict; and the unit's counters when it was closed.
-fn record() -> (Vec<u8>, viommu::Stats) {
+/// map/unmap cycles, strict, made in `dir`; and the unit's counters when it was closed.
+fn record(dir: &std::path::Path) -> (Vec<u8>, viommu::Stats) {
     let m = mem();
     let clock = ManualClock::default();
     let mut vtd = Vtd::new(
@@ -40,7 +41,7 @@ fn record() -> (Vec<u8>, viommu::Stats) {
         Box::new(clock.clone()),
     )
     .expect("config");
-    let path = temp_dir().join("made.vtdrec");
+    let path = dir.join("made.vtdrec");
     let file = std::fs::File::create(&path).expect("recording file");
     vtd.start_recording(Recorder::new(Box::new(file), "made", 1 << 30))
         .expect("fresh unit");
@@ -97,8 +98,8 @@ fn field<'a>(line: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn replay_prints_a_line_per_policy_with_the_same_counts_every_time_and_the_live_counters() {
-    let (bytes, live) = record();
-    let dir = temp_dir();
+    let dir = temp_dir("lines");
+    let (bytes, live) = record(&dir);
     let plain = dir.join("cycles.vtdrec");
     std::fs::write(&plain, &bytes).expect("write");
     let gz = dir.join("cycles-gz.vtdrec.gz");
@@ -166,8 +167,8 @@ fn replay_prints_a_line_per_policy_with_the_same_counts_every_time_and_the_live_
 
 #[test]
 fn a_truncated_or_corrupt_recording_is_one_line_naming_the_offset() {
-    let (bytes, _) = record();
-    let dir = temp_dir();
+    let dir = temp_dir("corrupt");
+    let (bytes, _) = record(&dir);
     let cut = dir.join("cut.vtdrec");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
     let bad = dir.join("bad.vtdrec");
