@@ -475,7 +475,11 @@ fn events_round_trip_through_the_format() {
     let buf = Buf::default();
     let mut r = Recorder::new(Box::new(buf.clone()), "x", u64::MAX);
     let header = Header {
-        config: VtdConfig::default(),
+        config: VtdConfig {
+            interrupt_remapping: true,
+            unverified_source: Some(SourceId(0xf0f8)),
+            ..VtdConfig::default()
+        },
         regions: vec![(0, 1 << 20), (1 << 32, 1 << 21)],
     };
     r.start(&header, Duration::from_secs(5));
