@@ -1,5 +1,10 @@
 //! Small guests of our own on this machine's KVM: code assembled with iced-x86 at test time and
 //! run through the vmm library. Without /dev/kvm the tests skip loudly, and fail when CI=true.
+//!
+//! [`edu`] drives the emulated edu, [`vtd`] programs our VT-d's interrupt remapping.
+
+pub mod edu;
+pub mod vtd;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -170,6 +175,27 @@ pub fn wait_for_count(a: &mut CodeAssembler, counter: u64, n: i32) -> Result<(),
     a.hlt()?;
     a.jmp(wait)?;
     a.set_label(&mut done)
+}
+
+/// Emits a short window with interrupts on: anything still pending comes in now (and is
+/// counted by its handler). Interrupts are off after it.
+pub fn take_pending(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.sti()?;
+    for _ in 0..64 {
+        a.pause()?;
+    }
+    a.cli()
+}
+
+/// Emits a handler that counts into the u64 at `counter` and signals end of interrupt.
+pub fn counting_handler(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
+    a.push(rax)?;
+    a.mov(rax, counter)?;
+    a.inc(qword_ptr(rax))?;
+    a.mov(rax, LAPIC_EOI)?;
+    a.mov(dword_ptr(rax), 0u32)?;
+    a.pop(rax)?;
+    a.iretq()
 }
 
 /// Emits an ACPI power-off (S5 through PM1a control), repeated should the write return.

@@ -11,9 +11,10 @@
 use std::time::Duration;
 
 use iced_x86::code_asm::*;
+use integration::small_guest::edu::*;
 use integration::small_guest::{
-    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, read_u32, read_u64, Capture, CODE,
-    IOAPIC_SEL, IOAPIC_WIN, LAPIC_EOI, PM1A_CNT, RESULTS, SLP_S5,
+    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, read_u32, read_u64,
+    take_pending, wait_for_count, Capture, CODE, IOAPIC_SEL, IOAPIC_WIN, RESULTS,
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
@@ -27,21 +28,6 @@ const MSI_VECTOR: u32 = 0x62;
 /// Redirection entry bits: active low, level-triggered (what the `_PRT` says for PCI INTx).
 const RTE_ACTIVE_LOW: u32 = 1 << 13;
 const RTE_LEVEL: u32 = 1 << 15;
-/// edu's registers (QEMU docs/specs/edu.rst).
-const EDU_LIVENESS: i32 = 0x04;
-const EDU_FACTORIAL: i32 = 0x08;
-const EDU_STATUS: i32 = 0x20;
-const EDU_IRQ_STATUS: i32 = 0x24;
-const EDU_IRQ_RAISE: i32 = 0x60;
-const EDU_IRQ_ACK: i32 = 0x64;
-const EDU_DMA_SRC: i32 = 0x80;
-const EDU_DMA_DST: i32 = 0x88;
-const EDU_DMA_COUNT: i32 = 0x90;
-const EDU_DMA_CMD: i32 = 0x98;
-/// Configuration address (port 0xcf8) of edu's register `reg`: bus 0, device 1.
-const fn edu_config(reg: u32) -> u32 {
-    0x8000_0000 | 1 << 11 | reg
-}
 
 // Results, at RESULTS: what the guest saw.
 const R_INTX_COUNT: u64 = RESULTS;
@@ -55,86 +41,28 @@ const R_INTX_STATUS: u64 = RESULTS + 36;
 /// One dword an MSI: the interrupt status its handler read.
 const R_MSI_STATUS: u64 = RESULTS + 40;
 
-/// Emits `out 0xcf8, edu_config(reg)`, leaving dx at 0xcfc. Clobbers eax.
-fn select(a: &mut CodeAssembler, reg: u32) -> Result<(), IcedError> {
-    a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, edu_config(reg))?;
-    a.out(dx, eax)?;
-    a.mov(dx, 0xcfcu32)
-}
-
-/// Emits a wait, interrupts on, until the u64 at `counter` reaches `n`.
-fn wait_for(a: &mut CodeAssembler, counter: u64, n: i32) -> Result<(), IcedError> {
-    let mut wait = a.create_label();
-    let mut done = a.create_label();
-    a.set_label(&mut wait)?;
-    a.cli()?;
-    a.mov(rax, counter)?;
-    a.cmp(qword_ptr(rax), n)?;
-    a.jae(done)?;
-    // STI's shadow covers the HLT: no wake-up is lost between the check and the halt.
-    a.sti()?;
-    a.hlt()?;
-    a.jmp(wait)?;
-    a.set_label(&mut done)
-}
-
-/// Emits a handler that counts at `counter`, stores edu's interrupt status at `status` (plus
-/// 4 bytes for each earlier interrupt when `indexed`), acknowledges it, then EOIs.
-fn handler(
-    a: &mut CodeAssembler,
-    counter: u64,
-    status: u64,
-    indexed: bool,
-) -> Result<(), IcedError> {
-    a.push(rax)?;
-    a.push(rbx)?;
-    a.push(rcx)?;
-    a.mov(rbx, counter)?;
-    a.mov(rcx, qword_ptr(rbx))?;
-    a.inc(qword_ptr(rbx))?;
-    a.mov(eax, dword_ptr(r12 + EDU_IRQ_STATUS))?;
-    a.mov(rbx, status)?;
-    if indexed {
-        a.mov(dword_ptr(rbx + rcx * 4), eax)?;
-    } else {
-        a.mov(dword_ptr(rbx), eax)?;
-    }
-    a.mov(dword_ptr(r12 + EDU_IRQ_ACK), eax)?;
-    a.mov(rax, LAPIC_EOI)?;
-    a.mov(dword_ptr(rax), 0u32)?;
-    a.pop(rcx)?;
-    a.pop(rbx)?;
-    a.pop(rax)?;
-    a.iretq()
-}
-
 fn guest() -> Vec<u8> {
     asm64(|a| {
         let mut on_intx = a.create_label();
         let mut on_msi = a.create_label();
-        let mut off = a.create_label();
         idt_gate(a, IDT, u64::from(INTX_VECTOR), on_intx)?;
         idt_gate(a, IDT, u64::from(MSI_VECTOR), on_msi)?;
         load_idt_and_enable_apic(a, IDT, IDTR)?;
         // What firmware left: BAR0, the interrupt line, the command register.
-        select(a, 0x10)?;
-        a.in_(eax, dx)?;
-        a.and(eax, 0xffff_fff0u32)?;
-        a.mov(r12d, eax)?;
+        load_bar0(a, r12d)?;
         a.mov(rbx, R_BAR0)?;
         a.mov(dword_ptr(rbx), eax)?;
-        select(a, 0x3c)?;
+        select(a, CFG_INTERRUPT_LINE)?;
         a.in_(eax, dx)?;
         a.mov(rbx, R_LINE_PIN)?;
         a.mov(dword_ptr(rbx), eax)?;
         a.movzx(r13d, al)?; // the IOAPIC pin
-        select(a, 0x04)?;
+        select(a, CFG_COMMAND)?;
         a.in_(eax, dx)?;
         a.mov(rbx, R_COMMAND)?;
         a.mov(dword_ptr(rbx), eax)?;
         // Bus mastering, as a driver turns it on (kvm-unit-tests' pci_enable_defaults).
-        a.or(eax, 0x4u32)?;
+        a.or(eax, COMMAND_BUS_MASTER)?;
         a.out(dx, ax)?;
         // Liveness.
         a.mov(dword_ptr(r12 + EDU_LIVENESS), 0x1234u32)?;
@@ -153,51 +81,42 @@ fn guest() -> Vec<u8> {
         // A factorial that interrupts when done.
         a.mov(dword_ptr(r12 + EDU_STATUS), 0x80u32)?;
         a.mov(dword_ptr(r12 + EDU_FACTORIAL), 5u32)?;
-        wait_for(a, R_INTX_COUNT, 1)?;
+        wait_for_count(a, R_INTX_COUNT, 1)?;
         a.mov(eax, dword_ptr(r12 + EDU_FACTORIAL))?;
         a.mov(rbx, R_FACTORIAL)?;
         a.mov(dword_ptr(rbx), eax)?;
         a.mov(dword_ptr(r12 + EDU_STATUS), 0u32)?;
         // MSI: address 0xfee00000 (APIC 0), data MSI_VECTOR, then enable (capability at 0x40).
-        select(a, 0x44)?;
+        select(a, CFG_MSI_ADDRESS_LO)?;
         a.mov(eax, 0xfee0_0000u32)?;
         a.out(dx, eax)?;
-        select(a, 0x48)?;
+        select(a, CFG_MSI_ADDRESS_HI)?;
         a.xor(eax, eax)?;
         a.out(dx, eax)?;
-        select(a, 0x4c)?;
+        select(a, CFG_MSI_DATA)?;
         a.mov(eax, MSI_VECTOR)?;
         a.out(dx, eax)?;
-        select(a, 0x40)?;
+        select(a, CFG_MSI_CONTROL)?;
         a.in_(eax, dx)?;
-        a.or(eax, 1u32 << 16)?;
+        a.or(eax, MSI_ENABLE)?;
         a.out(dx, eax)?;
         // A raised interrupt, then a DMA from RAM to the buffer that interrupts when done.
         a.mov(dword_ptr(r12 + EDU_IRQ_RAISE), 0x10u32)?;
-        wait_for(a, R_MSI_COUNT, 1)?;
+        wait_for_count(a, R_MSI_COUNT, 1)?;
         a.mov(rax, DMA_SRC)?;
         a.mov(qword_ptr(r12 + EDU_DMA_SRC), rax)?;
         a.mov(rax, 0x4_0000u64)?;
         a.mov(qword_ptr(r12 + EDU_DMA_DST), rax)?;
         a.mov(qword_ptr(r12 + EDU_DMA_COUNT), 64)?;
         a.mov(qword_ptr(r12 + EDU_DMA_CMD), 0x5)?;
-        wait_for(a, R_MSI_COUNT, 2)?;
+        wait_for_count(a, R_MSI_COUNT, 2)?;
         // Anything still pending comes in now (and would be counted).
-        a.sti()?;
-        for _ in 0..64 {
-            a.pause()?;
-        }
-        a.cli()?;
-        a.set_label(&mut off)?;
-        a.mov(dx, PM1A_CNT)?;
-        a.mov(al, SLP_S5)?;
-        a.out(dx, al)?;
-        a.hlt()?;
-        a.jmp(off)?;
+        take_pending(a)?;
+        power_off(a)?;
         a.set_label(&mut on_intx)?;
-        handler(a, R_INTX_COUNT, R_INTX_STATUS, false)?;
+        handler(a, r12, R_INTX_COUNT, R_INTX_STATUS, false)?;
         a.set_label(&mut on_msi)?;
-        handler(a, R_MSI_COUNT, R_MSI_STATUS, true)
+        handler(a, r12, R_MSI_COUNT, R_MSI_STATUS, true)
     })
 }
 

@@ -20,10 +20,14 @@
 use std::sync::{Arc, Mutex};
 
 use iced_x86::code_asm::*;
+use integration::small_guest::vtd::{
+    copy_fsts, enable_remapping, fault_events_to, fault_record, gcmd, irte, take_fault_record,
+    write_irte,
+};
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_u32,
-    read_u64, vm_with_irqchip, wait_for_count, watchdog, Capture, IoapicLineDriver, LAPIC_EOI,
-    RESULTS,
+    read_u64, take_pending, vm_with_irqchip, wait_for_count, watchdog, Capture, IoapicLineDriver,
+    LAPIC_EOI, RESULTS,
 };
 use viommu::descriptor::encode;
 use viommu::intremap::IRTA_EIME;
@@ -64,45 +68,15 @@ const IER_THRE: u32 = 1 << 1;
 /// The test device driving pin 10 (1: asserted, 0: not).
 const LINE_DEV: u64 = 0xf000_0000;
 const LINE_PIN: u32 = 10;
-/// An IRTE's source validation against a requester ID (SVT = 01b).
-const SVT_REQUESTER_ID: u64 = 1 << 18;
 /// A PCI requester ID that is not the IOAPIC's.
 const OTHER_SID: u16 = 0x0018;
 /// The interrupt index past the 16-entry table.
 const BAD_HANDLE: u32 = 20;
 
-/// The IRTE (low, high) for `vector` on x2APIC ID 0, checked against requester `sid`.
-fn irte(vector: u32, sid: u16) -> (u64, u64) {
-    (
-        1 | u64::from(vector) << 16,
-        SVT_REQUESTER_ID | u64::from(sid),
-    )
-}
-
 /// The high half of a remappable-format redirection entry for interrupt index `index`
 /// (VT-d spec 5.1.5.1: format bit 48, index 14:0 in bits 63:49).
 fn remappable_high(index: u32) -> u32 {
     (index & 0x7fff) << 17 | 1 << 16
-}
-
-/// Emits an IRTE write at `index` of the table (clobbers rax, rcx).
-fn write_irte(a: &mut CodeAssembler, index: u64, (lo, hi): (u64, u64)) -> Result<(), IcedError> {
-    a.mov(rcx, IRT + 16 * index)?;
-    a.mov(rax, lo)?;
-    a.mov(qword_ptr(rcx), rax)?;
-    a.mov(rax, hi)?;
-    a.mov(qword_ptr(rcx + 8), rax)
-}
-
-/// Emits a GCMD write of `value` (r12 = the register block), then waits for GSTS to show
-/// `status`. Clobbers rax.
-fn gcmd(a: &mut CodeAssembler, value: u32, status: u32) -> Result<(), IcedError> {
-    let mut wait = a.create_label();
-    a.mov(dword_ptr(r12 + GCMD_REG), value)?;
-    a.set_label(&mut wait)?;
-    a.mov(eax, dword_ptr(r12 + GSTS_REG))?;
-    a.and(eax, status)?;
-    a.jz(wait)
 }
 
 /// Emits a new THR-empty edge of the serial port: IIR read (the UART raises THR empty again
@@ -116,19 +90,6 @@ fn serial_edge(a: &mut CodeAssembler) -> Result<(), IcedError> {
     a.out(dx, al)?;
     a.mov(al, IER_THRE)?;
     a.out(dx, al)
-}
-
-/// Emits the copy of fault record `n` to RECORDS and its clearing (F is write-1-to-clear), so
-/// the next fault raises the fault event again. Clobbers rax, rcx.
-fn take_fault_record(a: &mut CodeAssembler, n: u64) -> Result<(), IcedError> {
-    let reg = (FRCD_REG_BASE + 16 * n) as i32;
-    a.mov(rcx, RECORDS + 16 * n)?;
-    a.mov(rax, qword_ptr(r12 + reg))?;
-    a.mov(qword_ptr(rcx), rax)?;
-    a.mov(rax, qword_ptr(r12 + reg + 8))?;
-    a.mov(qword_ptr(rcx + 8), rax)?;
-    a.mov(rax, FRCD_HI_F)?;
-    a.mov(qword_ptr(r12 + reg + 8), rax)
 }
 
 /// A handler counting into `counter`; `serial` handlers acknowledge the UART (IIR read).
@@ -146,14 +107,6 @@ fn handler(a: &mut CodeAssembler, counter: u64, serial: bool) -> Result<(), Iced
     a.pop(rdx)?;
     a.pop(rax)?;
     a.iretq()
-}
-
-/// The fault record `n` the guest copied: (requester ID, reason, interrupt index).
-fn record(mem: &GuestMemoryMmap, n: u64) -> (u16, u64, u64) {
-    let lo = read_u64(mem, RECORDS + 16 * n);
-    let hi = read_u64(mem, RECORDS + 16 * n + 8);
-    assert_ne!(hi & FRCD_HI_F, 0, "record {n} was pending");
-    (hi as u16, (hi >> 32) & 0xff, lo >> 48)
 }
 
 #[test]
@@ -175,22 +128,16 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         a.mov(r12, VTD_REGS_START)?;
         // The table: entry 0 for the IOAPIC, entry 1 not present, entry 2 for another
         // requester.
-        write_irte(a, 0, irte(V_REMAPPED, IOAPIC_SOURCE_ID.0))?;
-        write_irte(a, 2, irte(V_REMAPPED, OTHER_SID))?;
-        // Fault events to V_FAULT at APIC 0, unmasked.
-        a.mov(dword_ptr(r12 + FEDATA_REG), V_FAULT)?;
-        a.mov(dword_ptr(r12 + FEADDR_REG), 0xfee0_0000u32)?;
-        a.mov(dword_ptr(r12 + FECTL_REG), 0u32)?;
+        write_irte(a, IRT, 0, irte(V_REMAPPED, IOAPIC_SOURCE_ID.0))?;
+        write_irte(a, IRT, 2, irte(V_REMAPPED, OTHER_SID))?;
+        fault_events_to(a, r12, V_FAULT)?;
         // Queued invalidation, then the table pointer and remapping on.
         a.xor(eax, eax)?;
         a.mov(qword_ptr(r12 + IQT_REG), rax)?;
         a.mov(rax, QUEUE)?;
         a.mov(qword_ptr(r12 + IQA_REG), rax)?;
-        gcmd(a, GCMD_QIE, GSTS_QIES)?;
-        a.mov(rax, IRTA)?;
-        a.mov(qword_ptr(r12 + IRTA_REG), rax)?;
-        gcmd(a, GCMD_QIE | GCMD_SIRTP, GSTS_IRTPS)?;
-        gcmd(a, GCMD_QIE | GCMD_IRE, GSTS_IRES)?;
+        gcmd(a, r12, GCMD_QIE, GSTS_QIES)?;
+        enable_remapping(a, r12, IRTA, GCMD_QIE)?;
 
         // 1. The serial line through entry 0: KVM delivers the IRTE's vector.
         program_entry(a, COM1_PIN, V_BYPASS, remappable_high(0))?;
@@ -200,12 +147,12 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         program_entry(a, COM1_PIN, V_BYPASS, remappable_high(BAD_HANDLE))?;
         serial_edge(a)?;
         wait_for_count(a, FAULTS, 1)?;
-        take_fault_record(a, 0)?;
+        take_fault_record(a, r12, RECORDS, 0)?;
         // 3. An entry that is not present.
         program_entry(a, COM1_PIN, V_BYPASS, remappable_high(1))?;
         serial_edge(a)?;
         wait_for_count(a, FAULTS, 2)?;
-        take_fault_record(a, 1)?;
+        take_fault_record(a, r12, RECORDS, 1)?;
         // 4. The test device's pin through an entry for another requester: the IOAPIC's own
         //    delivery, blocked by source validation.
         program_entry(a, LINE_PIN, V_BYPASS, remappable_high(2))?;
@@ -213,10 +160,10 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         a.mov(dword_ptr(rax), 1u32)?;
         a.mov(dword_ptr(rax), 0u32)?;
         wait_for_count(a, FAULTS, 3)?;
-        take_fault_record(a, 2)?;
+        take_fault_record(a, r12, RECORDS, 2)?;
         // 5. Entry 1 made present, then an interrupt-entry-cache invalidation and a wait: the
         //    serial line (still on entry 1) is delivered again, with the new vector.
-        write_irte(a, 1, irte(V_AFTER_IEC, IOAPIC_SOURCE_ID.0))?;
+        write_irte(a, IRT, 1, irte(V_AFTER_IEC, IOAPIC_SOURCE_ID.0))?;
         a.mov(rcx, QUEUE)?;
         for (i, q) in [iec_lo, iec_hi, wait_lo, wait_hi].into_iter().enumerate() {
             a.mov(rax, q)?;
@@ -232,17 +179,11 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         serial_edge(a)?;
         wait_for_count(a, AFTER_IEC, 1)?;
         // Anything still pending comes in now (and would be counted).
-        a.sti()?;
-        for _ in 0..64 {
-            a.pause()?;
-        }
-        a.cli()?;
+        take_pending(a)?;
         a.mov(dx, COM1 + 1)?;
         a.xor(al, al)?;
         a.out(dx, al)?;
-        a.mov(eax, dword_ptr(r12 + FSTS_REG))?;
-        a.mov(rcx, FSTS_AT_END)?;
-        a.mov(dword_ptr(rcx), eax)?;
+        copy_fsts(a, r12, FSTS_AT_END)?;
         power_off(a)?;
 
         a.set_label(&mut on_remapped)?;
@@ -297,7 +238,7 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
     );
     let ioapic = IOAPIC_SOURCE_ID.0;
     assert_eq!(
-        record(&mem, 0),
+        fault_record(&mem, RECORDS, 0),
         (
             ioapic,
             FaultReason::IrIndexBeyondTable as u64,
@@ -306,12 +247,12 @@ fn interrupts_arrive_remapped_to_the_irte_vector_and_bad_requests_leave_fault_re
         "a bad handle"
     );
     assert_eq!(
-        record(&mem, 1),
+        fault_record(&mem, RECORDS, 1),
         (ioapic, FaultReason::IrEntryNotPresent as u64, 1),
         "a not-present IRTE"
     );
     assert_eq!(
-        record(&mem, 2),
+        fault_record(&mem, RECORDS, 2),
         (ioapic, FaultReason::IrSourceIdMismatch as u64, 2),
         "a source-ID mismatch"
     );
@@ -429,14 +370,12 @@ fn a_288_vcpu_guest_starts_every_cpu_with_its_x2apic_id_and_a_remapped_interrupt
         )?;
         write_irte(
             a,
+            IRT,
             0,
             (1 | u64::from(V_REMAPPED) << 16 | u64::from(TARGET) << 32, 0),
         )?;
         a.mov(r12, VTD_REGS_START)?;
-        a.mov(rax, IRTA)?;
-        a.mov(qword_ptr(r12 + IRTA_REG), rax)?;
-        gcmd(a, GCMD_SIRTP, GSTS_IRTPS)?;
-        gcmd(a, GCMD_IRE, GSTS_IRES)?;
+        enable_remapping(a, r12, IRTA, 0)?;
         program_entry(a, COM1_PIN, V_BYPASS, remappable_high(0))?;
         // The boot processor started in x2APIC mode (IA32_APIC_BASE bit 10).
         a.mov(ecx, 0x1bu32)?;

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex};
 use iced_x86::code_asm::*;
 use integration::small_guest::{
     asm64, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, program_entry, read_entry,
-    read_u32, read_u64, vm_with_irqchip, wait_for_count, watchdog, Capture, IoapicLineDriver,
-    LAPIC_EOI, RESULTS,
+    read_u32, read_u64, take_pending, vm_with_irqchip, wait_for_count, watchdog, Capture,
+    IoapicLineDriver, LAPIC_EOI, RESULTS,
 };
 use vmm::{Irqchip, VmExit};
 
@@ -54,11 +54,7 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.mov(dword_ptr(rax), 1u32)?;
         wait_for_count(a, RESULTS, 3)?;
         // Anything still pending comes in now (and would be counted).
-        a.sti()?;
-        for _ in 0..64 {
-            a.pause()?;
-        }
-        a.cli()?;
+        take_pending(a)?;
         read_entry(a, LINE_PIN)?;
         a.mov(rbx, RESULTS + 40)?;
         a.mov(dword_ptr(rbx), eax)?;
@@ -175,11 +171,7 @@ fn serial_edge_reaches_the_guest_through_its_entry_and_is_lost_while_masked() {
         a.in_(al, dx)?; // IIR: acknowledge
                         // Unmasked: nothing was held pending.
         program_entry(a, COM1_PIN, COM1_VECTOR, 0)?;
-        a.sti()?;
-        for _ in 0..64 {
-            a.pause()?;
-        }
-        a.cli()?;
+        take_pending(a)?;
         a.mov(rax, RESULTS)?;
         a.mov(rbx, qword_ptr(rax))?;
         a.mov(dword_ptr(rax + 8), ebx)?;

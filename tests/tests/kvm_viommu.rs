@@ -5,9 +5,10 @@
 //! in scalable mode through a first-stage table.
 
 use iced_x86::code_asm::*;
+use integration::small_guest::vtd::fault_events_to;
 use integration::small_guest::{
-    asm64, idt_gate, kvm_available, load_idt_and_enable_apic, print, read_u32, read_u64, Capture,
-    CODE, LAPIC_EOI, PM1A_CNT, RESULTS, SLP_S5,
+    asm64, counting_handler, idt_gate, kvm_available, load_idt_and_enable_apic, print, read_u32,
+    read_u64, Capture, CODE, PM1A_CNT, RESULTS, SLP_S5,
 };
 use viommu::descriptor::encode;
 use viommu::regs::*;
@@ -230,17 +231,6 @@ const FAULT_VECTOR: u64 = 0x51;
 const IDT: u64 = 0x31_1000;
 const IDTR: u64 = 0x31_2000;
 
-/// A handler that counts into the u64 at `counter` and signals end of interrupt.
-fn counting_handler(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
-    a.push(rax)?;
-    a.mov(rax, counter)?;
-    a.inc(qword_ptr(rax))?;
-    a.mov(rax, LAPIC_EOI)?;
-    a.mov(dword_ptr(rax), 0u32)?;
-    a.pop(rax)?;
-    a.iretq()
-}
-
 /// Spins until the u64 at `counter` is at least 1, with interrupts on.
 fn wait_for(a: &mut CodeAssembler, counter: u64) -> Result<(), IcedError> {
     let mut again = a.create_label();
@@ -280,9 +270,7 @@ fn completion_and_fault_events_reach_the_guest_as_msis_through_kvm() {
         a.mov(dword_ptr(rbx + IEDATA_REG), COMPLETION_VECTOR as u32)?;
         a.mov(dword_ptr(rbx + IEADDR_REG), 0xfee0_0000u32)?;
         a.mov(dword_ptr(rbx + IECTL_REG), 0u32)?; // unmask
-        a.mov(dword_ptr(rbx + FEDATA_REG), FAULT_VECTOR as u32)?;
-        a.mov(dword_ptr(rbx + FEADDR_REG), 0xfee0_0000u32)?;
-        a.mov(dword_ptr(rbx + FECTL_REG), 0u32)?; // unmask
+        fault_events_to(a, rbx, FAULT_VECTOR as u32)?;
         a.mov(rcx, QUEUE)?;
         a.mov(rax, wait_lo)?;
         a.mov(qword_ptr(rcx), rax)?;
@@ -403,9 +391,7 @@ fn edu_guest(setup: &EduSetup) -> Vec<u8> {
         a.out(dx, eax)?;
         // The VT-d: fault events to the handler, root table, queued invalidation, translation.
         a.mov(rbx, VTD_REGS_START)?;
-        a.mov(dword_ptr(rbx + FEDATA_REG), FAULT_VECTOR as u32)?;
-        a.mov(dword_ptr(rbx + FEADDR_REG), 0xfee0_0000u32)?;
-        a.mov(dword_ptr(rbx + FECTL_REG), 0u32)?; // unmask
+        fault_events_to(a, rbx, FAULT_VECTOR as u32)?;
         a.mov(rax, setup.rtaddr)?;
         a.mov(qword_ptr(rbx + RTADDR_REG), rax)?;
         a.mov(dword_ptr(rbx + GCMD_REG), GCMD_SRTP)?;
