@@ -9,7 +9,9 @@
 //!   IOAPIC all speak, and the trait an emulated device raises its MSIs through;
 //! - [`pci`]: the PCI configuration-space and BAR model the VMM's emulated functions and the
 //!   passthrough crate's VFIO functions share, and the trait the root complex drives them by;
-//! - [`ratelimit`]: logging for lines a guest can trigger at will, bounded per call site.
+//! - [`ratelimit`]: logging for lines a guest can trigger at will, bounded per call site;
+//! - [`origin`]: the vCPU and instruction pointer of the MMIO write a device model is handling,
+//!   for models that name the guest code behind what they report.
 //!
 //! It lives at `vmm/vm-device` because the workspace's top level holds one directory per part of
 //! the project (`vmm`, `passthrough`, `viommu`, `tests`, `resources`) and this crate is the part
@@ -17,5 +19,6 @@
 
 pub mod dma;
 pub mod interrupt;
+pub mod origin;
 pub mod pci;
 pub mod ratelimit;

@@ -109,9 +109,19 @@ impl LogLimit {
 macro_rules! log_limited {
     ($level:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::LogLimit = $crate::ratelimit::LogLimit::new();
+        $crate::log_limited_by!(&LIMIT, $level, $($arg)+)
+    }};
+}
+
+/// Logs at `level` like `log::log!`, limited by the [`LogLimit`] `limit` rather than per call
+/// site: one site that logs several kinds of line keeps a limit for each kind.
+#[macro_export]
+macro_rules! log_limited_by {
+    ($limit:expr, $level:expr, $($arg:tt)+) => {{
+        let limit: &$crate::ratelimit::LogLimit = $limit;
         let level: $crate::ratelimit::__log::Level = $level;
         if $crate::ratelimit::__log::log_enabled!(level) {
-            match LIMIT.check() {
+            match limit.check() {
                 $crate::ratelimit::Verdict::Log { suppressed: 0 } => {
                     $crate::ratelimit::__log::log!(level, $($arg)+)
                 }
@@ -139,6 +149,14 @@ macro_rules! error_limited {
 #[macro_export]
 macro_rules! warn_limited {
     ($($arg:tt)+) => { $crate::log_limited!($crate::ratelimit::__log::Level::Warn, $($arg)+) };
+}
+
+/// `log::warn!`, limited by the [`LogLimit`] given first (see [`log_limited_by!`]).
+#[macro_export]
+macro_rules! warn_limited_by {
+    ($limit:expr, $($arg:tt)+) => {
+        $crate::log_limited_by!($limit, $crate::ratelimit::__log::Level::Warn, $($arg)+)
+    };
 }
 
 /// `log::info!`, limited per call site.
@@ -230,6 +248,21 @@ mod tests {
         assert_eq!(
             site.check_at(10 + 3 * interval),
             Verdict::Log { suppressed: 1 }
+        );
+    }
+
+    #[test]
+    fn a_limit_shared_by_a_call_site_bounds_each_kind_on_its_own() {
+        static KINDS: [LogLimit; 2] = [LogLimit::new(), LogLimit::new()];
+        let lines = capture::lines_logged_by(|| {
+            for i in 0..1000 {
+                warn_limited_by!(&KINDS[i % 2], "kind {} line {i}", i % 2);
+            }
+        });
+        assert_eq!(lines.len(), 2 * BURST as usize, "{lines:?}");
+        assert_eq!(
+            lines.iter().filter(|l| l.contains("kind 1")).count(),
+            BURST as usize
         );
     }
 
