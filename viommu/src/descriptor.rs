@@ -36,6 +36,8 @@ const IOTLB_HI_IH: u64 = 1 << 6;
 /// Bits 51:48, 31:21 and 8:4 (PFSID is 63:52 and 15:12, SID 47:32, queue depth 20:16).
 const DEV_LO_RSVD: u64 = 0x000f_0000_ffe0_01f0;
 const DEV_HI_RSVD: u64 = 0xffe;
+/// Size (bit 64): the address encodes a range larger than a page.
+const DEV_HI_S: u64 = 1 << 0;
 // 6.5.2.7: interrupt entry cache invalidate descriptor (G is bit 4, IM 31:27, IIDX 47:32).
 const IEC_LO_RSVD: u64 = 0xffff_0000_07ff_ffe0;
 const IEC_LO_INDEX_SELECTIVE: u64 = 1 << 4;
@@ -57,6 +59,8 @@ const PASID_IOTLB_HI_RSVD: u64 = IOTLB_HI_RSVD;
 // 6.5.2.6: PASID-based device-TLB: PFSID 63:52 and 15:12, PASID 51:32, SID 31:16, MIP 8:4 in
 // the low quadword; address 63:12, S (11) and G (0) in the high one, bits 10:1 reserved.
 const PASID_DEV_HI_RSVD: u64 = 0x7fe;
+/// Size (bit 75).
+const PASID_DEV_HI_S: u64 = 1 << 11;
 
 /// Which context-cache entries a context-cache invalidation covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,20 +194,52 @@ impl PasidIotlbScope {
     }
 }
 
+/// Which translations a device-TLB invalidation removes from a device's device-TLB (6.5.2.5
+/// and 6.5.2.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceTlbScope {
+    /// The device (its requester id).
+    pub source: SourceId,
+    /// The PASID of a PASID-based invalidation; None for translations of requests without one.
+    pub pasid: Option<u32>,
+    /// The untranslated addresses covered.
+    pub range: (u64, u64),
+}
+
+impl DeviceTlbScope {
+    /// The range an address and size bit name, as ATS invalidation requests encode it: with S
+    /// clear the 4 KiB page at `addr`; with S set, 2^(k + 1) bytes where bit k is the lowest
+    /// clear bit of the address from bit 12 (all of them: the whole address space).
+    pub fn range(addr: u64, size: bool) -> (u64, u64) {
+        let addr = addr & !0xfff;
+        if !size {
+            return (addr, addr.saturating_add(0x1000));
+        }
+        let shift = 12 + (addr >> 12).trailing_ones() + 1;
+        match 1u64.checked_shl(shift) {
+            Some(len) if shift < 64 => {
+                let base = addr & !(len - 1);
+                (base, base.saturating_add(len))
+            }
+            _ => (0, u64::MAX),
+        }
+    }
+}
+
 /// A decoded invalidation descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Descriptor {
     ContextCache(ContextScope),
     Iotlb(IotlbScope),
-    /// Device-TLB invalidation: validated and counted; there is no ATS to act on yet.
-    DeviceIotlb,
+    /// Device-TLB invalidation: the translations of one ATS device over a range.
+    DeviceIotlb(DeviceTlbScope),
     /// PASID-cache invalidation (scalable mode): cached PASID entries are re-read.
     PasidCache(PasidCacheScope),
     /// PASID-based-IOTLB invalidation (scalable mode).
     PasidIotlb(PasidIotlbScope),
-    /// PASID-based device-TLB invalidation (scalable mode): validated and counted, as the
-    /// device-TLB one.
-    PasidDeviceIotlb,
+    /// PASID-based device-TLB invalidation (scalable mode): the translations of one ATS device
+    /// for one PASID over a range.
+    PasidDeviceIotlb(DeviceTlbScope),
     /// Interrupt entry cache invalidation: cached interrupt remappings are dropped.
     InterruptEntryCache(IecScope),
     Wait {
@@ -288,7 +324,11 @@ pub fn decode_in(mode: TableMode, words: [u64; 4]) -> Result<Descriptor, Invalid
         }
         TYPE_DEVICE_IOTLB => {
             reserved(DEV_LO_RSVD, DEV_HI_RSVD)?;
-            Ok(Descriptor::DeviceIotlb)
+            Ok(Descriptor::DeviceIotlb(DeviceTlbScope {
+                source: SourceId((lo >> 32) as u16),
+                pasid: None,
+                range: DeviceTlbScope::range(hi, hi & DEV_HI_S != 0),
+            }))
         }
         TYPE_IEC => {
             reserved(IEC_LO_RSVD, u64::MAX)?;
@@ -339,119 +379,17 @@ pub fn decode_in(mode: TableMode, words: [u64; 4]) -> Result<Descriptor, Invalid
         }
         TYPE_PASID_DEVICE_IOTLB if scalable => {
             reserved(0, PASID_DEV_HI_RSVD)?;
-            Ok(Descriptor::PasidDeviceIotlb)
+            Ok(Descriptor::PasidDeviceIotlb(DeviceTlbScope {
+                source: SourceId((lo >> 16) as u16),
+                pasid: Some(pasid),
+                range: DeviceTlbScope::range(hi, hi & PASID_DEV_HI_S != 0),
+            }))
         }
         t => Err(InvalidDescriptor::UnknownType(t)),
     }
 }
 
-/// Encoders for the descriptors, as a guest driver writes them (used by tests and benchmarks).
-pub mod encode {
-    use crate::SourceId;
-
-    pub fn context_global() -> [u64; 2] {
-        [0x1 | 1 << 4, 0]
-    }
-
-    pub fn context_domain(domain: u16) -> [u64; 2] {
-        [0x1 | 2 << 4 | u64::from(domain) << 16, 0]
-    }
-
-    pub fn context_device(domain: u16, source: SourceId, function_mask: u8) -> [u64; 2] {
-        [
-            0x1 | 3 << 4
-                | u64::from(domain) << 16
-                | u64::from(source.0) << 32
-                | u64::from(function_mask & 3) << 48,
-            0,
-        ]
-    }
-
-    pub fn iotlb_global() -> [u64; 2] {
-        [0x2 | 1 << 4, 0]
-    }
-
-    pub fn iotlb_domain(domain: u16) -> [u64; 2] {
-        [0x2 | 2 << 4 | u64::from(domain) << 16, 0]
-    }
-
-    pub fn iotlb_page(domain: u16, addr: u64, am: u8, ih: bool) -> [u64; 2] {
-        [
-            0x2 | 3 << 4 | u64::from(domain) << 16,
-            (addr & !0xfff) | u64::from(ih) << 6 | u64::from(am & 0x3f),
-        ]
-    }
-
-    pub fn wait(status: Option<(u64, u32)>, interrupt: bool, fence: bool) -> [u64; 2] {
-        let mut lo = 0x5 | u64::from(interrupt) << 4 | u64::from(fence) << 6;
-        let mut hi = 0;
-        if let Some((addr, data)) = status {
-            lo |= 1 << 5 | u64::from(data) << 32;
-            hi = addr & !0x3;
-        }
-        [lo, hi]
-    }
-
-    pub fn device_iotlb(source: SourceId, addr: u64, size: bool) -> [u64; 2] {
-        [
-            0x3 | u64::from(source.0) << 32,
-            (addr & !0xfff) | u64::from(size),
-        ]
-    }
-
-    /// Global (`None`) or index-selective over the 2^`mask` entries at `index`.
-    pub fn interrupt_entry_cache(index: Option<(u16, u8)>) -> [u64; 2] {
-        match index {
-            None => [0x4, 0],
-            Some((i, mask)) => [
-                0x4 | 1 << 4 | u64::from(mask & 0x1f) << 27 | u64::from(i) << 32,
-                0,
-            ],
-        }
-    }
-
-    /// Linux's `qi_flush_pasid_cache(iommu, 0, QI_PC_GLOBAL, 0)`.
-    pub fn pasid_cache_global() -> [u64; 2] {
-        [0x7 | 3 << 4, 0]
-    }
-
-    /// Every PASID entry of `domain` (`QI_PC_ALL_PASIDS`).
-    pub fn pasid_cache_domain(domain: u16) -> [u64; 2] {
-        [0x7 | u64::from(domain) << 16, 0]
-    }
-
-    /// The entry of `pasid` in `domain` (`QI_PC_PASID_SEL`).
-    pub fn pasid_cache_pasid(domain: u16, pasid: u32) -> [u64; 2] {
-        [
-            0x7 | 1 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
-            0,
-        ]
-    }
-
-    /// Every mapping of `pasid` in `domain` (`qi_flush_piotlb` with `npages == -1`).
-    pub fn pasid_iotlb_pasid(domain: u16, pasid: u32) -> [u64; 2] {
-        [
-            0x6 | 2 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
-            0,
-        ]
-    }
-
-    /// 2^`am` pages at `addr` of `pasid` in `domain`.
-    pub fn pasid_iotlb_page(domain: u16, pasid: u32, addr: u64, am: u8, ih: bool) -> [u64; 2] {
-        [
-            0x6 | 3 << 4 | u64::from(domain) << 16 | u64::from(pasid & 0xf_ffff) << 32,
-            (addr & !0xfff) | u64::from(ih) << 6 | u64::from(am & 0x3f),
-        ]
-    }
-
-    /// A PASID-based device-TLB invalidation (`qi_flush_dev_iotlb_pasid`).
-    pub fn pasid_device_iotlb(source: SourceId, pasid: u32, addr: u64, size: bool) -> [u64; 2] {
-        [
-            0x8 | u64::from(source.0) << 16 | u64::from(pasid & 0xf_ffff) << 32,
-            (addr & !0xfff) | u64::from(size) << 11,
-        ]
-    }
-}
+pub mod encode;
 
 #[cfg(test)]
 mod tests {
@@ -507,7 +445,11 @@ mod tests {
         );
         assert_eq!(
             dec(encode::device_iotlb(sid, 0x5000, true)),
-            Ok(Descriptor::DeviceIotlb)
+            Ok(Descriptor::DeviceIotlb(DeviceTlbScope {
+                source: sid,
+                pasid: None,
+                range: (0x4000, 0x8000)
+            }))
         );
         assert_eq!(
             dec(encode::interrupt_entry_cache(Some((4, 2)))),
@@ -563,7 +505,11 @@ mod tests {
         );
         assert_eq!(
             sm(encode::pasid_device_iotlb(SourceId(0x18), 2, 0x5000, true)),
-            Ok(Descriptor::PasidDeviceIotlb)
+            Ok(Descriptor::PasidDeviceIotlb(DeviceTlbScope {
+                source: SourceId(0x18),
+                pasid: Some(2),
+                range: (0x4000, 0x8000)
+            }))
         );
         // The legacy types keep their meaning in scalable mode.
         assert_eq!(
@@ -727,5 +673,17 @@ mod tests {
             function_mask: 0,
         };
         assert!(!exact.covers(SourceId::new(0, 3, 0), None));
+    }
+
+    #[test]
+    fn a_device_tlb_range_is_a_page_or_the_size_its_lowest_clear_address_bit_gives() {
+        assert_eq!(DeviceTlbScope::range(0x5123, false), (0x5000, 0x6000));
+        // S set, bit 12 clear: 8 KiB.
+        assert_eq!(DeviceTlbScope::range(0x4000, true), (0x4000, 0x6000));
+        // Linux's mask 3 (8 pages): bits 13:12 set, bit 14 clear: 32 KiB... aligned down.
+        assert_eq!(DeviceTlbScope::range(0x1_3000, true), (0x1_0000, 0x1_8000));
+        // Linux's whole-address-space flush: every bit below 63 set.
+        assert_eq!(DeviceTlbScope::range((1 << 63) - 1, true), (0, u64::MAX));
+        assert_eq!(DeviceTlbScope::range(u64::MAX, true), (0, u64::MAX));
     }
 }

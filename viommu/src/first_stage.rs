@@ -111,7 +111,7 @@ pub fn translate<M: TableMemory>(
         return Err(FaultReason::NonCanonicalAddress);
     }
     for _ in 0..MAX_RETRIES {
-        if let Some(leaf) = walk_once(mem, table, req, caps)? {
+        if let Some(leaf) = walk_once(mem, table, req, caps, true)? {
             return Ok(leaf);
         }
     }
@@ -120,12 +120,31 @@ pub fn translate<M: TableMemory>(
     Err(FaultReason::FirstStageEntryAccess)
 }
 
-/// One walk; None when an accessed/dirty update found the entry changed.
+/// What [`translate`] would answer for `req`, without setting any accessed or dirty flag: how
+/// the protocol checker compares a cached translation with the tables.
+pub fn peek<M: TableMemory>(
+    mem: &M,
+    table: FirstStageTable,
+    req: Request,
+    caps: &Capabilities,
+) -> Result<Leaf, FaultReason> {
+    if req.privileged && !table.supervisor {
+        return Err(FaultReason::SupervisorRequestsDisabled);
+    }
+    if !canonical(req.iova) {
+        return Err(FaultReason::NonCanonicalAddress);
+    }
+    walk_once(mem, table, req, caps, false)?.ok_or(FaultReason::FirstStageEntryAccess)
+}
+
+/// One walk; None when an accessed/dirty update found the entry changed. Without
+/// `update_flags` the walk leaves the entries as they are.
 fn walk_once<M: TableMemory>(
     mem: &M,
     table: FirstStageTable,
     req: Request,
     caps: &Capabilities,
+    update_flags: bool,
 ) -> Result<Option<Leaf>, FaultReason> {
     let mut used = [(0u64, 0u64); FIRST_STAGE_LEVELS as usize];
     let mut depth = 0;
@@ -173,7 +192,7 @@ fn walk_once<M: TableMemory>(
                 } else {
                     0
                 };
-            if !set_flags(mem, a, seen, flags) {
+            if update_flags && !set_flags(mem, a, seen, flags) {
                 return Ok(None);
             }
         }

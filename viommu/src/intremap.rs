@@ -94,6 +94,14 @@ pub struct RemapState {
     pub unverified_source: Option<SourceId>,
 }
 
+impl RemapState {
+    /// Whether the requests of `source` are validated against their IRTE's SVT/SQ/SID (9.10):
+    /// all but those of the unverified requester.
+    pub fn verifies(&self, source: SourceId) -> bool {
+        self.unverified_source != Some(source)
+    }
+}
+
 /// The interrupt to deliver, as a remapped IRTE (or a passed compatibility request) names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Interrupt {
@@ -151,13 +159,15 @@ impl RemapFault {
     }
 }
 
-/// A decoded, valid, present IRTE.
+/// A decoded, valid, present IRTE: what the interrupt-entry cache holds (6.2.x).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Irte {
+pub struct Irte {
     interrupt: Interrupt,
     sid: u16,
     sq: u8,
     svt: u64,
+    /// Fault processing disable: a source-id mismatch through this entry is not recorded.
+    fpd: bool,
 }
 
 /// Decodes the IRTE `[lo, hi]`; `Err(fpd)` when it is not present (reason 0x22) and
@@ -195,6 +205,7 @@ fn decode_irte(lo: u64, hi: u64, x2apic: bool, index: u32) -> Result<Irte, Remap
         sid: (hi & IRTE_HI_SID_MASK) as u16,
         sq: ((hi >> IRTE_HI_SQ_SHIFT) & 0b11) as u8,
         svt,
+        fpd,
     })
 }
 
@@ -220,25 +231,46 @@ impl Irte {
             _ => false,
         }
     }
+
+    /// What a request from `source` referencing this entry (at `index`) delivers; `verify`:
+    /// whether the unit validates the request's source (see [`RemapState::verifies`]).
+    pub fn deliver(
+        &self,
+        source: SourceId,
+        index: u32,
+        verify: bool,
+    ) -> Result<MsiMessage, RemapFault> {
+        if verify && !self.allows(source) {
+            return Err(RemapFault {
+                fpd: self.fpd,
+                ..RemapFault::new(FaultReason::IrSourceIdMismatch, index)
+            });
+        }
+        Ok(self.interrupt.to_msi())
+    }
 }
 
-/// Translates the interrupt request `msg` from `source` under `state`: the interrupt to deliver,
-/// or the fault that blocks it. Reads the IRTE from `mem`; records nothing.
-pub fn translate<M: TableMemory>(
-    mem: &M,
-    state: &RemapState,
-    source: SourceId,
-    msg: MsiMessage,
-) -> Result<MsiMessage, RemapFault> {
+/// What an interrupt request needs under the unit's remapping state (5.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Delivered as it is: remapping is off, or a compatibility-format request it allows.
+    Pass(MsiMessage),
+    /// Remapped through the entry `index` of `table`.
+    Remap { table: RemapTable, index: u32 },
+}
+
+/// Decides what the request `msg` needs under `state`, before any table is read: the faults
+/// found here concern the request itself, not an entry.
+pub fn classify(state: &RemapState, msg: MsiMessage) -> Result<Request, RemapFault> {
     if !state.enabled {
-        return Ok(msg);
+        return Ok(Request::Pass(msg));
     }
     if !msg.is_remappable() {
         let x2apic = state.table.is_some_and(|t| t.x2apic);
         if !state.compat_allowed || x2apic {
             return Err(RemapFault::new(FaultReason::IrCompatibilityBlocked, 0));
         }
-        return Ok(msg);
+        return Ok(Request::Pass(msg));
     }
     let index = msg.interrupt_index();
     if msg.data & !MSI_DATA_SUBHANDLE_MASK != 0 || msg.address >> 32 != 0 {
@@ -252,6 +284,15 @@ pub fn translate<M: TableMemory>(
     if index >= table.entries {
         return Err(RemapFault::new(FaultReason::IrIndexBeyondTable, index));
     }
+    Ok(Request::Remap { table, index })
+}
+
+/// Reads and decodes the entry `index` (within the table) of `table`.
+pub fn read_entry<M: TableMemory>(
+    mem: &M,
+    table: &RemapTable,
+    index: u32,
+) -> Result<Irte, RemapFault> {
     let entry = table
         .base
         .checked_add(u64::from(index) * IRTE_SIZE)
@@ -263,14 +304,23 @@ pub fn translate<M: TableMemory>(
     let Some((lo, hi)) = entry else {
         return Err(RemapFault::new(FaultReason::IrTableAccess, index));
     };
-    let irte = decode_irte(lo, hi, table.x2apic, index)?;
-    if state.unverified_source != Some(source) && !irte.allows(source) {
-        return Err(RemapFault {
-            fpd: lo & IRTE_LO_FPD != 0,
-            ..RemapFault::new(FaultReason::IrSourceIdMismatch, index)
-        });
+    decode_irte(lo, hi, table.x2apic, index)
+}
+
+/// Translates the interrupt request `msg` from `source` under `state`: the interrupt to deliver,
+/// or the fault that blocks it. Reads the IRTE from `mem`; records nothing.
+pub fn translate<M: TableMemory>(
+    mem: &M,
+    state: &RemapState,
+    source: SourceId,
+    msg: MsiMessage,
+) -> Result<MsiMessage, RemapFault> {
+    match classify(state, msg)? {
+        Request::Pass(msg) => Ok(msg),
+        Request::Remap { table, index } => {
+            read_entry(mem, &table, index)?.deliver(source, index, state.verifies(source))
+        }
     }
-    Ok(irte.interrupt.to_msi())
 }
 
 /// Which cached interrupt remappings an interrupt-entry-cache invalidation drops (6.5.2.7).
@@ -287,14 +337,30 @@ impl IecScope {
     pub fn covers(&self, msg: &MsiMessage) -> bool {
         match *self {
             IecScope::Global => true,
+            IecScope::Index { .. } => {
+                msg.is_remappable() && self.covers_index(msg.interrupt_index())
+            }
+        }
+    }
+
+    /// Does the invalidation cover the entry at `index`?
+    pub fn covers_index(&self, entry: u32) -> bool {
+        match *self {
+            IecScope::Global => true,
             IecScope::Index { index, mask } => {
-                if !msg.is_remappable() {
-                    return false;
-                }
                 let size = 1u32 << mask.min(16);
                 let first = u32::from(index) & !(size - 1);
-                (first..first + size).contains(&msg.interrupt_index())
+                (first..first + size).contains(&entry)
             }
+        }
+    }
+
+    /// Is the index-selective invalidation's index aligned to its mask (6.5.2.7: IIDX names
+    /// 2^IM entries and its low IM bits must be zero)?
+    pub fn aligned(&self) -> bool {
+        match *self {
+            IecScope::Global => true,
+            IecScope::Index { index, mask } => u32::from(index) & ((1u32 << mask.min(16)) - 1) == 0,
         }
     }
 

@@ -3,17 +3,24 @@
 //!
 //! The model knows nothing of KVM or VFIO. It reads guest memory through vm-memory, signals
 //! interrupts through [`MsiSink`] and, in caching mode, keeps each attached device's host DMA
-//! mappings equal to what the guest's tables say through [`HostDma`]. Every behaviour can be
-//! tested without hardware.
+//! mappings equal to what the guest's tables say through [`HostDma`]. Emulated devices'
+//! requests go through translation caches kept as hardware keeps them ([`cache`]); a protocol
+//! checker reports what a guest driver does that the spec makes a violation ([`check`]); faults
+//! can be injected for a driver's error paths ([`inject`]). Every behaviour can be tested
+//! without hardware.
 //!
 //! References are to the Intel Virtualization Technology for Directed I/O Architecture
 //! Specification; "QEMU" means `hw/i386/intel_iommu.c`.
 
+pub mod ats;
+pub mod cache;
+pub mod check;
 pub mod descriptor;
 pub mod dmar;
 pub mod fault;
 pub mod first_stage;
 pub mod host;
+pub mod inject;
 pub mod intremap;
 pub mod memory;
 pub mod ranges;
@@ -85,7 +92,7 @@ pub struct Capabilities {
     pub large_1g: bool,
     /// Pass-through context entries (ECAP.PT).
     pub pass_through: bool,
-    /// Device-TLB / ATS (ECAP.DT); not modelled yet, so off.
+    /// Device-TLBs / ATS (ECAP.DT): context entries may allow translation requests.
     pub device_iotlb: bool,
     /// Scalable-mode translation (ECAP.SMTS, with SLTS): scalable-mode root tables, PASID
     /// tables, 256-bit invalidation descriptors.

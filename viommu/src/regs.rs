@@ -64,8 +64,9 @@ pub const IEDATA_REG: u64 = 0xa4;
 pub const IEADDR_REG: u64 = 0xa8;
 /// Invalidation event upper address register (32-bit), 11.4.9.8.
 pub const IEUADDR_REG: u64 = 0xac;
-/// Interrupt remapping table address register (64-bit), 11.4.10; a plain register until
-/// interrupt remapping is modelled.
+/// Invalidation queue error record register (64-bit, read-only), 11.4.9.9.
+pub const IQERCD_REG: u64 = 0xb0;
+/// Interrupt remapping table address register (64-bit), 11.4.10.
 pub const IRTA_REG: u64 = 0xb8;
 
 /// Offset of the IOTLB register pair (IVA at +0, IOTLB at +8), advertised through ECAP.IRO.
@@ -269,6 +270,24 @@ pub const AFLOG_FLA_MASK: u64 = !0xfff;
 pub const ECTL_IM: u32 = 1 << 31;
 /// Interrupt pending (read-only).
 pub const ECTL_IP: u32 = 1 << 30;
+
+// 11.4.9.9: invalidation queue error record register.
+/// Invalidation queue error info (3:0): why IQE was set.
+pub const IQERCD_IQEI_MASK: u64 = 0xf;
+/// Source id of the device-TLB invalidation that timed out (47:32), valid while ITE is set.
+pub const IQERCD_ITESID_SHIFT: u64 = 32;
+pub const IQERCD_ITESID_MASK: u64 = 0xffff << IQERCD_ITESID_SHIFT;
+/// Source id of the device-TLB invalidation completion in error (63:48), valid while ICE is set.
+pub const IQERCD_ICESID_SHIFT: u64 = 48;
+pub const IQERCD_ICESID_MASK: u64 = 0xffff << IQERCD_ICESID_SHIFT;
+/// IQEI values: the tail pointer was invalid; a descriptor could not be fetched; a descriptor
+/// has an invalid type; a valid type has a reserved field set; the queue's descriptor width
+/// (IQA.DW) is invalid for the translation mode.
+pub const IQEI_TAIL: u8 = 1;
+pub const IQEI_FETCH: u8 = 2;
+pub const IQEI_TYPE: u8 = 3;
+pub const IQEI_RESERVED: u8 = 4;
+pub const IQEI_WIDTH: u8 = 5;
 
 // 11.4.9.4: invalidation completion status register.
 /// Invalidation wait descriptor complete (RW1C).

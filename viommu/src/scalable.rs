@@ -105,6 +105,8 @@ pub struct ScalableContext {
     pub rid_pasid: u32,
     /// PASIDE: requests with a PASID are allowed.
     pub pasid_enable: bool,
+    /// DTE: translation requests and translated requests (ATS) are allowed.
+    pub device_tlb: bool,
     pub fpd: bool,
 }
 
@@ -172,6 +174,7 @@ pub fn lookup_context<M: TableMemory>(
         pasid_limit: dir_entries * PASIDS_PER_TABLE,
         rid_pasid: (hi & CTX_RID_PASID_MASK) as u32,
         pasid_enable: lo & CTX_PASIDE != 0,
+        device_tlb: lo & CTX_DTE != 0,
         fpd,
     })
 }
@@ -267,23 +270,14 @@ fn pasid_entry_reserved(qw: &[u64; 8], caps: &Capabilities) -> bool {
         || qw[3..].iter().any(|&w| w != 0)
 }
 
-/// Looks up what a request from `source` with `pasid` (None: a request without a PASID, which
-/// uses the context's RID_PASID and is a user request) translates through, under the
-/// scalable-mode root table at `root_table`. A supervisor request needs SRE in the PASID entry.
-pub fn lookup<M: TableMemory>(
-    mem: &M,
-    root_table: u64,
-    source: SourceId,
-    pasid: Option<PasidTag>,
-    caps: &Capabilities,
-) -> Result<Context, LookupFault> {
-    let ctx = lookup_context(mem, root_table, source, caps)?;
+/// The PASID a request with `pasid` (None: a request without one, which uses the context's
+/// RID_PASID) looks up under the context entry `ctx`, or the fault that blocks it.
+pub fn select_pasid(ctx: &ScalableContext, pasid: Option<PasidTag>) -> Result<u32, LookupFault> {
     let fault = |reason| LookupFault {
         reason,
         fpd: ctx.fpd,
     };
-    let privileged = pasid.is_some_and(|p| p.privileged);
-    let pasid = match pasid {
+    match pasid {
         Some(tag) => {
             if !ctx.pasid_enable {
                 return Err(fault(FaultReason::PasidNotEnabled));
@@ -292,14 +286,21 @@ pub fn lookup<M: TableMemory>(
             if p >= ctx.pasid_limit {
                 return Err(fault(FaultReason::PasidBeyondDirectory));
             }
-            p
+            Ok(p)
         }
-        None if ctx.rid_pasid >= ctx.pasid_limit => {
-            return Err(fault(FaultReason::RidPasidInvalid))
-        }
-        None => ctx.rid_pasid,
-    };
-    let entry = lookup_pasid(mem, &ctx, pasid, caps)?;
+        None if ctx.rid_pasid >= ctx.pasid_limit => Err(fault(FaultReason::RidPasidInvalid)),
+        None => Ok(ctx.rid_pasid),
+    }
+}
+
+/// What a request translates through once its PASID entry `entry` (of PASID `pasid`, under the
+/// context entry `ctx`) is found: a supervisor request needs SRE in the entry.
+pub fn context_of(
+    ctx: &ScalableContext,
+    entry: &PasidEntry,
+    pasid: u32,
+    privileged: bool,
+) -> Result<Context, LookupFault> {
     if privileged && !entry.supervisor {
         return Err(LookupFault {
             reason: FaultReason::SupervisorRequestsDisabled,
@@ -311,7 +312,24 @@ pub fn lookup<M: TableMemory>(
         translation: entry.translation,
         fpd: entry.fpd,
         pasid: Some(pasid),
+        device_tlb: ctx.device_tlb,
     })
+}
+
+/// Looks up what a request from `source` with `pasid` (None: a request without a PASID, which
+/// uses the context's RID_PASID and is a user request) translates through, under the
+/// scalable-mode root table at `root_table`. A supervisor request needs SRE in the PASID entry.
+pub fn lookup<M: TableMemory>(
+    mem: &M,
+    root_table: u64,
+    source: SourceId,
+    pasid: Option<PasidTag>,
+    caps: &Capabilities,
+) -> Result<Context, LookupFault> {
+    let ctx = lookup_context(mem, root_table, source, caps)?;
+    let p = select_pasid(&ctx, pasid)?;
+    let entry = lookup_pasid(mem, &ctx, p, caps)?;
+    context_of(&ctx, &entry, p, pasid.is_some_and(|t| t.privileged))
 }
 
 #[cfg(test)]

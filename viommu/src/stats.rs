@@ -65,6 +65,10 @@ pub struct Stats {
     /// Interrupt-entry-cache invalidations carried out (descriptors and the implicit ones of
     /// SIRTP, IRE and CFI changes).
     pub iec_invalidations: u64,
+    /// What the translation caches of emulated devices' requests did.
+    pub caches: crate::cache::CacheStats,
+    /// Injected faults carried out.
+    pub injected: u64,
 }
 
 /// What the sync engine holds in memory for the attached devices: each host mapping is one

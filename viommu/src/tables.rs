@@ -71,6 +71,9 @@ pub struct Context {
     /// The PASID whose entry was used (scalable mode: the request's, or RID_PASID for a
     /// request without one); None in legacy mode.
     pub pasid: Option<u32>,
+    /// Translation requests and translated requests (ATS) are allowed: a legacy context entry
+    /// of translation type 01b, or a scalable-mode one with DTE set (needs ECAP.DT).
+    pub device_tlb: bool,
 }
 
 /// Why no translation could be found, and whether the fault may be recorded.
@@ -160,6 +163,7 @@ pub fn lookup<M: TableMemory>(
         translation,
         fpd,
         pasid: None,
+        device_tlb: tt == TT_DEVICE_TLB,
     })
 }
 

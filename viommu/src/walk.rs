@@ -154,7 +154,7 @@ fn decode(pte: u64, level: u8, caps: &Capabilities) -> Entry {
         // The address of a large page is aligned to its size: the low address bits are reserved.
         rsvd |= ((1 << level_shift(level)) - 1) & !0xfff;
     }
-    if level == 1 || large {
+    if (level == 1 || large) && !caps.device_iotlb {
         rsvd |= SL_TM;
     }
     if pte & rsvd != 0 {

@@ -56,8 +56,12 @@ fn every_recording_replays_as_recorded_to_the_live_counters_and_twice_alike() {
             serde_json::from_str(&std::fs::read_to_string(&stats_json).expect("stats file"))
                 .expect("json");
         let replayed = serde_json::to_value(a.stats).expect("json");
+        // Every counter the live run wrote (the recordings predate the caches' and the
+        // injections' counters).
         for (key, value) in replayed.as_object().expect("object") {
-            assert_eq!(&live[key], value, "{name}: {key}");
+            if live.get(key).is_some() {
+                assert_eq!(&live[key], value, "{name}: {key}");
+            }
         }
         let b = run(&rec, &strict);
         assert_eq!(a.stats, b.stats, "{name}");

@@ -244,6 +244,9 @@ impl Header {
             scalable_mode: flags & CFG_SCALABLE_MODE != 0,
             first_stage: flags & CFG_FIRST_STAGE != 0,
             unverified_source,
+            // Not in the header: a replay runs with the default caches, no checker and no
+            // device-TLBs (what every recording so far was made with).
+            ..VtdConfig::default()
         };
         let at = r.pos;
         let count = r.varint("the number of RAM regions")?;

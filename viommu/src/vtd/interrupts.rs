@@ -6,7 +6,7 @@ use vm_memory::GuestMemoryBackend;
 
 use super::Vtd;
 use crate::fault::Fault;
-use crate::intremap::{self, IecScope, InterruptRoutes, RemapFault, RemapTable};
+use crate::intremap::{self, IecScope, InterruptRoutes, Irte, RemapFault, RemapTable, Request};
 use crate::record::Event;
 use crate::regs::*;
 use crate::SourceId;
@@ -22,6 +22,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             self.remap.table = Some(RemapTable::from_irta(irta, self.config.x2apic));
             self.regs.set_bits::<GSTS_REG>(GSTS_IRTPS);
             vm_device::debug_limited!("VT-d: interrupt remapping table {irta:#x}");
+            // ESIRTPS (6.7): the pointer set invalidates the interrupt-entry cache.
+            self.invalidate_interrupt_entry_cache(IecScope::Global);
             changed = true;
         }
         let ire = v & GCMD_IRE != 0;
@@ -119,10 +121,18 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// An interrupt request `msg` from `source` (an emulated device, or a route that faulted):
     /// the interrupt to deliver, or None when remapping blocks it, in which case the fault is
-    /// recorded unless the IRTE disables fault processing, and the fault event raised.
+    /// recorded unless the IRTE disables fault processing, and the fault event raised. The
+    /// entry comes from the interrupt-entry cache when it holds it (see [`crate::cache`]).
     pub fn remap_interrupt(&mut self, source: SourceId, msg: MsiMessage) -> Option<MsiMessage> {
         self.record_event(Event::RemapInterrupt { source, msg });
-        match intremap::translate(&self.mem, &self.remap, source, msg) {
+        let result =
+            intremap::classify(&self.remap, msg).and_then(|request| match request {
+                Request::Pass(msg) => Ok(msg),
+                Request::Remap { table, index } => self
+                    .cached_irte(source, &table, index)?
+                    .deliver(source, index, self.remap.verifies(source)),
+            });
+        match result {
             Ok(out) => {
                 self.stats.interrupts_remapped += u64::from(self.remap.enabled);
                 Some(out)
@@ -138,5 +148,28 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 None
             }
         }
+    }
+
+    /// The IRTE at `index` from the interrupt-entry cache, read from `table` and cached on a
+    /// miss (only present, valid entries are).
+    fn cached_irte(
+        &mut self,
+        source: SourceId,
+        table: &RemapTable,
+        index: u32,
+    ) -> Result<Irte, RemapFault> {
+        let hit = self.caches.iec.get(index);
+        self.stats.caches.iec.lookup(hit.is_some());
+        if let Some(irte) = hit {
+            if self.check.enabled() {
+                self.check_irte_use(source, index, &irte);
+            }
+            return Ok(irte);
+        }
+        let irte = intremap::read_entry(&self.mem, table, index)?;
+        if self.caches.iec.insert(index, irte) {
+            self.stats.caches.iec.evictions += 1;
+        }
+        Ok(irte)
     }
 }

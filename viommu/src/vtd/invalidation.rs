@@ -4,11 +4,16 @@
 use vm_memory::GuestMemoryBackend;
 
 use super::{iq_entries, FlushMode, SyncStrategy, Vtd};
+use crate::cache::iotlb::{Selector, Stage};
+use crate::check::CacheKey;
 use crate::descriptor::{
-    self, ContextScope, Descriptor, IotlbScope, PasidCacheScope, PasidIotlbScope,
+    self, ContextScope, Descriptor, DeviceTlbScope, InvalidDescriptor, IotlbScope, PasidCacheScope,
+    PasidIotlbScope,
 };
 use crate::fault::{Access, Fault, FaultReason};
 use crate::host::HostOp;
+use crate::inject::Target;
+use crate::intremap::IecScope;
 use crate::memory::TableMemory;
 use crate::ranges::Range;
 use crate::record::{Event, Tap};
@@ -34,6 +39,33 @@ enum QueueError {
     Invalid(descriptor::InvalidDescriptor),
     #[error("wait status address {0:#x} is outside guest memory")]
     StatusWrite(u64),
+    #[error("the descriptor could not be fetched (injected)")]
+    Injected,
+}
+
+impl QueueError {
+    /// What IQERCD.IQEI reports for it (11.4.9.9).
+    fn iqei(&self) -> u8 {
+        match self {
+            QueueError::TailBeyondQueue { .. }
+            | QueueError::HeadBeyondQueue { .. }
+            | QueueError::Misaligned(_) => IQEI_TAIL,
+            QueueError::DescriptorWidth => IQEI_WIDTH,
+            QueueError::Fetch(_) | QueueError::Injected => IQEI_FETCH,
+            QueueError::Invalid(InvalidDescriptor::UnknownType(_)) => IQEI_TYPE,
+            QueueError::Invalid(_) => IQEI_RESERVED,
+            // Not a descriptor error the register has a code for.
+            QueueError::StatusWrite(_) => 0,
+        }
+    }
+}
+
+/// How a descriptor left the queue.
+enum Flow {
+    Continue,
+    /// A wait the time-out of an earlier device-TLB invalidation aborted (6.5.2.10): the
+    /// requester of that invalidation.
+    Aborted(crate::SourceId),
 }
 
 impl<M: GuestMemoryBackend> Vtd<M> {
@@ -45,7 +77,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// 128-bit descriptors is valid in legacy mode only; one of 256-bit descriptors in both
     /// (Linux sets DW whenever the unit reports ECAP.SMTS, interrupt remapping included).
     pub(super) fn process_queue(&mut self) {
-        if self.regs.get32::<GSTS_REG>() & GSTS_QIES == 0 || self.fsts_errors & FSTS_IQE != 0 {
+        let stopped = self.fsts_errors & (FSTS_IQE | FSTS_ITE) != 0;
+        if self.regs.get32::<GSTS_REG>() & GSTS_QIES == 0 || stopped {
             return;
         }
         let iqa = self.regs.get::<IQA_REG>();
@@ -74,28 +107,69 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         // Bounded: IQH advances modulo the queue size until it meets IQT, which is inside it
         // and reached in steps of the descriptor size (descriptors cannot write IQT).
         while self.iqh != tail {
+            if self.check.enabled() {
+                self.check.set_descriptor(Some(self.iqh));
+            }
             // The guest can put the queue at the top of the address space: no wrapping.
             let addr = base.checked_add(self.iqh * DESCRIPTOR_SIZE);
-            let fetched = addr
-                .and_then(|a| self.fetch(a, wide))
-                .ok_or(QueueError::Fetch(addr.unwrap_or(base)));
+            let fetched = if self.inject.occurs(Target::QueueError) {
+                self.stats.injected += 1;
+                Err(QueueError::Injected)
+            } else {
+                addr.and_then(|a| self.fetch(a, wide))
+                    .ok_or(QueueError::Fetch(addr.unwrap_or(base)))
+            };
             self.stats.descriptors += 1;
             self.stats.wide_descriptors += u64::from(wide);
             let result = fetched
                 .and_then(|words| descriptor::decode_in(mode, words).map_err(QueueError::Invalid));
             let result = result.and_then(|d| self.execute(d));
-            if let Err(e) = result {
-                if matches!(e, QueueError::Invalid(_) | QueueError::Fetch(_)) {
-                    self.stats.descriptors_by_type.invalid += 1;
+            self.check.set_descriptor(None);
+            match result {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Aborted(source)) => {
+                    self.iqh = (self.iqh + step) % entries;
+                    return self.time_out(source);
                 }
-                // What the descriptors before the bad one asked for is done.
-                self.sync_pending();
-                return self.queue_error(e);
+                Err(e) => {
+                    if matches!(
+                        e,
+                        QueueError::Invalid(_) | QueueError::Fetch(_) | QueueError::Injected
+                    ) {
+                        self.stats.descriptors_by_type.invalid += 1;
+                    }
+                    // What the descriptors before the bad one asked for is done.
+                    self.sync_pending();
+                    return self.queue_error(e);
+                }
             }
             self.iqh = (self.iqh + step) % entries;
         }
+        if let Some(source) = self.timed_out.take() {
+            // No wait followed the timed-out invalidation: the time-out still stops the queue.
+            return self.time_out(source);
+        }
         self.sync_pending();
         self.poll_due();
+    }
+
+    /// A device-TLB invalidation of `source` timed out (6.5.2.10): FSTS.ITE, with IQERCD.ITESID
+    /// when ITE was clear, and the fault event; the queue fetches nothing more until software
+    /// clears ITE.
+    fn time_out(&mut self, source: crate::SourceId) {
+        vm_device::warn_limited!(
+            "VT-d: device-TLB invalidation of {source} timed out (injected); queue stopped at \
+             IQH {}",
+            self.iqh
+        );
+        self.timed_out = None;
+        self.sync_pending();
+        let before = self.fsts();
+        if self.fsts_errors & FSTS_ITE == 0 {
+            self.queue_errors.itesid = source.0;
+        }
+        self.fsts_errors |= FSTS_ITE;
+        self.fault_event(before);
     }
 
     /// Reads the descriptor at `addr`: 128 bits, or 256 when `wide`.
@@ -112,16 +186,21 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     fn queue_error(&mut self, e: QueueError) {
         vm_device::warn_limited!("VT-d: invalidation queue error at IQH {}: {e}", self.iqh);
         let before = self.fsts();
+        if self.fsts_errors & FSTS_IQE == 0 {
+            self.queue_errors.iqei = e.iqei();
+        }
         self.fsts_errors |= FSTS_IQE;
         self.fault_event(before);
     }
 
-    fn execute(&mut self, d: Descriptor) -> Result<(), QueueError> {
+    fn execute(&mut self, d: Descriptor) -> Result<Flow, QueueError> {
         let counts = &mut self.stats.descriptors_by_type;
         match d {
             Descriptor::ContextCache(scope) => {
                 counts.context_cache += 1;
+                self.check_context_scope(scope, "a domain-selective context-cache invalidation");
                 self.invalidate_context(scope);
+                self.invalidate_context_cache(scope);
             }
             Descriptor::Iotlb(scope) => {
                 match scope {
@@ -129,22 +208,61 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     IotlbScope::Domain(_) => counts.iotlb_domain += 1,
                     IotlbScope::Page { .. } => counts.iotlb_page += 1,
                 }
+                self.check_iotlb_scope(scope, "an IOTLB invalidation");
                 self.invalidate_iotlb(scope);
+                self.invalidate_iotlb_cache(scope);
             }
-            Descriptor::DeviceIotlb => counts.device_iotlb += 1,
+            Descriptor::DeviceIotlb(scope) => {
+                counts.device_iotlb += 1;
+                self.invalidate_device_tlb(scope);
+            }
             Descriptor::PasidCache(scope) => {
                 counts.pasid_cache += 1;
+                match scope {
+                    PasidCacheScope::Domain(d) => {
+                        self.check_domain(d, "a domain-selective PASID-cache invalidation")
+                    }
+                    PasidCacheScope::Pasid { domain, .. } => self.check.saw_domain(domain),
+                    PasidCacheScope::Global => {}
+                }
                 self.invalidate_pasid_cache(scope);
+                self.invalidate_pasid_cache_entries(scope);
             }
             Descriptor::PasidIotlb(scope) => {
                 counts.pasid_iotlb += 1;
+                if let PasidIotlbScope::Page {
+                    domain,
+                    pasid,
+                    addr,
+                    am,
+                    ..
+                } = scope
+                {
+                    self.check_alignment(domain, Some(pasid), addr, am);
+                }
+                self.check_domain(scope.domain(), "a PASID-based-IOTLB invalidation");
                 self.invalidate_pasid_iotlb(scope);
+                let sel = Selector {
+                    domain: Some(scope.domain()),
+                    pasid: Some(scope.pasid()),
+                    stage: Some(Stage::First),
+                    range: scope.range(),
+                };
+                let gone = self.caches.iotlb.invalidate(&sel);
+                self.iotlb_invalidated(sel, &gone);
             }
-            Descriptor::PasidDeviceIotlb => counts.pasid_device_iotlb += 1,
+            Descriptor::PasidDeviceIotlb(scope) => {
+                counts.pasid_device_iotlb += 1;
+                self.invalidate_device_tlb(scope);
+            }
             Descriptor::InterruptEntryCache(scope) => {
                 counts.interrupt_entry_cache += 1;
+                if !scope.aligned() {
+                    self.report_misaligned_iec(scope);
+                }
                 // Routes are re-translated before any later wait can complete.
                 self.invalidate_interrupt_entries(scope);
+                self.invalidate_interrupt_entry_cache(scope);
             }
             Descriptor::Wait {
                 status_write,
@@ -156,6 +274,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 // the guest can see the wait complete. Descriptors run in order here, so the
                 // fence flag needs nothing more.
                 self.sync_pending();
+                if let Some(source) = self.timed_out {
+                    // 6.5.2.10: the time-out aborts the wait: no status write, no interrupt.
+                    return Ok(Flow::Aborted(source));
+                }
+                if let Some((addr, _)) = status_write {
+                    self.check_status_address(addr);
+                }
+                self.check_completion("wait descriptor");
                 if let Some((addr, data)) = status_write {
                     if !self.mem.write_bytes(addr, &data.to_le_bytes()) {
                         return Err(QueueError::StatusWrite(addr));
@@ -167,7 +293,106 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.stats.waits += 1;
             }
         }
-        Ok(())
+        Ok(Flow::Continue)
+    }
+
+    /// A device-TLB invalidation (6.5.2.5, 6.5.2.6): the device's cached translations over the
+    /// range go; an injected time-out or completion error is raised here.
+    fn invalidate_device_tlb(&mut self, scope: DeviceTlbScope) {
+        if self.inject.occurs(Target::TimeOut) {
+            self.stats.injected += 1;
+            self.timed_out = Some(scope.source);
+        }
+        if self.inject.occurs(Target::CompletionError) {
+            self.stats.injected += 1;
+            vm_device::warn_limited!(
+                "VT-d: device-TLB invalidation of {} completed in error (injected)",
+                scope.source
+            );
+            let before = self.fsts();
+            if self.fsts_errors & FSTS_ICE == 0 {
+                self.queue_errors.icesid = scope.source.0;
+            }
+            self.fsts_errors |= FSTS_ICE;
+            self.fault_event(before);
+        }
+        self.device_tlb_invalidation(scope);
+    }
+
+    /// What the checker makes of a context-cache invalidation's domain.
+    fn check_context_scope(&mut self, scope: ContextScope, what: &str) {
+        match scope {
+            ContextScope::Domain(d) => self.check_domain(d, what),
+            // A device-selective invalidation names the domain of the entry it invalidates.
+            ContextScope::Device { domain, .. } => self.check.saw_domain(domain),
+            ContextScope::Global => {}
+        }
+    }
+
+    /// What the checker makes of an IOTLB invalidation's domain and address.
+    fn check_iotlb_scope(&mut self, scope: IotlbScope, what: &str) {
+        match scope {
+            IotlbScope::Domain(d) => self.check_domain(d, what),
+            IotlbScope::Page {
+                domain, addr, am, ..
+            } => {
+                self.check_alignment(domain, None, addr, am);
+                self.check_domain(domain, what);
+            }
+            IotlbScope::Global => {}
+        }
+    }
+
+    /// Removes from the context-cache what `scope` covers.
+    fn invalidate_context_cache(&mut self, scope: ContextScope) {
+        let gone = self.caches.context.invalidate(scope);
+        self.stats.caches.context.invalidated += gone.len() as u64;
+        self.check
+            .forget(|k| matches!(k, CacheKey::Context(s) if gone.iter().any(|(g, _)| g == s)));
+    }
+
+    /// Removes from the PASID-cache what `scope` covers.
+    fn invalidate_pasid_cache_entries(&mut self, scope: PasidCacheScope) {
+        let gone = self.caches.pasid.invalidate(scope);
+        self.stats.caches.pasid.invalidated += gone.len() as u64;
+        self.check.forget(
+            |k| matches!(k, CacheKey::Pasid(s, p) if gone.iter().any(|(g, _)| *g == (*s, *p))),
+        );
+    }
+
+    /// Removes from the IOTLB the second-stage pages an IOTLB invalidation covers (in scalable
+    /// mode, domain- and page-selective ones leave first-stage pages: 6.5.2.3).
+    fn invalidate_iotlb_cache(&mut self, scope: IotlbScope) {
+        let stage = match self.root_mode {
+            TableMode::Legacy => None,
+            TableMode::Scalable => Some(Stage::Second),
+        };
+        let sel = match scope {
+            IotlbScope::Global => Selector::ALL,
+            IotlbScope::Domain(d) => Selector {
+                domain: Some(d),
+                stage,
+                ..Selector::ALL
+            },
+            IotlbScope::Page {
+                domain, addr, am, ..
+            } => Selector {
+                domain: Some(domain),
+                stage,
+                range: Some(IotlbScope::page_range(addr, am)),
+                ..Selector::ALL
+            },
+        };
+        let gone = self.caches.iotlb.invalidate(&sel);
+        self.iotlb_invalidated(sel, &gone);
+    }
+
+    /// Removes from the interrupt-entry cache what `scope` covers.
+    pub(super) fn invalidate_interrupt_entry_cache(&mut self, scope: IecScope) {
+        let gone = self.caches.iec.invalidate(scope);
+        self.stats.caches.iec.invalidated += gone.len() as u64;
+        self.check
+            .forget(|k| matches!(k, CacheKey::Irte(i) if gone.iter().any(|(g, _)| g == i)));
     }
 
     /// Re-reads the context entries `scope` covers and re-syncs devices whose view changed.
@@ -445,8 +670,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         // The actual granularity is the requested one; zero reports a request not carried out.
         let actual = match scope {
             Some(s) => {
+                self.check_context_scope(s, "a register-based context-cache invalidation");
                 self.invalidate_context(s);
+                self.invalidate_context_cache(s);
                 self.sync_pending();
+                self.check_completion("register-based context-cache invalidation");
                 granularity
             }
             None => {
@@ -480,9 +708,12 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.stats.register_invalidations += 1;
         let actual = match scope {
             Some(s) => {
+                self.check_iotlb_scope(s, "a register-based IOTLB invalidation");
                 self.invalidate_iotlb(s);
+                self.invalidate_iotlb_cache(s);
                 self.sync_pending();
                 self.poll_due();
+                self.check_completion("register-based IOTLB invalidation");
                 granularity
             }
             None => {

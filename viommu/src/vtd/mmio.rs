@@ -8,6 +8,7 @@ use super::registers::{
     WORDS,
 };
 use super::Vtd;
+use crate::check::{CacheKey, RegisterWrite};
 use crate::record::Event;
 use crate::regs::*;
 use crate::tables::TableMode;
@@ -110,6 +111,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             Derived::FaultStatus => u64::from(self.fsts()),
             Derived::QueueHead => self.iqh << IQ_INDEX_SHIFT,
             Derived::FaultRecord { half } => self.faults.read(instance, half),
+            Derived::QueueErrorRecord => self.queue_errors.value(),
         }
     }
 
@@ -154,7 +156,15 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             self.regs.write(loc.slot, &w);
         }
         if let Some(effect) = register.effect {
+            if self.check.enabled() {
+                self.check.set_write(Some(RegisterWrite {
+                    name: register.name,
+                    offset: loc.base,
+                    value: value & written,
+                }));
+            }
             self.apply(effect, w);
+            self.check.set_write(None);
         }
     }
 
@@ -244,11 +254,13 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if clear & FSTS_PFO != 0 {
             self.faults.clear_pfo();
         }
-        let iqe_cleared = clear & FSTS_IQE != 0 && self.fsts_errors & FSTS_IQE != 0;
+        // IQE and ITE stop the queue (6.5.2.10); clearing the one that stopped it, with the
+        // other clear, resumes fetching at IQH (where software fixed the bad descriptor, or
+        // past the wait the time-out aborted).
+        let stopped = self.fsts_errors & (FSTS_IQE | FSTS_ITE);
         self.fsts_errors &= !clear;
         self.retire_fault_event();
-        if iqe_cleared {
-            // Hardware resumes fetching at IQH, where software has fixed the bad descriptor.
+        if stopped != 0 && self.fsts_errors & (FSTS_IQE | FSTS_ITE) == 0 {
             self.process_queue();
         }
     }
@@ -314,12 +326,19 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 self.root_table
             );
             self.regs.set_bits::<GSTS_REG>(GSTS_RTPS);
-            // ESRTPS: setting the root pointer invalidates every translation cache, the IOTLB
-            // and the context and PASID caches included, so every device is synced over its
-            // whole space (diffed: a repeated SRTP over unchanged tables costs no host call).
+            // ESRTPS (6.6): setting the root pointer invalidates every translation cache, the
+            // IOTLB and the context and PASID caches included, so every device is synced over
+            // its whole space (diffed: a repeated SRTP over unchanged tables costs no host call).
             for space in self.spaces.values_mut() {
                 space.invalidate(crate::space::FULL);
             }
+            self.caches.clear_translations(&mut self.stats.caches);
+            self.check.forget(|k| {
+                matches!(
+                    k,
+                    CacheKey::Iotlb(_) | CacheKey::Context(_) | CacheKey::Pasid(..)
+                )
+            });
             self.refresh_views();
         }
         let qie = v & GCMD_QIE != 0;

@@ -4,6 +4,9 @@
 //! `invalidation`, what a device's requests translate through (DMA translation for emulated
 //! devices, the view attached devices are synced to) in `translate`.
 
+mod ats;
+mod cached;
+mod check;
 mod interrupts;
 mod invalidation;
 mod mmio;
@@ -19,8 +22,12 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::ats::SharedDeviceTlb;
+use crate::cache::{CacheConfig, Caches};
+use crate::check::Checker;
 use crate::fault::{FaultLog, FaultReason};
 use crate::host::HostDma;
+use crate::inject::{Injection, Injector};
 use crate::intremap::{InterruptRoutes, RemapState};
 use crate::ranges::{self, Range};
 use crate::record::{Event, Tap};
@@ -108,6 +115,14 @@ pub struct VtdConfig {
     /// IRTE names the edu's requester ID. None (the default) validates every request, as the
     /// spec says.
     pub unverified_source: Option<SourceId>,
+    /// How many entries each translation cache holds (see [`crate::cache`]); emulated devices'
+    /// requests go through them.
+    pub caches: CacheConfig,
+    /// The protocol checker (see [`crate::check`]).
+    pub check: bool,
+    /// Device-TLBs (ECAP.DT): context entries may allow ATS, for emulated devices that
+    /// attach a device-TLB ([`Vtd::attach_device_tlb`]).
+    pub device_iotlb: bool,
 }
 
 impl Default for VtdConfig {
@@ -125,6 +140,9 @@ impl Default for VtdConfig {
             scalable_mode: false,
             first_stage: false,
             unverified_source: None,
+            caches: CacheConfig::HARDWARE,
+            check: false,
+            device_iotlb: false,
         }
     }
 }
@@ -203,6 +221,11 @@ pub struct Vtd<M: GuestMemoryBackend> {
     faults: FaultLog,
     /// FSTS error bits other than the fault-record ones (IQE, ICE, ITE).
     fsts_errors: u32,
+    /// What IQERCD reports about the last queue errors (11.4.9.9).
+    queue_errors: QueueErrorRecord,
+    /// A device-TLB invalidation that timed out (injected): the requester, until the queue
+    /// reaches the wait it aborts.
+    timed_out: Option<SourceId>,
     /// Queue head as a descriptor index.
     iqh: u64,
     /// Interrupt remapping as GCMD set it up.
@@ -219,6 +242,31 @@ pub struct Vtd<M: GuestMemoryBackend> {
     deferred_since: Option<Duration>,
     /// What is left of the walk budget for the current register access.
     walk_left: u64,
+    /// The translation caches emulated devices' requests go through.
+    caches: Caches,
+    /// The protocol checker.
+    check: Checker,
+    /// Faults to produce on purpose.
+    inject: Injector,
+    /// The device-TLBs of emulated ATS devices.
+    device_tlbs: BTreeMap<SourceId, SharedDeviceTlb>,
+}
+
+/// IQERCD (11.4.9.9): why the queue last stopped, and which devices' invalidations failed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct QueueErrorRecord {
+    /// IQEI (3:0): the cause of IQE, valid while FSTS.IQE is set.
+    pub iqei: u8,
+    /// ITESID (47:32): the requester whose device-TLB invalidation timed out.
+    pub itesid: u16,
+    /// ICESID (63:48): the requester whose device-TLB invalidation completion was in error.
+    pub icesid: u16,
+}
+
+impl QueueErrorRecord {
+    pub fn value(&self) -> u64 {
+        u64::from(self.iqei & 0xf) | u64::from(self.itesid) << 32 | u64::from(self.icesid) << 48
+    }
 }
 
 /// The queue's size in 128-bit units (the unit of IQH and IQT): 2^QS pages (11.4.9.3), which
@@ -257,7 +305,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             large_2m: true,
             large_1g: true,
             pass_through: config.pass_through,
-            device_iotlb: false,
+            device_iotlb: config.device_iotlb,
             scalable: sm,
             first_stage: config.first_stage,
             first_stage_1g: sm,
@@ -306,6 +354,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         };
         let ecap = ECAP_C
             | ECAP_QI
+            | if config.device_iotlb { ECAP_DT } else { 0 }
             | if config.pass_through { ECAP_PT } else { 0 }
             | if config.interrupt_remapping {
                 ECAP_IR
@@ -352,7 +401,24 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             stats: Stats::default(),
             deferred_since: None,
             walk_left: config.walk_budget,
+            caches: Caches::new(config.caches),
+            check: Checker::new(config.check),
+            inject: Injector::default(),
+            device_tlbs: BTreeMap::new(),
+            queue_errors: QueueErrorRecord::default(),
+            timed_out: None,
         })
+    }
+
+    /// Arms a fault injection (see [`crate::inject`]), counted from now. False when too many
+    /// are armed already.
+    pub fn inject(&mut self, injection: Injection) -> bool {
+        self.inject.arm(injection)
+    }
+
+    /// The translation caches, for tests and the VMM's diagnostics.
+    pub fn caches(&self) -> &Caches {
+        &self.caches
     }
 
     pub fn config(&self) -> &VtdConfig {

@@ -62,6 +62,8 @@ pub enum Derived {
     QueueHead,
     /// Quadword `half` (0 low, 1 high) of a fault recording register.
     FaultRecord { half: usize },
+    /// IQERCD: what the last queue errors recorded.
+    QueueErrorRecord,
 }
 
 /// How many times a register repeats.
@@ -300,6 +302,10 @@ pub const REGISTERS: &[Register] = &[
     Register::new("IEDATA", IEDATA_REG, W32).rw(0xffff_ffff),
     Register::new("IEADDR", IEADDR_REG, W32).rw(b(EADDR_MA_MASK)),
     Register::new("IEUADDR", IEUADDR_REG, W32).rw(0xffff_ffff),
+    // 11.4.9.9: written by the unit as it detects queue errors.
+    Register::new("IQERCD", IQERCD_REG, W64)
+        .ro(IQERCD_IQEI_MASK | IQERCD_ITESID_MASK | IQERCD_ICESID_MASK)
+        .derived(Derived::QueueErrorRecord),
     // 11.4.10: latched by GCMD.SIRTP. EIME exists only with ECAP.EIM (the effect clears it
     // otherwise).
     Register::new("IRTA", IRTA_REG, W64)
@@ -718,13 +724,17 @@ mod tests {
 
     #[test]
     fn offsets_without_a_register_are_reserved() {
-        for offset in [
-            0x30, 0x48, 0x4c, 0x50, 0x54, 0x60, 0x98, 0xb0, 0xb4, 0xc0, 0x110, 0x1fc,
-        ] {
+        for offset in [0x30, 0x48, 0x4c, 0x50, 0x54, 0x60, 0x98, 0xc0, 0x110, 0x1fc] {
             assert_eq!(locate(offset), None, "{offset:#x}");
         }
         assert_eq!(locate(REG_WINDOW_SIZE), None);
         assert_eq!(locate(u64::MAX), None);
+        // 0xb0 holds IQERCD (11.4.9.9), read-only in both halves.
+        for offset in [IQERCD_REG, IQERCD_REG + 4] {
+            let loc = locate(offset).expect("IQERCD");
+            assert_eq!(loc.register.name, "IQERCD");
+            assert_eq!(loc.register.writable(), 0);
+        }
     }
 
     #[test]

@@ -6,12 +6,13 @@
 use vm_memory::GuestMemoryBackend;
 
 use super::Vtd;
+use crate::cache::iotlb::{Stage, Table, Tag};
 use crate::fault::{Access, Fault, FaultReason, PasidTag, RecordOutcome};
-use crate::first_stage::{self, Request};
+use crate::inject::Target;
 use crate::record::Event;
 use crate::space::View;
 use crate::tables::{self, Context, LookupFault, TableMode, Translation};
-use crate::walk::{self, Leaf};
+use crate::walk::Leaf;
 use crate::{scalable, Perm, SourceId, PAGE_SIZE};
 
 /// The interrupt address range, 0xFEE0_0000 to 0xFEEF_FFFF (3.14).
@@ -19,8 +20,12 @@ const INTERRUPT_RANGE: (u64, u64) = (0xfee0_0000, 0xfef0_0000);
 
 impl<M: GuestMemoryBackend> Vtd<M> {
     /// What a request from `source` with `pasid` (None: a request without one) translates
-    /// through, under the root table the last SRTP latched.
-    fn resolve(&self, source: SourceId, pasid: Option<PasidTag>) -> Result<Context, LookupFault> {
+    /// through, under the root table the last SRTP latched, read from the tables (no cache).
+    pub(super) fn resolve(
+        &self,
+        source: SourceId,
+        pasid: Option<PasidTag>,
+    ) -> Result<Context, LookupFault> {
         match self.root_mode {
             TableMode::Legacy if pasid.is_some() => {
                 Err(LookupFault::new(FaultReason::PasidInLegacyMode))
@@ -93,8 +98,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     }
 
     /// Translates a DMA request of an emulated device, carrying `pasid` or not (a request
-    /// without one uses its context's RID_PASID in scalable mode). On failure the fault is
-    /// recorded with the request's PASID (unless FPD suppresses it) and the fault event raised.
+    /// without one uses its context's RID_PASID in scalable mode), through the unit's caches
+    /// (see [`crate::cache`]). On failure the fault is recorded with the request's PASID
+    /// (unless FPD suppresses it) and the fault event raised.
     ///
     /// Returns the guest-physical address and how many bytes from it stay in the same page.
     pub fn translate_request(
@@ -113,6 +119,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if !self.translation_enabled() {
             return Ok((iova, PAGE_SIZE - (iova & (PAGE_SIZE - 1))));
         }
+        if pasid.is_none() && !self.device_tlbs.is_empty() {
+            if let Some(done) = self.ats_request(source, iova, access) {
+                return done;
+            }
+        }
         let fault = |reason| Fault {
             source,
             addr: iova,
@@ -120,7 +131,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             access,
             pasid,
         };
-        let ctx = match self.resolve(source, pasid) {
+        let ctx = match self.resolve_cached(source, pasid) {
             Ok(ctx) => ctx,
             Err(e) => {
                 let f = fault(e.reason);
@@ -128,6 +139,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 return Err(f);
             }
         };
+        if let Some(reason) = self.injected_dma_fault(&ctx, access) {
+            let f = fault(reason);
+            self.report_fault(&f, ctx.fpd);
+            return Err(f);
+        }
         let scalable = self.root_mode == TableMode::Scalable;
         let leaf = match ctx.translation {
             Translation::PassThrough => Ok(Leaf {
@@ -136,22 +152,23 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 len: PAGE_SIZE,
                 perm: Perm::RW,
             }),
-            Translation::Tables(table) => walk::walk(&self.mem, table, iova, access, &self.caps)
-                .map_err(|f| {
-                    if scalable {
-                        f.scalable(access)
-                    } else {
-                        f.legacy(access)
-                    }
-                }),
+            Translation::Tables(table) => {
+                let tag = Tag {
+                    domain: ctx.domain,
+                    pasid: ctx.pasid,
+                    stage: Stage::Second,
+                    privileged: false,
+                };
+                self.translate_cached(source, tag, Table::Second(table), iova, access)
+            }
             Translation::FirstStage(table) => {
-                self.stats.first_stage_walks += 1;
-                let req = Request {
-                    iova,
-                    access,
+                let tag = Tag {
+                    domain: ctx.domain,
+                    pasid: ctx.pasid,
+                    stage: Stage::First,
                     privileged: pasid.is_some_and(|p| p.privileged),
                 };
-                first_stage::translate(&self.mem, table, req, &self.caps)
+                self.translate_cached(source, tag, Table::First(table), iova, access)
             }
         };
         let result = leaf.and_then(|leaf| {
@@ -177,6 +194,24 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         })
     }
 
+    /// The fault an armed `dma-fault` injection gives this request: the one a not-present
+    /// page would (7.1.3), for the table `ctx` names.
+    fn injected_dma_fault(&mut self, ctx: &Context, access: Access) -> Option<FaultReason> {
+        if !self.inject.occurs(Target::DmaFault) {
+            return None;
+        }
+        self.stats.injected += 1;
+        vm_device::warn_limited!("VT-d: DMA translation faults (injected)");
+        Some(match (ctx.translation, self.root_mode) {
+            (Translation::FirstStage(_), _) => FaultReason::FirstStageEntryNotPresent,
+            (_, TableMode::Scalable) => FaultReason::SecondStageEntryNotPresent,
+            (_, TableMode::Legacy) => match access {
+                Access::Read => FaultReason::ReadNotPermitted,
+                Access::Write => FaultReason::WriteNotPermitted,
+            },
+        })
+    }
+
     /// Counts a fault and, unless `fpd`, logs it into the fault records (7.2.1).
     pub(super) fn report_fault(&mut self, fault: &Fault, fpd: bool) {
         self.stats.faults += 1;
@@ -197,7 +232,17 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             return;
         }
         let before = self.fsts();
-        match self.faults.record(fault) {
+        let mut outcome = self.faults.record(fault);
+        if outcome == RecordOutcome::Recorded && self.inject.occurs(Target::RecordsFull) {
+            // The fault arrives as a burst of itself: it fills every free record, and the
+            // next one overflows (at most one more than there are records).
+            self.stats.injected += 1;
+            vm_device::warn_limited!("VT-d: fault records filled (injected)");
+            while outcome == RecordOutcome::Recorded {
+                outcome = self.faults.record(fault);
+            }
+        }
+        match outcome {
             RecordOutcome::Recorded | RecordOutcome::Overflowed => self.fault_event(before),
             RecordOutcome::Dropped => {}
         }

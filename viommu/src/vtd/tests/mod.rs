@@ -53,6 +53,30 @@ pub(super) fn fixture() -> Fixture {
     fixture_with(VtdConfig::default(), SimHost::new())
 }
 
+/// A unit with no attached device.
+pub(super) fn unit(config: VtdConfig) -> Fixture {
+    let mem = mem();
+    let msi = RecordingMsi::default();
+    let clock = ManualClock::default();
+    let vtd = Vtd::new(
+        config,
+        mem.clone(),
+        Box::new(msi.clone()),
+        Box::new(clock.clone()),
+    )
+    .expect("valid config");
+    Fixture {
+        mem,
+        vtd,
+        msi,
+        clock,
+        host: SharedHost::new(SimHost::new()),
+        drv: Driver::new(),
+        root: 0,
+        next_tables: crate::testing::TABLES_BASE + (4 << 20),
+    }
+}
+
 impl Fixture {
     pub(super) fn r32(&self, off: u64) -> u32 {
         Driver::read32(&self.vtd, off)
@@ -113,6 +137,10 @@ pub(super) fn map(t: &mut Tables, pt: PageTable, iova: u64, gpa: u64, pages: u64
     t.map(pt, iova, gpa, pages * P, Perm::RW);
 }
 
+mod ats;
+mod caches;
+mod check;
+mod inject;
 mod interrupts;
 mod registers;
 mod scalable;

@@ -101,7 +101,10 @@ fn every_register_reads_its_reset_value() {
             Storage::Derived(Derived::ExtendedCapability) => ecap,
             // No fault, no queue error, the queue at its start.
             Storage::Derived(
-                Derived::FaultStatus | Derived::QueueHead | Derived::FaultRecord { .. },
+                Derived::FaultStatus
+                | Derived::QueueHead
+                | Derived::FaultRecord { .. }
+                | Derived::QueueErrorRecord,
             ) => 0,
         };
         assert_eq!(f.read(offset, r), want, "{} at {offset:#x}", r.name);

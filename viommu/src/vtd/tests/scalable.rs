@@ -22,30 +22,6 @@ fn fs_config() -> VtdConfig {
     }
 }
 
-/// A unit with no attached device.
-fn unit(config: VtdConfig) -> Fixture {
-    let mem = mem();
-    let msi = RecordingMsi::default();
-    let clock = ManualClock::default();
-    let vtd = Vtd::new(
-        config,
-        mem.clone(),
-        Box::new(msi.clone()),
-        Box::new(clock.clone()),
-    )
-    .expect("valid config");
-    Fixture {
-        mem,
-        vtd,
-        msi,
-        clock,
-        host: SharedHost::new(SimHost::new()),
-        drv: Driver::new(),
-        root: 0,
-        next_tables: crate::testing::TABLES_BASE + (4 << 20),
-    }
-}
-
 impl Fixture {
     /// Brings the unit up as Linux 6.1 does in scalable mode: a queue of 256-bit descriptors
     /// (two pages, QS = 1), the scalable-mode root table, a global PASID-cache, context and
@@ -403,6 +379,8 @@ fn an_emulated_device_translates_through_a_first_stage_table_and_faults_with_its
             ..fs5
         },
     );
+    // The unit cached the old entry: a driver invalidates it after the change.
+    f.sync(&[encode::pasid_cache_pasid(DOMAIN, 5)]);
     assert!(f
         .vtd
         .translate_request(DEV, Some(sup), 0x1000, Access::Write)
