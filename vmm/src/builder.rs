@@ -344,6 +344,10 @@ impl Vmm {
             facs_addr: self.facs_addr,
         };
         let outcome = runner::run(vcpus, &self.devices, &self.exit, self.serial_in.take(), s3);
+        // What the VT-d's protocol checker still follows is settled now that the guest stopped.
+        if let Some(vtd) = self.vtd() {
+            crate::devices::vtd::lock(vtd).finish_check();
+        }
         on_stop(&self);
         outcome
     }

@@ -11,6 +11,11 @@ use crate::arch::x86_64::interrupts::MAX_XAPIC_ID;
 use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
 use crate::vstate::vm::Irqchip;
 
+mod viommu;
+
+use viommu::parse_viommu;
+pub use viommu::{ViommuConfig, DEFAULT_RECORD_LIMIT};
+
 /// Default guest memory size when `--memory` is not given.
 pub const DEFAULT_MEMORY_SIZE: u64 = 512 << 20;
 /// Default vCPU count when `--cpus` is not given.
@@ -117,10 +122,17 @@ pub enum InvalidReason {
     NeedsX2apicRemapping,
     #[error("record-limit= needs record=PATH")]
     LimitWithoutRecord,
+    #[error(
+        "caching-mode=off cannot have a passed-through device behind the unit: the host can \
+         only follow the guest's tables when the guest invalidates on every change, which is \
+         what caching mode asks of it"
+    )]
+    CachingModeOffWithPassthrough,
+    #[error("check-report needs check=on")]
+    CheckReportNeedsCheck,
+    #[error(transparent)]
+    Injection(#[from] ::viommu::inject::InjectionError),
 }
-
-/// The smallest size cap a recording may have: its header and a boot's first events.
-const MIN_RECORD_LIMIT: u64 = 1 << 20;
 
 /// Why a size does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -138,8 +150,8 @@ pub enum Command {
     Help,
     /// Print the version and exit 0.
     Version,
-    /// Boot a VM.
-    Run(VmConfig),
+    /// Boot a VM (boxed: the configuration is much larger than the other variants).
+    Run(Box<VmConfig>),
     /// Print `vmm replay`'s usage and exit 0.
     ReplayHelp,
     /// Replay VT-d recordings (`vmm replay`).
@@ -176,62 +188,6 @@ pub struct VmConfig {
 /// interrupt remapping it is [`Irqchip::Split`]: the IOAPIC's interrupts must reach the unit).
 pub const DEFAULT_IRQCHIP: Irqchip = Irqchip::Kernel;
 
-/// `--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
-/// [,scalable-mode=on|off][,first-stage=on|off][,intremap=on|off][,eim=on|off]
-/// [,ioapic-sid-check=on|off][,record=PATH[,record-limit=SIZE]]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ViommuConfig {
-    /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
-    pub aw_bits: u32,
-    /// Deferred host unmaps (Linux's flush-queue bounds) instead of strict ones.
-    pub deferred: bool,
-    /// Queue tail writes taken by KVM (ioeventfds) and carried out on the event loop instead
-    /// of in the writing vCPU's exit.
-    pub async_queue: bool,
-    /// Scalable mode offered (PASID tables, second-stage and pass-through PASID entries).
-    pub scalable_mode: bool,
-    /// First-stage translation offered too; only without passed-through devices.
-    pub first_stage: bool,
-    /// Interrupt remapping (ECAP.IR): every interrupt source behind the unit (passed-through
-    /// MSI/MSI-X, the IOAPIC, emulated devices) is remapped through the guest's table. Needs
-    /// the split irqchip.
-    pub intremap: bool,
-    /// Extended interrupt mode (ECAP.EIM): x2APIC destinations, so a guest can have more than
-    /// 255 vCPUs. Needs `intremap`.
-    pub eim: bool,
-    /// The IOAPIC's interrupt requests are source-validated against its IRTE (VT-d 9.10), as
-    /// the spec says; off skips that for the IOAPIC, as QEMU's VT-d does, for guest code
-    /// written against QEMU.
-    pub ioapic_sid_check: bool,
-    /// Where to record the guest's traffic to the unit, for `vmm replay`.
-    pub record: Option<PathBuf>,
-    /// The most bytes the recording may take.
-    pub record_limit: u64,
-}
-
-/// The size cap of a recording when `record-limit=` is not given.
-pub const DEFAULT_RECORD_LIMIT: u64 = 256 << 20;
-
-impl Default for ViommuConfig {
-    /// What `--viommu` alone gives: a complete VT-d, DMA and interrupt remapping with x2APIC,
-    /// as every VT-d since the first x2APIC machines (and QEMU's `intremap=on`, whose eim
-    /// follows intremap with KVM).
-    fn default() -> Self {
-        ViommuConfig {
-            aw_bits: 48,
-            deferred: false,
-            async_queue: false,
-            scalable_mode: false,
-            first_stage: false,
-            intremap: true,
-            eim: true,
-            ioapic_sid_check: true,
-            record: None,
-            record_limit: DEFAULT_RECORD_LIMIT,
-        }
-    }
-}
-
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 vmm: a minimal KVM VMM for PCI passthrough behind a virtual Intel VT-d
@@ -240,7 +196,11 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
            [--viommu [aw-bits=39|48][,flush=strict|deferred][,queue=sync|async]
                      [,scalable-mode=on|off][,first-stage=on|off]
                      [,intremap=on|off][,eim=on|off][,ioapic-sid-check=on|off]
-                     [,record=PATH[,record-limit=SIZE]]]
+                     [,record=PATH[,record-limit=SIZE]][,caching-mode=on|off]
+                     [,caches=on|off][,iotlb-entries=N][,context-entries=N]
+                     [,pasid-entries=N][,iec-entries=N][,device-iotlb=on|off]
+                     [,check=on|off][,check-report=PATH][,inject=SPEC[+SPEC...]]
+                     [,inject-control=PATH]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
            [--edu] [--irqchip kernel|split]
@@ -256,7 +216,7 @@ Options:
                        (KVM_CAP_MAX_VCPUS) with --viommu intremap=on,eim=on, as a Linux
                        guest needs interrupt remapping for x2APIC IDs above 255
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
-  --viommu [OPTS]      expose a virtual Intel VT-d (caching mode, DMAR table) at 0xfed90000;
+  --viommu [OPTS]      expose a virtual Intel VT-d (DMAR table) at 0xfed90000;
                        aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
                        deferred lets a device reach unmapped memory for up to 10 ms),
                        queue=sync|async (default sync; async: a queue tail write returns to
@@ -278,6 +238,26 @@ Options:
                        QEMU such as kvm-unit-tests' intel_iommu),
                        record=PATH (write what the guest makes the unit do, for
                        `vmm replay`; record-limit=SIZE caps it, default 256M)
+                       For driver developers (emulated devices such as edu go through the
+                       unit's caches, as on hardware):
+                       caching-mode=on|off (default on; off sends the guest driver down its
+                       hardware path, no invalidation on map; refused with --device: the host
+                       follows the guest's tables only when it invalidates on every change),
+                       caches=on|off and iotlb-entries, context-entries, pasid-entries,
+                       iec-entries=N (default on: 512, 64, 64, 128 entries, 0 to 65536; a
+                       missing invalidation leaves the stale translation in use),
+                       device-iotlb=on|off (default off; ECAP.DT: emulated ATS devices cache
+                       translations), check=on|off (default off; the protocol checker: each
+                       violation logged, counted in --stats-json and, with
+                       check-report=PATH, listed as JSON when the VM stops, with its spec
+                       section, device, domain, IOVA or index, descriptor, register write and
+                       the vCPU's RIP), inject=SPEC[+SPEC...] (faults for the driver's error
+                       paths, SPEC = iqe@N: the Nth descriptor fails to fetch; ite@N: the Nth
+                       device-TLB invalidation times out; ice@N: it completes in error;
+                       dma-fault@N: the Nth emulated DMA translation faults; records-full@N:
+                       the Nth fault fills every fault record and overflows; N counts from
+                       the start, default 1), inject-control=PATH (a file of SPECs, one per
+                       line, armed and counted from each time the file changes)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
   --device path=PATH[,iommu=on]
@@ -393,104 +373,6 @@ fn parse_cpus(input: &str) -> Result<u32, ConfigError> {
     Ok(n)
 }
 
-/// The on/off value of `key` in `list`, if given.
-fn on_off(list: &OptionList, key: &'static str) -> Result<Option<bool>, ConfigError> {
-    match list.get(key) {
-        None => Ok(None),
-        Some("on") => Ok(Some(true)),
-        Some("off") => Ok(Some(false)),
-        Some(raw) => Err(list.invalid(key, raw, InvalidReason::NotOneOf("on or off"))),
-    }
-}
-
-fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
-    let mut c = ViommuConfig::default();
-    if input.is_empty() {
-        return Ok(c);
-    }
-    let list = OptionList::parse(
-        "--viommu",
-        input,
-        &[
-            "aw-bits",
-            "flush",
-            "queue",
-            "scalable-mode",
-            "first-stage",
-            "intremap",
-            "eim",
-            "ioapic-sid-check",
-            "record",
-            "record-limit",
-        ],
-    )?;
-    if let Some(raw) = list.get("aw-bits") {
-        c.aw_bits = match raw {
-            "39" => 39,
-            "48" => 48,
-            _ => return Err(list.invalid("aw-bits", raw, InvalidReason::NotOneOf("39 or 48"))),
-        };
-    }
-    if let Some(raw) = list.get("flush") {
-        c.deferred = match raw {
-            "strict" => false,
-            "deferred" => true,
-            _ => {
-                let reason = InvalidReason::NotOneOf("strict or deferred");
-                return Err(list.invalid("flush", raw, reason));
-            }
-        };
-    }
-    if let Some(raw) = list.get("queue") {
-        c.async_queue = match raw {
-            "sync" => false,
-            "async" => true,
-            _ => return Err(list.invalid("queue", raw, InvalidReason::NotOneOf("sync or async"))),
-        };
-    }
-    c.scalable_mode = on_off(&list, "scalable-mode")?.unwrap_or(false);
-    c.first_stage = on_off(&list, "first-stage")?.unwrap_or(false);
-    if c.first_stage && !c.scalable_mode {
-        return Err(list.invalid(
-            "first-stage",
-            "on",
-            InvalidReason::FirstStageNeedsScalableMode,
-        ));
-    }
-    if c.first_stage && c.aw_bits != 48 {
-        return Err(list.invalid("first-stage", "on", InvalidReason::FirstStageNeeds48Bits));
-    }
-    if let Some(on) = on_off(&list, "intremap")? {
-        c.intremap = on;
-    }
-    // Extended interrupt mode follows interrupt remapping unless asked for.
-    c.eim = on_off(&list, "eim")?.unwrap_or(c.intremap);
-    if c.eim && !c.intremap {
-        return Err(list.invalid("eim", "on", InvalidReason::EimNeedsIntremap));
-    }
-    c.ioapic_sid_check = on_off(&list, "ioapic-sid-check")?.unwrap_or(true);
-    if let Some(raw) = list.get("record") {
-        if raw.is_empty() {
-            return Err(list.invalid("record", raw, InvalidReason::Empty));
-        }
-        c.record = Some(PathBuf::from(raw));
-    }
-    if let Some(raw) = list.get("record-limit") {
-        if c.record.is_none() {
-            return Err(list.invalid("record-limit", raw, InvalidReason::LimitWithoutRecord));
-        }
-        let limit = parse_size(raw).map_err(|e| list.invalid("record-limit", raw, e))?;
-        if limit < MIN_RECORD_LIMIT {
-            let reason = InvalidReason::TooSmall {
-                min_mib: MIN_RECORD_LIMIT >> 20,
-            };
-            return Err(list.invalid("record-limit", raw, reason));
-        }
-        c.record_limit = limit;
-    }
-    Ok(c)
-}
-
 fn parse_irqchip(input: &str) -> Result<Irqchip, ConfigError> {
     match input {
         "kernel" => Ok(Irqchip::Kernel),
@@ -573,6 +455,14 @@ fn check_devices_and_viommu(
                 key: "first-stage",
                 value: format!("on with --device {}", d.path.display()),
                 reason: InvalidReason::FirstStageWithPassthrough,
+            });
+        }
+        if viommu.is_some_and(|v| !v.caching_mode) {
+            return Err(ConfigError::InvalidValue {
+                option: "--viommu",
+                key: "caching-mode",
+                value: format!("off with --device {}", d.path.display()),
+                reason: InvalidReason::CachingModeOffWithPassthrough,
             });
         }
     }
@@ -688,7 +578,7 @@ where
             reason: InvalidReason::NeedsX2apicRemapping,
         });
     }
-    Ok(Command::Run(VmConfig {
+    Ok(Command::Run(Box::new(VmConfig {
         kernel: kernel.ok_or(ConfigError::MissingKernel)?,
         initramfs,
         cmdline,
@@ -699,21 +589,21 @@ where
         devices,
         irqchip,
         edu,
-    }))
+    })))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn run(args: &[&str]) -> VmConfig {
+    pub(super) fn run(args: &[&str]) -> VmConfig {
         match parse_args(args.iter().copied()) {
-            Ok(Command::Run(c)) => c,
+            Ok(Command::Run(c)) => *c,
             other => panic!("unexpected {other:?}"),
         }
     }
 
-    fn err(args: &[&str]) -> String {
+    pub(super) fn err(args: &[&str]) -> String {
         parse_args(args.iter().copied()).unwrap_err().to_string()
     }
 
@@ -856,57 +746,6 @@ mod tests {
     }
 
     #[test]
-    fn viommu_alone_takes_the_defaults_and_options_override_them() {
-        let c = run(&["--kernel", "/k", "--viommu", "--cpus", "boot=1"]);
-        assert_eq!(c.viommu, Some(ViommuConfig::default()));
-        let c = run(&["--kernel", "/k", "--viommu"]);
-        assert_eq!(c.viommu, Some(ViommuConfig::default()));
-        let c = run(&["--kernel", "/k", "--viommu", "aw-bits=39,flush=deferred"]);
-        assert_eq!(
-            c.viommu,
-            Some(ViommuConfig {
-                aw_bits: 39,
-                deferred: true,
-                async_queue: false,
-                ..ViommuConfig::default()
-            })
-        );
-        let c = run(&["--kernel", "/k", "--viommu", "queue=async"]);
-        assert!(c.viommu.is_some_and(|v| v.async_queue && !v.deferred));
-        let c = run(&[
-            "--kernel",
-            "/k",
-            "--viommu=flush=strict",
-            "--stats-json",
-            "/s",
-        ]);
-        assert_eq!(c.viommu, Some(ViommuConfig::default()));
-        assert_eq!(c.stats_json, Some(PathBuf::from("/s")));
-        assert_eq!(run(&["--kernel", "/k"]).viommu, None);
-    }
-
-    #[test]
-    fn bad_viommu_options_name_the_key_and_value() {
-        assert_eq!(
-            err(&["--kernel", "/k", "--viommu", "aw-bits=40"]),
-            "--viommu: invalid aw-bits '40': must be 39 or 48"
-        );
-        assert_eq!(
-            err(&["--kernel", "/k", "--viommu", "flush=lazy"]),
-            "--viommu: invalid flush 'lazy': must be strict or deferred"
-        );
-        assert_eq!(
-            err(&["--kernel", "/k", "--viommu", "queue=fast"]),
-            "--viommu: invalid queue 'fast': must be sync or async"
-        );
-        assert!(err(&["--kernel", "/k", "--viommu", "caching=off"]).contains("unknown key"));
-        assert_eq!(
-            err(&["--kernel", "/k", "--stats-json"]),
-            "option --stats-json needs a value"
-        );
-    }
-
-    #[test]
     fn irqchip_is_kernel_unless_split_is_asked_for() {
         assert_eq!(run(&["--kernel", "/k"]).irqchip, Irqchip::Kernel);
         assert_eq!(
@@ -1004,63 +843,6 @@ mod tests {
             format!("--cpus: invalid boot '300': {why}")
         );
         assert!(err(&["--kernel", "/k", "--cpus", "boot=-1"]).contains("whole number"));
-    }
-
-    #[test]
-    fn scalable_mode_and_first_stage_are_on_off_options() {
-        let c = run(&["--kernel", "/k", "--viommu", "scalable-mode=on"]);
-        assert!(c.viommu.is_some_and(|v| v.scalable_mode && !v.first_stage));
-        let c = run(&[
-            "--kernel",
-            "/k",
-            "--viommu",
-            "scalable-mode=on,first-stage=on",
-        ]);
-        assert!(c.viommu.is_some_and(|v| v.scalable_mode && v.first_stage));
-        let c = run(&["--kernel", "/k", "--viommu", "scalable-mode=off"]);
-        assert_eq!(c.viommu, Some(ViommuConfig::default()));
-        assert_eq!(
-            err(&["--kernel", "/k", "--viommu", "scalable-mode=yes"]),
-            "--viommu: invalid scalable-mode 'yes': must be on or off"
-        );
-        assert_eq!(
-            err(&["--kernel", "/k", "--viommu", "first-stage=on"]),
-            "--viommu: invalid first-stage 'on': first-stage=on needs scalable-mode=on"
-        );
-        assert!(err(&[
-            "--kernel",
-            "/k",
-            "--viommu",
-            "aw-bits=39,scalable-mode=on,first-stage=on"
-        ])
-        .contains("needs aw-bits=48"));
-    }
-
-    #[test]
-    fn first_stage_is_refused_in_one_line_with_a_passed_through_device() {
-        let e = err(&[
-            "--kernel",
-            "/k",
-            "--viommu",
-            "scalable-mode=on,first-stage=on",
-            "--device",
-            "path=/d,iommu=on",
-        ]);
-        assert!(
-            e.starts_with("--viommu: invalid first-stage 'on with --device /d':"),
-            "{e}"
-        );
-        assert!(e.contains("sends no invalidation"), "{e}");
-        assert!(!e.contains('\n'), "one line: {e}");
-        // Scalable mode alone takes them.
-        run(&[
-            "--kernel",
-            "/k",
-            "--viommu",
-            "scalable-mode=on",
-            "--device",
-            "path=/d,iommu=on",
-        ]);
     }
 
     #[test]

@@ -49,6 +49,14 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Writes `json` to `path` whole: written aside and renamed into place, so a reader never
+/// sees a half-written file.
+fn write_json(path: &std::path::Path, json: &serde_json::Value) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{json:#}\n"))?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes the VT-d counters (all zero without a VT-d) as one JSON object; `record` is what the
 /// finished recording cost, when there was one (while recording, the unit says).
 fn write_stats(
@@ -56,11 +64,14 @@ fn write_stats(
     vtd: Option<&SharedVtd>,
     record: Option<RecordSummary>,
 ) -> std::io::Result<()> {
-    let json = vtd::stats_json(vtd, record);
-    // Written whole and renamed into place, so a reader never sees a half-written file.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{json:#}\n"))?;
-    std::fs::rename(&tmp, path)
+    write_json(path, &vtd::stats_json(vtd, record))
+}
+
+/// Writes the protocol checker's report: every violation kept, with counts by kind.
+fn write_check_report(path: &std::path::Path, vtd: &SharedVtd) -> std::io::Result<()> {
+    let v = vtd::lock(vtd);
+    let json = serde_json::to_value(v.check_report()).map_err(std::io::Error::other)?;
+    write_json(path, &json)
 }
 
 /// While the VM runs, rewrites the stats file every 100 ms, so a benchmark can read the counters
@@ -111,7 +122,7 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             };
         }
-        Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Run(cfg)) => *cfg,
         Err(e) => return fail(e),
     };
 
@@ -152,6 +163,11 @@ fn main() -> ExitCode {
         }
         if let Some(path) = &cfg.stats_json {
             stats_written = write_stats(path, vtd.as_ref(), record)
+                .map_err(|e| format!("cannot write {}: {e}", path.display()));
+        }
+        let report = cfg.viommu.as_ref().and_then(|c| c.check_report.as_ref());
+        if let (Some(path), Some(v), Ok(())) = (report, &vtd, &stats_written) {
+            stats_written = write_check_report(path, v)
                 .map_err(|e| format!("cannot write {}: {e}", path.display()));
         }
     });

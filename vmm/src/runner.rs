@@ -19,6 +19,7 @@ use crate::acpi::FACS_WAKING_VECTOR_OFFSET;
 use crate::builder::SerialIn;
 use crate::device_manager::DeviceManager;
 use crate::devices::legacy::serial::{InputSource, SerialInput};
+use crate::devices::vtd::inject::InjectControl;
 use crate::devices::vtd::{self, DeferredFlushTimer, DoorbellWatcher};
 use crate::exit::{ExitHandle, VmExit};
 use crate::sleep::{Resume, SleepHandle};
@@ -78,6 +79,7 @@ pub(crate) fn run(
         pio: devices.pio_bus().clone(),
         mmio: devices.mmio_bus().clone(),
         ioapic: devices.ioapic().map(|io| io.shared().clone()),
+        origins: devices.vtd().is_some_and(|v| vtd::lock(v).config().check),
     };
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
     let mut spawn_error = None;
@@ -147,6 +149,11 @@ fn event_loop(
         }
         if vtd.doorbells().is_some() {
             em.add_subscriber(Box::new(DoorbellWatcher(vtd.clone())));
+        }
+        if let Some(path) = vtd.inject_control() {
+            let control = InjectControl::new(vtd.clone(), path.to_path_buf())
+                .map_err(host("cannot create the VT-d inject control timer"))?;
+            em.add_subscriber(Box::new(control));
         }
     }
     let is_stdin = matches!(serial_in, Some(SerialIn::Stdin));

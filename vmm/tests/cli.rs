@@ -84,6 +84,34 @@ fn bad_arguments() {
 }
 
 #[test]
+fn caching_mode_off_with_a_passed_through_device_is_refused_in_one_line() {
+    fails_with(
+        &[
+            "--kernel",
+            "/k",
+            "--viommu",
+            "caching-mode=off",
+            "--device",
+            "path=/sys/bus/pci/devices/0000:01:00.0,iommu=on",
+        ],
+        "--viommu: invalid caching-mode 'off with --device \
+         /sys/bus/pci/devices/0000:01:00.0': caching-mode=off cannot have a passed-through \
+         device behind the unit: the host can only follow the guest's tables when the guest \
+         invalidates on every change, which is what caching mode asks of it",
+    );
+    let out = vmm(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for option in [
+        "caching-mode=on|off",
+        "check-report=PATH",
+        "inject=SPEC",
+        "records-full@N",
+    ] {
+        assert!(text.contains(option), "--help lacks {option}");
+    }
+}
+
+#[test]
 fn too_little_memory() {
     fails_with(
         &["--kernel", "/k", "--memory", "size=16M"],

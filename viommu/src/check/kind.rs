@@ -155,7 +155,7 @@ pub struct RegisterWrite {
 /// A guest instruction: the vCPU and its instruction pointer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Instruction {
-    pub vcpu: u8,
+    pub vcpu: u32,
     pub rip: u64,
 }
 

@@ -47,6 +47,9 @@ pub enum VtdSetupError {
         #[source]
         source: std::io::Error,
     },
+    /// More injections than the unit keeps armed at once.
+    #[error("too many VT-d fault injections armed at once (at {0})")]
+    TooManyInjections(viommu::inject::Injection),
 }
 
 /// Interrupt remapping over the VM's split irqchip: the routes the unit translates and the
@@ -118,8 +121,9 @@ pub(super) fn wire_interrupt_remapping(
 /// happens every few hundred of them.
 const RECORD_BUFFER: usize = 1 << 20;
 
-/// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`]. Caching
-/// mode is always on: devices whose DMA the host remaps need it.
+/// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`], with the
+/// faults `c` injects from the start armed. Caching mode is on unless `c` turns it off (the
+/// command line refuses that with a passed-through device, which needs it).
 pub(super) fn create_vtd(
     c: ViommuConfig,
     vm: &Vm,
@@ -128,7 +132,7 @@ pub(super) fn create_vtd(
 ) -> Result<SharedVtd, DeviceManagerError> {
     let config = viommu::VtdConfig {
         aw_bits: c.aw_bits,
-        caching_mode: true,
+        caching_mode: c.caching_mode,
         flush: if c.deferred {
             viommu::FlushMode::DEFERRED_DEFAULT
         } else {
@@ -139,6 +143,9 @@ pub(super) fn create_vtd(
         interrupt_remapping: c.intremap,
         x2apic: c.intremap && c.eim,
         unverified_source: (!c.ioapic_sid_check).then_some(IOAPIC_SOURCE_ID),
+        caches: c.caches,
+        check: c.check,
+        device_iotlb: c.device_iotlb,
         ..viommu::VtdConfig::default()
     };
     let interrupts = KvmMsi::new(vm.shared_fd());
@@ -149,6 +156,11 @@ pub(super) fn create_vtd(
         Box::new(viommu::SystemClock::default()),
     )
     .map_err(VtdSetupError::Model)?;
+    for i in c.inject {
+        if !unit.inject(i) {
+            return Err(VtdSetupError::TooManyInjections(i).into());
+        }
+    }
     if let Some(path) = &c.record {
         let file = std::fs::File::create(path).map_err(|source| VtdSetupError::RecordFile {
             path: path.clone(),
@@ -172,6 +184,10 @@ pub(super) fn create_vtd(
         None
     };
     let shared = VtdUnit::new(unit, mirror, Some(interrupts));
+    if let Some(path) = c.inject_control {
+        // A fresh unit has no control file yet.
+        let _ = shared.set_inject_control(path);
+    }
     if c.async_queue {
         let bells = QueueDoorbells::new().map_err(VtdSetupError::Doorbells)?;
         bells

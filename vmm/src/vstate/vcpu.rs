@@ -12,6 +12,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::origin::Origin;
 use vm_device::{debug_limited, trace_limited, warn_limited};
 
 use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
@@ -264,7 +265,24 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(e) => {
                     counts.count(&e);
-                    if let Some(reason) = handle_exit(id, e, &buses, &mut unhandled) {
+                    let reason = match e {
+                        VcpuExit::MmioWrite(addr, data) if buses.origins => {
+                            // The exit borrows the vCPU: keep its data, then read the RIP.
+                            let mut buf = [0u8; 8];
+                            let n = data.len().min(buf.len());
+                            buf[..n].copy_from_slice(&data[..n]);
+                            let origin = self.fd.get_regs().ok().map(|r| Origin {
+                                vcpu: id,
+                                rip: r.rip,
+                            });
+                            vm_device::origin::scope(origin, || {
+                                let e = VcpuExit::MmioWrite(addr, &buf[..n]);
+                                handle_exit(id, e, &buses, &mut unhandled)
+                            })
+                        }
+                        e => handle_exit(id, e, &buses, &mut unhandled),
+                    };
+                    if let Some(reason) = reason {
                         exit.request(reason);
                         break;
                     }
@@ -336,6 +354,10 @@ pub struct VcpuBuses {
     pub mmio: Arc<Bus>,
     /// The user-space IOAPIC (split irqchip), which level-triggered EOIs exit to.
     pub ioapic: Option<SharedIoapic>,
+    /// Whether device models want the instruction behind each MMIO write (the VT-d's protocol
+    /// checker names it): the vCPU then reads its RIP at every MMIO write exit (one ioctl) and
+    /// scopes it around the dispatch ([`vm_device::origin`]). Off, MMIO writes cost nothing more.
+    pub origins: bool,
 }
 
 fn handle_exit(
@@ -463,6 +485,7 @@ mod tests {
             pio: Arc::new(Bus::new()),
             mmio: Arc::new(Bus::new()),
             ioapic: None,
+            origins: false,
         };
         let mut unhandled = UnhandledPorts::default();
         let lines = lines_logged_by(|| {

@@ -13,7 +13,7 @@ use std::cell::Cell;
 /// The vCPU whose exit is being handled and the address of the instruction that exited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Origin {
-    pub vcpu: u8,
+    pub vcpu: u32,
     pub rip: u64,
 }
 

@@ -5,6 +5,7 @@
 
 pub mod blocked;
 pub mod doorbell;
+pub mod inject;
 pub mod intremap;
 pub mod mirror;
 
@@ -39,6 +40,8 @@ pub type SharedVtd = Arc<VtdUnit>;
 pub struct VtdUnit {
     published: Mutex<Published>,
     doorbells: OnceLock<QueueDoorbells>,
+    /// The file `--viommu inject-control=PATH` names.
+    inject_control: OnceLock<std::path::PathBuf>,
     /// Guest register writes handled (trapped or through doorbells) and the time spent on them,
     /// queue processing and host calls included: what the VMM itself costs the guest.
     writes: AtomicU64,
@@ -73,6 +76,7 @@ impl VtdUnit {
                 interrupts,
             }),
             doorbells: OnceLock::new(),
+            inject_control: OnceLock::new(),
             writes: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
         })
@@ -94,7 +98,8 @@ impl VtdUnit {
     pub fn lock_in_order(&self) -> VtdGuard<'_> {
         let mut guard = self.lock();
         if let Some(bells) = self.doorbells.get() {
-            bells.drain(&mut *guard);
+            // Those tail writes did not exit: no instruction of this exit is behind them.
+            vm_device::origin::scope(None, || bells.drain(&mut *guard));
         }
         guard
     }
@@ -107,6 +112,16 @@ impl VtdUnit {
     /// The doorbells, when the queue runs asynchronously.
     pub fn doorbells(&self) -> Option<&QueueDoorbells> {
         self.doorbells.get()
+    }
+
+    /// Names the file whose fault injections the event loop arms as it changes. Once only.
+    pub fn set_inject_control(&self, path: std::path::PathBuf) -> Result<(), std::path::PathBuf> {
+        self.inject_control.set(path)
+    }
+
+    /// The inject control file, if any.
+    pub fn inject_control(&self) -> Option<&std::path::Path> {
+        self.inject_control.get().map(|p| p.as_path())
     }
 
     /// Counts `n` register writes handled since `start`.
@@ -288,7 +303,7 @@ pub fn dmar_table(config: &VtdConfig) -> Vec<u8> {
 /// the configuration under "viommu" (null without a unit), and what the VMM itself did.
 /// `record` is what a finished recording wrote and cost (while recording, the unit says).
 pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> serde_json::Value {
-    let (stats, config, root_table, record) = match vtd {
+    let (stats, config, root_table, record, check) = match vtd {
         Some(v) => {
             let v = lock(v);
             let record = record.or_else(|| v.recording());
@@ -297,11 +312,20 @@ pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> ser
                 Some(*v.config()),
                 Some(v.root_table_mode()),
                 record,
+                v.check_counts(),
             )
         }
-        None => (viommu::Stats::default(), None, None, record),
+        None => (
+            viommu::Stats::default(),
+            None,
+            None,
+            record,
+            viommu::check::CheckCounts::default(),
+        ),
     };
     let mut json = serde_json::to_value(stats).unwrap_or_default();
+    // The protocol checker's violations, by kind (all zero when it is off).
+    json["check"] = serde_json::to_value(check).unwrap_or_default();
     let doorbells = vtd.and_then(|v| v.doorbells()).map(|b| b.carried_out());
     json["viommu"] = serde_json::json!(config.map(|c| serde_json::json!({
         "aw_bits": c.aw_bits,
@@ -314,6 +338,15 @@ pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> ser
         "first_stage": c.first_stage,
         "intremap": c.interrupt_remapping,
         "eim": c.x2apic,
+        "caching_mode": c.caching_mode,
+        "device_iotlb": c.device_iotlb,
+        "check": c.check,
+        "cache_entries": {
+            "context": c.caches.context,
+            "pasid": c.caches.pasid,
+            "iotlb": c.caches.iotlb,
+            "iec": c.caches.iec,
+        },
         // The kind of root table the guest last pointed the unit at (RTADDR.TTM).
         "root_table": match root_table {
             Some(viommu::tables::TableMode::Scalable) => "scalable",
