@@ -10,8 +10,9 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use iced_x86::code_asm::{
-    al, dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, CodeAssembler, IcedError,
+    al, dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, CodeAssembler, CodeLabel, IcedError,
 };
+use iced_x86::BlockEncoderOptions;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::config::ViommuConfig;
 use vmm::devices::bus::BusDevice;
@@ -84,6 +85,19 @@ pub fn asm64(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec
     let mut a = CodeAssembler::new(64).expect("64-bit assembler");
     f(&mut a).expect("test code assembles");
     a.assemble(CODE).expect("test code assembles")
+}
+
+/// Assembles `f`'s 64-bit code at [`CODE`], with the addresses of the labels `f` returns.
+pub fn asm64_labels<const N: usize>(
+    f: impl FnOnce(&mut CodeAssembler) -> Result<[CodeLabel; N], IcedError>,
+) -> (Vec<u8>, [u64; N]) {
+    let mut a = CodeAssembler::new(64).expect("64-bit assembler");
+    let labels = f(&mut a).expect("test code assembles");
+    let r = a
+        .assemble_options(CODE, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+        .expect("test code assembles");
+    let ips = labels.map(|l| r.label_ip(&l).expect("a label of this code"));
+    (r.inner.code_buffer, ips)
 }
 
 /// Emits code printing `s` on COM1.

@@ -8,8 +8,9 @@ use iced_x86::code_asm::*;
 use integration::small_guest::vtd::fault_events_to;
 use integration::small_guest::{
     asm64, counting_handler, idt_gate, kvm_available, load_idt_and_enable_apic, print, read_u32,
-    read_u64, Capture, CODE, PM1A_CNT, RESULTS, SLP_S5,
+    read_u64, Capture, PM1A_CNT, RESULTS, SLP_S5,
 };
+use integration::vtd_guest::{self, enable_edu, vm_with_vtd as vm_with_vtd_config, watchdog};
 use viommu::descriptor::encode;
 use viommu::regs::*;
 use viommu::tables::TableMode;
@@ -19,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
 use vmm::config::ViommuConfig;
 use vmm::devices::vtd;
-use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, VmExit, Vmm};
+use vmm::{VmExit, Vmm};
 
 const QUEUE: u64 = 0x30_0000;
 const STATUS: u64 = 0x31_0000;
@@ -29,49 +30,6 @@ const TOKEN: u32 = 0xc0_ffee;
 /// `irqchip` the guest has the in-kernel LAPIC/IOAPIC (and powers off rather than halts).
 fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture) -> Vmm {
     vm_with_vtd_config(code, irqchip, out, ViommuConfig::default())
-}
-
-fn vm_with_vtd_config(code: Vec<u8>, irqchip: bool, out: &Capture, mut vtd: ViommuConfig) -> Vmm {
-    // These guests test DMA remapping and the unit's own interrupts on KVM's in-kernel
-    // irqchip, which interrupt remapping cannot have (kvm_intremap tests remapping).
-    if irqchip {
-        vtd.intremap = false;
-        vtd.eim = false;
-    }
-    let mode = CpuMode::LongMode { rip: CODE };
-    let boot = if irqchip {
-        BootSource::RawWithIrqchip {
-            image: code,
-            load_addr: CODE,
-            mode,
-        }
-    } else {
-        BootSource::Raw {
-            image: code,
-            load_addr: CODE,
-            mode,
-        }
-    };
-    Vmm::build(MachineConfig {
-        vcpus: 1,
-        memory_size: 64 << 20,
-        boot,
-        serial_out: Box::new(out.clone()),
-        serial_in: SerialIn::None,
-        extra_acpi_tables: Vec::new(),
-        viommu: Some(vtd),
-        irqchip: Irqchip::Kernel,
-    })
-    .expect("build the VM")
-}
-
-/// Ends the run with a failure if the guest has not powered off within 20 s.
-fn watchdog(vmm: &Vmm) {
-    let exit = vmm.exit_handle();
-    std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_secs(20));
-        exit.request(VmExit::Failed("no power-off within 20 s".into()));
-    });
 }
 
 /// Emits code (rbx = the register block) that enables the queue at QUEUE, 256 entries, after
@@ -330,28 +288,9 @@ const E_IOVA_SRC: u64 = 0x0800_0000;
 const E_IOVA_DST: u64 = 0x0800_1000;
 const E_IOVA_DST2: u64 = 0x0800_2000;
 const E_LEN: u64 = 2048;
-/// edu's DMA registers and buffer (QEMU docs/specs/edu.rst).
-const EDU_DMA_SRC: i32 = 0x80;
-const EDU_DMA_DST: i32 = 0x88;
-const EDU_DMA_CNT: i32 = 0x90;
-const EDU_DMA_CMD: i32 = 0x98;
-const EDU_BUF: u64 = 0x4_0000;
-
-/// Emits one edu DMA (`to_ram`: buffer to `ram`, else `ram` to buffer) through BAR0 in r12.
+/// Emits one edu DMA of E_LEN bytes (`to_ram`: buffer to `ram`, else `ram` to buffer).
 fn edu_dma(a: &mut CodeAssembler, ram: u64, to_ram: bool) -> Result<(), IcedError> {
-    let (src, dst) = if to_ram {
-        (EDU_BUF, ram)
-    } else {
-        (ram, EDU_BUF)
-    };
-    a.mov(rax, src)?;
-    a.mov(qword_ptr(r12 + EDU_DMA_SRC), rax)?;
-    a.mov(rax, dst)?;
-    a.mov(qword_ptr(r12 + EDU_DMA_DST), rax)?;
-    a.mov(rax, E_LEN)?;
-    a.mov(qword_ptr(r12 + EDU_DMA_CNT), rax)?;
-    a.mov(rax, if to_ram { 3u64 } else { 1 })?;
-    a.mov(qword_ptr(r12 + EDU_DMA_CMD), rax)
+    vtd_guest::edu_dma(a, ram, E_LEN, to_ram)
 }
 
 /// How the edu guest sets up the unit: the root table's RTADDR value, the queue's IQA value and
@@ -376,19 +315,7 @@ fn edu_guest(setup: &EduSetup) -> Vec<u8> {
         load_idt_and_enable_apic(a, IDT, IDTR)?;
         a.sti()?;
         // edu is 00:01.0: BAR0, then memory decode and bus mastering.
-        a.mov(dx, 0xcf8u32)?;
-        a.mov(eax, 0x8000_0810u32)?;
-        a.out(dx, eax)?;
-        a.mov(dx, 0xcfcu32)?;
-        a.in_(eax, dx)?;
-        a.and(eax, 0xffff_fff0u32)?;
-        a.mov(r12d, eax)?;
-        a.mov(dx, 0xcf8u32)?;
-        a.mov(eax, 0x8000_0804u32)?;
-        a.out(dx, eax)?;
-        a.mov(dx, 0xcfcu32)?;
-        a.mov(eax, 6u32)?;
-        a.out(dx, eax)?;
+        enable_edu(a)?;
         // The VT-d: fault events to the handler, root table, queued invalidation, translation.
         a.mov(rbx, VTD_REGS_START)?;
         fault_events_to(a, rbx, FAULT_VECTOR as u32)?;
