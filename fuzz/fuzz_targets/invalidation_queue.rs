@@ -7,11 +7,12 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use viommu::ats::SharedDeviceTlb;
 use viommu::descriptor::encode;
 use viommu::regs::*;
 use viommu::testing::{Driver, FirstStageFlags, ScalableTables, Tables};
 use viommu::walk::PageTable;
-use viommu::{FlushMode, Perm, VtdConfig};
+use viommu::{Access, FlushMode, Perm, VtdConfig};
 use viommu_fuzz::{in_ram, Guest, DEV};
 
 /// Where a prepared table setup lives (inside low RAM).
@@ -196,6 +197,12 @@ struct Input {
     /// Descriptors written at the queue, with the tail written after each batch.
     batches: Vec<Vec<Desc>>,
     clear_errors: bool,
+    /// The protocol checker on, an ATS device-TLB for DEV, and faults armed.
+    check: bool,
+    device_tlb: bool,
+    injections: Vec<(u8, u8)>,
+    /// Emulated DMAs after each batch: (IOVA, write).
+    dmas: Vec<(u64, bool)>,
 }
 
 fuzz_target!(|input: Input| {
@@ -207,9 +214,23 @@ fuzz_target!(|input: Input| {
         },
         walk_budget: 1 << 16,
         scalable_mode: input.scalable_unit,
+        check: input.check,
+        device_iotlb: input.device_tlb,
         ..VtdConfig::default()
     };
     let mut g = Guest::new(config);
+    let tlb = input.device_tlb.then(|| SharedDeviceTlb::new(8));
+    if let Some(t) = &tlb {
+        t.lock().set_enabled(true);
+        g.vtd.attach_device_tlb(DEV, t.clone());
+    }
+    for &(target, nth) in input.injections.iter().take(8) {
+        let name = ["iqe", "ite", "ice", "dma-fault", "records-full"][usize::from(target % 5)];
+        let i = format!("{name}@{}", u64::from(nth) + 1)
+            .parse()
+            .expect("a valid injection");
+        g.vtd.inject(i);
+    }
     let root = match &input.setup {
         Some(s) => write_setup(&g, s),
         None => in_ram(input.root) & !0xfff | input.root & RTADDR_TTM_MASK,
@@ -251,10 +272,21 @@ fuzz_target!(|input: Input| {
         Driver::write64(&mut g.vtd, IQT_REG, tail * size);
         g.check_always();
         if input.clear_errors {
-            Driver::write32(&mut g.vtd, FSTS_REG, FSTS_IQE);
+            Driver::write32(&mut g.vtd, FSTS_REG, FSTS_IQE | FSTS_ITE | FSTS_ICE);
             g.check_always();
+        }
+        for &(iova, write) in input.dmas.iter().take(16) {
+            let access = if write { Access::Write } else { Access::Read };
+            let _ = g.vtd.translate(DEV, iova, access);
         }
     }
     g.vtd.flush_deferred();
+    g.vtd.finish_check();
+    // The final check compares the host with what the unit translates now: no fault may be
+    // injected into it, and a device-TLB would still hold what no global invalidation removes.
+    g.vtd.disarm_injections();
+    if let Some(t) = &tlb {
+        t.lock().set_enabled(false);
+    }
     g.check_quiesced();
 });

@@ -416,6 +416,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.inject.arm(injection)
     }
 
+    /// Drops every injection still armed.
+    pub fn disarm_injections(&mut self) {
+        self.inject = Injector::default();
+    }
+
     /// The translation caches, for tests and the VMM's diagnostics.
     pub fn caches(&self) -> &Caches {
         &self.caches
