@@ -1,7 +1,8 @@
 //! L2 Linux with Intel's IOMMU driver on our virtual VT-d (`--viommu`), in the nested testbed:
 //! the driver finds the unit through our DMAR table, enables queued invalidation and
 //! translation, puts the PCI devices into IOMMU groups, and every invalidation it sends goes
-//! through our queue (the counters `--stats-json` writes at exit say so).
+//! through our queue (the counters `--stats-json` writes at exit say so), keeping the protocol
+//! the checker follows.
 
 use integration::testbed::{self, viommu, Outcome, TestbedError};
 use vmm::arch::x86_64::layout::VTD_REGS_START;
@@ -50,7 +51,8 @@ fn l2_linux_enables_intel_iommu_on_our_vtd_and_invalidates_through_its_queue(
     out.ensure(
         json.contains("\"flush\":\"strict\""),
         "flush mode not reported",
-    )
+    )?;
+    viommu::no_violations(&out)
 }
 
 #[test]
@@ -76,6 +78,7 @@ fn l2_linux_boots_on_our_vtd_in_deferred_mode_and_with_iommu_off() -> Result<(),
         stats(&out)?.contains("\"flush\":\"deferred\""),
         "flush mode not reported",
     )?;
+    viommu::no_violations(&out)?;
 
     // Without its IOMMU drivers: neither DMA nor interrupt remapping.
     let Some(off) = run("viommu-linux-off", "", &["intel_iommu=off", "intremap=off"])? else {

@@ -1,7 +1,8 @@
 //! L2 Linux with L1's NVMe passed through behind our virtual VT-d (`--viommu`, `--device
 //! ...,iommu=on`): the guest's intel-iommu driver controls what the real device can reach, the
 //! device still reads the L0 disk image exactly, and what the guest writes lands in the L0 file.
-//! Also with `iommu=pt`, with `intel_iommu=off`, and in deferred mode.
+//! Also with `iommu=pt`, with `intel_iommu=off`, and in deferred mode. Every run has the
+//! protocol checker on, which finds no violation.
 
 use integration::testbed::{self, viommu, Outcome, TestbedError};
 
@@ -44,7 +45,8 @@ fn counter(out: &Outcome, key: &str) -> Result<u64, TestbedError> {
     out.stats_counter(key)
 }
 
-/// The guest read the first 16 MiB of the L0 disk image exactly, and the vmm exited 0.
+/// The guest read the first 16 MiB of the L0 disk image exactly, the vmm exited 0, and the
+/// protocol checker found no violation.
 fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(());
@@ -54,7 +56,9 @@ fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
         got == want,
         format!("L2 read md5 {got}, the image's is {want}"),
     )?;
-    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")
+    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")?;
+    // Linux's driver kept the protocol the whole run.
+    viommu::no_violations(out)
 }
 
 #[test]

@@ -1,12 +1,17 @@
 //! What the testbed tests of our virtual VT-d share: an L1 script that boots L2 under our vmm
-//! with `--viommu`, optionally with L1's NVMe controllers behind it, and prints the counters the
-//! vmm wrote at exit (`--stats-json`) as an `@@TB L1 stats JSON` line, which
-//! [`Outcome::vmm_stats`](super::Outcome::vmm_stats) reads back.
+//! with `--viommu` (its protocol checker on), optionally with L1's NVMe controllers behind it,
+//! and prints the counters the vmm wrote at exit (`--stats-json`) as an `@@TB L1 stats JSON`
+//! line, which [`Outcome::vmm_stats`](super::Outcome::vmm_stats) reads back, and the checker's
+//! report as an `@@TB L1 check-report JSON` line.
 
 use super::{L2Vmm, Outcome, Scenario, TestbedError};
 
 /// Where the vmm writes its counters.
 pub const STATS_JSON: &str = "/tmp/stats.json";
+/// Where the vmm writes its protocol checker's report.
+pub const CHECK_REPORT: &str = "/tmp/check.json";
+/// The part of a report a console line carries (the first violations).
+const REPORT_BYTES: usize = 3000;
 
 /// Binds L1's NVMe controllers to vfio-pci and sets `$DEVS` to `--device` options putting each
 /// behind the VT-d.
@@ -22,14 +27,46 @@ done
 /// after `prologue`, then prints the counters on one line.
 pub fn printing_stats(name: &str, prologue: &str, boot: &Scenario) -> Scenario {
     let script = format!(
-        "{prologue}{}echo \"@@TB L1 stats $(tr -d ' \\n' <{STATS_JSON})\"\n",
+        "{prologue}{}echo \"@@TB L1 stats $(tr -d ' \\n' <{STATS_JSON})\"\n\
+         [ -f {CHECK_REPORT} ] && echo \"@@TB L1 check-report \
+         $(tr -d ' \\n' <{CHECK_REPORT} | head -c {REPORT_BYTES})\"\n",
         boot.l1_script_text()
     );
     Scenario::l1_script(name, &script).with_vmm()
 }
 
-/// L2 (384 MiB) under `vmm --viommu VIOMMU` with the kernel arguments `l2_args`, running the
-/// L2 action `action`; with `nvme`, every L1 NVMe controller is passed through behind the unit.
+/// `viommu` (`--viommu` options) with the protocol checker on, reporting to [`CHECK_REPORT`].
+pub fn checked(viommu: &str) -> String {
+    let check = format!("check=on,check-report={CHECK_REPORT}");
+    if viommu.is_empty() {
+        check
+    } else {
+        format!("{viommu},{check}")
+    }
+}
+
+/// The protocol checker was on and found no violation (what it found otherwise, in the error).
+pub fn no_violations(out: &Outcome) -> Result<(), TestbedError> {
+    let json = out.vmm_stats()?;
+    out.ensure(
+        json.contains("\"check\":{\"by_kind\"") && json.contains("\"enabled\":true"),
+        format!("the protocol checker was not on: {json}"),
+    )?;
+    let total = out.stats_counter("total")?;
+    let report = out
+        .lines
+        .iter()
+        .find_map(|l| l.text.split_once("@@TB L1 check-report ").map(|(_, r)| r))
+        .unwrap_or("(no report)");
+    out.ensure(
+        total == 0,
+        format!("the protocol checker found {total} violations: {report}"),
+    )
+}
+
+/// L2 (384 MiB) under `vmm --viommu VIOMMU` (with the protocol checker on, see [`checked`]) with
+/// the kernel arguments `l2_args`, running the L2 action `action`; with `nvme`, every L1 NVMe
+/// controller is passed through behind the unit.
 pub fn l2_on_our_vtd(
     name: &str,
     viommu: &str,
@@ -40,7 +77,7 @@ pub fn l2_on_our_vtd(
     let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
         .memory_mib(384)
         .action(action)
-        .vmm_arg(&format!("--viommu {viommu}"))
+        .vmm_arg(&format!("--viommu {}", checked(viommu)))
         .vmm_arg(&format!("--stats-json {STATS_JSON}"));
     if nvme {
         boot = boot.vmm_arg("$DEVS");
