@@ -4,7 +4,8 @@
 #   vmlinuz          the Debian kernel, used for both L1 (under L0 QEMU TCG) and L2 (under the VMM)
 #   l1-base.cpio     L1 initramfs: busybox, KVM/VFIO modules, qemu-system-x86_64 + firmware, strace,
 #                    fio, the L2 kernel and initramfs under /testbed/
-#   l2.cpio.gz       L2 initramfs: busybox, pvpanic and nvme modules, the action scripts
+#   l2.cpio.gz       L2 initramfs: busybox, pvpanic, nvme and vfio modules, the action scripts and
+#                    tools (mmio-cost, edu-dma)
 #   disk.img         64 MiB of known content (sector N says "tb-disk sector N"), md5 in disk.img.md5
 # Usage: build.sh [--force]
 set -euo pipefail
@@ -52,11 +53,13 @@ mkdir -p "$l2"/{proc,sys,dev,tmp,tb/modules,tb/actions,tb/bin}
 tb_install_busybox "$l2"
 # Measuring tools the actions run (static: the L2 has no libc).
 gcc -static -O2 -Wall -o "$l2/tb/bin/mmio-cost" "$TB_SRC/tools/mmio-cost.c"
+gcc -static -O2 -Wall -o "$l2/tb/bin/edu-dma" "$TB_SRC/tools/edu-dma.c"
 install -m 0755 "$TB_SRC/l2-init.sh" "$l2/init"
 install -m 0644 "$TB_SRC"/actions/*.sh "$l2/tb/actions/"
 tb_copy_modules "$l2" "$kver" pvpanic-mmio pvpanic-pci >"$l2/tb/modules/pvpanic.list"
 tb_copy_modules "$l2" "$kver" crc64 crc64-rocksoft crct10dif_common crc-t10dif t10-pi nvme-core nvme \
   >"$l2/tb/modules/nvme.list"
+tb_copy_modules "$l2" "$kver" vfio-pci vfio_iommu_type1 >"$l2/tb/modules/vfio.list"
 tb_cpio "$l2" | gzip -n -6 >"$work/l2.cpio.gz"
 
 # --- L1 base initramfs --------------------------------------------------------------------------

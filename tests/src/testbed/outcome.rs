@@ -139,11 +139,16 @@ impl Outcome {
             .ok_or_else(|| self.error("no stats marker: the vmm wrote no --stats-json file"))
     }
 
-    /// The first unsigned counter named `key` in [`Outcome::vmm_stats`].
+    /// The first unsigned counter named `key` in [`Outcome::vmm_stats`]; a dotted key such as
+    /// `caches.iotlb.misses` names the first `misses` after the first `iotlb` after the first
+    /// `caches`, which is the nested counter: the vmm writes every object's keys sorted.
     pub fn stats_counter(&self, key: &str) -> Result<u64, TestbedError> {
         let json = self.vmm_stats()?;
-        json.split_once(&format!("\"{key}\":"))
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+        key.split('.')
+            .try_fold(json.as_str(), |rest, k| {
+                rest.split_once(&format!("\"{k}\":")).map(|(_, r)| r)
+            })
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse().ok())
             .ok_or_else(|| self.error(format!("no counter {key} in {json}")))
     }

@@ -64,6 +64,20 @@ pub fn no_violations(out: &Outcome) -> Result<(), TestbedError> {
     )
 }
 
+/// The L2 boot of [`l2_on_our_vtd`], before it becomes an L1 script: more VMM arguments (an
+/// emulated device behind the unit) can still be added, then [`printing_stats`] runs it.
+pub fn l2_boot_on_our_vtd(name: &str, viommu: &str, l2_args: &[&str], action: &str) -> Scenario {
+    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
+        .memory_mib(384)
+        .action(action)
+        .vmm_arg(&format!("--viommu {}", checked(viommu)))
+        .vmm_arg(&format!("--stats-json {STATS_JSON}"));
+    for a in l2_args {
+        boot = boot.l2_cmdline_arg(a);
+    }
+    boot
+}
+
 /// L2 (384 MiB) under `vmm --viommu VIOMMU` (with the protocol checker on, see [`checked`]) with
 /// the kernel arguments `l2_args`, running the L2 action `action`; with `nvme`, every L1 NVMe
 /// controller is passed through behind the unit.
@@ -74,16 +88,9 @@ pub fn l2_on_our_vtd(
     action: &str,
     nvme: bool,
 ) -> Scenario {
-    let mut boot = Scenario::l2_boot(name, L2Vmm::Ours)
-        .memory_mib(384)
-        .action(action)
-        .vmm_arg(&format!("--viommu {}", checked(viommu)))
-        .vmm_arg(&format!("--stats-json {STATS_JSON}"));
+    let mut boot = l2_boot_on_our_vtd(name, viommu, l2_args, action);
     if nvme {
         boot = boot.vmm_arg("$DEVS");
-    }
-    for a in l2_args {
-        boot = boot.l2_cmdline_arg(a);
     }
     let prologue = if nvme { BIND_NVME_BEHIND_VTD } else { "" };
     printing_stats(name, prologue, &boot)
