@@ -232,8 +232,11 @@ pub enum RecordOutcome {
 pub struct FaultLog {
     /// Each record as (low quadword, high quadword).
     records: Vec<[u64; 2]>,
-    /// Fault record index: the record hardware writes next.
-    fri: usize,
+    /// The record hardware writes next (it goes round the records).
+    next: usize,
+    /// FSTS.FRI (11.4.9.1): the record the first pending fault went to, latched when PPF went
+    /// from clear to set; software starts reading there.
+    first_pending: usize,
     /// Primary fault overflow.
     pfo: bool,
 }
@@ -243,7 +246,8 @@ impl FaultLog {
     pub fn new(count: usize) -> Self {
         FaultLog {
             records: vec![[0; 2]; count.max(1)],
-            fri: 0,
+            next: 0,
+            first_pending: 0,
             pfo: false,
         }
     }
@@ -258,12 +262,13 @@ impl FaultLog {
         false
     }
 
-    /// Logs `fault` as 7.2.1 describes: into the record at FRI unless that one is still pending.
+    /// Logs `fault` as 7.2.1 describes: into the next record unless that one is still pending.
     pub fn record(&mut self, fault: &Fault) -> RecordOutcome {
         if self.pfo {
             return RecordOutcome::Dropped;
         }
-        let slot = &mut self.records[self.fri];
+        let pending = self.ppf();
+        let slot = &mut self.records[self.next];
         if slot[1] & FRCD_HI_F != 0 {
             self.pfo = true;
             return RecordOutcome::Overflowed;
@@ -283,7 +288,10 @@ impl FaultLog {
             | pasid
             | ((fault.reason as u64) << FRCD_HI_FR_SHIFT)
             | u64::from(fault.source.0);
-        self.fri = (self.fri + 1) % self.records.len();
+        if !pending {
+            self.first_pending = self.next;
+        }
+        self.next = (self.next + 1) % self.records.len();
         RecordOutcome::Recorded
     }
 
@@ -300,8 +308,9 @@ impl FaultLog {
         self.pfo = false;
     }
 
+    /// FSTS.FRI: the record of the first pending fault (meaningful while PPF is set).
     pub fn fri(&self) -> usize {
-        self.fri
+        self.first_pending
     }
 
     /// Reads quadword `half` (0 low, 1 high) of record `index`.
@@ -350,7 +359,25 @@ mod tests {
         assert_eq!(hi & FRCD_HI_T, 0, "a write fault has T clear");
         assert!(hi & FRCD_HI_F != 0);
         assert!(log.ppf());
-        assert_eq!(log.fri(), 1);
+        assert_eq!(log.fri(), 0, "FRI names the record the fault went to");
+    }
+
+    #[test]
+    fn fri_names_the_record_of_the_first_pending_fault_while_ppf_stays_set() {
+        let mut log = FaultLog::new(4);
+        log.record(&fault(0x1000));
+        log.record(&fault(0x2000));
+        assert_eq!(log.fri(), 0, "a second fault leaves FRI at the first");
+        log.write(0, 1, FRCD_HI_F);
+        log.write(1, 1, FRCD_HI_F);
+        assert!(!log.ppf());
+        // The next fault goes to record 2 and sets PPF again: FRI follows it.
+        log.record(&fault(0x3000));
+        assert_eq!((log.fri(), log.read(2, 0)), (2, 0x3000));
+        // Going round: records 3 and 0, FRI still at 2.
+        log.record(&fault(0x4000));
+        log.record(&fault(0x5000));
+        assert_eq!((log.fri(), log.read(0, 0)), (2, 0x5000));
     }
 
     #[test]

@@ -416,7 +416,13 @@ fn emulated_device_fault_is_recorded_with_reason_and_source_and_signalled() {
     assert_eq!(f.msi.take(), vec![(0xfee0_1000, 0x31)]);
     let fsts = f.r32(FSTS_REG);
     assert!(fsts & FSTS_PPF != 0);
-    assert_eq!((fsts >> 8) & 0xff, 1, "FRI moved to the next record");
+    // 11.4.9.1: FRI names the record the first pending fault went to, where software reads.
+    assert_eq!(
+        (fsts >> 8) & 0xff,
+        0,
+        "FRI at the first pending fault's record"
+    );
+    assert!(f.r64(FRCD_REG_BASE + 8) & FRCD_HI_F != 0);
     // A second fault while the first is unserviced raises no second interrupt.
     let unknown = SourceId::new(3, 0, 0);
     let e = f.vtd.translate(unknown, 0, Access::Read).unwrap_err();
@@ -428,6 +434,9 @@ fn emulated_device_fault_is_recorded_with_reason_and_source_and_signalled() {
     assert_eq!(f.r32(FSTS_REG) & FSTS_PPF, 0);
     f.vtd.translate(DEV, 0x9000, Access::Read).unwrap_err();
     assert_eq!(f.msi.take().len(), 1);
+    // It went to the third record, which FRI now names.
+    assert_eq!((f.r32(FSTS_REG) >> 8) & 0xff, 2);
+    assert!(f.r64(FRCD_REG_BASE + 2 * 16 + 8) & FRCD_HI_F != 0);
 }
 
 #[test]
