@@ -24,28 +24,13 @@ fn run_rounds(name: &str, viommu_args: &str) -> Result<Option<(Outcome, u64)>, T
     let Some(tb) = testbed::require() else {
         return Ok(None);
     };
-    let rounds = format!("tb.rounds={ROUNDS}");
-    let boot =
-        viommu::l2_boot_on_our_vtd(name, viommu_args, &["intel_iommu=on", &rounds], "edu-dma")
-            .vmm_arg("--edu");
-    let out = tb.run(&viommu::printing_stats(name, "", &boot))?;
+    let out = tb.run(&viommu::edu_dma_on_our_vtd(name, viommu_args, ROUNDS))?;
     out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")?;
     viommu::ensure_driver_grouped_devices(&out)?;
-
-    let summary = out
-        .markers_named("L2", "edu-dma")
-        .find(|m| m.field("rounds").is_some())
-        .ok_or_else(|| out.error("no edu-dma summary marker"))?;
-    let (rounds, ok) = (
-        summary.field_num::<u64>("rounds"),
-        summary.field_num::<u64>("ok"),
-    );
+    let (rounds, ok) = viommu::edu_dma_rounds(&out)?;
     out.ensure(
-        rounds == Some(ROUNDS) && ok == Some(ROUNDS),
-        format!(
-            "edu copied {ok:?} of {rounds:?} rounds exactly: {}",
-            summary.raw
-        ),
+        rounds == ROUNDS && ok == ROUNDS,
+        format!("edu copied {ok} of {rounds} rounds exactly"),
     )?;
 
     let json = out.vmm_stats()?;

@@ -96,6 +96,29 @@ pub fn l2_on_our_vtd(
     printing_stats(name, prologue, &boot)
 }
 
+/// L2 under `vmm --edu --viommu VIOMMU` (checker on) with `intel_iommu=on`, running the
+/// `edu-dma` action: `rounds` rounds of map, copy through edu, unmap, compare, through VFIO in
+/// L2; with the counters and the checker's report printed as [`l2_on_our_vtd`] does.
+pub fn edu_dma_on_our_vtd(name: &str, viommu: &str, rounds: u64) -> Scenario {
+    let rounds = format!("tb.rounds={rounds}");
+    let boot =
+        l2_boot_on_our_vtd(name, viommu, &["intel_iommu=on", &rounds], "edu-dma").vmm_arg("--edu");
+    printing_stats(name, "", &boot)
+}
+
+/// The rounds the `edu-dma` action ran and those that copied their page exactly, from its
+/// `@@TB L2 edu-dma rounds=N ok=M` marker.
+pub fn edu_dma_rounds(out: &Outcome) -> Result<(u64, u64), TestbedError> {
+    let summary = out
+        .markers_named("L2", "edu-dma")
+        .find(|m| m.field("rounds").is_some())
+        .ok_or_else(|| out.error("no edu-dma summary marker"))?;
+    match (summary.field_num("rounds"), summary.field_num("ok")) {
+        (Some(rounds), Some(ok)) => Ok((rounds, ok)),
+        _ => Err(out.error(format!("malformed edu-dma marker: {}", summary.raw))),
+    }
+}
+
 /// The guest's intel-iommu driver came up and put devices into IOMMU groups.
 pub fn ensure_driver_grouped_devices(out: &Outcome) -> Result<(), TestbedError> {
     out.ensure(
