@@ -34,12 +34,7 @@ fn l2_linux_logs_and_clears_an_injected_invalidation_queue_error_and_keeps_readi
             format!("no '{needle}' in dmesg"),
         )?;
     }
-    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
-    out.ensure(
-        got == want,
-        format!("L2 read md5 {got}, the image's is {want}"),
-    )?;
-    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")?;
+    viommu::ensure_read_the_disk_exactly(tb, &out)?;
     let json = out.vmm_stats()?;
     out.ensure(
         out.stats_counter("injected")? == 1 && out.stats_counter("invalid")? == 1,

@@ -51,12 +51,7 @@ fn read_the_disk_exactly(out: &Outcome) -> Result<(), TestbedError> {
     let Some(tb) = testbed::require() else {
         return Ok(());
     };
-    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
-    out.ensure(
-        got == want,
-        format!("L2 read md5 {got}, the image's is {want}"),
-    )?;
-    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")?;
+    viommu::ensure_read_the_disk_exactly(tb, out)?;
     // Linux's driver kept the protocol the whole run.
     viommu::no_violations(out)
 }

@@ -61,12 +61,7 @@ fn l2_linux_in_scalable_mode_drives_the_nvme_behind_a_second_stage_pasid_entry_w
         true,
     );
     let out = tb.run(&s)?;
-    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
-    out.ensure(
-        got == want,
-        format!("L2 read md5 {got}, the image's is {want}"),
-    )?;
-    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")?;
+    viommu::ensure_read_the_disk_exactly(tb, &out)?;
     let ecap = guest_ecap(&out)?;
     out.ensure(
         ecap & (ECAP_SMTS | ECAP_SLTS) == ECAP_SMTS | ECAP_SLTS && ecap & ECAP_FLTS == 0,

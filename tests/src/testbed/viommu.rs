@@ -4,7 +4,7 @@
 //! line, which [`Outcome::vmm_stats`](super::Outcome::vmm_stats) reads back, and the checker's
 //! report as an `@@TB L1 check-report JSON` line.
 
-use super::{L2Vmm, Outcome, Scenario, TestbedError};
+use super::{L2Vmm, Outcome, Scenario, Testbed, TestbedError};
 
 /// Where the vmm writes its counters.
 pub const STATS_JSON: &str = "/tmp/stats.json";
@@ -117,6 +117,17 @@ pub fn edu_dma_rounds(out: &Outcome) -> Result<(u64, u64), TestbedError> {
         (Some(rounds), Some(ok)) => Ok((rounds, ok)),
         _ => Err(out.error(format!("malformed edu-dma marker: {}", summary.raw))),
     }
+}
+
+/// The L2's `nvme-pt` action read the first 16 MiB of the L0 disk image exactly, and the vmm
+/// exited 0.
+pub fn ensure_read_the_disk_exactly(tb: &Testbed, out: &Outcome) -> Result<(), TestbedError> {
+    let (want, got) = (tb.disk_head_md5(16 << 20)?, out.nvme_read_md5()?);
+    out.ensure(
+        got == want,
+        format!("L2 read md5 {got}, the image's is {want}"),
+    )?;
+    out.ensure(out.vmm_exit()? == 0, "the vmm did not exit 0")
 }
 
 /// The guest's intel-iommu driver came up and put devices into IOMMU groups.
