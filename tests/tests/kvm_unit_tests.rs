@@ -204,6 +204,55 @@ fn multiboot_probe_sees_the_entry_state_boot_information_and_fw_cfg_and_exits_wi
     );
 }
 
+/// The protocol checker's report: its `"total"` violations and the report itself.
+fn check_total(report: &std::path::Path) -> (Option<u64>, String) {
+    let json = std::fs::read_to_string(report).unwrap_or_default();
+    let total = json
+        .split_once("\"total\":")
+        .and_then(|(_, rest)| {
+            rest.trim_start()
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+        })
+        .and_then(|n| n.parse().ok());
+    (total, json)
+}
+
+#[test]
+fn kut_intel_iommu_passes_with_the_protocol_checker_on_and_it_finds_no_violation() {
+    // unittests.cfg's options mapped as the pass list maps them, plus the checker; with caching
+    // mode as QEMU offers it and off (the hardware path).
+    for caching_mode in ["on", "off"] {
+        let report = std::env::temp_dir().join(format!(
+            "vmm-kut-{}-check-cm-{caching_mode}.json",
+            std::process::id()
+        ));
+        let viommu = format!(
+            "intremap=on,eim=off,aw-bits=39,ioapic-sid-check=off,caching-mode={caching_mode},\
+             check=on,check-report={}",
+            report.display()
+        );
+        let Some(run) = kut(
+            "intel-iommu.flat",
+            &Options {
+                cpus: 4,
+                irqchip: Some("split"),
+                viommu: Some(&viommu),
+                edu: true,
+                ..Options::default()
+            },
+        ) else {
+            return;
+        };
+        assert_eq!(run.code(), Some(STATUS_PASS), "{viommu}: {}", run.output);
+        assert!(run.lines_starting("FAIL").is_empty(), "{}", run.output);
+        assert_eq!(run.lines_starting("PASS: ").len(), 11, "{}", run.output);
+        let (total, json) = check_total(&report);
+        assert_eq!(total, Some(0), "caching-mode={caching_mode}: {json}");
+        let _ = std::fs::remove_file(&report);
+    }
+}
+
 #[test]
 fn kut_setjmp_passes_its_ten_checks_and_reads_its_environment_module() {
     // The runner's environment file; a line that is no variable is reported, proving the
