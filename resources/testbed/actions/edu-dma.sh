@@ -2,8 +2,8 @@
 # (`vmm --edu`) reaches, through VFIO in the guest (/tb/bin/edu-dma): `tb.rounds=` rounds
 # (default 16) of a page copied through edu and compared. Prints "@@TB L2 edu-dma rounds=N ok=M
 # bdf=B" (and a marker per failing round or step), then what the IOMMU driver did (iommu.sh).
-# allow_unsafe_interrupts: VFIO's type1 backend refuses a unit without interrupt remapping
-# otherwise; edu raises no interrupt here, so nothing is unsafe about it.
+# allow_unsafe_interrupts: for a unit run with intremap=off, which VFIO's type1 backend refuses
+# otherwise; the tool uses none of edu's interrupts, so nothing is unsafe about it.
 for m in $(cat /tb/modules/vfio.list); do
   case "$m" in
     */vfio_iommu_type1.ko) insmod "$m" allow_unsafe_interrupts=1 ;;
