@@ -130,6 +130,11 @@ pub enum InvalidReason {
     CachingModeOffWithPassthrough,
     #[error("check-report needs check=on")]
     CheckReportNeedsCheck,
+    #[error(
+        "a recording replays with the default caches and no injections (the header carries \
+         neither): drop inject=, inject-control= and the cache options, or record="
+    )]
+    RecordWithDriverOptions,
     #[error(transparent)]
     Injection(#[from] ::viommu::inject::InjectionError),
 }

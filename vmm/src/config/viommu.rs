@@ -241,6 +241,12 @@ pub(super) fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
         }
         c.inject_control = Some(PathBuf::from(raw));
     }
+    let driver_options =
+        !c.inject.is_empty() || c.inject_control.is_some() || c.caches != CacheConfig::HARDWARE;
+    if let (Some(path), true) = (&c.record, driver_options) {
+        let path = path.display().to_string();
+        return Err(list.invalid("record", &path, InvalidReason::RecordWithDriverOptions));
+    }
     Ok(c)
 }
 
@@ -277,6 +283,25 @@ mod tests {
         assert_eq!(c.viommu, Some(ViommuConfig::default()));
         assert_eq!(c.stats_json, Some(PathBuf::from("/s")));
         assert_eq!(run(&["--kernel", "/k"]).viommu, None);
+    }
+
+    #[test]
+    fn a_recording_is_refused_with_injections_or_other_caches_in_one_line() {
+        for extra in [
+            "inject=iqe",
+            "inject-control=/c",
+            "caches=off",
+            "iotlb-entries=8",
+        ] {
+            let e = err(&["--kernel", "/k", "--viommu", &format!("record=/r,{extra}")]);
+            assert!(
+                e.starts_with("--viommu: invalid record '/r': a recording replays"),
+                "{e}"
+            );
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let c = run(&["--kernel", "/k", "--viommu", "record=/r,check=on"]);
+        assert!(c.viommu.is_some_and(|v| v.check && v.record.is_some()));
     }
 
     #[test]
