@@ -5,6 +5,7 @@ use iced_x86::code_asm::*;
 use vmm::config::ViommuConfig;
 use vmm::{BootSource, CpuMode, Irqchip, MachineConfig, SerialIn, Vmm};
 
+use crate::small_guest::edu::{self, EDU_DMA_CMD, EDU_DMA_COUNT, EDU_DMA_DST, EDU_DMA_SRC};
 use crate::small_guest::{self, Capture, CODE};
 
 /// A VM with our VT-d configured as `vtd`, running `code` at CODE in long mode, its serial
@@ -48,30 +49,20 @@ pub fn watchdog(vmm: &Vmm) {
     small_guest::watchdog(vmm, 20);
 }
 
-/// edu's DMA registers and buffer, offsets in BAR0.
-pub const EDU_DMA_SRC: i32 = 0x80;
-pub const EDU_DMA_DST: i32 = 0x88;
-pub const EDU_DMA_CNT: i32 = 0x90;
-pub const EDU_DMA_CMD: i32 = 0x98;
-/// The device buffer, in edu's own address space and at that offset of BAR0.
+/// The device buffer, in edu's own address space.
 pub const EDU_BUF: u64 = 0x4_0000;
+/// PCI command register: memory space enable.
+const COMMAND_MEMORY: u32 = 1 << 1;
 
 /// Emits code that finds edu at 00:01.0 (the first slot after the host bridge), loads its
 /// BAR0 into r12 and turns on memory decode and bus mastering. Clobbers rax, edx.
 pub fn enable_edu(a: &mut CodeAssembler) -> Result<(), IcedError> {
-    a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, 0x8000_0810u32)?;
-    a.out(dx, eax)?;
-    a.mov(dx, 0xcfcu32)?;
-    a.in_(eax, dx)?;
-    a.and(eax, 0xffff_fff0u32)?;
-    a.mov(r12d, eax)?;
-    a.mov(dx, 0xcf8u32)?;
-    a.mov(eax, 0x8000_0804u32)?;
-    a.out(dx, eax)?;
-    a.mov(dx, 0xcfcu32)?;
-    a.mov(eax, 6u32)?;
-    a.out(dx, eax)
+    edu::load_bar0(a, r12d)?;
+    edu::config_write(
+        a,
+        edu::CFG_COMMAND,
+        COMMAND_MEMORY | edu::COMMAND_BUS_MASTER,
+    )
 }
 
 /// Emits one edu DMA of `len` bytes through BAR0 in r12: `to_ram`, from its buffer to the
@@ -87,7 +78,7 @@ pub fn edu_dma(a: &mut CodeAssembler, ram: u64, len: u64, to_ram: bool) -> Resul
     a.mov(rax, dst)?;
     a.mov(qword_ptr(r12 + EDU_DMA_DST), rax)?;
     a.mov(rax, len)?;
-    a.mov(qword_ptr(r12 + EDU_DMA_CNT), rax)?;
+    a.mov(qword_ptr(r12 + EDU_DMA_COUNT), rax)?;
     a.mov(rax, if to_ram { 3u64 } else { 1 })?;
     a.mov(qword_ptr(r12 + EDU_DMA_CMD), rax)
 }
