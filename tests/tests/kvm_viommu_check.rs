@@ -3,10 +3,8 @@
 //! IOVA, descriptor and the guest instruction behind it; the same guests without the bug are
 //! clean; with the checker off the stale-translation guest reads the stale data, as it would on
 //! hardware. (The fourth bug of the set, an IRTE changed without an interrupt-entry-cache
-//! invalidation, needs an emulated device raising MSIs through interrupt remapping, which the
-//! VMM does not wire yet: viommu's unit test
-//! `an_irte_changed_without_an_iec_invalidation_is_reported_with_its_index` drives the model's
-//! equivalent.)
+//! invalidation, is `kvm_viommu_check_iec`'s: it needs the split irqchip and interrupt
+//! remapping.)
 
 use iced_x86::code_asm::*;
 use integration::small_guest::{asm64_labels, kvm_available, read_u64, Capture, CODE, RESULTS};
