@@ -16,8 +16,7 @@
 
 use iced_x86::code_asm::*;
 use integration::small_guest::edu::{
-    self, config_write, load_bar0, select, CFG_COMMAND, CFG_MSI_ADDRESS_HI, CFG_MSI_ADDRESS_LO,
-    CFG_MSI_CONTROL, CFG_MSI_DATA, COMMAND_BUS_MASTER, EDU_IRQ_ACK, EDU_IRQ_RAISE, MSI_ENABLE,
+    self, config_write, enable_msi, load_bar0, CFG_MSI_ADDRESS_LO, EDU_IRQ_ACK, EDU_IRQ_RAISE,
 };
 use integration::small_guest::vtd::{
     copy_fsts, enable_remapping, fault_events_to, fault_record, irte, take_fault_record, write_irte,
@@ -110,17 +109,7 @@ fn guest() -> Vec<u8> {
         // The table pointer, then remapping on (CFI clear).
         enable_remapping(a, r12, IRTA, 0)?;
         // edu: bus mastering (an MSI is a memory write), then MSI through entry 0.
-        select(a, CFG_COMMAND)?;
-        a.in_(eax, dx)?;
-        a.or(eax, COMMAND_BUS_MASTER)?;
-        a.out(dx, ax)?;
-        config_write(a, CFG_MSI_ADDRESS_LO, remappable(0))?;
-        config_write(a, CFG_MSI_ADDRESS_HI, 0)?;
-        config_write(a, CFG_MSI_DATA, V_BYPASS)?;
-        select(a, CFG_MSI_CONTROL)?;
-        a.in_(eax, dx)?;
-        a.or(eax, MSI_ENABLE)?;
-        a.out(dx, eax)?;
+        enable_msi(a, remappable(0), V_BYPASS)?;
 
         // 1. Through entry 0: the handler at the IRTE's vector acknowledges edu.
         a.mov(dword_ptr(r13 + EDU_IRQ_RAISE), RAISED)?;

@@ -9,10 +9,7 @@
 //! Without /dev/kvm this test skips loudly, and fails when CI=true.
 
 use iced_x86::code_asm::*;
-use integration::small_guest::edu::{
-    self, config_write, load_bar0, select, CFG_COMMAND, CFG_MSI_ADDRESS_HI, CFG_MSI_ADDRESS_LO,
-    CFG_MSI_CONTROL, CFG_MSI_DATA, COMMAND_BUS_MASTER, EDU_IRQ_RAISE, MSI_ENABLE,
-};
+use integration::small_guest::edu::{self, enable_msi, load_bar0, EDU_IRQ_RAISE};
 use integration::small_guest::vtd::{enable_remapping, gcmd, irte, write_irte};
 use integration::small_guest::{
     asm64_labels, idt_gate, kvm_available, load_idt_and_enable_apic, power_off, read_u32, read_u64,
@@ -68,21 +65,7 @@ fn guest(bug: bool) -> (Vec<u8>, [u64; 1]) {
         gcmd(a, r12, GCMD_QIE, GSTS_QIES)?;
         enable_remapping(a, r12, IRTA, GCMD_QIE)?;
         // edu: bus mastering, MSI through IRTE 0.
-        select(a, CFG_COMMAND)?;
-        a.in_(eax, dx)?;
-        a.or(eax, COMMAND_BUS_MASTER)?;
-        a.out(dx, ax)?;
-        config_write(
-            a,
-            CFG_MSI_ADDRESS_LO,
-            MsiMessage::remappable(0).address as u32,
-        )?;
-        config_write(a, CFG_MSI_ADDRESS_HI, 0)?;
-        config_write(a, CFG_MSI_DATA, 0)?;
-        select(a, CFG_MSI_CONTROL)?;
-        a.in_(eax, dx)?;
-        a.or(eax, MSI_ENABLE)?;
-        a.out(dx, eax)?;
+        enable_msi(a, MsiMessage::remappable(0).address as u32, 0)?;
         // The first MSI fills the interrupt-entry cache.
         a.mov(dword_ptr(r13 + EDU_IRQ_RAISE), RAISED)?;
         wait_for_count(a, OLD, 1)?;

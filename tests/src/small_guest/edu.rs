@@ -3,7 +3,7 @@
 //! handler that acknowledges it.
 
 use iced_x86::code_asm::{
-    dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, AsmRegister32, AsmRegister64, CodeAssembler,
+    ax, dword_ptr, dx, eax, qword_ptr, rax, rbx, rcx, AsmRegister32, AsmRegister64, CodeAssembler,
     IcedError,
 };
 
@@ -59,6 +59,22 @@ pub fn load_bar0(a: &mut CodeAssembler, to: AsmRegister32) -> Result<(), IcedErr
 pub fn config_write(a: &mut CodeAssembler, reg: u32, value: u32) -> Result<(), IcedError> {
     select(a, reg)?;
     a.mov(eax, value)?;
+    a.out(dx, eax)
+}
+
+/// Emits edu's bus mastering (an MSI is a memory write) and its MSI capability set to
+/// `address` (low dword; the high one zero) and `data`, then enabled. Clobbers eax, dx.
+pub fn enable_msi(a: &mut CodeAssembler, address: u32, data: u32) -> Result<(), IcedError> {
+    select(a, CFG_COMMAND)?;
+    a.in_(eax, dx)?;
+    a.or(eax, COMMAND_BUS_MASTER)?;
+    a.out(dx, ax)?;
+    config_write(a, CFG_MSI_ADDRESS_LO, address)?;
+    config_write(a, CFG_MSI_ADDRESS_HI, 0)?;
+    config_write(a, CFG_MSI_DATA, data)?;
+    select(a, CFG_MSI_CONTROL)?;
+    a.in_(eax, dx)?;
+    a.or(eax, MSI_ENABLE)?;
     a.out(dx, eax)
 }
 
