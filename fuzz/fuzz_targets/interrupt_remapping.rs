@@ -9,11 +9,11 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use viommu::cache::CacheConfig;
 use viommu::intremap::IRTA_EIME;
-use vm_device::interrupt::MsiMessage;
 use viommu::regs::*;
 use viommu::testing::Driver;
 use viommu::{SourceId, VtdConfig};
 use viommu_fuzz::{in_ram, Guest};
+use vm_device::interrupt::MsiMessage;
 use vm_memory::{Bytes, GuestAddress};
 
 #[derive(Arbitrary, Debug)]
