@@ -73,3 +73,49 @@ pub const PCI_MSIX_PBA: usize = 8;
 pub const PCI_MSIX_BIR_MASK: u32 = 0x7;
 pub const PCI_MSIX_ENTRY_SIZE: u64 = 16;
 pub const PCI_MSIX_ENTRY_CTRL_MASKBIT: u32 = 0x1;
+
+// PCI Express capability (PCIe Base 4.0, 7.5.3), version 2: 0x3c bytes for every function
+// type; registers a function type does not implement read as zero.
+pub const PCI_CAP_ID_EXP: u8 = 0x10;
+pub const PCI_CAP_EXP_SIZEOF: usize = 0x3c;
+/// PCI Express Capabilities register (7.5.3.2): version in bits 3:0, device/port type in 7:4.
+pub const PCI_EXP_FLAGS: usize = 0x02;
+pub const PCI_EXP_FLAGS_VERS2: u16 = 0x0002;
+pub const PCI_EXP_FLAGS_TYPE_SHIFT: u16 = 4;
+/// Device/port type: Root Complex Integrated Endpoint (no link, on a root bus).
+pub const PCI_EXP_TYPE_RC_END: u16 = 0x9;
+/// Device Capabilities (7.5.3.3): Max_Payload_Size Supported in bits 2:0 (0: 128 bytes);
+/// Role-Based Error Reporting, which functions of PCIe 1.1 on set.
+pub const PCI_EXP_DEVCAP: usize = 0x04;
+pub const PCI_EXP_DEVCAP_RBER: u32 = 0x0000_8000;
+/// Device Control (7.5.3.4): error reporting enables (bits 3:0), Enable Relaxed Ordering,
+/// Max_Payload_Size (7:5), Enable No Snoop, Max_Read_Request_Size (14:12).
+pub const PCI_EXP_DEVCTL: usize = 0x08;
+pub const PCI_EXP_DEVCTL_ERRORS: u16 = 0x000f;
+pub const PCI_EXP_DEVCTL_RELAX_EN: u16 = 0x0010;
+pub const PCI_EXP_DEVCTL_PAYLOAD: u16 = 0x00e0;
+pub const PCI_EXP_DEVCTL_NOSNOOP_EN: u16 = 0x0800;
+pub const PCI_EXP_DEVCTL_READRQ: u16 = 0x7000;
+/// Max_Read_Request_Size's default, 512 bytes (010b).
+pub const PCI_EXP_DEVCTL_READRQ_512B: u16 = 0x2000;
+
+// PCI Express extended capabilities (PCIe Base 4.0, 7.6.3): a header dword at 0x100 and on,
+// ID in bits 15:0, version in 19:16, next offset in 31:20 (0: the last).
+pub const PCI_EXT_CAP_START: usize = PCI_CONFIG_SIZE;
+pub const PCI_EXT_CAP_VER_SHIFT: u32 = 16;
+pub const PCI_EXT_CAP_NEXT_SHIFT: u32 = 20;
+
+// Address Translation Services extended capability (PCIe Base 4.0, 10.5.1): the ATS
+// Capability register at +4, the ATS Control register at +6.
+pub const PCI_EXT_CAP_ID_ATS: u16 = 0x000f;
+pub const PCI_EXT_CAP_ATS_SIZEOF: usize = 8;
+pub const PCI_ATS_CAP: usize = 0x04;
+/// Invalidate Queue Depth: invalidate requests the function takes before back-pressure
+/// (0: 32).
+pub const PCI_ATS_CAP_QDEP_MASK: u16 = 0x001f;
+/// Page Aligned Request: untranslated requests start on a 4 KiB boundary.
+pub const PCI_ATS_CAP_PAGE_ALIGNED: u16 = 0x0020;
+pub const PCI_ATS_CTRL: usize = 0x06;
+/// Smallest Translation Unit: 2^(12 + STU) bytes.
+pub const PCI_ATS_CTRL_STU_MASK: u16 = 0x001f;
+pub const PCI_ATS_CTRL_ENABLE: u16 = 0x8000;
