@@ -56,7 +56,9 @@ impl DmaEngine {
     }
 
     /// The guest-physical address and contiguous length for an access to `addr`, or None when
-    /// the remapping unit refuses it (it has then recorded and signalled the fault).
+    /// the remapping unit refuses it (it has then recorded and signalled the fault). While edu
+    /// enables ATS ([`super::ats`]) the request goes through its device-TLB: a translated
+    /// request on a hit, a translation request filling it on a miss.
     fn translate(&self, source: SourceId, addr: u64, access: Access) -> Option<(u64, u64)> {
         match &self.iommu {
             Some(unit) => vtd::lock(unit).translate(source, addr, access).ok(),

@@ -3,7 +3,8 @@
 //! liveness registers, a factorial unit, an interrupt status the guest raises and
 //! acknowledges, and a DMA engine ([`dma`]) whose transfers go through the virtual VT-d when
 //! the function sits behind it. Its interrupts are INTx (INTA#, level) until the guest enables
-//! its MSI capability (64-bit, one vector).
+//! its MSI capability (64-bit, one vector). Behind a unit with device-TLBs it is also a PCI
+//! Express function with Address Translation Services ([`ats`]).
 //!
 //! A plain state machine: it raises interrupts through the [`MsiSender`] and [`IrqLine`] it is
 //! given and reaches memory through guest RAM or the VT-d model, so its tests need no KVM.
@@ -11,6 +12,7 @@
 //! The factorial is ready when its register write completes (QEMU computes it on a thread): the
 //! computing status bit never reads set, and "raise an interrupt when done" raises it at once.
 
+pub mod ats;
 pub mod dma;
 
 #[cfg(test)]
@@ -32,6 +34,7 @@ use vm_device::pci::spec::{
 
 use crate::devices::interrupt::IrqLine;
 use crate::devices::vtd::SharedVtd;
+use ats::EduAts;
 use dma::{Direction, DmaEngine};
 use vm_device::interrupt::{MsiMessage, MsiSender};
 
@@ -70,9 +73,11 @@ pub const IRQ_DMA: u32 = 0x100;
 const DMA_CMD_START: u64 = 0x1;
 const DMA_CMD_TO_RAM: u64 = 0x2;
 const DMA_CMD_IRQ: u64 = 0x4;
-/// The MSI capability: where QEMU's edu has it (its one capability), ID and no next pointer.
+/// The MSI capability: where QEMU's edu has it (its one capability), ID and no next pointer;
+/// with ATS the PCI Express capability follows it.
 const MSI_CAP_OFFSET: u8 = 0x40;
 const MSI_CAP_HEADER: u16 = PCI_CAP_ID_MSI as u16;
+const MSI_CAP_HEADER_THEN_PCIE: u16 = MSI_CAP_HEADER | (ats::PCIE_CAP_OFFSET as u16) << 8;
 /// INTA#.
 const INTERRUPT_PIN_INTA: u8 = 1;
 
@@ -95,6 +100,10 @@ pub struct EduInterrupts {
 pub struct Edu {
     config: PciConfiguration,
     msi: MsiCap,
+    /// The MSI capability's ID and next pointer.
+    msi_header: u16,
+    /// ATS and the device-TLB, when the unit offers device-TLBs.
+    ats: Option<EduAts>,
     /// Its requester id: how the VT-d knows its DMA and its interrupts.
     source: SourceId,
     interrupts: EduInterrupts,
@@ -111,7 +120,7 @@ pub struct Edu {
 
 impl Edu {
     /// An edu that is requester `source`, whose DMA reaches `mem` directly or through `iommu`,
-    /// raising `interrupts`.
+    /// raising `interrupts`; with ATS when `iommu` offers device-TLBs.
     pub fn new(
         mem: GuestMemoryMmap,
         source: SourceId,
@@ -134,9 +143,18 @@ impl Edu {
         if interrupts.intx.is_some() {
             config.set_interrupt_pin(INTERRUPT_PIN_INTA);
         }
+        let ats = iommu
+            .as_ref()
+            .and_then(|unit| EduAts::attach(&mut config, unit, source));
         Edu {
             config,
             msi: MsiCap::new(MSI_CAP_OFFSET.into(), PCI_MSI_FLAGS_64BIT),
+            msi_header: if ats.is_some() {
+                MSI_CAP_HEADER_THEN_PCIE
+            } else {
+                MSI_CAP_HEADER
+            },
+            ats,
             source,
             interrupts,
             intx_asserted: false,
@@ -273,7 +291,7 @@ impl PciDevice for Edu {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         let at = reg.saturating_mul(4);
         if self.msi.contains(at) {
-            self.msi.read(at, MSI_CAP_HEADER)
+            self.msi.read(at, self.msi_header)
         } else {
             self.config.read_reg(reg)
         }
@@ -288,7 +306,11 @@ impl PciDevice for Edu {
             }
             Vec::new()
         } else {
-            self.config.write_reg(reg, offset, data)
+            let moves = self.config.write_reg(reg, offset, data);
+            if let Some(ats) = &self.ats {
+                ats.config_written(&self.config, reg);
+            }
+            moves
         };
         // MSI Enable and Interrupt Disable decide where a pending interrupt shows.
         self.update_intx();

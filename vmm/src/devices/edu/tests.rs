@@ -437,3 +437,6 @@ fn config_writes_outside_the_capability_reach_the_header() {
     config_write(&mut e, 0x43, &[1, 2]);
     assert_eq!(config_read(&mut e, 0x40) >> 16 & 1, 0);
 }
+
+#[path = "ats_tests.rs"]
+mod ats;
