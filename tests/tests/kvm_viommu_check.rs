@@ -2,7 +2,8 @@
 //! IOMMU driver bug on purpose while edu DMAs behind the unit, flagged with the right kind,
 //! IOVA, descriptor and the guest instruction behind it; the same guests without the bug are
 //! clean; with the checker off the stale-translation guest reads the stale data, as it would on
-//! hardware. (The fourth bug of the set, an IRTE changed without an interrupt-entry-cache
+//! hardware; with ATS on edu, a device-TLB left holding a remapped page is flagged and the
+//! device reads the stale data, as on hardware. (The fourth bug of the set, an IRTE changed without an interrupt-entry-cache
 //! invalidation, is `kvm_viommu_check_iec`'s: it needs the split irqchip and interrupt
 //! remapping.)
 
@@ -15,7 +16,7 @@ use viommu::regs::*;
 use viommu::testing::Tables;
 use viommu::{Perm, SourceId};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm::arch::x86_64::layout::VTD_REGS_START;
+use vmm::arch::x86_64::layout::{PCI_ECAM_START, VTD_REGS_START};
 use vmm::config::ViommuConfig;
 use vmm::devices::vtd;
 use vmm::VmExit;
@@ -34,6 +35,13 @@ const IOVA: u64 = 0x0800_0000;
 const RESULTS_IOVA: u64 = 0x0801_0000;
 const DOMAIN: u16 = 1;
 const EDU: SourceId = SourceId(0x0008);
+/// Context entry translation type 01b (VT-d 9.3): untranslated requests and translation
+/// requests, as Linux sets it for a device whose ATS it enables.
+const TT_DEVICE_TLB: u64 = 0b01 << 2;
+/// edu's ATS Control register (its ATS capability is at 0x100, the control at +6), through
+/// ECAM: extended configuration space is out of the 0xcf8/0xcfc mechanism's reach.
+const EDU_ATS_CONTROL: u64 = PCI_ECAM_START + (1 << 15) + 0x106;
+const ATS_ENABLE: u32 = 0x8000;
 
 /// The unit as a driver developer runs it: the hardware path (no caching mode), the checker on.
 fn checked() -> ViommuConfig {
@@ -91,11 +99,16 @@ fn write_pte(a: &mut CodeAssembler, pte: u64, value: u64) -> Result<(), IcedErro
     a.mov(qword_ptr(rcx), rax)
 }
 
-/// The guest's tables: edu's context entry in DOMAIN, IOVA mapped to PAGE_A, RESULTS_IOVA to
-/// RESULTS. Returns the address of IOVA's leaf entry.
-fn tables(mem: &GuestMemoryMmap) -> u64 {
+/// The guest's tables: edu's context entry in DOMAIN (allowing translation requests when
+/// `ats`), IOVA mapped to PAGE_A, RESULTS_IOVA to RESULTS. Returns the address of IOVA's leaf
+/// entry.
+fn tables(mem: &GuestMemoryMmap, ats: bool) -> u64 {
     let mut t = Tables::at(mem, TABLES);
     let pt = t.context(EDU, DOMAIN, 3);
+    if ats {
+        let [lo, hi] = t.read_context_raw(EDU);
+        t.write_context_raw(EDU, lo | TT_DEVICE_TLB, hi);
+    }
     t.map(pt, IOVA, PAGE_A, 0x1000, Perm::RW);
     t.map(pt, RESULTS_IOVA, RESULTS, 0x1000, Perm::RW);
     t.leaf_pte_addr(pt, IOVA)
@@ -106,7 +119,7 @@ fn tables(mem: &GuestMemoryMmap) -> u64 {
 fn leaf_entry() -> u64 {
     let scratch =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).expect("scratch memory");
-    tables(&scratch)
+    tables(&scratch, false)
 }
 
 /// What a guest run left: the violations the checker kept and the guest's results.
@@ -117,14 +130,15 @@ struct Run {
 }
 
 /// Runs `code` with the unit as `config`, the queue holding `slots`, guest memory holding the
-/// tables and both pages' patterns.
+/// tables (allowing ATS when the unit has device-TLBs) and both pages' patterns.
 fn run(config: ViommuConfig, code: Vec<u8>, slots: &[[u64; 2]]) -> Run {
+    let ats = config.device_iotlb;
     let vmm = vm_with_vtd(code, false, &Capture::default(), config);
     let mem = vmm.guest_memory().clone();
     let unit = vmm.vtd().expect("a VT-d was asked for").clone();
     let source = vmm.add_edu().expect("add edu");
     assert_eq!(source, EDU, "edu sits at 00:01.0");
-    tables(&mem);
+    tables(&mem, ats);
     for (page, pattern) in [(PAGE_A, PATTERN_A), (PAGE_B, PATTERN_B)] {
         mem.write_obj(pattern, GuestAddress(page))
             .expect("guest memory");
@@ -297,5 +311,95 @@ fn an_iova_reused_before_the_wait_of_its_unmap_is_flagged() {
         assert_eq!(v.descriptor, Some(3), "the PSI not waited for");
         let request = v.request_at.expect("the edu command write");
         assert!(request.rip > dma, "{v}");
+    }
+}
+
+#[test]
+fn a_device_tlb_left_holding_a_remapped_page_is_flagged_and_the_device_reads_the_old_page() {
+    if !kvm_available() {
+        return;
+    }
+    let pte = leaf_entry();
+    // The driver remaps IOVA and invalidates the IOTLB (a PSI and its wait); then, in the next
+    // submission, the device-TLB invalidation (Linux's order) or, the bug, a wait alone.
+    for (bug, check) in [(true, true), (false, true), (true, false)] {
+        let mut slots = setup_slots();
+        slots.push(encode::iotlb_page(DOMAIN, IOVA, 0, false));
+        slots.push(encode::wait(Some((STATUS, 2)), false, false));
+        let iotlb_tail = slots.len() as u64;
+        if !bug {
+            slots.push(encode::device_iotlb(EDU, IOVA, false));
+        }
+        slots.push(encode::wait(Some((STATUS, 2)), false, false));
+        let tail = slots.len() as u64;
+        let (code, [after_wait]) = asm64_labels(|a| {
+            let mut after_wait = a.create_label();
+            set_up(a)?;
+            a.mov(rcx, EDU_ATS_CONTROL)?;
+            a.mov(word_ptr(rcx), ATS_ENABLE)?;
+            dma_read(a, IOVA, 0)?;
+            write_pte(a, pte, PAGE_B | 3)?;
+            submit(a, iotlb_tail)?;
+            submit(a, tail)?;
+            a.set_label(&mut after_wait)?;
+            dma_read(a, IOVA, 1)?;
+            a.hlt()?;
+            Ok([after_wait])
+        });
+        let config = ViommuConfig {
+            device_iotlb: true,
+            check,
+            ..checked()
+        };
+        let r = run(config, code, &slots);
+        assert_eq!(r.results[0], PATTERN_A, "through the first mapping");
+        if bug {
+            assert_eq!(
+                r.results[1], PATTERN_A,
+                "the stale device-TLB entry, as on hardware"
+            );
+        } else {
+            assert_eq!(r.results[1], PATTERN_B, "invalidated: the new page");
+        }
+        if !check {
+            assert!(!r.checked && r.violations.is_empty());
+            continue;
+        }
+        if !bug {
+            assert_eq!(
+                r.violations,
+                vec![],
+                "the same guest with the device-TLB invalidation is clean"
+            );
+            continue;
+        }
+        // The missing invalidation, found at the wait after the IOTLB one's; then the translated
+        // request that used the stale entry, found when the VM stopped.
+        assert_eq!(
+            kinds(&r),
+            vec![Kind::MissingDeviceTlbInvalidation, Kind::StaleDeviceTlb],
+            "{:?}",
+            r.violations
+        );
+        for v in &r.violations {
+            assert_eq!(
+                (v.source, v.domain, v.iova),
+                (Some(EDU), Some(DOMAIN), Some(IOVA)),
+                "{v}"
+            );
+        }
+        let missing = &r.violations[0];
+        assert_eq!(
+            missing.descriptor,
+            Some(tail - 1),
+            "the wait that found it still cached"
+        );
+        assert_eq!(missing.register.map(|w| w.name), Some("IQT"));
+        assert_after(missing, after_wait);
+        let stale = &r.violations[1];
+        let request = stale
+            .request_at
+            .expect("the edu command write behind the DMA");
+        assert!(request.rip > after_wait, "the second DMA: {stale}");
     }
 }
