@@ -188,7 +188,7 @@ impl PciConfiguration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::pci::bar::AllocError;
 
@@ -204,7 +204,8 @@ mod tests {
         }
     }
 
-    fn cfg() -> PciConfiguration {
+    /// A function with edu's IDs and nothing else.
+    pub(crate) fn cfg() -> PciConfiguration {
         PciConfiguration::new(PciIds {
             vendor: 0x1234,
             device: 0x11e8,

@@ -161,18 +161,7 @@ impl AtsCapability {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::configuration::PciIds;
-
-    fn cfg() -> PciConfiguration {
-        PciConfiguration::new(PciIds {
-            vendor: 0x1234,
-            device: 0x11e8,
-            class: 0xff,
-            subclass: 0,
-            prog_if: 0,
-            revision: 1,
-        })
-    }
+    use crate::pci::configuration::tests::cfg;
 
     fn write16(c: &mut PciConfiguration, at: usize, v: u16) {
         c.write_reg(at / 4, at % 4, &v.to_le_bytes());
