@@ -166,6 +166,32 @@ fn kinds(r: &Run) -> Vec<Kind> {
     r.violations.iter().map(|v| v.kind).collect()
 }
 
+/// Asserts what a guest that remapped IOVA from PAGE_A to PAGE_B between two DMAs read: with
+/// `bug` (a missing invalidation) the old page twice, served from the `stale` cache; else the
+/// old page, then the new one. Unless the checker was on and the bug committed, asserts that
+/// nothing was flagged; returns whether there are violations to look at.
+fn remap_flagged(r: &Run, bug: bool, check: bool, stale: &str) -> bool {
+    assert_eq!(r.results[0], PATTERN_A, "through the first mapping");
+    if bug {
+        assert_eq!(r.results[1], PATTERN_A, "{stale}");
+    } else {
+        assert_eq!(r.results[1], PATTERN_B, "invalidated: the new page");
+    }
+    if !check {
+        assert!(!r.checked && r.violations.is_empty());
+        return false;
+    }
+    if !bug {
+        assert_eq!(
+            r.violations,
+            vec![],
+            "the same guest without the bug is clean"
+        );
+        return false;
+    }
+    true
+}
+
 /// KVM reports a completed MMIO write's exit with RIP past the instruction: the instruction a
 /// driver developer looks for ends at the address the checker names.
 fn assert_after(v: &Violation, ip: u64) {
@@ -206,25 +232,7 @@ fn a_pte_changed_without_invalidation_is_flagged_stale_and_the_device_reads_the_
         });
         let config = ViommuConfig { check, ..checked() };
         let r = run(config, code, &slots);
-        assert_eq!(r.results[0], PATTERN_A, "through the first mapping");
-        if bug {
-            assert_eq!(
-                r.results[1], PATTERN_A,
-                "the stale IOTLB entry, as on hardware"
-            );
-        } else {
-            assert_eq!(r.results[1], PATTERN_B, "invalidated: the new page");
-        }
-        if !check {
-            assert!(!r.checked && r.violations.is_empty());
-            continue;
-        }
-        if !bug {
-            assert_eq!(
-                r.violations,
-                vec![],
-                "the same guest without the bug is clean"
-            );
+        if !remap_flagged(&r, bug, check, "the stale IOTLB entry, as on hardware") {
             continue;
         }
         assert_eq!(kinds(&r), vec![Kind::StaleIotlb], "{:?}", r.violations);
@@ -352,25 +360,7 @@ fn a_device_tlb_left_holding_a_remapped_page_is_flagged_and_the_device_reads_the
             ..checked()
         };
         let r = run(config, code, &slots);
-        assert_eq!(r.results[0], PATTERN_A, "through the first mapping");
-        if bug {
-            assert_eq!(
-                r.results[1], PATTERN_A,
-                "the stale device-TLB entry, as on hardware"
-            );
-        } else {
-            assert_eq!(r.results[1], PATTERN_B, "invalidated: the new page");
-        }
-        if !check {
-            assert!(!r.checked && r.violations.is_empty());
-            continue;
-        }
-        if !bug {
-            assert_eq!(
-                r.violations,
-                vec![],
-                "the same guest with the device-TLB invalidation is clean"
-            );
+        if !remap_flagged(&r, bug, check, "the stale device-TLB entry, as on hardware") {
             continue;
         }
         // The missing invalidation, found at the wait after the IOTLB one's; then the translated
