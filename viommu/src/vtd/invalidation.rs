@@ -140,7 +140,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     }
                     // What the descriptors before the bad one asked for is done.
                     self.sync_pending();
-                    return self.queue_error(e);
+                    self.queue_error(e);
+                    // A device-TLB invalidation before the bad descriptor that timed out still
+                    // reports its time-out: the queue stops for both, and nothing of the
+                    // time-out is left to abort a wait of the queue software restarts.
+                    if let Some(source) = self.timed_out.take() {
+                        self.time_out(source);
+                    }
+                    return;
                 }
             }
             self.iqh = (self.iqh + step) % entries;

@@ -345,6 +345,8 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if qie != (self.regs.get32::<GSTS_REG>() & GSTS_QIES != 0) {
             if qie {
                 self.iqh = 0;
+                // A fresh queue: no time-out of the old one is pending in it.
+                self.timed_out = None;
                 self.regs.set_bits::<GSTS_REG>(GSTS_QIES);
                 vm_device::debug_limited!(
                     "VT-d: queued invalidation enabled, IQA {:#x}",

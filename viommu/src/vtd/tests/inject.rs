@@ -120,6 +120,38 @@ fn an_injected_time_out_aborts_the_next_wait_and_stops_the_queue_until_ite_is_cl
 }
 
 #[test]
+fn a_time_out_before_a_bad_descriptor_is_reported_with_the_queue_error_and_not_left_pending() {
+    let mut f = injected(dt_config(), "ite");
+    let mem = f.mem.clone();
+    // A device-TLB invalidation that times out, then a descriptor of no known type, no wait.
+    f.drv.submit(
+        &mut f.vtd,
+        &mem,
+        &[encode::device_iotlb(SID, 0x5000, false), [0xf, 0]],
+    );
+    let fsts = f.r32(FSTS_REG);
+    assert_eq!(
+        fsts & (FSTS_IQE | FSTS_ITE | FSTS_ICE),
+        FSTS_IQE | FSTS_ITE,
+        "both errors: {fsts:#x}"
+    );
+    assert_eq!(
+        (f.r64(IQERCD_REG) & IQERCD_ITESID_MASK) >> IQERCD_ITESID_SHIFT,
+        u64::from(SID.0)
+    );
+    // Software gives up on that queue: disabled, errors cleared, set up afresh.
+    f.w32(GCMD_REG, 0);
+    f.w32(FSTS_REG, FSTS_IQE | FSTS_ITE);
+    f.drv.enable_qi(&mut f.vtd);
+    assert!(
+        f.drv
+            .submit_sync(&mut f.vtd, &mem, &[encode::iotlb_global()], 5),
+        "no time-out of the old queue aborts the new queue's wait"
+    );
+    assert_eq!(f.r32(FSTS_REG) & (FSTS_IQE | FSTS_ITE), 0);
+}
+
+#[test]
 fn an_injected_completion_error_sets_ice_and_the_queue_goes_on() {
     let mut f = injected(dt_config(), "ice@2");
     let mem = f.mem.clone();
