@@ -89,15 +89,24 @@ fn l2_linux_in_scalable_mode_drives_the_nvme_behind_a_second_stage_pasid_entry_w
         format!("the host refused a call: {json}"),
     )?;
     // Batched: each unmap invalidation (a 1 MiB read: up to 256 host mappings, one per run of
-    // guest-contiguous pages, which vary from run to run) took one host unmap call for all of
-    // them; a leaf-by-leaf engine makes one call per mapping.
+    // guest-contiguous pages, which vary from run to run) took at most one host unmap call for
+    // all of them, while a leaf-by-leaf engine makes one call per mapping. The mappings per
+    // call follow the guest's page contiguity (from under 4 to over 10 between runs), so the
+    // proof is against the invalidations, not a fixed ratio.
     let (calls, removed) = (
         out.stats_counter("host_unmap_calls")?,
         out.stats_counter("host_mappings_removed")?,
     );
+    let mut invalidations = 0;
+    for key in ["iotlb_page", "pasid_iotlb", "iotlb_domain", "iotlb_global"] {
+        invalidations += out.stats_counter(key)?;
+    }
     out.ensure(
-        calls * 4 <= removed,
-        format!("{calls} host unmap calls for {removed} mappings: not batched: {json}"),
+        calls <= invalidations && calls < removed,
+        format!(
+            "{calls} host unmap calls for {removed} mappings and {invalidations} IOTLB \
+             invalidations: not batched: {json}"
+        ),
     )?;
     viommu::no_violations(&out)
 }
