@@ -3,7 +3,7 @@
 //! `vfio_probe check PATH [UID]`: the set-up checks (as UID if given); prints `probe ok` or
 //! the error line, exits 0 or 1.
 //! `vfio_probe edu PATH`: opens QEMU's edu device, maps a 2 MiB "guest RAM" for DMA at IOVA =
-//! GPA through `ContainerDma`, copies a pattern RAM -> device buffer -> RAM with the edu DMA
+//! GPA through `HostDmaMappings`, copies a pattern RAM -> device buffer -> RAM with the edu DMA
 //! engine (BAR0 mmapped), waits for its completion MSI on a VFIO eventfd, compares, and tears
 //! everything down. Prints `probe edu dma=ok msi=ok` on success.
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use passthrough::access::MmapArea;
 use passthrough::access::{IrqKind, VfioAccess};
-use passthrough::dma::ContainerDma;
+use passthrough::dma::HostDmaMappings;
 use passthrough::function::PAGE_SIZE;
 use passthrough::setup::{check, HostPaths, VfioHost};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -120,7 +120,7 @@ fn edu(path: &Path) -> Result<(), ProbeError> {
     let dev = host.open(path)?;
     dev.reset();
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)])?;
-    let mut dma_map = ContainerDma::new(host.container().clone(), mem.clone());
+    let mut dma_map = HostDmaMappings::new(host.container().clone(), mem.clone());
     dma_map.map_guest_ram()?;
 
     let size = dev.region(0).ok_or("edu has no BAR0")?.size;

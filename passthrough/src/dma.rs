@@ -1,9 +1,10 @@
-//! The host DMA trait (`vm-device`) over a VFIO type1 container: guest-physical addresses
-//! become host virtual addresses through guest memory, and each map or unmap is one
-//! VFIO_IOMMU_MAP_DMA or VFIO_IOMMU_UNMAP_DMA.
+//! The host DMA trait (`vm-device`) over a host IOMMU address space: guest-physical addresses
+//! become host virtual addresses through guest memory, and each map or unmap is one ioctl of
+//! [`DmaIoctls`]: VFIO_IOMMU_MAP_DMA / UNMAP_DMA on a type1 container (here), IOMMU_IOAS_MAP /
+//! UNMAP on an iommufd IOAS ([`crate::iommufd::IoasDma`]).
 //!
-//! One implementation serves both cases: without a vIOMMU the VMM maps all guest RAM once
-//! with IOVA = GPA ([`ContainerDma::map_guest_ram`]); behind the viommu engine, the engine
+//! One implementation serves every case: without a vIOMMU the VMM maps all guest RAM once
+//! with IOVA = GPA ([`HostDmaMappings::map_guest_ram`]); behind the viommu engine, the engine
 //! calls `map`/`unmap` as the guest's tables change. Every mapping still held is removed on
 //! drop, so no pinned memory outlives the VM.
 
@@ -22,9 +23,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegio
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_MAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 13);
 vmm_sys_util::ioctl_io_nr!(VFIO_IOMMU_UNMAP_DMA, VFIO_TYPE as u32, VFIO_BASE + 14);
 
-/// Why a container refused a map or an unmap (the source of a [`HostDmaError`]).
+/// Why the host refused a map or an unmap (the source of a [`HostDmaError`]).
 #[derive(Debug, thiserror::Error)]
-pub enum ContainerDmaError {
+pub enum MappingError {
     /// A map with no bytes or no permission says nothing to the host.
     #[error("nothing to map ({len:#x} bytes, permissions {perm:?})")]
     Empty { len: u64, perm: Perm },
@@ -53,8 +54,15 @@ pub enum ContainerDmaError {
     },
 }
 
-/// The two type1 ioctls (the container implements them; tests fake them).
+/// The map and unmap ioctls of one host IOMMU address space (a type1 container or an iommufd
+/// IOAS implements them; tests fake them). Flags are VFIO's whatever the backend, so the
+/// bookkeeping above them is shared.
 pub trait DmaIoctls: Send {
+    /// The map ioctl's name, for errors.
+    const MAP: &'static str;
+    /// The unmap ioctl's name, for errors.
+    const UNMAP: &'static str;
+
     /// Maps `size` bytes of our memory at `vaddr` to `iova` with VFIO_DMA_MAP_FLAG_* `flags`.
     ///
     /// # Safety
@@ -67,6 +75,9 @@ pub trait DmaIoctls: Send {
 }
 
 impl DmaIoctls for Arc<VfioContainer> {
+    const MAP: &'static str = "VFIO_IOMMU_MAP_DMA";
+    const UNMAP: &'static str = "VFIO_IOMMU_UNMAP_DMA";
+
     unsafe fn map_dma(&self, iova: u64, vaddr: u64, size: u64, flags: u32) -> std::io::Result<()> {
         let arg = vfio_iommu_type1_dma_map {
             argsz: std::mem::size_of::<vfio_iommu_type1_dma_map>() as u32,
@@ -105,15 +116,15 @@ impl DmaIoctls for Arc<VfioContainer> {
     }
 }
 
-/// Host DMA mappings of one VFIO container over guest memory `M`.
-pub struct ContainerDma<C: DmaIoctls, M: GuestMemoryBackend> {
+/// Host DMA mappings of one host IOMMU address space (container or IOAS) over guest memory `M`.
+pub struct HostDmaMappings<C: DmaIoctls, M: GuestMemoryBackend> {
     ioctls: C,
     mem: M,
     /// Live mappings: IOVA -> length.
     mappings: BTreeMap<u64, u64>,
 }
 
-impl<C: DmaIoctls, M: GuestMemoryBackend + Send> ContainerDma<C, M> {
+impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDmaMappings<C, M> {
     pub fn new(ioctls: C, mem: M) -> Self {
         Self {
             ioctls,
@@ -141,14 +152,21 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> ContainerDma<C, M> {
         self.mappings.iter().map(|(&a, &l)| (a, l))
     }
 
-    fn host_address(&self, gpa: u64, len: u64) -> Result<u64, ContainerDmaError> {
+    /// Whether a live mapping overlaps `[iova, end)`.
+    fn intersects(&self, iova: u64, end: u64) -> bool {
+        let before = self.mappings.range(..iova).next_back();
+        before.is_some_and(|(&a, &l)| a.saturating_add(l) > iova)
+            || self.mappings.range(iova..end).next().is_some()
+    }
+
+    fn host_address(&self, gpa: u64, len: u64) -> Result<u64, MappingError> {
         let region = self
             .mem
             .find_region(GuestAddress(gpa))
-            .ok_or(ContainerDmaError::NotGuestRam { gpa })?;
+            .ok_or(MappingError::NotGuestRam { gpa })?;
         let off = gpa - region.start_addr().0;
         if off.checked_add(len).is_none_or(|end| end > region.len()) {
-            return Err(ContainerDmaError::PastRegion {
+            return Err(MappingError::PastRegion {
                 gpa,
                 len,
                 region_start: region.start_addr().0,
@@ -158,15 +176,15 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> ContainerDma<C, M> {
         region
             .get_host_address(MemoryRegionAddress(off))
             .map(|p| p as u64)
-            .map_err(|source| ContainerDmaError::NoHostAddress { gpa, source })
+            .map_err(|source| MappingError::NoHostAddress { gpa, source })
     }
 }
 
-impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> {
+impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for HostDmaMappings<C, M> {
     fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), HostDmaError> {
-        let err = |source: ContainerDmaError| HostDmaError::new(HostOp::Map, iova, len, source);
+        let err = |source: MappingError| HostDmaError::new(HostOp::Map, iova, len, source);
         if len == 0 || perm.is_none() {
-            return Err(err(ContainerDmaError::Empty { len, perm }));
+            return Err(err(MappingError::Empty { len, perm }));
         }
         let vaddr = self.host_address(gpa, len).map_err(err)?;
         let mut flags = 0;
@@ -180,8 +198,8 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> 
         // lifetime; guest memory is only ever accessed through volatile copies, and every
         // mapping is removed before this value (and the memory it borrows) goes away.
         unsafe { self.ioctls.map_dma(iova, vaddr, len, flags) }.map_err(|source| {
-            err(ContainerDmaError::Ioctl {
-                ioctl: "VFIO_IOMMU_MAP_DMA",
+            err(MappingError::Ioctl {
+                ioctl: C::MAP,
                 source,
             })
         })?;
@@ -190,14 +208,19 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> 
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), HostDmaError> {
+        let end = iova.saturating_add(len);
+        // Every host mapping went through `map`: a range holding none of them has nothing to
+        // remove, and IOMMU_IOAS_UNMAP fails such a range with ENOENT where type1 returns 0.
+        if !self.intersects(iova, end) {
+            return Ok(());
+        }
         let done = self.ioctls.unmap_dma(iova, len).map_err(|source| {
-            let cause = ContainerDmaError::Ioctl {
-                ioctl: "VFIO_IOMMU_UNMAP_DMA",
+            let cause = MappingError::Ioctl {
+                ioctl: C::UNMAP,
                 source,
             };
             HostDmaError::new(HostOp::Unmap, iova, len, cause)
         })?;
-        let end = iova.saturating_add(len);
         let inside: Vec<u64> = self
             .mappings
             .range(iova..end)
@@ -208,25 +231,26 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDma for ContainerDma<C, M> 
         if done != expected {
             // The guest's IOMMU programming drives unmaps: bound what it can make us log.
             vm_device::warn_limited!(
-                "VFIO_IOMMU_UNMAP_DMA {iova:#x}+{len:#x} removed {done:#x} bytes, we tracked {expected:#x}"
+                "{} {iova:#x}+{len:#x} removed {done:#x} bytes, we tracked {expected:#x}",
+                C::UNMAP
             );
         }
         Ok(())
     }
 }
 
-impl<C: DmaIoctls, M: GuestMemoryBackend> Drop for ContainerDma<C, M> {
+impl<C: DmaIoctls, M: GuestMemoryBackend> Drop for HostDmaMappings<C, M> {
     fn drop(&mut self) {
         for (iova, len) in std::mem::take(&mut self.mappings) {
             if let Err(e) = self.ioctls.unmap_dma(iova, len) {
-                log::error!("VFIO_IOMMU_UNMAP_DMA {iova:#x}+{len:#x} at exit: {e}");
+                log::error!("{} {iova:#x}+{len:#x} at exit: {e}", C::UNMAP);
             }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Mutex;
 
     use vm_memory::GuestMemoryMmap;
@@ -241,6 +265,9 @@ mod tests {
     struct FakeType1(Arc<Mutex<Type1Map>>);
 
     impl DmaIoctls for FakeType1 {
+        const MAP: &'static str = "MAP";
+        const UNMAP: &'static str = "UNMAP";
+
         unsafe fn map_dma(
             &self,
             iova: u64,
@@ -273,7 +300,8 @@ mod tests {
         }
     }
 
-    fn mem() -> GuestMemoryMmap {
+    /// Two RAM regions, below and above 4 GiB.
+    pub(crate) fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 0x10_0000),
             (GuestAddress(0x1_0000_0000), 0x10_0000),
@@ -286,7 +314,7 @@ mod tests {
         let host = FakeType1::default();
         let m = mem();
         let hva = m.get_host_address(GuestAddress(0x1_0000_0000)).unwrap() as u64;
-        let mut dma = ContainerDma::new(host.clone(), m);
+        let mut dma = HostDmaMappings::new(host.clone(), m);
         dma.map_guest_ram().unwrap();
         let maps = host.0.lock().unwrap().clone();
         assert_eq!(maps.len(), 2);
@@ -303,7 +331,7 @@ mod tests {
     #[test]
     fn permissions_become_map_flags_and_none_is_refused() {
         let host = FakeType1::default();
-        let mut dma = ContainerDma::new(host.clone(), mem());
+        let mut dma = HostDmaMappings::new(host.clone(), mem());
         dma.map(0x5000, 0x2000, 0x1000, Perm::READ).unwrap();
         assert_eq!(host.0.lock().unwrap()[&0x5000].2, VFIO_DMA_MAP_FLAG_READ);
         assert!(dma.map(0x9000, 0x2000, 0x1000, Perm::NONE).is_err());
@@ -311,7 +339,7 @@ mod tests {
 
     #[test]
     fn gpa_outside_ram_or_across_a_region_end_is_an_error_naming_it() {
-        let mut dma = ContainerDma::new(FakeType1::default(), mem());
+        let mut dma = HostDmaMappings::new(FakeType1::default(), mem());
         let e = dma.map(0, 0x8000_0000, 0x1000, Perm::RW).unwrap_err();
         assert!(
             e.to_string().contains("GPA 0x80000000 is not guest RAM"),
@@ -325,7 +353,7 @@ mod tests {
     #[test]
     fn unmap_removes_whole_mappings_in_range_and_drop_releases_the_rest() {
         let host = FakeType1::default();
-        let mut dma = ContainerDma::new(host.clone(), mem());
+        let mut dma = HostDmaMappings::new(host.clone(), mem());
         for i in 0..4u64 {
             dma.map(i * 0x1000, i * 0x1000, 0x1000, Perm::RW).unwrap();
         }

@@ -1,7 +1,10 @@
 //! VFIO PCI device assignment: a host PCI function given to a guest.
 //!
-//! - [`setup`]: container, group and device from a sysfs path, with errors that say the fix.
-//! - [`dma`]: the host-DMA trait ([`vm_device::dma::HostDma`]) over a VFIO container.
+//! - [`setup`]: the checks of a sysfs path, with errors that say the fix, the host backend's
+//!   choice (iommufd or the legacy container), and the container, group and device.
+//! - [`iommufd`]: the iommufd backend: /dev/iommu, I/O address spaces, device files.
+//! - [`dma`]: the host-DMA trait ([`vm_device::dma::HostDma`]) over a VFIO container or an
+//!   iommufd IOAS, with one bookkeeping for both.
 //! - [`function`]: the function as the guest sees it (config space, BARs, MSI/MSI-X/INTx),
 //!   written against [`access::VfioAccess`] and [`irq::IrqRoutes`] so it is tested with fakes;
 //!   its configuration-space and BAR rules are the shared ones of [`vm_device::pci`].
@@ -16,6 +19,7 @@ pub mod device;
 pub mod dma;
 pub mod function;
 pub mod host;
+pub mod iommufd;
 pub mod irq;
 pub mod kvm;
 pub mod msi;

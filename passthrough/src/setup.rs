@@ -1,6 +1,9 @@
 //! Opening a host PCI function for assignment: the checks that turn every usual mistake into
-//! one line naming the device and the fix, then the VFIO container, group and device.
+//! one line naming the device and the fix, the choice of host backend ([`Backend`]: iommufd or
+//! the legacy container), then the VFIO container, group and device (the iommufd side is
+//! [`crate::iommufd`]).
 
+use std::fmt;
 use std::fs::OpenOptions;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -62,6 +65,87 @@ pub enum SetupError {
     Vfio { bdf: String, source: VfioError },
     #[error("device {bdf}: VFIO exposes no PCI configuration region")]
     NoConfigRegion { bdf: String },
+    /// `backend=iommufd` on a host (or for a device) without it.
+    #[error("device {bdf}: no iommufd: {reason}; or use backend=container")]
+    NoIommufd { bdf: String, reason: NoIommufd },
+    /// The device file is bound to an iommufd already: cdev binding is exclusive, and the
+    /// kernel refuses it while the group is open through /dev/vfio/N.
+    #[error("device {bdf}: {path} is busy: another process (a VMM?) has the device, through it or through IOMMU group {group} (/dev/vfio/{group})")]
+    DeviceBusy {
+        bdf: String,
+        group: u32,
+        path: String,
+    },
+    #[error("device {bdf}: iommufd set-up failed: {source}")]
+    Iommufd {
+        bdf: String,
+        source: iommufd_ioctls::IommufdError,
+    },
+}
+
+/// Why iommufd cannot serve a device (the default then takes the container).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoIommufd {
+    #[error(
+        "{path} is absent: load iommufd (`modprobe iommufd`), or the kernel lacks CONFIG_IOMMUFD"
+    )]
+    NoDevIommu { path: String },
+    #[error("vfio-pci gives it no device file ({sysfs} is absent): the kernel lacks CONFIG_VFIO_DEVICE_CDEV")]
+    NoDeviceFile { sysfs: String },
+    #[error("{path} is absent though {sysfs} lists it: have udev create it (`udevadm trigger`)")]
+    NoDeviceNode { path: String, sysfs: String },
+}
+
+/// How a device's DMA is isolated on the host (`--device ...,backend=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// iommufd: /dev/iommu, the device's own file /dev/vfio/devices/vfioN, I/O address spaces.
+    Iommufd,
+    /// The legacy VFIO type1 container: /dev/vfio/vfio and the group's /dev/vfio/N.
+    Container,
+}
+
+impl Backend {
+    /// The name `backend=` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Backend::Iommufd => "iommufd",
+            Backend::Container => "container",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the host gives us a checked device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Through its group, into a type1 container.
+    Container,
+    /// Through its device file `cdev`, bound to an iommufd.
+    Iommufd { cdev: PathBuf },
+}
+
+impl Route {
+    pub fn backend(&self) -> Backend {
+        match self {
+            Route::Container => Backend::Container,
+            Route::Iommufd { .. } => Backend::Iommufd,
+        }
+    }
+}
+
+/// A device that passed the checks of the backend it gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selected {
+    pub checked: Checked,
+    pub route: Route,
+    /// Why this backend, for the log (the lead's testbed reads it).
+    pub why: String,
 }
 
 /// Where the host's sysfs and /dev are (tests use a fake tree).
@@ -114,9 +198,113 @@ fn read_id(p: &Path) -> String {
         .unwrap_or_else(|_| "VVVV".into())
 }
 
-/// Checks that `path` names a PCI function the host lets us assign, without touching it.
-/// Run before any VM state exists, so a bad `--device` costs nothing.
+/// Checks that `path` names a PCI function the host lets us assign through a container,
+/// without touching it. Run before any VM state exists, so a bad `--device` costs nothing.
 pub fn check(paths: &HostPaths, path: &Path) -> Result<Checked, SetupError> {
+    let c = check_function(paths, path)?;
+    check_container_nodes(paths, &c)?;
+    Ok(c)
+}
+
+/// Picks the backend for the device at `path` and runs its checks: `requested` when given
+/// (an error when the host lacks it), else iommufd where the host has it for this device and
+/// the container otherwise.
+pub fn select(
+    paths: &HostPaths,
+    path: &Path,
+    requested: Option<Backend>,
+) -> Result<Selected, SetupError> {
+    let checked = check_function(paths, path)?;
+    let (route, why) = match requested {
+        Some(Backend::Container) => {
+            check_container_nodes(paths, &checked)?;
+            (Route::Container, "backend=container".to_string())
+        }
+        Some(Backend::Iommufd) => {
+            let cdev = iommufd_nodes(paths, &checked).map_err(|reason| SetupError::NoIommufd {
+                bdf: checked.bdf.clone(),
+                reason,
+            })?;
+            check_iommufd_nodes(paths, &checked, &cdev)?;
+            (Route::Iommufd { cdev }, "backend=iommufd".to_string())
+        }
+        None => match iommufd_nodes(paths, &checked) {
+            Ok(cdev) => {
+                check_iommufd_nodes(paths, &checked, &cdev)?;
+                let why = format!(
+                    "default: the host has {} and {}",
+                    paths.dev.join("iommu").display(),
+                    cdev.display()
+                );
+                (Route::Iommufd { cdev }, why)
+            }
+            Err(reason) => {
+                check_container_nodes(paths, &checked)?;
+                (Route::Container, format!("default: no iommufd: {reason}"))
+            }
+        },
+    };
+    Ok(Selected {
+        checked,
+        route,
+        why,
+    })
+}
+
+/// Where iommufd would reach the device: /dev/iommu present and the device's VFIO file
+/// (sysfs `vfio-dev/vfioN`, the node /dev/vfio/devices/vfioN). Only looks.
+fn iommufd_nodes(paths: &HostPaths, c: &Checked) -> Result<PathBuf, NoIommufd> {
+    let iommu = paths.dev.join("iommu");
+    if !iommu.exists() {
+        return Err(NoIommufd::NoDevIommu {
+            path: iommu.display().to_string(),
+        });
+    }
+    let sysfs = c.path.join("vfio-dev");
+    let name = std::fs::read_dir(&sysfs)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .find(|n| {
+                    n.strip_prefix("vfio")
+                        .is_some_and(|i| i.parse::<u32>().is_ok())
+                })
+        })
+        .ok_or_else(|| NoIommufd::NoDeviceFile {
+            sysfs: sysfs.display().to_string(),
+        })?;
+    let cdev = paths.dev.join("vfio/devices").join(&name);
+    if !cdev.exists() {
+        return Err(NoIommufd::NoDeviceNode {
+            path: cdev.display().to_string(),
+            sysfs: sysfs.join(&name).display().to_string(),
+        });
+    }
+    Ok(cdev)
+}
+
+/// Opens /dev/iommu and the device file once, to turn their failures into [`SetupError`]s.
+fn check_iommufd_nodes(paths: &HostPaths, c: &Checked, cdev: &Path) -> Result<(), SetupError> {
+    for node in [paths.dev.join("iommu").as_path(), cdev] {
+        open_node(node).map_err(|e| open_error(c, node, Backend::Iommufd, e))?;
+    }
+    Ok(())
+}
+
+/// The container's nodes: /dev/vfio/vfio and the group's /dev/vfio/N.
+fn check_container_nodes(paths: &HostPaths, c: &Checked) -> Result<(), SetupError> {
+    let vfio_dir = paths.dev.join("vfio");
+    for node in [vfio_dir.join("vfio"), vfio_dir.join(c.group.to_string())] {
+        open_node(&node).map_err(|e| open_error(c, &node, Backend::Container, e))?;
+    }
+    Ok(())
+}
+
+/// What both backends need: a PCI function bound to vfio-pci in a viable IOMMU group, with
+/// VFIO loaded.
+fn check_function(paths: &HostPaths, path: &Path) -> Result<Checked, SetupError> {
     let shown = path.display().to_string();
     let bdf = path
         .file_name()
@@ -174,9 +362,6 @@ pub fn check(paths: &HostPaths, path: &Path) -> Result<Checked, SetupError> {
             others: others.join(", "),
         });
     }
-    for node in [vfio_dir.join("vfio"), vfio_dir.join(group.to_string())] {
-        open_error(&bdf, group, &node)?;
-    }
     Ok(Checked {
         path: path.to_path_buf(),
         bdf,
@@ -184,31 +369,38 @@ pub fn check(paths: &HostPaths, path: &Path) -> Result<Checked, SetupError> {
     })
 }
 
-/// Opens `node` read-write once to turn its failure into a [`SetupError`].
-fn open_error(bdf: &str, group: u32, node: &Path) -> Result<(), SetupError> {
-    let shown = node.display().to_string();
-    match OpenOptions::new().read(true).write(true).open(node) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(match (e.kind(), e.raw_os_error()) {
-            (ErrorKind::NotFound, _) => SetupError::NoVfio {
-                bdf: bdf.into(),
-                path: shown,
-            },
-            (ErrorKind::PermissionDenied, _) => SetupError::NoPermission {
-                bdf: bdf.into(),
-                path: shown,
-            },
-            (_, Some(libc::EBUSY)) => SetupError::GroupBusy {
-                bdf: bdf.into(),
-                group,
-                path: shown,
-            },
-            _ => SetupError::Open {
-                bdf: bdf.into(),
-                path: shown,
-                source: e,
-            },
-        }),
+/// Opens `node` read-write (the file is closed again at once by the caller's drop).
+pub(crate) fn open_node(node: &Path) -> std::io::Result<std::fs::File> {
+    OpenOptions::new().read(true).write(true).open(node)
+}
+
+/// A failure to open `node`, a file of `backend` (container: /dev/vfio/vfio, /dev/vfio/N;
+/// iommufd: /dev/iommu, /dev/vfio/devices/vfioN), as a [`SetupError`].
+pub(crate) fn open_error(
+    c: &Checked,
+    node: &Path,
+    backend: Backend,
+    e: std::io::Error,
+) -> SetupError {
+    let (bdf, path) = (c.bdf.clone(), node.display().to_string());
+    match (e.kind(), e.raw_os_error(), backend) {
+        (ErrorKind::NotFound, _, Backend::Container) => SetupError::NoVfio { bdf, path },
+        (ErrorKind::PermissionDenied, _, _) => SetupError::NoPermission { bdf, path },
+        (_, Some(libc::EBUSY), Backend::Container) => SetupError::GroupBusy {
+            bdf,
+            group: c.group,
+            path,
+        },
+        (_, Some(libc::EBUSY), Backend::Iommufd) => SetupError::DeviceBusy {
+            bdf,
+            group: c.group,
+            path,
+        },
+        _ => SetupError::Open {
+            bdf,
+            path,
+            source: e,
+        },
     }
 }
 

@@ -181,3 +181,189 @@ fn bdf_syntax() {
     assert!(!is_bdf("00:04.0"));
     assert!(!is_bdf("0000:0g:04.0"));
 }
+
+impl Tree {
+    /// What a host with iommufd shows: /dev/iommu, the device's sysfs `vfio-dev/vfio0` and
+    /// its node /dev/vfio/devices/vfio0.
+    fn with_iommufd(self) -> Tree {
+        std::fs::write(self.root.join("dev/iommu"), b"").unwrap();
+        std::fs::create_dir_all(self.dev("0000:00:04.0").join("vfio-dev/vfio0")).unwrap();
+        std::fs::create_dir_all(self.root.join("dev/vfio/devices")).unwrap();
+        std::fs::write(self.root.join("dev/vfio/devices/vfio0"), b"").unwrap();
+        self
+    }
+
+    fn select(&self, requested: Option<Backend>) -> Result<Selected, SetupError> {
+        select(&self.paths(), &self.dev("0000:00:04.0"), requested)
+    }
+}
+
+#[test]
+fn the_default_takes_iommufd_where_the_host_has_it_for_the_device() {
+    let t = Tree::new().with_iommufd();
+    let s = t.select(None).unwrap();
+    let cdev = t.root.join("dev/vfio/devices/vfio0");
+    assert_eq!(s.route, Route::Iommufd { cdev: cdev.clone() });
+    assert_eq!(s.route.backend(), Backend::Iommufd);
+    assert_eq!(
+        (s.checked.bdf.as_str(), s.checked.group),
+        ("0000:00:04.0", 5)
+    );
+    assert!(s.why.contains(&cdev.display().to_string()), "{}", s.why);
+}
+
+#[test]
+fn iommufd_needs_no_group_node_nor_container() {
+    // A kernel without CONFIG_VFIO_GROUP has neither /dev/vfio/vfio nor /dev/vfio/N.
+    let t = Tree::new().with_iommufd();
+    std::fs::remove_file(t.root.join("dev/vfio/vfio")).unwrap();
+    std::fs::remove_file(t.root.join("dev/vfio/5")).unwrap();
+    assert_eq!(
+        t.select(Some(Backend::Iommufd)).unwrap().route.backend(),
+        Backend::Iommufd
+    );
+    let e = t.select(Some(Backend::Container)).unwrap_err();
+    assert!(matches!(e, SetupError::NoVfio { .. }), "{e}");
+}
+
+#[test]
+fn the_default_falls_back_to_the_container_saying_why() {
+    let t = Tree::new().with_iommufd();
+    std::fs::remove_file(t.root.join("dev/iommu")).unwrap();
+    let s = t.select(None).unwrap();
+    assert_eq!(s.route, Route::Container);
+    assert!(s.why.contains("modprobe iommufd"), "{}", s.why);
+    assert!(s.why.contains("CONFIG_IOMMUFD"), "{}", s.why);
+
+    let t = Tree::new().with_iommufd();
+    std::fs::remove_dir_all(t.dev("0000:00:04.0").join("vfio-dev")).unwrap();
+    let s = t.select(None).unwrap();
+    assert_eq!(s.route, Route::Container);
+    assert!(s.why.contains("CONFIG_VFIO_DEVICE_CDEV"), "{}", s.why);
+
+    // The fallback still runs the container's checks.
+    std::fs::remove_file(t.root.join("dev/vfio/5")).unwrap();
+    let e = t.select(None).unwrap_err();
+    assert!(matches!(e, SetupError::NoVfio { .. }), "{e}");
+}
+
+#[test]
+fn backend_container_keeps_the_container_on_an_iommufd_host() {
+    let t = Tree::new().with_iommufd();
+    let s = t.select(Some(Backend::Container)).unwrap();
+    assert_eq!(s.route, Route::Container);
+    assert_eq!(s.why, "backend=container");
+}
+
+#[test]
+fn backend_iommufd_without_dev_iommu_says_load_it_or_use_the_container() {
+    let t = Tree::new();
+    let e = t.select(Some(Backend::Iommufd)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SetupError::NoIommufd {
+                reason: NoIommufd::NoDevIommu { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = e.to_string();
+    assert!(e.starts_with("device 0000:00:04.0: no iommufd: "), "{e}");
+    assert!(e.contains("modprobe iommufd"), "{e}");
+    assert!(e.contains("CONFIG_IOMMUFD"), "{e}");
+    assert!(e.ends_with("or use backend=container"), "{e}");
+}
+
+#[test]
+fn backend_iommufd_for_a_device_without_a_device_file_names_the_kernel_option() {
+    let t = Tree::new().with_iommufd();
+    std::fs::remove_dir_all(t.dev("0000:00:04.0").join("vfio-dev")).unwrap();
+    let e = t.select(Some(Backend::Iommufd)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SetupError::NoIommufd {
+                reason: NoIommufd::NoDeviceFile { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("CONFIG_VFIO_DEVICE_CDEV"), "{e}");
+    assert!(e.to_string().contains("vfio-dev"), "{e}");
+}
+
+#[test]
+fn a_device_file_sysfs_lists_but_dev_lacks_says_to_have_udev_create_it() {
+    let t = Tree::new().with_iommufd();
+    std::fs::remove_file(t.root.join("dev/vfio/devices/vfio0")).unwrap();
+    let e = t.select(Some(Backend::Iommufd)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            SetupError::NoIommufd {
+                reason: NoIommufd::NoDeviceNode { .. },
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("devices/vfio0 is absent"), "{e}");
+    assert!(e.to_string().contains("udevadm trigger"), "{e}");
+}
+
+#[test]
+fn iommufd_still_needs_vfio_pci_and_a_viable_group() {
+    let t = Tree::new().with_iommufd();
+    t.device("0000:00:04.1", Some("e1000e"));
+    t.join_group("0000:00:04.1", 5);
+    let e = t.select(Some(Backend::Iommufd)).unwrap_err();
+    assert!(
+        matches!(e, SetupError::GroupNotViable { group: 5, .. }),
+        "{e}"
+    );
+    let t = Tree::new().with_iommufd();
+    t.bind("0000:00:04.0", Some("nvme"));
+    let e = t.select(None).unwrap_err();
+    assert!(matches!(e, SetupError::NotBoundToVfio { .. }), "{e}");
+}
+
+#[test]
+fn unreadable_iommufd_nodes_are_permission_errors_naming_the_file() {
+    // SAFETY: geteuid only reads the process's credentials.
+    if unsafe { libc::geteuid() } == 0 {
+        eprintln!("skipping: running as root, file modes do not apply");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for node in ["dev/iommu", "dev/vfio/devices/vfio0"] {
+        let t = Tree::new().with_iommufd();
+        let path = t.root.join(node);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let e = t.select(None).unwrap_err();
+        assert!(matches!(e, SetupError::NoPermission { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("chown USER {}", path.display())),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_busy_device_file_names_the_other_holder() {
+    let t = Tree::new().with_iommufd();
+    let c = t.check("0000:00:04.0").unwrap();
+    let cdev = t.root.join("dev/vfio/devices/vfio0");
+    let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+    let e = open_error(&c, &cdev, Backend::Iommufd, busy);
+    assert!(matches!(e, SetupError::DeviceBusy { group: 5, .. }), "{e}");
+    let e = e.to_string();
+    assert!(e.contains("is busy: another process"), "{e}");
+    assert!(e.contains("/dev/vfio/5"), "{e}");
+    let denied = std::io::Error::from_raw_os_error(libc::EACCES);
+    let e = open_error(&c, &cdev, Backend::Iommufd, denied);
+    assert!(matches!(e, SetupError::NoPermission { .. }), "{e}");
+}

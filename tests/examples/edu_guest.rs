@@ -266,6 +266,8 @@ fn main() {
     let device = DeviceConfig {
         path: PathBuf::from(std::env::args().nth(1).unwrap_or_default()),
         iommu: std::env::args().nth(2).as_deref() == Some("viommu"),
+        // iommufd where the L1 kernel has it, else the container.
+        backend: None,
     };
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
     let behind_vtd = mode == "viommu";

@@ -1,6 +1,6 @@
 //! The passthrough crate on real VFIO, in the testbed's L1 (no VM): the set-up error cases each
 //! give their one-line fix, and QEMU's edu device does a DMA round trip through a container
-//! mapped by `ContainerDma`, with its completion MSI on a VFIO eventfd.
+//! mapped by `HostDmaMappings`, with its completion MSI on a VFIO eventfd.
 //!
 //! One L1 run serves every test (`run_shared`). L0 adds a PCIe-to-PCI bridge with a second
 //! edu and a serial card behind it: one IOMMU group where the serial card keeps its host

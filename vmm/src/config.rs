@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use passthrough::setup::Backend;
+
 use crate::arch::x86_64::interrupts::MAX_XAPIC_ID;
 use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
 use crate::vstate::vm::Irqchip;
@@ -207,7 +209,8 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
                      [,check=on|off][,check-report=PATH][,inject=SPEC[+SPEC...]]
                      [,inject-control=PATH]]
            [--stats-json PATH]
-           [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]]...
+           [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]
+                     [,backend=iommufd|container]]...
            [--edu] [--irqchip kernel|split]
        vmm replay PATH... [OPTIONS]   (see vmm replay --help)
 
@@ -265,10 +268,15 @@ Options:
                        line, armed and counted from each time the file changes)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
-  --device path=PATH[,iommu=on]
+  --device path=PATH[,iommu=on][,backend=iommufd|container]
                        assign a host PCI function bound to vfio-pci (repeatable); without
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must
-                       say iommu=on and its DMA follows the guest's VT-d tables
+                       say iommu=on and its DMA follows the guest's VT-d tables.
+                       backend= (default: iommufd where the host has /dev/iommu and the
+                       device's /dev/vfio/devices/vfioN, else container): iommufd maps
+                       through an I/O address space (one shared by the devices without
+                       --viommu, one per device behind it), container through a VFIO
+                       type1 container (/dev/vfio/vfio and the group's /dev/vfio/N)
   --edu                add QEMU's edu test device (1234:11e8: factorial, interrupt raise and
                        acknowledge, DMA engine, MSI or INTx) in the first free PCI slot,
                        as firmware leaves it (BAR0 placed and decoding, interrupt line set);
@@ -405,18 +413,21 @@ fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
-/// `--device path=PATH[,iommu=on|off]` (Cloud Hypervisor's form).
+/// `--device path=PATH[,iommu=on|off][,backend=iommufd|container]` (Cloud Hypervisor's form).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// The host PCI function's sysfs path.
     pub path: PathBuf,
     /// Behind the virtual VT-d: its DMA mappings follow the guest's IOMMU tables.
     pub iommu: bool,
+    /// The host backend asked for; `None` takes iommufd where the host has it, else the
+    /// container.
+    pub backend: Option<Backend>,
 }
 
-/// Parses `--device path=PATH[,iommu=on|off]`.
+/// Parses `--device path=PATH[,iommu=on|off][,backend=iommufd|container]`.
 fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
-    let list = OptionList::parse("--device", input, &["path", "iommu"])?;
+    let list = OptionList::parse("--device", input, &["path", "iommu", "backend"])?;
     let path = list.require("path")?;
     if path.is_empty() {
         return Err(list.invalid("path", path, InvalidReason::Empty));
@@ -426,9 +437,22 @@ fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
         Some("on") => true,
         Some(raw) => return Err(list.invalid("iommu", raw, InvalidReason::NotOneOf("on or off"))),
     };
+    let backend = match list.get("backend") {
+        None => None,
+        Some("iommufd") => Some(Backend::Iommufd),
+        Some("container") => Some(Backend::Container),
+        Some(raw) => {
+            return Err(list.invalid(
+                "backend",
+                raw,
+                InvalidReason::NotOneOf("iommufd or container"),
+            ))
+        }
+    };
     Ok(DeviceConfig {
         path: PathBuf::from(path),
         iommu,
+        backend,
     })
 }
 

@@ -28,7 +28,7 @@ fn device_repeats_in_cloud_hypervisors_form() {
             &PathBuf::from("/sys/bus/pci/devices/0000:00:02.0")
         ]
     );
-    assert!(c.devices.iter().all(|d| !d.iommu));
+    assert!(c.devices.iter().all(|d| !d.iommu && d.backend.is_none()));
     assert_eq!(
         err(&[
             "--kernel",
@@ -40,7 +40,7 @@ fn device_repeats_in_cloud_hypervisors_form() {
     );
     assert_eq!(
         err(&["--kernel", "/k", "--device", "bus=1"]),
-        "--device: unknown key 'bus' (known: path, iommu)"
+        "--device: unknown key 'bus' (known: path, iommu, backend)"
     );
     assert_eq!(
         err(&["--kernel", "/k", "--device", "iommu=on"]),
@@ -279,4 +279,33 @@ fn devices_behind_the_viommu_say_iommu_on_and_need_it() {
          it (add iommu=on)"
     );
     assert!(err(&["--kernel", "/k", "--device", "path=/d,iommu=yes"]).contains("on or off"));
+}
+
+#[test]
+fn backend_is_iommufd_or_container_per_device_and_mixes() {
+    let c = run(&[
+        "--kernel",
+        "/k",
+        "--viommu",
+        "--device",
+        "path=/a,iommu=on,backend=iommufd",
+        "--device",
+        "backend=container,path=/b,iommu=on",
+        "--device",
+        "path=/c,iommu=on",
+    ]);
+    let backends: Vec<Option<Backend>> = c.devices.iter().map(|d| d.backend).collect();
+    assert_eq!(
+        backends,
+        [Some(Backend::Iommufd), Some(Backend::Container), None]
+    );
+    assert!(c.devices.iter().all(|d| d.iommu));
+    assert_eq!(
+        err(&["--kernel", "/k", "--device", "path=/d,backend=vfio"]),
+        "--device: invalid backend 'vfio': must be iommufd or container"
+    );
+    assert_eq!(
+        err(&["--kernel", "/k", "--device", "path=/d,backend="]),
+        "--device: invalid backend '': must be iommufd or container"
+    );
 }

@@ -1,22 +1,32 @@
 //! Host PCI functions assigned through VFIO (`--device path=...`): the passthrough crate's
 //! function on PCI bus 0 ([`VfioPciDevice`]), its BAR areas as KVM memory slots, its vectors as
 //! KVM irqfds, and (without a vIOMMU) all guest RAM mapped for its DMA at IOVA = GPA; behind
-//! the virtual VT-d, the VT-d decides what its container maps.
+//! the virtual VT-d, the VT-d decides what its host domain maps.
+//!
+//! Each device gets the backend `--device ...,backend=` asks for, by default iommufd where the
+//! host has it and the legacy container otherwise; a VM may mix them. Per backend, the devices
+//! without a vIOMMU share one host domain (a type1 container, or an IOAS of the VM's one
+//! iommufd) where guest RAM is mapped, and pinned, once; each device behind the VT-d gets a
+//! domain of its own, as the VT-d engine keeps one host address space per requester id.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use iommufd_ioctls::IommuFd;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use passthrough::device::VfioPciDevice;
-use passthrough::dma::ContainerDma;
+use passthrough::dma::{DmaIoctls, HostDmaMappings};
 use passthrough::function::PciFunction;
+use passthrough::host::HostDevice;
+use passthrough::iommufd::{open_iommufd, IommufdHost};
 use passthrough::irq::{IrqError, IrqRoutes};
 use passthrough::kvm::create_kvm_vfio_device;
-use passthrough::setup::{check, HostPaths, SetupError, VfioHost};
+use passthrough::setup::{select, Backend, HostPaths, Route, Selected, SetupError, VfioHost};
 use passthrough::slots::GuestMapper;
-use vfio_ioctls::VfioContainer;
-use vm_device::dma::HostDmaError;
-use vm_memory::GuestMemoryMmap;
+use vfio_ioctls::VfioDeviceFd;
+use vm_device::dma::{HostDma, HostDmaError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::DeviceConfig;
 use crate::devices::vtd::intremap::{InterruptRemapping, RemappedIrqRoutes};
@@ -46,8 +56,11 @@ pub enum VfioError {
     #[error("creating the KVM VFIO device: {0}")]
     KvmVfio(#[source] kvm_ioctls::Error),
     /// Guest RAM could not be mapped for DMA.
-    #[error("mapping guest RAM for device DMA: {0}")]
-    Dma(#[source] HostDmaError),
+    #[error("mapping guest RAM for device DMA in the {domain}: {source}")]
+    Dma {
+        domain: String,
+        source: HostDmaError,
+    },
     /// Interrupt set-up of one device failed.
     #[error("device {device}: {source}")]
     Irq { device: String, source: IrqError },
@@ -56,22 +69,130 @@ pub enum VfioError {
     Bus { device: String, source: PciBusError },
 }
 
-/// Checks every `--device` before anything is built, so a bad one costs nothing.
+/// Checks every `--device` (for the backend it would get) before anything is built, so a bad
+/// one costs nothing.
 pub fn check_devices(devices: &[DeviceConfig]) -> Result<(), VfioError> {
     for d in devices {
-        check(&HostPaths::default(), &d.path)?;
+        select(&HostPaths::default(), &d.path, d.backend)?;
     }
     Ok(())
 }
 
-/// What VFIO holds for the VM's lifetime: the containers and the DMA mappings of guest RAM.
+/// One host DMA domain: what devices are opened into and what maps for their DMA.
+enum Domain {
+    /// A VFIO type1 container.
+    Container(VfioHost),
+    /// An IOAS of the VM's iommufd.
+    Ioas(IommufdHost),
+}
+
+impl Domain {
+    fn open(&self, s: &Selected) -> Result<HostDevice, SetupError> {
+        match (self, &s.route) {
+            (Domain::Container(h), Route::Container) => h.open(&s.checked.path),
+            (Domain::Ioas(h), Route::Iommufd { cdev }) => h.open(&s.checked, cdev),
+            // Domains are made for their device's route ([`Domains::create`]); what
+            // vfio-ioctls answers for a device given the other backend's domain.
+            _ => Err(SetupError::Vfio {
+                bdf: s.checked.bdf.clone(),
+                source: vfio_ioctls::VfioError::DowncastVfioOps,
+            }),
+        }
+    }
+
+    /// The domain's host DMA over `mem`; with `all_ram`, every guest RAM region mapped at
+    /// IOVA = GPA.
+    fn dma(&self, mem: &GuestMemoryMmap, all_ram: bool) -> Result<Box<dyn HostDma>, HostDmaError> {
+        fn build<C: DmaIoctls + 'static>(
+            ioctls: C,
+            mem: &GuestMemoryMmap,
+            all_ram: bool,
+        ) -> Result<Box<dyn HostDma>, HostDmaError> {
+            let mut dma = HostDmaMappings::new(ioctls, mem.clone());
+            if all_ram {
+                dma.map_guest_ram()?;
+            }
+            Ok(Box::new(dma))
+        }
+        match self {
+            Domain::Container(h) => build(h.container().clone(), mem, all_ram),
+            Domain::Ioas(h) => build(h.dma(), mem, all_ram),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Domain::Container(_) => "VFIO container".to_string(),
+            Domain::Ioas(h) => format!("iommufd IOAS {}", h.ioas_id()),
+        }
+    }
+}
+
+/// The VM's host domains, made as devices need them.
+struct Domains {
+    kvm_vfio: Arc<VfioDeviceFd>,
+    /// The VM's one iommufd, opened for the first iommufd device.
+    iommufd: Option<Arc<IommuFd>>,
+    /// Shared by the devices without a vIOMMU, one per backend.
+    shared_container: Option<Domain>,
+    shared_ioas: Option<Domain>,
+    /// One per device behind the VT-d.
+    own: Vec<Domain>,
+}
+
+impl Domains {
+    /// A new domain for the device `s`: a container, or an IOAS in the VM's iommufd.
+    fn create(&mut self, s: &Selected) -> Result<Domain, SetupError> {
+        let kvm_vfio = Some(self.kvm_vfio.clone());
+        Ok(match s.route {
+            Route::Container => Domain::Container(VfioHost::new(HostPaths::default(), kvm_vfio)?),
+            Route::Iommufd { .. } => {
+                let iommufd = match &self.iommufd {
+                    Some(fd) => fd.clone(),
+                    None => self
+                        .iommufd
+                        .insert(open_iommufd(&HostPaths::default(), &s.checked)?)
+                        .clone(),
+                };
+                Domain::Ioas(IommufdHost::new(iommufd, kvm_vfio, &s.checked)?)
+            }
+        })
+    }
+
+    /// The domain the devices of `s`'s backend without a vIOMMU share, made on first use.
+    fn shared(&mut self, s: &Selected) -> Result<&Domain, SetupError> {
+        let slot = match s.route.backend() {
+            Backend::Container => &mut self.shared_container,
+            Backend::Iommufd => &mut self.shared_ioas,
+        };
+        let domain = match slot.take() {
+            Some(d) => d,
+            None => self.create(s)?,
+        };
+        let slot = match s.route.backend() {
+            Backend::Container => &mut self.shared_container,
+            Backend::Iommufd => &mut self.shared_ioas,
+        };
+        Ok(slot.insert(domain))
+    }
+
+    /// A domain of `s`'s own.
+    fn own(&mut self, s: &Selected) -> Result<&Domain, SetupError> {
+        let domain = self.create(s)?;
+        self.own.push(domain);
+        Ok(&self.own[self.own.len() - 1])
+    }
+}
+
+/// What VFIO holds for the VM's lifetime: the host domains and the DMA mappings of guest RAM.
 pub struct VfioDevices {
-    // The mappings go before the containers (field order).
-    /// All guest RAM mapped for the devices not behind the VT-d.
-    _dma: Option<ContainerDma<Arc<VfioContainer>, GuestMemoryMmap>>,
-    /// One container for those devices, and one for each device behind the VT-d: its own IOVA
-    /// space, whose mappings the VT-d owns.
-    _hosts: Vec<VfioHost>,
+    // The mappings go before the domains (field order); the devices, which keep their
+    // domain's container or IOAS alive, go with the PCI bus after both.
+    /// All guest RAM mapped, once per shared domain, for the devices not behind the VT-d.
+    _dma: Vec<Box<dyn HostDma>>,
+    /// The shared domains and one for each device behind the VT-d: its own IOVA space, whose
+    /// mappings the VT-d owns.
+    _domains: Vec<Domain>,
     /// The requester ids of the devices behind the VT-d.
     behind_vtd: Vec<viommu::SourceId>,
 }
@@ -83,8 +204,9 @@ impl VfioDevices {
     }
 }
 
-/// Opens each device and puts it on `pci`. A device behind the VT-d gets a container of its
-/// own, attached to `vtd`; the others share one that maps all guest RAM for their DMA.
+/// Opens each device and puts it on `pci`. A device behind the VT-d gets a host domain of its
+/// own, attached to `vtd`; the others share one per backend that maps all guest RAM for their
+/// DMA.
 ///
 /// With `remapping` (the VT-d's interrupt remapping), a device behind the VT-d has its MSI and
 /// MSI-X routes translated by it.
@@ -101,24 +223,46 @@ pub fn attach(
     }
     let routing = vm.routing().ok_or(VfioError::NoIrqchip)?;
     let kvm_vfio = create_kvm_vfio_device(vm.fd()).map_err(VfioError::KvmVfio)?;
-    let kvm_vfio = Arc::new(kvm_vfio);
-    let mut shared: Option<VfioHost> = None;
-    let mut behind_vtd: Vec<VfioHost> = Vec::new();
+    let mut domains = Domains {
+        kvm_vfio: Arc::new(kvm_vfio),
+        iommufd: None,
+        shared_container: None,
+        shared_ioas: None,
+        own: Vec::new(),
+    };
     let mut sources = Vec::new();
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
     for d in devices {
-        let host = match (d.iommu, &shared) {
-            (false, Some(h)) => h,
-            (false, None) => {
-                shared.insert(VfioHost::new(HostPaths::default(), Some(kvm_vfio.clone()))?)
-            }
-            (true, _) => {
-                behind_vtd.push(VfioHost::new(HostPaths::default(), Some(kvm_vfio.clone()))?);
-                behind_vtd.last().expect("just pushed")
-            }
+        let selected = select(&HostPaths::default(), &d.path, d.backend)?;
+        let domain = if d.iommu {
+            domains.own(&selected)?
+        } else {
+            domains.shared(&selected)?
         };
-        let dev = host.open(&d.path)?;
+        let dev = domain.open(&selected)?;
         let name = dev.bdf().to_string();
+        log::info!(
+            "{name}: backend {} ({}), in the {}{}",
+            selected.route.backend(),
+            selected.why,
+            domain.describe(),
+            if d.iommu {
+                " of its own"
+            } else {
+                " shared by the devices without a vIOMMU"
+            }
+        );
+        // Behind the VT-d, the domain's host DMA goes to the VT-d, which from then on decides
+        // what it maps: all guest RAM while the guest has translation off, then exactly what
+        // its tables say. Made now: a container has an IOMMU only once a group joined it.
+        let own_dma = if d.iommu {
+            Some(domain.dma(mem, false).map_err(|source| VfioError::Dma {
+                domain: domain.describe(),
+                source,
+            })?)
+        } else {
+            None
+        };
         // INTx (for a device with neither MSI nor MSI-X) goes where the DSDT's _PRT says for
         // the slot the device is about to take.
         let bus_error = |source| VfioError::Bus {
@@ -152,15 +296,12 @@ pub fn attach(
             .add_device(Arc::new(Mutex::new(device)))
             .map_err(bus_error)?;
         log::info!("{name}: assigned as PCI 00:{slot:02x}.0");
-        if d.iommu {
-            // From now on the VT-d decides what this device's container maps: all guest RAM
-            // while the guest has translation off, then exactly what its tables say.
+        if let Some(dma) = own_dma {
             let vtd = vtd.ok_or_else(|| VfioError::NoViommu {
                 device: name.clone(),
             })?;
-            let dma = ContainerDma::new(host.container().clone(), mem.clone());
             crate::devices::vtd::lock(vtd)
-                .attach(source, Box::new(dma))
+                .attach(source, dma)
                 .map_err(|source| VfioError::Viommu {
                     device: name.clone(),
                     source,
@@ -169,20 +310,28 @@ pub fn attach(
             log::info!("{name}: behind the virtual VT-d as source {source}");
         }
     }
-    // The container has an IOMMU (type1) only once a group joined it, i.e. after the first
-    // open; the guest has not run yet, so no device can DMA before its RAM is mapped.
-    let dma = match &shared {
-        Some(host) => {
-            let mut dma = ContainerDma::new(host.container().clone(), mem.clone());
-            dma.map_guest_ram().map_err(VfioError::Dma)?;
-            Some(dma)
-        }
-        None => None,
-    };
-    behind_vtd.extend(shared);
+    // The guest has not run yet, so no device can DMA before its RAM is mapped.
+    let mut dma = Vec::new();
+    let shared = [domains.shared_container.take(), domains.shared_ioas.take()];
+    for domain in shared.into_iter().flatten() {
+        let start = Instant::now();
+        let mapped = domain.dma(mem, true).map_err(|source| VfioError::Dma {
+            domain: domain.describe(),
+            source,
+        })?;
+        log::info!(
+            "guest RAM mapped at IOVA = GPA in the {}: {} regions, {} MiB, in {} ms",
+            domain.describe(),
+            mem.num_regions(),
+            mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            start.elapsed().as_millis()
+        );
+        dma.push(mapped);
+        domains.own.push(domain);
+    }
     Ok(Some(VfioDevices {
         _dma: dma,
-        _hosts: behind_vtd,
+        _domains: domains.own,
         behind_vtd: sources,
     }))
 }
