@@ -54,6 +54,7 @@ tb_install_busybox "$l2"
 # Measuring tools the actions run (static: the L2 has no libc).
 gcc -static -O2 -Wall -o "$l2/tb/bin/mmio-cost" "$TB_SRC/tools/mmio-cost.c"
 gcc -static -O2 -Wall -o "$l2/tb/bin/edu-dma" "$TB_SRC/tools/edu-dma.c"
+gcc -static -O2 -Wall -o "$l2/tb/bin/dma-high" "$TB_SRC/tools/dma-high.c"
 install -m 0755 "$TB_SRC/l2-init.sh" "$l2/init"
 install -m 0644 "$TB_SRC"/actions/*.sh "$l2/tb/actions/"
 tb_copy_modules "$l2" "$kver" pvpanic-mmio pvpanic-pci >"$l2/tb/modules/pvpanic.list"
@@ -63,29 +64,8 @@ tb_copy_modules "$l2" "$kver" vfio-pci vfio_iommu_type1 >"$l2/tb/modules/vfio.li
 tb_cpio "$l2" | gzip -n -6 >"$work/l2.cpio.gz"
 
 # --- L1 base initramfs --------------------------------------------------------------------------
-l1="$work/l1"
-mkdir -p "$l1"/{proc,sys,dev,tmp,run,testbed/bin}
-tb_install_busybox "$l1"
-install -m 0755 "$TB_SRC/l1-init.sh" "$l1/init"
-tb_copy_modules "$l1" "$kver" irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vfio_virqfd \
-  vfio-pci-core vfio-pci >"$l1/testbed/l1-modules.list"
-tb_copy_bin "$l1" /usr/bin/qemu-system-x86_64
-tb_copy_bin "$l1" /usr/bin/strace
-# fio brings 80 MB of libraries (ceph, gluster...): measured, it adds well under a second to L1's boot.
-tb_copy_bin "$l1" /usr/bin/fio
-# QEMU finds its firmware next to its binary (../share/qemu) and in Debian's seabios directory;
-# with -kernel and -nodefaults it loads bios-256k.bin, linuxboot_dma.bin and kvmvapic.bin.
-mkdir -p "$l1/usr/share/qemu" "$l1/usr/share/seabios"
-cp -L /usr/share/seabios/*.bin "$l1/usr/share/seabios/"
-for fw in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
-  cp -L "/usr/share/qemu/$fw" "$l1/usr/share/qemu/"
-done
-install -m 0755 "$TB_SRC/tb-vfio-bind.sh" "$l1/testbed/bin/tb-vfio-bind"
-cp "$work/vmlinuz" "$l1/testbed/vmlinuz"
-cp "$work/l2.cpio.gz" "$l1/testbed/l2.cpio.gz"
-echo "$kver" >"$l1/testbed/kernel-version"
-# Uncompressed: L0 loads it in one go and L1 unpacks it without decompressing under TCG.
-tb_cpio "$l1" >"$work/l1-base.cpio"
+tb_l1_base "$work/l1" "$kver" "$work/vmlinuz" "$work/l2.cpio.gz" "$work/l1-base.cpio" \
+  irqbypass kvm ccp kvm-amd vfio vfio_iommu_type1 vfio_virqfd vfio-pci-core vfio-pci
 
 # --- disk image ---------------------------------------------------------------------------------
 # 131072 sectors of 512 bytes, each a distinct text line padded with spaces, so a misplaced block

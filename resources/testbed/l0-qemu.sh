@@ -2,15 +2,17 @@
 # Starts L0 QEMU (TCG, nested SVM, emulated VT-d, an NVMe with the known disk and the edu device)
 # booting the L1 kernel with INITRD. The console is on stdio (Ctrl-A X quits when interactive).
 # The process execs into QEMU, so its pid is QEMU's: killing it stops the run.
-# Usage: l0-qemu.sh --initrd FILE [--smp N] [--mem MB] [--append STR] [-- EXTRA QEMU ARGS...]
+# Usage: l0-qemu.sh --initrd FILE [--kernel FILE] [--smp N] [--mem MB] [--append STR] [-- EXTRA QEMU ARGS...]
+#   --kernel: the L1 kernel (default the testbed's, target/testbed/vmlinuz)
 # Env: TB_L1_SMP, TB_L1_MEM give the defaults (1 vCPU, 2048 MB).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-initrd="" smp="${TB_L1_SMP:-1}" mem="${TB_L1_MEM:-2048}" append=""
+initrd="" kernel="$TB_OUT/vmlinuz" smp="${TB_L1_SMP:-1}" mem="${TB_L1_MEM:-2048}" append=""
 while (($#)); do
   case "$1" in
     --initrd) initrd="$2"; shift 2 ;;
+    --kernel) kernel="$2"; shift 2 ;;
     --smp) smp="$2"; shift 2 ;;
     --mem) mem="$2"; shift 2 ;;
     --append) append="$2"; shift 2 ;;
@@ -34,6 +36,6 @@ exec qemu-system-x86_64 \
   -machine q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on \
   -drive "file=$TB_OUT/disk.img,if=none,id=d0,format=raw,snapshot=on" \
   -device nvme,drive=d0,serial=nvme0 -device edu \
-  -kernel "$TB_OUT/vmlinuz" -initrd "$initrd" \
+  -kernel "$kernel" -initrd "$initrd" \
   -append "console=ttyS0 panic=-1 intel_iommu=on quiet idle=${TB_L1_IDLE:-poll} ${TB_L1_EXTRA:-} $append" \
   -nodefaults -nographic -serial mon:stdio ${heartbeat[@]+"${heartbeat[@]}"} -no-reboot "$@"

@@ -33,6 +33,7 @@ tb_copy_bin() {
 
 # Writes to ROOT/modules/<name>.ko the modules named plus their dependencies (modprobe order,
 # duplicates removed), decompressing .ko.xz/.ko.zst/.ko.gz, and prints the in-guest paths in load order.
+# TB_MODROOT names another root holding lib/modules/KVER (an unpacked kernel package).
 tb_copy_modules() {
   local root="$1" kver="$2"; shift 2
   local seen=" " m path base out
@@ -50,8 +51,38 @@ tb_copy_modules() {
         *) cp "$path" "$out" ;;
       esac
       echo "/modules/$base"
-    done < <(modprobe -S "$kver" --show-depends "$m" | grep '^insmod ')
+    done < <(modprobe -d "${TB_MODROOT:-/}" -S "$kver" --show-depends "$m" | grep '^insmod ')
   done
+}
+
+# Assembles in ROOT the L1 initramfs and writes it to OUT (uncompressed: L0 loads it in one go and
+# L1 unpacks it without decompressing under TCG): busybox, the MODULES of kernel KVER (loaded in
+# that order, with their dependencies), QEMU with its firmware, strace, fio, tb-vfio-bind, and the
+# L2 kernel and initramfs under /testbed/.
+# Usage: tb_l1_base ROOT KVER L2_VMLINUZ L2_INITRD OUT MODULE...
+tb_l1_base() {
+  local l1="$1" kver="$2" l2_kernel="$3" l2_initrd="$4" out="$5" fw
+  shift 5
+  mkdir -p "$l1"/{proc,sys,dev,tmp,run,testbed/bin}
+  tb_install_busybox "$l1"
+  install -m 0755 "$TB_SRC/l1-init.sh" "$l1/init"
+  tb_copy_modules "$l1" "$kver" "$@" >"$l1/testbed/l1-modules.list"
+  tb_copy_bin "$l1" /usr/bin/qemu-system-x86_64
+  tb_copy_bin "$l1" /usr/bin/strace
+  # fio brings 80 MB of libraries (ceph, gluster...): measured, it adds well under a second to L1's boot.
+  tb_copy_bin "$l1" /usr/bin/fio
+  # QEMU finds its firmware next to its binary (../share/qemu) and in Debian's seabios directory;
+  # with -kernel and -nodefaults it loads bios-256k.bin, linuxboot_dma.bin and kvmvapic.bin.
+  mkdir -p "$l1/usr/share/qemu" "$l1/usr/share/seabios"
+  cp -L /usr/share/seabios/*.bin "$l1/usr/share/seabios/"
+  for fw in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
+    cp -L "/usr/share/qemu/$fw" "$l1/usr/share/qemu/"
+  done
+  install -m 0755 "$TB_SRC/tb-vfio-bind.sh" "$l1/testbed/bin/tb-vfio-bind"
+  cp "$l2_kernel" "$l1/testbed/vmlinuz"
+  cp "$l2_initrd" "$l1/testbed/l2.cpio.gz"
+  echo "$kver" >"$l1/testbed/kernel-version"
+  tb_cpio "$l1" >"$out"
 }
 
 # Busybox with a symlink for every applet it has.

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Makes the initrd of one L1 run: the cached base (build.sh) + a small per-run overlay cpio. Linux unpacks concatenated cpio archives in order, later files winning, so choosing
 # a scenario never rebuilds the base.
-# Usage: mkinitrd.sh --out FILE [--vmm PATH] [--script FILE] [--add SRC=DEST]...
+# Usage: mkinitrd.sh --out FILE [--base FILE] [--vmm PATH] [--script FILE] [--add SRC=DEST]...
+#   --base FILE    the base to extend (default target/testbed/l1-base.cpio; build-l1-iommufd.sh makes another)
 #   --vmm PATH     installed as /testbed/bin/vmm with the libraries ldd lists
 #   --script FILE  installed as /testbed/scenario.sh, which the L1 init runs
 #   --add SRC=DEST any other file, at DEST inside L1 (with its libraries if it is a dynamic executable)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-out="" vmm="" script="" adds=()
+out="" base="$TB_OUT/l1-base.cpio" vmm="" script="" adds=()
 while (($#)); do
   case "$1" in
     --out) out="$2"; shift 2 ;;
+    --base) base="$2"; shift 2 ;;
     --vmm) vmm="$2"; shift 2 ;;
     --script) script="$2"; shift 2 ;;
     --add) adds+=("$2"); shift 2 ;;
@@ -19,7 +21,7 @@ while (($#)); do
   esac
 done
 [[ -n "$out" ]] || tb_die "mkinitrd.sh: --out is required"
-[[ -s "$TB_OUT/l1-base.cpio" ]] || tb_die "no base in $TB_OUT: run resources/testbed/build.sh"
+[[ -s "$base" ]] || tb_die "no base $base: run resources/testbed/build.sh (or build-l1-iommufd.sh)"
 
 ov="$(mktemp -d)"
 trap 'rm -rf "$ov"' EXIT
@@ -40,7 +42,7 @@ done
 
 mkdir -p "$(dirname "$out")"
 {
-  cat "$TB_OUT/l1-base.cpio"
+  cat "$base"
   tb_cpio "$ov"
 } >"$out.tmp"
 mv -f "$out.tmp" "$out"

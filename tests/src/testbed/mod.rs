@@ -31,4 +31,4 @@ pub use console::{Line, Marker, MARKER_PREFIX};
 pub use error::TestbedError;
 pub use outcome::{L2Init, Outcome, TAIL_LINES};
 pub use run::{require, Testbed};
-pub use scenario::{shell_quote, Body, L2Boot, L2Vmm, Scenario, L2_BASE_CMDLINE};
+pub use scenario::{shell_quote, Body, L1Kernel, L2Boot, L2Vmm, Scenario, L2_BASE_CMDLINE};

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::console::{Line, LineSplitter, Marker};
 use super::error::TestbedError;
 use super::outcome::{tail, Outcome, TAIL_LINES};
-use super::scenario::Scenario;
+use super::scenario::{L1Kernel, Scenario};
 
 /// The built testbed: where its scripts and cached images are.
 #[derive(Debug)]
@@ -264,6 +264,19 @@ impl Testbed {
             "resources/testbed/build.sh",
         )
         .map_err(TestbedError::Unavailable)?;
+        // The L1 kernel's base initramfs, and the kernel itself (None: l0-qemu.sh's default).
+        let (base, kernel) = match scenario.l1_kernel {
+            L1Kernel::Distro => (self.out.join("l1-base.cpio"), None),
+            L1Kernel::Iommufd => {
+                run_cmd(
+                    &mut self.script_cmd("build-l1-iommufd.sh"),
+                    "resources/testbed/build-l1-iommufd.sh",
+                )
+                .map_err(TestbedError::Unavailable)?;
+                let dir = self.out.join("l1-iommufd");
+                (dir.join("l1-base.cpio"), Some(dir.join("vmlinuz")))
+            }
+        };
 
         let run_dir = self.out.join("runs").join(&scenario.name);
         let logs = self.out.join("logs");
@@ -276,7 +289,12 @@ impl Testbed {
             .map_err(|e| TestbedError::io(format!("writing {}", script.display()), e))?;
         let initrd = run_dir.join("initrd");
         let mut mk = self.script_cmd("mkinitrd.sh");
-        mk.arg("--out").arg(&initrd).arg("--script").arg(&script);
+        mk.arg("--out")
+            .arg(&initrd)
+            .arg("--base")
+            .arg(&base)
+            .arg("--script")
+            .arg(&script);
         if let Some(vmm) = &vmm {
             mk.arg("--vmm").arg(vmm);
         }
@@ -290,6 +308,9 @@ impl Testbed {
         let _ = fs::remove_file(&heartbeat);
         let mut l0 = self.script_cmd("l0-qemu.sh");
         l0.env("TB_L1_HEARTBEAT", &heartbeat);
+        if let Some(kernel) = &kernel {
+            l0.arg("--kernel").arg(kernel);
+        }
         l0.arg("--initrd")
             .arg(&initrd)
             .args(["--smp", &scenario.l1_smp.to_string()])

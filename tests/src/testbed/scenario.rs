@@ -13,6 +13,18 @@ pub enum L2Vmm {
     Qemu,
 }
 
+/// The kernel L1 runs (the L2 kernel is always the testbed's default, Debian's 6.1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum L1Kernel {
+    /// Debian bookworm's 6.1, the kernel `build.sh` takes from the host's packages: VFIO's
+    /// container interface only (no iommufd).
+    #[default]
+    Distro,
+    /// Debian bookworm-backports' 6.12 with iommufd and VFIO device files
+    /// (`build-l1-iommufd.sh`): `/dev/iommu` and `/dev/vfio/devices/vfioN` beside the container.
+    Iommufd,
+}
+
 /// The L2 kernel command line every L2 boot starts from. `quiet` because each console byte is a
 /// nested exit: the full boot log costs about 5 s per boot. Set `TB_L2_CMDLINE_EXTRA=loglevel=8`
 /// to see it when debugging.
@@ -54,6 +66,8 @@ pub struct Scenario {
     pub body: Body,
     /// Whether the overlay carries our vmm binary.
     pub with_vmm: bool,
+    /// The kernel L1 boots.
+    pub l1_kernel: L1Kernel,
     /// L1's vCPUs and memory (L0 QEMU `-smp`, `-m`).
     pub l1_smp: u32,
     pub l1_mem_mib: u32,
@@ -97,6 +111,7 @@ impl Scenario {
             name: name.to_string(),
             body,
             with_vmm: false,
+            l1_kernel: L1Kernel::Distro,
             l1_smp: 1,
             l1_mem_mib: 2048,
             files: Vec::new(),
@@ -155,6 +170,12 @@ impl Scenario {
     /// Puts our vmm binary into L1 at `/testbed/bin/vmm` (in PATH).
     pub fn with_vmm(mut self) -> Self {
         self.with_vmm = true;
+        self
+    }
+
+    /// Boots L1 on `kernel` instead of the testbed's default.
+    pub fn l1_kernel(mut self, kernel: L1Kernel) -> Self {
+        self.l1_kernel = kernel;
         self
     }
 
