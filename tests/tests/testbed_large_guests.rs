@@ -1,0 +1,280 @@
+//! Guests of real size on both host interfaces (issue 15): an L2 Linux of 5 GiB with L1's two NVMe
+//! controllers passed through, both doing DMA at once into buffers whose every page lies above
+//! 4 GiB of guest-physical memory, without a vIOMMU (IOVA = GPA) and behind our VT-d with
+//! `iommu.forcedac=1` (the guest's IOVAs above 4 GiB too, in the 48-bit space). One L1 session per
+//! backend: the VFIO container on Debian's 6.1, iommufd on the testbed's 6.12 L1 (whose default it
+//! is). Data is exact both ways: the disk image's md5 read, a pattern written that lands in the
+//! L0 file. Without a vIOMMU the two devices share one host domain, so guest RAM is pinned once.
+//! On iommufd, a vmm killed mid-I/O leaves no VFIO or iommufd file open, and the container
+//! backend then takes the same device on the same kernel.
+
+use std::sync::Arc;
+
+use integration::testbed::{self, L1Kernel, Outcome, Scenario, TestbedError};
+
+/// L2 memory (MiB): more than 4 GiB of RAM puts 2 GiB above the 32-bit hole (RAM ends at 3 GiB
+/// below it).
+const L2_MIB: u64 = 5120;
+/// Where the two runs' patterns go on the scratch disk (the `dma-high` action's `tb.offset=`).
+const OFFSET_NO_VIOMMU: usize = 2 << 20;
+const OFFSET_VTD: usize = 4 << 20;
+/// The bytes each run writes there.
+const PATTERN_BYTES: usize = 1 << 20;
+
+/// The L1 script: binds both NVMe controllers, then boots the 5 GiB L2 twice (no vIOMMU, then
+/// behind our VT-d), each time sampling the vmm's pinned memory while it runs; `$EXTRA` (set
+/// by the caller's prologue) adds `,backend=...` to every `--device`.
+const SCRIPT: &str = r#"
+nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
+devs() { for d in $nvmes; do printf ' --device path=%s%s%s' "$d" "$1" "$EXTRA"; done; }
+cmdline() { echo "console=ttyS0 panic=-1 quiet tb.action=dma-high tb.offset=$1 $2"; }
+# The most memory the vmm had pinned (VmPin: iommufd) and locked (VmLck: type1) while it ran.
+watch_pins() {
+  pin=0 lck=0
+  while kill -0 "$1" 2>/dev/null; do
+    p=$(awk '/^VmPin:/ {print $2}' /proc/$1/status 2>/dev/null)
+    l=$(awk '/^VmLck:/ {print $2}' /proc/$1/status 2>/dev/null)
+    [ "${p:-0}" -gt "$pin" ] && pin=$p
+    [ "${l:-0}" -gt "$lck" ] && lck=$l
+    sleep 1
+  done
+  echo "@@TB L1 pinned run=$2 pin_kb=$pin lck_kb=$lck"
+}
+run() {
+  name=$1; shift
+  start=$(cut -d' ' -f1 /proc/uptime)
+  RUST_LOG=info vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --cpus boot=1 \
+    --memory size=5120M --stats-json /tmp/$name.json "$@" 2>/tmp/$name.err &
+  pid=$!
+  watch_pins $pid $name
+  wait $pid
+  rc=$?
+  echo "@@TB L1 run=$name rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)"
+  grep -E "backend |guest RAM mapped" /tmp/$name.err | sed "s/^/@@TB L1 log run=$name /"
+  tail -n 3 /tmp/$name.err
+  echo "@@TB L1 stats run=$name $(tr -d ' \n' </tmp/$name.json)"
+}
+run plain $(devs "") --cmdline "$(cmdline 2097152)"
+run vtd --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 4194304 'intel_iommu=on iommu.forcedac=1')"
+"#;
+
+/// iommufd only: SIGKILL mid-I/O, then the same device under the container backend.
+const KILL_THEN_CONTAINER: &str = r#"
+nvme=${nvmes%% *}
+open_files() { ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c -E '/dev/vfio|/dev/iommu'; }
+vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --memory size=384M --viommu \
+  --device path=$nvme,iommu=on \
+  --cmdline "console=ttyS0 panic=-1 quiet intel_iommu=on tb.action=dd-loop" >/tmp/kill.log 2>&1 &
+pid=$!
+i=0
+while ! grep -q "io-running" /tmp/kill.log && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
+grep -q "io-running" /tmp/kill.log && echo "@@TB L1 io-seen run=kill"
+sleep 1
+kill -9 $pid
+wait $pid
+echo "@@TB L1 killed rc=$? open_files=$(open_files)"
+RUST_LOG=info vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --memory size=384M \
+  --device path=$nvme,backend=container --cmdline "console=ttyS0 panic=-1 quiet tb.action=md5" \
+  2>/tmp/after.err
+echo "@@TB L1 after-kill rc=$?"
+grep -E "backend " /tmp/after.err | sed "s/^/@@TB L1 log run=after /"
+"#;
+
+fn session(kernel: L1Kernel) -> Result<Option<(Arc<Outcome>, std::path::PathBuf)>, TestbedError> {
+    let Some(tb) = testbed::require() else {
+        return Ok(None);
+    };
+    let (name, script) = match kernel {
+        L1Kernel::Distro => ("large-guests-container", format!("EXTRA=\n{SCRIPT}")),
+        L1Kernel::Iommufd => (
+            "large-guests-iommufd",
+            format!("EXTRA=\n{SCRIPT}{KILL_THEN_CONTAINER}"),
+        ),
+    };
+    let scratch = tb.fresh_scratch_disk(&format!("{name}-scratch.img"))?;
+    let s = Scenario::l1_script(name, &script)
+        .with_vmm()
+        .l1_kernel(kernel)
+        // The 5 GiB L2 pinned whole (no vIOMMU), L1's own memory and QEMU-free headroom.
+        .l1_mem_mib(7168)
+        .scratch_nvme(&scratch, "nvme1")
+        .timeout(std::time::Duration::from_secs(900))
+        .silence_timeout(std::time::Duration::from_secs(240));
+    Ok(Some((tb.run_shared(&s)?, scratch)))
+}
+
+/// The `dma-high` marker of `op` (read or write) in run `run` (the markers come in run order).
+fn dma_marker(out: &Outcome, run: usize, op: &str) -> Result<testbed::Marker, TestbedError> {
+    out.markers_named("L2", "dma-high")
+        .filter(|m| m.field("op") == Some(op))
+        .nth(run)
+        .cloned()
+        .ok_or_else(|| out.error(format!("no dma-high op={op} marker for run {run}")))
+}
+
+fn hex(out: &Outcome, m: &testbed::Marker, key: &str) -> Result<u64, TestbedError> {
+    m.field(key)
+        .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+        .ok_or_else(|| out.error(format!("no hex {key} in {}", m.raw)))
+}
+
+/// Both runs: the image read exactly and the pattern written, every buffer page above 4 GiB.
+fn dma_lands_above_4_gib(kernel: L1Kernel) -> Result<(), TestbedError> {
+    let Some((out, scratch)) = session(kernel)? else {
+        return Ok(());
+    };
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let want = tb.disk_head_md5(16 << 20)?;
+    for (run, name) in ["plain", "vtd"].iter().enumerate() {
+        let exit = out
+            .markers_named("L1", "run")
+            .find(|m| m.field("run") == Some(name))
+            .ok_or_else(|| out.error(format!("run {name} did not finish")))?;
+        out.ensure(
+            exit.field("rc") == Some("0"),
+            format!("run {name}: vmm failed: {}", exit.raw),
+        )?;
+        for op in ["read", "write"] {
+            let m = dma_marker(&out, run, op)?;
+            out.ensure(
+                m.field("ok") == Some("1"),
+                format!("run {name}: {op} failed: {}", m.raw),
+            )?;
+            let minpa = hex(&out, &m, "minpa")?;
+            out.ensure(
+                minpa >= 1 << 32,
+                format!("run {name}: a {op} buffer page below 4 GiB: {}", m.raw),
+            )?;
+        }
+        let read = dma_marker(&out, run, "read")?;
+        out.ensure(
+            read.field("md5") == Some(want.as_str()),
+            format!(
+                "run {name}: read md5 {:?}, the image's is {want}",
+                read.field("md5")
+            ),
+        )?;
+    }
+    let img = std::fs::read(&scratch)
+        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
+    let pattern: Vec<u8> = b"tb-high-pattern\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PATTERN_BYTES)
+        .collect();
+    for at in [OFFSET_NO_VIOMMU, OFFSET_VTD] {
+        out.ensure(
+            img.get(at..at + PATTERN_BYTES) == Some(&pattern[..]),
+            format!("the pattern written from above 4 GiB is not at byte {at} of the L0 file"),
+        )?;
+    }
+    // Behind the VT-d the guest's driver kept the protocol and the host refused nothing.
+    let stats = out
+        .markers_named("L1", "stats")
+        .find(|m| m.field("run") == Some("vtd"))
+        .ok_or_else(|| out.error("no stats of the vtd run"))?;
+    for (key, want) in [("\"host_errors\":0", true), ("\"faults\":0", true)] {
+        out.ensure(
+            stats.raw.contains(key) == want,
+            format!("vtd run: want {key}: {}", stats.raw),
+        )?;
+    }
+    out.ensure(
+        stats.raw.contains("\"total\":0"),
+        format!(
+            "vtd run: the protocol checker found violations: {}",
+            stats.raw
+        ),
+    )
+}
+
+#[test]
+fn container_5_gib_guest_dma_lands_above_4_gib_without_and_behind_our_vtd(
+) -> Result<(), TestbedError> {
+    dma_lands_above_4_gib(L1Kernel::Distro)
+}
+
+#[test]
+fn iommufd_5_gib_guest_dma_lands_above_4_gib_without_and_behind_our_vtd() -> Result<(), TestbedError>
+{
+    dma_lands_above_4_gib(L1Kernel::Iommufd)
+}
+
+/// Without a vIOMMU both devices share one domain: the vmm pinned guest RAM once, not twice.
+fn ram_pinned_once(kernel: L1Kernel, field: &str, backend: &str) -> Result<(), TestbedError> {
+    let Some((out, _)) = session(kernel)? else {
+        return Ok(());
+    };
+    let pinned = out
+        .markers_named("L1", "pinned")
+        .find(|m| m.field("run") == Some("plain"))
+        .ok_or_else(|| out.error("no pinned marker for the plain run"))?;
+    let kb = pinned
+        .field_num::<u64>(field)
+        .ok_or_else(|| out.error(format!("no {field}: {}", pinned.raw)))?;
+    let ram_kb = L2_MIB * 1024;
+    out.ensure(
+        kb >= ram_kb && kb < ram_kb + ram_kb / 10,
+        format!(
+            "pinned {kb} KiB for {ram_kb} KiB of guest RAM and two devices: {}",
+            pinned.raw
+        ),
+    )?;
+    out.ensure(
+        out.console_contains(&format!("backend {backend}")),
+        format!("the devices did not get the {backend} backend"),
+    )
+}
+
+#[test]
+fn container_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), TestbedError> {
+    ram_pinned_once(L1Kernel::Distro, "lck_kb", "container")
+}
+
+#[test]
+fn iommufd_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), TestbedError> {
+    ram_pinned_once(L1Kernel::Iommufd, "pin_kb", "iommufd")
+}
+
+#[test]
+fn killed_iommufd_vmm_leaves_no_file_open_and_the_container_backend_takes_the_device_next(
+) -> Result<(), TestbedError> {
+    let Some((out, _)) = session(L1Kernel::Iommufd)? else {
+        return Ok(());
+    };
+    out.expect_marker("L1", "io-seen")?;
+    let killed = out.expect_marker("L1", "killed")?;
+    out.ensure(
+        killed.field("open_files") == Some("0"),
+        format!(
+            "VFIO or iommufd files still open after SIGKILL: {}",
+            killed.raw
+        ),
+    )?;
+    let after = out.expect_marker("L1", "after-kill")?;
+    out.ensure(
+        after.field("rc") == Some("0"),
+        format!("the container-backend vmm failed: {}", after.raw),
+    )?;
+    out.ensure(
+        out.console_contains("backend container (asked)")
+            || out.console_contains("backend container"),
+        "the device did not get the container backend",
+    )?;
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let want = tb.disk_md5()?;
+    let got = out
+        .markers_named("L2", "md5")
+        .last()
+        .and_then(|m| m.field("md5").map(str::to_string))
+        .ok_or_else(|| out.error("no md5 marker after the kill"))?;
+    out.ensure(
+        got == want,
+        format!("read md5 {got}, the image's is {want}"),
+    )
+}
