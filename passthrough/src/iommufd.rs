@@ -4,7 +4,8 @@
 //!
 //! The IOAS's mappings go through the shared bookkeeping of [`crate::dma::HostDmaMappings`]:
 //! [`IoasDma`] is its [`DmaIoctls`], IOMMU_IOAS_MAP / IOMMU_IOAS_UNMAP through the
-//! `iommufd-ioctls` crate.
+//! `iommufd-ioctls` crate. What an IOAS can map, IOMMU_IOAS_IOVA_RANGES, has no wrapper there:
+//! [`ioas_iova_ranges`] issues it.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -12,9 +13,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_ioas_map, iommu_ioas_unmap, iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
+    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_unmap, iommu_iova_range,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA,
     iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE,
-    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_TYPE,
 };
 use iommufd_ioctls::{IommuFd, IommufdError, IommufdIoas};
 use vfio_bindings::bindings::vfio::{VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE};
@@ -22,6 +24,7 @@ use vfio_ioctls::{VfioDevice, VfioDeviceFd, VfioError, VfioIommufd};
 
 use crate::dma::DmaIoctls;
 use crate::host::HostDevice;
+use crate::iova::{IovaRanges, IovaRangesError};
 use crate::setup::{
     open_error as open_node_error, open_node, Backend, Checked, HostPaths, SetupError,
 };
@@ -67,12 +70,22 @@ impl IommufdHost {
         self.vfio.ioas().id()
     }
 
+    /// The IOVA ranges the IOAS can map now: what every attached device's host IOMMU reaches,
+    /// less its reserved regions. Ask once the device is attached ([`IommufdHost::open`]).
+    pub fn iova_ranges(&self) -> Result<IovaRanges, IovaRangesError> {
+        ioas_iova_ranges(&self.ioas())
+    }
+
     /// The IOAS's map and unmap, for [`crate::dma::HostDmaMappings`].
     pub fn dma(&self) -> IoasDma<Ioas> {
-        IoasDma(Ioas {
+        IoasDma(self.ioas())
+    }
+
+    fn ioas(&self) -> Ioas {
+        Ioas {
             iommufd: self.vfio.iommufd().clone(),
             ioas: self.vfio.ioas().clone(),
-        })
+        }
     }
 
     /// Opens the checked device through its file `cdev`, binds it to the iommufd and attaches
@@ -113,7 +126,20 @@ fn bind_error(c: &Checked, cdev: &Path, source: VfioError) -> SetupError {
     }
 }
 
-/// The two IOAS ioctls of one IOAS (the real [`Ioas`] implements them; tests fake them).
+// include/uapi/linux/iommufd.h: IOMMU_IOAS_IOVA_RANGES = _IO(IOMMUFD_TYPE, IOMMUFD_CMD_IOAS_IOVA_RANGES).
+vmm_sys_util::ioctl_io_nr!(
+    IOMMU_IOAS_IOVA_RANGES,
+    IOMMUFD_TYPE as u32,
+    IOMMUFD_CMD_IOAS_IOVA_RANGES
+);
+
+/// How often IOMMU_IOAS_IOVA_RANGES is repeated when the ranges outgrow the array given: they
+/// only change when a device attaches or detaches meanwhile, which nothing here does.
+const MAX_RANGE_QUERIES: usize = 4;
+/// Most ranges an IOAS may report (a handful of reserved regions make a handful of holes).
+const MAX_RANGES: usize = 1 << 12;
+
+/// The IOAS ioctls of one IOAS (the real [`Ioas`] implements them; tests fake them).
 pub trait IoasIoctls: Send {
     /// The IOAS's id, which the arguments carry.
     fn id(&self) -> u32;
@@ -125,6 +151,35 @@ pub trait IoasIoctls: Send {
     unsafe fn map(&self, map: &iommu_ioas_map) -> io::Result<()>;
     /// IOMMU_IOAS_UNMAP; the kernel writes the bytes unmapped to `unmap.length`.
     fn unmap(&self, unmap: &mut iommu_ioas_unmap) -> io::Result<()>;
+    /// IOMMU_IOAS_IOVA_RANGES: fills `out` with as many of the usable ranges as it holds and
+    /// returns how many there are (more than `out.len()` where the kernel says EMSGSIZE).
+    fn iova_ranges(&self, out: &mut [iommu_iova_range]) -> io::Result<u32>;
+}
+
+/// The IOVA ranges `ioas` can map, asked again with a bigger array as long as they do not fit.
+pub fn ioas_iova_ranges<I: IoasIoctls>(ioas: &I) -> Result<IovaRanges, IovaRangesError> {
+    const IOCTL: &str = "IOMMU_IOAS_IOVA_RANGES";
+    let mut out = Vec::new();
+    for _ in 0..MAX_RANGE_QUERIES {
+        let count = ioas
+            .iova_ranges(&mut out)
+            .map_err(|source| IovaRangesError::Ioctl {
+                ioctl: IOCTL,
+                source,
+            })? as usize;
+        if count <= out.len() {
+            out.truncate(count);
+            return IovaRanges::new(out.iter().map(|r| (r.start, r.last)));
+        }
+        if count > MAX_RANGES {
+            break;
+        }
+        out.resize(count, iommu_iova_range::default());
+    }
+    Err(IovaRangesError::Unsettled {
+        ioctl: IOCTL,
+        size: out.len(),
+    })
 }
 
 /// A live IOAS: its iommufd and the IOAS object, kept alive as long as mappings use them.
@@ -154,6 +209,34 @@ impl IoasIoctls for Ioas {
 
     fn unmap(&self, unmap: &mut iommu_ioas_unmap) -> io::Result<()> {
         self.iommufd.unmap_iommu_ioas(unmap).map_err(os_error)
+    }
+
+    fn iova_ranges(&self, out: &mut [iommu_iova_range]) -> io::Result<u32> {
+        let mut arg = iommu_ioas_iova_ranges {
+            size: std::mem::size_of::<iommu_ioas_iova_ranges>() as u32,
+            ioas_id: self.ioas.id(),
+            num_iovas: u32::try_from(out.len()).map_err(io::Error::other)?,
+            __reserved: 0,
+            allowed_iovas: out.as_mut_ptr() as u64,
+            out_iova_alignment: 0,
+        };
+        // SAFETY: the iommufd is valid and `arg` well-formed: the kernel writes at most
+        // `num_iovas` ranges to `allowed_iovas`, which is `out`, and the count back to `arg`.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_mut_ref(
+                self.iommufd.as_ref(),
+                IOMMU_IOAS_IOVA_RANGES(),
+                &mut arg,
+            )
+        };
+        if ret != 0 {
+            let e = io::Error::last_os_error();
+            // The array was too short: the kernel wrote how many ranges there are.
+            if e.raw_os_error() != Some(libc::EMSGSIZE) {
+                return Err(e);
+            }
+        }
+        Ok(arg.num_iovas)
     }
 }
 

@@ -20,6 +20,10 @@ struct FakeIoas {
     /// IOVA -> the IOMMU_IOAS_MAP argument that made it.
     areas: Mutex<BTreeMap<u64, iommu_ioas_map>>,
     unmaps: Mutex<Vec<(u64, u64)>>,
+    /// The usable ranges (start, last) IOMMU_IOAS_IOVA_RANGES reports.
+    ranges: Vec<(u64, u64)>,
+    /// The array length of each IOMMU_IOAS_IOVA_RANGES.
+    range_queries: Mutex<Vec<usize>>,
 }
 
 impl IoasIoctls for &'static FakeIoas {
@@ -65,6 +69,15 @@ impl IoasIoctls for &'static FakeIoas {
             .map(|a| a.length)
             .sum();
         Ok(())
+    }
+
+    /// As iommufd_ioas_iova_ranges(): fills what fits, reports the total either way.
+    fn iova_ranges(&self, out: &mut [iommu_iova_range]) -> io::Result<u32> {
+        self.range_queries.lock().unwrap().push(out.len());
+        for (slot, &(start, last)) in out.iter_mut().zip(&self.ranges) {
+            *slot = iommu_iova_range { start, last };
+        }
+        Ok(self.ranges.len() as u32)
     }
 }
 
@@ -196,4 +209,46 @@ fn a_refused_bind_is_a_busy_device_naming_its_group() {
     let attach = VfioError::VfioDeviceAttachIommufdPt(vmm_sys_util::errno::Error::new(libc::EBUSY));
     let e = bind_error(&c, cdev, attach);
     assert!(matches!(e, SetupError::Vfio { .. }), "{e}");
+}
+
+#[test]
+fn iova_ranges_are_asked_again_with_room_for_all_of_them() {
+    let ioas: &'static FakeIoas = Box::leak(Box::new(FakeIoas {
+        ranges: vec![(0xfef0_0000, (1 << 39) - 1), (0, 0xfedf_ffff)],
+        ..FakeIoas::default()
+    }));
+    let ranges = ioas_iova_ranges(&ioas).unwrap();
+    assert_eq!(ranges.highest(), Some((1 << 39) - 1));
+    assert_eq!(ranges.ranges()[0].start, 0);
+    assert_eq!(ranges.ranges().len(), 2);
+    assert_eq!(*ioas.range_queries.lock().unwrap(), [0, 2]);
+}
+
+/// An IOAS whose ranges multiply at every query, or that refuses it.
+struct Restless(std::sync::atomic::AtomicU32, Option<i32>);
+
+impl IoasIoctls for Restless {
+    fn id(&self) -> u32 {
+        1
+    }
+    unsafe fn map(&self, _: &iommu_ioas_map) -> io::Result<()> {
+        unreachable!()
+    }
+    fn unmap(&self, _: &mut iommu_ioas_unmap) -> io::Result<()> {
+        unreachable!()
+    }
+    fn iova_ranges(&self, _: &mut [iommu_iova_range]) -> io::Result<u32> {
+        if let Some(errno) = self.1 {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        Ok(self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1)
+    }
+}
+
+#[test]
+fn iova_ranges_that_never_settle_or_a_refused_query_are_errors() {
+    let e = ioas_iova_ranges(&Restless(Default::default(), None)).unwrap_err();
+    assert!(matches!(e, IovaRangesError::Unsettled { .. }), "{e}");
+    let e = ioas_iova_ranges(&Restless(Default::default(), Some(libc::ENOENT))).unwrap_err();
+    assert!(e.to_string().starts_with("IOMMU_IOAS_IOVA_RANGES: "), "{e}");
 }

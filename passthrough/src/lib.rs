@@ -3,6 +3,7 @@
 //! - [`setup`]: the checks of a sysfs path, with errors that say the fix, the host backend's
 //!   choice (iommufd or the legacy container), and the container, group and device.
 //! - [`iommufd`]: the iommufd backend: /dev/iommu, I/O address spaces, device files.
+//! - [`iova`]: the IOVA ranges a host address space can map (its IOMMU's aperture and holes).
 //! - [`dma`]: the host-DMA trait ([`vm_device::dma::HostDma`]) over a VFIO container or an
 //!   iommufd IOAS, with one bookkeeping for both.
 //! - [`function`]: the function as the guest sees it (config space, BARs, MSI/MSI-X/INTx),
@@ -20,6 +21,7 @@ pub mod dma;
 pub mod function;
 pub mod host;
 pub mod iommufd;
+pub mod iova;
 pub mod irq;
 pub mod kvm;
 pub mod msi;

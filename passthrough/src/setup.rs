@@ -12,6 +12,7 @@ use std::sync::Arc;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioError};
 
 use crate::host::HostDevice;
+use crate::iova::{type1_iova_ranges, IovaRanges, IovaRangesError};
 
 /// The driver a device must be bound to.
 pub const VFIO_PCI_DRIVER: &str = "vfio-pci";
@@ -80,6 +81,12 @@ pub enum SetupError {
     Iommufd {
         bdf: String,
         source: iommufd_ioctls::IommufdError,
+    },
+    /// The host would not say which IOVAs the device's address space can map.
+    #[error("device {bdf}: cannot read the IOVA ranges its host IOMMU maps: {source}")]
+    IovaRanges {
+        bdf: String,
+        source: IovaRangesError,
     },
 }
 
@@ -445,6 +452,13 @@ impl VfioHost {
     /// The container, for DMA mappings.
     pub fn container(&self) -> &Arc<VfioContainer> {
         &self.container
+    }
+
+    /// The IOVA ranges the container can map: what the IOMMUs of its groups reach, less their
+    /// reserved regions; None where the kernel does not report them (before Linux 5.4). Ask
+    /// once a device is open in it ([`VfioHost::open`]).
+    pub fn iova_ranges(&self) -> Result<Option<IovaRanges>, IovaRangesError> {
+        type1_iova_ranges(self.container.as_ref())
     }
 
     /// Checks and opens the device at `path` in this container.

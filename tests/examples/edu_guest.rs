@@ -298,6 +298,7 @@ fn main() {
             eim: false,
             ..ViommuConfig::default()
         }),
+        devices: vec![device.clone()],
         irqchip,
     });
     let mut vm = match built {
@@ -307,7 +308,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = vm.assign_devices(std::slice::from_ref(&device)) {
+    if let Err(e) = vm.assign_devices() {
         println!("@@TB L1 edu-guest error: {e}");
         std::process::exit(1);
     }

@@ -271,6 +271,7 @@ pub fn vm_with_irqchip(
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu,
+        devices: Vec::new(),
         irqchip,
     })
     .expect("build the VM")

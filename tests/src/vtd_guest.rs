@@ -39,6 +39,7 @@ pub fn vm_with_vtd(code: Vec<u8>, irqchip: bool, out: &Capture, mut vtd: ViommuC
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: Some(vtd),
+        devices: Vec::new(),
         irqchip: Irqchip::Kernel,
     })
     .expect("build the VM")

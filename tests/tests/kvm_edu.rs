@@ -134,6 +134,7 @@ fn run(irqchip: Irqchip) {
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: None,
+        devices: Vec::new(),
         irqchip,
     })
     .expect("build the VM");

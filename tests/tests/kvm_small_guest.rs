@@ -56,6 +56,7 @@ fn build_at(
         serial_in,
         extra_acpi_tables: Vec::new(),
         viommu: None,
+        devices: Vec::new(),
         irqchip: Irqchip::Kernel,
     })
     .expect("build the VM")
@@ -457,6 +458,7 @@ fn each_vcpu_has_its_apic_id_and_a_spinning_vcpu_is_stopped() {
         serial_in: SerialIn::None,
         extra_acpi_tables: Vec::new(),
         viommu: None,
+        devices: Vec::new(),
         irqchip: Irqchip::Kernel,
     })
     .unwrap();
@@ -491,6 +493,7 @@ fn firmware_tables_and_reset_stub_are_in_guest_memory() {
         serial_in: SerialIn::None,
         extra_acpi_tables: vec![dmar.clone()],
         viommu: None,
+        devices: Vec::new(),
         irqchip: Irqchip::Kernel,
     })
     .unwrap();

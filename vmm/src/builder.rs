@@ -129,6 +129,12 @@ pub struct MachineConfig {
     /// A virtual VT-d at [`crate::arch::x86_64::layout::VTD_REGS_START`], announced by a DMAR
     /// table.
     pub viommu: Option<ViommuConfig>,
+    /// Host PCI functions to assign (VFIO): opened while the VM is built, before the VT-d,
+    /// whose address width must fit what their host IOMMUs map; [`Vmm::assign_devices`] puts
+    /// them on the bus. Check them first with
+    /// [`crate::device_manager::vfio::check_devices`] so bad input fails before anything is
+    /// built.
+    pub devices: Vec<DeviceConfig>,
     /// Where the IOAPIC lives (not for [`BootSource::Raw`], which has no irqchip).
     pub irqchip: Irqchip,
 }
@@ -159,6 +165,7 @@ impl MachineConfig {
             serial_in: SerialIn::Stdin,
             extra_acpi_tables: Vec::new(),
             viommu: c.viommu.clone(),
+            devices: c.devices.clone(),
             irqchip: c.irqchip,
         }
     }
@@ -222,6 +229,7 @@ impl Vmm {
             &exit,
             &sleep,
         )?;
+        devices.open_devices(&vm, &cfg.devices)?;
         if let Some(c) = cfg.viommu.clone() {
             devices.add_vtd(c, &vm, &mem)?;
         }
@@ -278,12 +286,11 @@ impl Vmm {
         self.devices.vtd()
     }
 
-    /// Assigns the host PCI functions at `paths` (VFIO) and maps all guest RAM for their DMA.
-    /// Call once, before [`Vmm::run`]; check the paths first with
-    /// [`crate::device_manager::vfio::check_devices`] so bad input fails before anything is
-    /// built.
-    pub fn assign_devices(&mut self, devices: &[DeviceConfig]) -> Result<(), BuildError> {
-        self.devices.assign_devices(&self.vm, &self.mem, devices)?;
+    /// Puts the host PCI functions of [`MachineConfig::devices`] on the bus and maps guest RAM
+    /// for their DMA (or puts them behind the VT-d). Call once, before [`Vmm::run`], after the
+    /// emulated devices that are to take the first slots.
+    pub fn assign_devices(&mut self) -> Result<(), BuildError> {
+        self.devices.assign_devices(&self.vm, &self.mem)?;
         Ok(())
     }
 

@@ -225,7 +225,9 @@ Options:
                        guest needs interrupt remapping for x2APIC IDs above 255
   --memory size=SIZE   guest RAM, e.g. 256M or 2G (default 512M, at least 32M)
   --viommu [OPTS]      expose a virtual Intel VT-d (DMAR table) at 0xfed90000;
-                       aw-bits=39|48 (default 48), flush=strict|deferred (default strict:
+                       aw-bits=39|48 (default 48, or 39 where a --device's host IOMMU
+                       maps no IOVA up to 2^48 - 1; a width a device's host cannot map is
+                       refused), flush=strict|deferred (default strict:
                        deferred lets a device reach unmapped memory for up to 10 ms),
                        queue=sync|async (default sync; async: a queue tail write returns to
                        the guest at once and the VMM runs the queue, as hardware does, so

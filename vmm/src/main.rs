@@ -140,7 +140,7 @@ fn main() -> ExitCode {
             return fail(e);
         }
     }
-    if let Err(e) = vmm.assign_devices(&cfg.devices) {
+    if let Err(e) = vmm.assign_devices() {
         return fail(e);
     }
     let vtd = vmm.vtd().cloned();

@@ -16,8 +16,10 @@ use super::{parse_size, ConfigError, InvalidReason, OptionList};
 /// [,inject-control=PATH]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ViommuConfig {
-    /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level).
-    pub aw_bits: u32,
+    /// Guest address width: 39 (3-level tables) or 48 (3- and 4-level), as `aw-bits=` gave it;
+    /// None: the widest every passed-through device's host IOMMU can map (48, else 39; see
+    /// [`crate::device_manager::address_width`]).
+    pub aw_bits: Option<u32>,
     /// Deferred host unmaps (Linux's flush-queue bounds) instead of strict ones.
     pub deferred: bool,
     /// Queue tail writes taken by KVM (ioeventfds) and carried out on the event loop instead
@@ -72,7 +74,7 @@ impl Default for ViommuConfig {
     /// follows intremap with KVM).
     fn default() -> Self {
         ViommuConfig {
-            aw_bits: 48,
+            aw_bits: None,
             deferred: false,
             async_queue: false,
             scalable_mode: false,
@@ -129,8 +131,8 @@ pub(super) fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
     let list = OptionList::parse("--viommu", input, KEYS)?;
     if let Some(raw) = list.get("aw-bits") {
         c.aw_bits = match raw {
-            "39" => 39,
-            "48" => 48,
+            "39" => Some(39),
+            "48" => Some(48),
             _ => return Err(list.invalid("aw-bits", raw, InvalidReason::NotOneOf("39 or 48"))),
         };
     }
@@ -166,7 +168,7 @@ pub(super) fn parse_viommu(input: &str) -> Result<ViommuConfig, ConfigError> {
             InvalidReason::FirstStageNeedsScalableMode,
         ));
     }
-    if c.first_stage && c.aw_bits != 48 {
+    if c.first_stage && c.aw_bits.is_some_and(|w| w != 48) {
         return Err(list.invalid("first-stage", "on", InvalidReason::FirstStageNeeds48Bits));
     }
     c.intremap = on_off("intremap", c.intremap)?;
@@ -265,7 +267,7 @@ mod tests {
         assert_eq!(
             c.viommu,
             Some(ViommuConfig {
-                aw_bits: 39,
+                aw_bits: Some(39),
                 deferred: true,
                 async_queue: false,
                 ..ViommuConfig::default()
@@ -283,6 +285,33 @@ mod tests {
         assert_eq!(c.viommu, Some(ViommuConfig::default()));
         assert_eq!(c.stats_json, Some(PathBuf::from("/s")));
         assert_eq!(run(&["--kernel", "/k"]).viommu, None);
+    }
+
+    #[test]
+    fn aw_bits_given_is_remembered_and_absent_is_left_to_the_hosts() {
+        let width = |args: &[&str]| run(args).viommu.expect("a VT-d").aw_bits;
+        assert_eq!(width(&["--kernel", "/k", "--viommu"]), None);
+        assert_eq!(
+            width(&["--kernel", "/k", "--viommu", "flush=deferred"]),
+            None
+        );
+        assert_eq!(
+            width(&["--kernel", "/k", "--viommu", "aw-bits=48"]),
+            Some(48)
+        );
+        assert_eq!(
+            width(&["--kernel", "/k", "--viommu", "aw-bits=39"]),
+            Some(39)
+        );
+        // First-stage takes the default (48 without devices behind) or an explicit 48.
+        let stage1 = "scalable-mode=on,first-stage=on";
+        assert_eq!(width(&["--kernel", "/k", "--viommu", stage1]), None);
+        let explicit = format!("{stage1},aw-bits=48");
+        assert_eq!(width(&["--kernel", "/k", "--viommu", &explicit]), Some(48));
+        assert_eq!(
+            err(&["--kernel", "/k", "--viommu", "aw-bits="]),
+            "--viommu: invalid aw-bits '': must be 39 or 48"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   is one);
 //! - its ACPI description: a table from [`DeviceManager::acpi_tables`].
 
+pub mod address_width;
 pub mod ioapic;
 pub mod legacy;
 pub mod pci;
@@ -84,12 +85,17 @@ pub enum DeviceManagerError {
     /// A host device could not be assigned.
     #[error(transparent)]
     Vfio(#[from] vfio::VfioError),
+    /// The VT-d's address width does not fit what a device's host IOMMU maps.
+    #[error(transparent)]
+    AddressWidth(#[from] address_width::AddressWidthError),
 }
 
 /// The devices of one VM.
 pub struct DeviceManager {
     // Field order matters: the assigned devices' DMA mappings and containers go first.
     vfio: Option<vfio::VfioDevices>,
+    /// The host devices opened before the VT-d was made, until they are assigned.
+    opened: Option<vfio::OpenDevices>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     pci: Arc<Mutex<PciBus>>,
@@ -132,6 +138,7 @@ impl DeviceManager {
         let pci = pci::create_pci_root(ram_size, &mmio, &pio)?;
         Ok(Self {
             vfio: None,
+            opened: None,
             pio,
             mmio,
             pci,
@@ -158,17 +165,37 @@ impl DeviceManager {
             .map_err(|source| DeviceManagerError::Register { what, base, source })
     }
 
-    /// Adds the virtual VT-d described by `config`; its registers go on the MMIO bus. With
-    /// interrupt remapping, every interrupt source behind it (the IOAPIC, the devices assigned
-    /// later, emulated devices' MSIs) is remapped by it. Once, before assigning devices.
+    /// Opens the host PCI functions `devices` (VFIO) in their host domains, and reads what
+    /// the domains of those going behind the VT-d can map. Once, before [`Self::add_vtd`],
+    /// whose address width must fit them; [`Self::assign_devices`] puts them on the bus.
+    pub fn open_devices(
+        &mut self,
+        vm: &Vm,
+        devices: &[DeviceConfig],
+    ) -> Result<(), DeviceManagerError> {
+        self.opened = vfio::open(vm, devices)?;
+        Ok(())
+    }
+
+    /// Adds the virtual VT-d described by `config`; its registers go on the MMIO bus. Its
+    /// address width is `config`'s, or the widest the opened devices' hosts map
+    /// ([`address_width::choose`]). With interrupt remapping, every interrupt source behind
+    /// it (the IOAPIC, the devices assigned later, emulated devices' MSIs) is remapped by it.
+    /// Once, after [`Self::open_devices`] and before [`Self::assign_devices`].
     pub fn add_vtd(
         &mut self,
         config: ViommuConfig,
         vm: &Vm,
         mem: &GuestMemoryMmap,
     ) -> Result<&SharedVtd, DeviceManagerError> {
+        let hosts = self
+            .opened
+            .as_ref()
+            .map(vfio::OpenDevices::behind_vtd)
+            .unwrap_or_default();
+        let aw_bits = address_width::choose(config.aw_bits, &hosts)?;
         let intremap = config.intremap;
-        let unit = vtd::create_vtd(config, vm, mem, &self.mmio)?;
+        let unit = vtd::create_vtd(config, aw_bits, vm, mem, &self.mmio)?;
         if intremap {
             self.remapping = vtd::wire_interrupt_remapping(&unit, vm, self.ioapic.as_ref())?;
         }
@@ -218,16 +245,19 @@ impl DeviceManager {
         }
     }
 
-    /// Assigns the host PCI functions `devices` (VFIO) and maps guest RAM for their DMA (or
-    /// puts them behind the VT-d). Call once.
+    /// Puts the host PCI functions [`Self::open_devices`] opened on the bus and maps guest
+    /// RAM for their DMA (or puts them behind the VT-d). Call once.
     pub fn assign_devices(
         &mut self,
         vm: &Vm,
         mem: &GuestMemoryMmap,
-        devices: &[DeviceConfig],
     ) -> Result<(), DeviceManagerError> {
+        let Some(opened) = self.opened.take() else {
+            return Ok(());
+        };
         let remapping = self.remapping.as_ref().map(vtd::Remapping::routes);
-        self.vfio = vfio::attach(vm, mem, &self.pci, devices, self.vtd.as_ref(), remapping)?;
+        let vtd = self.vtd.as_ref();
+        self.vfio = Some(vfio::attach(opened, vm, mem, &self.pci, vtd, remapping)?);
         Ok(())
     }
 

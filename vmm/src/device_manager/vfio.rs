@@ -8,6 +8,10 @@
 //! without a vIOMMU share one host domain (a type1 container, or an IOAS of the VM's one
 //! iommufd) where guest RAM is mapped, and pinned, once; each device behind the VT-d gets a
 //! domain of its own, as the VT-d engine keeps one host address space per requester id.
+//!
+//! Assignment has two phases: [`open`] puts each device in its host domain and reads what the
+//! domains behind the VT-d can map, before the VT-d exists (its address width must fit them:
+//! [`crate::device_manager::address_width`]); [`attach`] then puts them on the bus.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,6 +24,7 @@ use passthrough::dma::{DmaIoctls, HostDmaMappings};
 use passthrough::function::PciFunction;
 use passthrough::host::HostDevice;
 use passthrough::iommufd::{open_iommufd, IommufdHost};
+use passthrough::iova::IovaRanges;
 use passthrough::irq::{IrqError, IrqRoutes};
 use passthrough::kvm::create_kvm_vfio_device;
 use passthrough::setup::{select, Backend, HostPaths, Route, Selected, SetupError, VfioHost};
@@ -29,6 +34,7 @@ use vm_device::dma::{HostDma, HostDmaError};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::DeviceConfig;
+use crate::device_manager::address_width::HostIova;
 use crate::devices::vtd::intremap::{InterruptRemapping, RemappedIrqRoutes};
 use crate::devices::vtd::SharedVtd;
 use crate::pci::bus::{intx_gsi, PciBus, PciBusError};
@@ -120,6 +126,19 @@ impl Domain {
         }
     }
 
+    /// What the domain can map now (its devices' host IOMMUs' reach, less their reserved
+    /// regions), for the device `bdf` just opened in it; None when the host does not say.
+    fn iova_ranges(&self, bdf: &str) -> Result<Option<IovaRanges>, SetupError> {
+        let ranges = match self {
+            Domain::Container(h) => h.iova_ranges(),
+            Domain::Ioas(h) => h.iova_ranges().map(Some),
+        };
+        ranges.map_err(|source| SetupError::IovaRanges {
+            bdf: bdf.to_string(),
+            source,
+        })
+    }
+
     fn describe(&self) -> String {
         match self {
             Domain::Container(_) => "VFIO container".to_string(),
@@ -136,7 +155,7 @@ struct Domains {
     /// Shared by the devices without a vIOMMU, one per backend.
     shared_container: Option<Domain>,
     shared_ioas: Option<Domain>,
-    /// One per device behind the VT-d.
+    /// One per device behind the VT-d, once it is on the bus.
     own: Vec<Domain>,
 }
 
@@ -175,13 +194,93 @@ impl Domains {
         };
         Ok(slot.insert(domain))
     }
+}
 
-    /// A domain of `s`'s own.
-    fn own(&mut self, s: &Selected) -> Result<&Domain, SetupError> {
-        let domain = self.create(s)?;
-        self.own.push(domain);
-        Ok(&self.own[self.own.len() - 1])
+/// One device opened in its host domain, not yet on the bus.
+struct OpenDevice {
+    dev: HostDevice,
+    /// Its own domain (behind the VT-d), or None for its backend's shared one.
+    own: Option<Domain>,
+    /// What its own domain can map (None: the host does not say).
+    iova: Option<IovaRanges>,
+}
+
+/// The `--device`s opened in their host domains (phase one of assignment): what the VT-d's
+/// address width must fit ([`OpenDevices::behind_vtd`]) before [`attach`] puts them on the bus.
+pub struct OpenDevices {
+    // The devices go before the domains they were opened in (field order).
+    devices: Vec<OpenDevice>,
+    domains: Domains,
+}
+
+impl OpenDevices {
+    /// What the host can map for each device behind the VT-d.
+    pub fn behind_vtd(&self) -> Vec<HostIova<'_>> {
+        self.devices
+            .iter()
+            .filter(|d| d.own.is_some())
+            .map(|d| HostIova {
+                device: d.dev.bdf(),
+                ranges: d.iova.as_ref(),
+            })
+            .collect()
     }
+}
+
+/// Opens each device in its host domain: one of its own when it goes behind the VT-d (whose
+/// usable IOVA ranges are read once it is in), else the one its backend's devices share.
+/// Before the VT-d exists, so that its address width can fit what the hosts map.
+pub fn open(vm: &Vm, devices: &[DeviceConfig]) -> Result<Option<OpenDevices>, VfioError> {
+    if devices.is_empty() {
+        return Ok(None);
+    }
+    vm.routing().ok_or(VfioError::NoIrqchip)?;
+    let kvm_vfio = create_kvm_vfio_device(vm.fd()).map_err(VfioError::KvmVfio)?;
+    let mut domains = Domains {
+        kvm_vfio: Arc::new(kvm_vfio),
+        iommufd: None,
+        shared_container: None,
+        shared_ioas: None,
+        own: Vec::new(),
+    };
+    let mut opened = Vec::new();
+    for d in devices {
+        let selected = select(&HostPaths::default(), &d.path, d.backend)?;
+        let (dev, own, iova, home) = if d.iommu {
+            let domain = domains.create(&selected)?;
+            let dev = domain.open(&selected)?;
+            let iova = domain.iova_ranges(dev.bdf())?;
+            match &iova {
+                Some(r) => log::info!("{}: its host domain maps IOVAs {r}", dev.bdf()),
+                None => log::warn!(
+                    "{}: the host does not say which IOVAs its IOMMU maps (no \
+                     VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE: Linux before 5.4?); the VT-d's \
+                     address width is not checked against it",
+                    dev.bdf()
+                ),
+            }
+            let home = format!("{} of its own", domain.describe());
+            (dev, Some(domain), iova, home)
+        } else {
+            let domain = domains.shared(&selected)?;
+            let home = format!(
+                "{} shared by the devices without a vIOMMU",
+                domain.describe()
+            );
+            (domain.open(&selected)?, None, None, home)
+        };
+        log::info!(
+            "{}: backend {} ({}), in the {home}",
+            dev.bdf(),
+            selected.route.backend(),
+            selected.why,
+        );
+        opened.push(OpenDevice { dev, own, iova });
+    }
+    Ok(Some(OpenDevices {
+        devices: opened,
+        domains,
+    }))
 }
 
 /// What VFIO holds for the VM's lifetime: the host domains and the DMA mappings of guest RAM.
@@ -204,65 +303,41 @@ impl VfioDevices {
     }
 }
 
-/// Opens each device and puts it on `pci`. A device behind the VT-d gets a host domain of its
-/// own, attached to `vtd`; the others share one per backend that maps all guest RAM for their
-/// DMA.
+/// Puts each device [`open`] opened on `pci` (phase two). A device behind the VT-d has its
+/// own host domain attached to `vtd`; the others share one per backend that maps all guest
+/// RAM for their DMA.
 ///
 /// With `remapping` (the VT-d's interrupt remapping), a device behind the VT-d has its MSI and
 /// MSI-X routes translated by it.
 pub fn attach(
+    opened: OpenDevices,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     pci: &Mutex<PciBus>,
-    devices: &[DeviceConfig],
     vtd: Option<&SharedVtd>,
     remapping: Option<&Arc<InterruptRemapping>>,
-) -> Result<Option<VfioDevices>, VfioError> {
-    if devices.is_empty() {
-        return Ok(None);
-    }
+) -> Result<VfioDevices, VfioError> {
     let routing = vm.routing().ok_or(VfioError::NoIrqchip)?;
-    let kvm_vfio = create_kvm_vfio_device(vm.fd()).map_err(VfioError::KvmVfio)?;
-    let mut domains = Domains {
-        kvm_vfio: Arc::new(kvm_vfio),
-        iommufd: None,
-        shared_container: None,
-        shared_ioas: None,
-        own: Vec::new(),
-    };
+    let OpenDevices {
+        devices,
+        mut domains,
+    } = opened;
     let mut sources = Vec::new();
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    for d in devices {
-        let selected = select(&HostPaths::default(), &d.path, d.backend)?;
-        let domain = if d.iommu {
-            domains.own(&selected)?
-        } else {
-            domains.shared(&selected)?
-        };
-        let dev = domain.open(&selected)?;
+    for OpenDevice { dev, own, .. } in devices {
         let name = dev.bdf().to_string();
-        log::info!(
-            "{name}: backend {} ({}), in the {}{}",
-            selected.route.backend(),
-            selected.why,
-            domain.describe(),
-            if d.iommu {
-                " of its own"
-            } else {
-                " shared by the devices without a vIOMMU"
-            }
-        );
         // Behind the VT-d, the domain's host DMA goes to the VT-d, which from then on decides
         // what it maps: all guest RAM while the guest has translation off, then exactly what
-        // its tables say. Made now: a container has an IOMMU only once a group joined it.
-        let own_dma = if d.iommu {
-            Some(domain.dma(mem, false).map_err(|source| VfioError::Dma {
+        // its tables say. Made once the device is in: a container has an IOMMU only then.
+        let own_dma = match &own {
+            Some(domain) => Some(domain.dma(mem, false).map_err(|source| VfioError::Dma {
                 domain: domain.describe(),
                 source,
-            })?)
-        } else {
-            None
+            })?),
+            None => None,
         };
+        let iommu = own.is_some();
+        domains.own.extend(own);
         // INTx (for a device with neither MSI nor MSI-X) goes where the DSDT's _PRT says for
         // the slot the device is about to take.
         let bus_error = |source| VfioError::Bus {
@@ -274,7 +349,7 @@ pub fn attach(
             .ok_or_else(|| bus_error(PciBusError::NoFreeSlot))?;
         let intx = |pin: u8| Some(intx_gsi(slot as u8, pin.saturating_sub(1)));
         let source = viommu::SourceId::new(0, slot as u8, 0);
-        let routes: Box<dyn IrqRoutes> = match (d.iommu, vtd, remapping) {
+        let routes: Box<dyn IrqRoutes> = match (iommu, vtd, remapping) {
             (true, Some(vtd), Some(r)) => {
                 Box::new(RemappedIrqRoutes::new(source, vtd.clone(), r.clone()))
             }
@@ -329,11 +404,11 @@ pub fn attach(
         dma.push(mapped);
         domains.own.push(domain);
     }
-    Ok(Some(VfioDevices {
+    Ok(VfioDevices {
         _dma: dma,
         _domains: domains.own,
         behind_vtd: sources,
-    }))
+    })
 }
 
 /// KVM memory slots for BAR areas, numbered by the VM's allocator; freed numbers are reused.

@@ -121,17 +121,19 @@ pub(super) fn wire_interrupt_remapping(
 /// happens every few hundred of them.
 const RECORD_BUFFER: usize = 1 << 20;
 
-/// Creates the virtual VT-d and puts its registers on `mmio` at [`VTD_REGS_START`], with the
-/// faults `c` injects from the start armed. Caching mode is on unless `c` turns it off (the
-/// command line refuses that with a passed-through device, which needs it).
+/// Creates the virtual VT-d with an `aw_bits` address width (`c`'s, or the one chosen for
+/// it) and puts its registers on `mmio` at [`VTD_REGS_START`], with the faults `c` injects
+/// from the start armed. Caching mode is on unless `c` turns it off (the command line refuses
+/// that with a passed-through device, which needs it).
 pub(super) fn create_vtd(
     c: ViommuConfig,
+    aw_bits: u32,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     mmio: &Bus,
 ) -> Result<SharedVtd, DeviceManagerError> {
     let config = viommu::VtdConfig {
-        aw_bits: c.aw_bits,
+        aw_bits,
         caching_mode: c.caching_mode,
         flush: if c.deferred {
             viommu::FlushMode::DEFERRED_DEFAULT
