@@ -10,6 +10,7 @@
 //! nothing due changes nothing, so it is neither recorded nor replayed.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vm_device::interrupt::MsiMessage;
 
 use crate::intremap::{IecScope, InterruptRoutes, Translate};
-use crate::record::{Ending, Event, Recorder, Recording};
+use crate::record::{Ending, Event, RecordSummary, Recorder, Recording};
 use crate::stats::Footprint;
 use crate::testing::{NullHost, SharedHost, SimHost};
 use crate::{Clock, ConfigError, FlushMode, HostDma, MsiSink, SourceId, Stats, SyncStrategy, Vtd};
@@ -76,10 +77,13 @@ pub enum Host {
 }
 
 /// What else a replay does.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// Records the replay itself (into nothing), to measure what recording costs the engine.
-    pub record: bool,
+    /// Records the replay itself into this file, as the VMM records a guest, to measure what
+    /// recording costs the engine.
+    pub record: Option<PathBuf>,
+    /// Keeps the time of each event in [`Outcome::event_times`].
+    pub event_times: bool,
 }
 
 /// What a replay did.
@@ -95,6 +99,11 @@ pub struct Outcome {
     pub events: u64,
     /// The most the engine held at once (by host mappings), and the snapshots at most.
     pub peak: Footprint,
+    /// Time spent inside the unit's entry points for each event, in order
+    /// ([`Options::event_times`]; else empty).
+    pub event_times: Vec<Duration>,
+    /// What recording the replay wrote and cost ([`Options::record`]).
+    pub recording: Option<RecordSummary>,
 }
 
 impl Outcome {
@@ -130,6 +139,12 @@ pub enum ReplayError {
     Config(#[source] ConfigError),
     #[error("a recorded memory change at {0:#x} is outside the recorded RAM")]
     Change(u64),
+    #[error("cannot create the recording of the replay {path}: {source}")]
+    RecordFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The unit's clock during a replay: the time of the event being handled.
@@ -222,13 +237,14 @@ pub fn replay(
     .map_err(ReplayError::Config)?;
     let routes = ReplayRoutes::default();
     vtd.set_interrupt_routes(Box::new(routes.clone()));
-    if options.record {
+    if let Some(path) = &options.record {
+        let recorder =
+            Recorder::create(path, u64::MAX).map_err(|source| ReplayError::RecordFile {
+                path: path.clone(),
+                source,
+            })?;
         // A fresh unit always takes a recording.
-        let _ = vtd.start_recording(Recorder::new(
-            Box::new(std::io::sink()),
-            "overhead",
-            u64::MAX,
-        ));
+        let _ = vtd.start_recording(recorder);
     }
     let recorded_polls = policy.flush == rec.header.config.flush;
     let period = match policy.flush {
@@ -241,7 +257,11 @@ pub fn replay(
         let a = allocations();
         let start = Instant::now();
         execute(vtd, event, host);
-        out.busy += start.elapsed();
+        let took = start.elapsed();
+        out.busy += took;
+        if options.event_times {
+            out.event_times.push(took);
+        }
         out.allocations += allocations().wrapping_sub(a);
         out.events += 1;
         let f = vtd.footprint();
@@ -275,6 +295,9 @@ pub fn replay(
         run(&mut vtd, &mut out, &step.event);
     }
     out.stats = vtd.stats();
+    if let Some(summary) = vtd.finish_recording() {
+        out.recording = Some(summary);
+    }
     Ok(out)
 }
 

@@ -107,3 +107,49 @@ fn deferred_flushes_the_host_iotlb_ten_times_less_than_per_leaf_at_qd1() {
         deferred.host_flushes()
     );
 }
+
+/// The recorder gets the same streams again: recording a replay of each corpus recording must
+/// hold the same events and guest memory, so the re-recording replays to the same counters and
+/// re-records to the same bytes.
+#[test]
+fn recording_a_replay_gives_a_recording_of_the_same_stream() {
+    let dir = std::env::temp_dir().join(format!("viommu-corpus-rerecord-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for name in NAMES {
+        let rec = load(name);
+        let first = dir.join(format!("{name}.1.vtdrec"));
+        let strict = Policy::strict();
+        let options = |path: &PathBuf| Options {
+            record: Some(path.clone()),
+            ..Options::default()
+        };
+        let live = replay(&rec, &strict, Host::Type1, options(&first), &|| 0).expect("replays");
+        let summary = live.recording.expect("recorded");
+        assert!(!summary.capped && !summary.failed, "{name}: {summary:?}");
+        assert_eq!(
+            summary.events as usize,
+            rec.steps.len(),
+            "{name}: every event"
+        );
+        let bytes = std::fs::read(&first).expect("recording");
+        let again = Recording::parse(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            again.steps.iter().map(|s| s.event).collect::<Vec<_>>(),
+            rec.steps.iter().map(|s| s.event).collect::<Vec<_>>(),
+            "{name}: the events"
+        );
+        assert_eq!(
+            compare_with_live(&again, &run(&again, &strict).stats),
+            LiveMatch::Same,
+            "{name}: the re-recording replays to the counters it closed with"
+        );
+        assert_eq!(run(&again, &strict).stats, live.stats, "{name}");
+        let second = dir.join(format!("{name}.2.vtdrec"));
+        replay(&again, &strict, Host::Type1, options(&second), &|| 0).expect("replays");
+        assert!(
+            std::fs::read(&second).expect("recording") == bytes,
+            "{name}: re-recording the re-recording changes nothing"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -110,13 +110,103 @@ pub struct Header {
     pub regions: Vec<(u64, u64)>,
 }
 
-/// Appends `v` as a LEB128 varint.
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
+/// Where records are encoded: a growing buffer, or a [`Small`] on the stack.
+pub(crate) trait Out {
+    fn byte(&mut self, b: u8);
+
+    #[inline]
+    fn bytes(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.byte(b);
+        }
     }
-    out.push(v as u8);
+
+    /// Appends the low `n` (at most 8) bytes of `w`, little-endian.
+    #[inline]
+    fn word(&mut self, w: u64, n: usize) {
+        self.bytes(&w.to_le_bytes()[..n.min(8)]);
+    }
+
+    /// Appends `v` as a LEB128 varint.
+    #[inline]
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.byte(v as u8 | 0x80);
+            v >>= 7;
+        }
+        self.byte(v as u8);
+    }
+}
+
+impl Out for Vec<u8> {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.push(b);
+    }
+
+    #[inline]
+    fn bytes(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// Appends `v` as a LEB128 varint.
+pub(crate) fn put_varint(out: &mut Vec<u8>, v: u64) {
+    out.varint(v);
+}
+
+/// Bytes of a [`Small`], a power of two: every event record fits (the longest, a translation,
+/// takes a tag, four varints of at most 10 bytes and a byte: 42), and so does the change of at
+/// most [`SMALL_CHANGE`] bytes (a tag, two varints, the bytes: 28).
+pub(crate) const SMALL: usize = 64;
+/// The most bytes of a change encoded as a [`Small`].
+pub(crate) const SMALL_CHANGE: usize = 16;
+
+/// A record encoded on the stack, to be copied into the recorder's buffer whole: cheaper than
+/// growing the buffer a byte at a time.
+pub(crate) struct Small {
+    buf: [u8; SMALL],
+    len: usize,
+}
+
+impl Small {
+    #[inline]
+    pub(crate) fn new() -> Self {
+        Small {
+            buf: [0; SMALL],
+            len: 0,
+        }
+    }
+
+    /// All [`SMALL`] bytes, of which the first [`Self::len`] are the record (the rest is zero
+    /// or scratch).
+    #[inline]
+    pub(crate) fn whole(&self) -> &[u8; SMALL] {
+        &self.buf
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+// Only records that fit are encoded into a Small (see SMALL): the masks below never wrap, they
+// spare the bounds checks.
+impl Out for Small {
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        self.buf[self.len & (SMALL - 1)] = b;
+        self.len += 1;
+    }
+
+    /// One 8-byte store, of which the first `n` bytes count.
+    #[inline]
+    fn word(&mut self, w: u64, n: usize) {
+        let at = self.len.min(SMALL - 8);
+        self.buf[at..at + 8].copy_from_slice(&w.to_le_bytes());
+        self.len += n.min(8);
+    }
 }
 
 impl Header {
@@ -280,33 +370,35 @@ fn duration_ns(d: Duration) -> u64 {
 }
 
 /// Encodes `event`, `dt_ns` after the previous one, as one record.
-pub(crate) fn encode_event(out: &mut Vec<u8>, dt_ns: u64, event: &Event) {
-    let source = |out: &mut Vec<u8>, s: SourceId| put_varint(out, u64::from(s.0));
+#[inline]
+pub(crate) fn encode_event(out: &mut impl Out, dt_ns: u64, event: &Event) {
+    fn source(out: &mut impl Out, s: SourceId) {
+        out.varint(u64::from(s.0));
+    }
     match *event {
         Event::Write { offset, len, value } => {
-            out.push(TAG_WRITE);
-            put_varint(out, dt_ns);
-            put_varint(out, offset);
-            out.push(len);
-            let n = usize::from(len).min(8);
-            out.extend_from_slice(&value.to_le_bytes()[..n]);
+            out.byte(TAG_WRITE);
+            out.varint(dt_ns);
+            out.varint(offset);
+            out.byte(len);
+            out.word(value, usize::from(len));
         }
         Event::Poll => {
-            out.push(TAG_POLL);
-            put_varint(out, dt_ns);
+            out.byte(TAG_POLL);
+            out.varint(dt_ns);
         }
         Event::FlushDeferred => {
-            out.push(TAG_FLUSH);
-            put_varint(out, dt_ns);
+            out.byte(TAG_FLUSH);
+            out.varint(dt_ns);
         }
         Event::Attach(s) => {
-            out.push(TAG_ATTACH);
-            put_varint(out, dt_ns);
+            out.byte(TAG_ATTACH);
+            out.varint(dt_ns);
             source(out, s);
         }
         Event::Detach(s) => {
-            out.push(TAG_DETACH);
-            put_varint(out, dt_ns);
+            out.byte(TAG_DETACH);
+            out.varint(dt_ns);
             source(out, s);
         }
         Event::Translate {
@@ -315,16 +407,16 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, dt_ns: u64, event: &Event) {
             iova,
             access,
         } => {
-            out.push(TAG_TRANSLATE);
-            put_varint(out, dt_ns);
+            out.byte(TAG_TRANSLATE);
+            out.varint(dt_ns);
             source(out, s);
             // 0: no PASID; otherwise 1 + (PASID << 1 | privileged).
             let p = pasid.map_or(0, |p| {
                 1 + (u64::from(p.pasid) << 1 | u64::from(p.privileged))
             });
-            put_varint(out, p);
-            put_varint(out, iova);
-            out.push(u8::from(access == Access::Write));
+            out.varint(p);
+            out.varint(iova);
+            out.byte(u8::from(access == Access::Write));
         }
         Event::RemapInterrupt { source: s, msg }
         | Event::QueryInterrupt { source: s, msg }
@@ -334,11 +426,11 @@ pub(crate) fn encode_event(out: &mut Vec<u8>, dt_ns: u64, event: &Event) {
                 Event::QueryInterrupt { .. } => TAG_QUERY_INTERRUPT,
                 _ => TAG_TRANSLATE_ROUTE,
             };
-            out.push(tag);
-            put_varint(out, dt_ns);
+            out.byte(tag);
+            out.varint(dt_ns);
             source(out, s);
-            put_varint(out, msg.address);
-            put_varint(out, u64::from(msg.data));
+            out.varint(msg.address);
+            out.varint(u64::from(msg.data));
         }
     }
 }
@@ -355,11 +447,21 @@ pub(crate) fn encode_retranslation(out: &mut Vec<u8>, routes: &[(SourceId, MsiMe
 }
 
 /// Encodes a change of guest memory: `data` at `addr`.
-pub(crate) fn encode_memory(out: &mut Vec<u8>, addr: u64, data: &[u8]) {
-    out.push(TAG_MEMORY);
-    put_varint(out, addr);
-    put_varint(out, data.len() as u64);
-    out.extend_from_slice(data);
+#[inline]
+pub(crate) fn encode_memory(out: &mut impl Out, addr: u64, data: &[u8]) {
+    out.byte(TAG_MEMORY);
+    out.varint(addr);
+    out.varint(data.len() as u64);
+    out.bytes(data);
+}
+
+/// Encodes a change of guest memory: the low `n` (at most 8) bytes of `w` at `addr`.
+#[inline]
+pub(crate) fn encode_memory_word(out: &mut impl Out, addr: u64, w: u64, n: usize) {
+    out.byte(TAG_MEMORY);
+    out.varint(addr);
+    out.varint(n.min(8) as u64);
+    out.word(w, n);
 }
 
 /// A recording that cannot be read: where, and what was expected there.
@@ -630,5 +732,60 @@ impl Recording {
     /// The bytes of `change`.
     pub fn change_bytes(&self, change: &Change) -> &[u8] {
         &self.bytes[change.offset..change.offset + change.len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::{Access, PasidTag};
+
+    #[test]
+    fn the_longest_records_fit_in_a_small_one_and_encode_as_in_a_vec() {
+        let msg = MsiMessage::new(u64::MAX, u32::MAX);
+        let source = SourceId(u16::MAX);
+        let events = [
+            Event::Write {
+                offset: u64::MAX,
+                len: 8,
+                value: u64::MAX,
+            },
+            Event::Translate {
+                source,
+                pasid: Some(PasidTag {
+                    pasid: u32::MAX,
+                    privileged: true,
+                }),
+                iova: u64::MAX,
+                access: Access::Write,
+            },
+            Event::RemapInterrupt { source, msg },
+            Event::QueryInterrupt { source, msg },
+            Event::TranslateRoute { source, msg },
+            Event::Attach(source),
+            Event::Poll,
+        ];
+        for e in &events {
+            let (mut small, mut vec) = (Small::new(), Vec::new());
+            encode_event(&mut small, u64::MAX, e);
+            encode_event(&mut vec, u64::MAX, e);
+            assert!(small.len() <= SMALL, "{e:?}: {} bytes", small.len());
+            assert_eq!(&small.whole()[..small.len()], &vec[..], "{e:?}");
+        }
+        let data = [0xa5; SMALL_CHANGE];
+        let (mut small, mut vec) = (Small::new(), Vec::new());
+        encode_memory(&mut small, u64::MAX, &data);
+        encode_memory(&mut vec, u64::MAX, &data);
+        assert_eq!(&small.whole()[..small.len()], &vec[..]);
+        for n in 1..=8 {
+            let (mut small, mut vec) = (Small::new(), Vec::new());
+            encode_memory_word(&mut small, u64::MAX, 0x0102_0304_0506_0708, n);
+            encode_memory(
+                &mut vec,
+                u64::MAX,
+                &0x0102_0304_0506_0708u64.to_le_bytes()[..n],
+            );
+            assert_eq!(&small.whole()[..small.len()], &vec[..], "{n} bytes");
+        }
     }
 }

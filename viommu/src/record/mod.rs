@@ -13,6 +13,8 @@
 
 mod format;
 mod recorder;
+mod seen;
+mod stopwatch;
 mod tap;
 
 pub use format::{Change, Ending, Event, Header, ParseError, Recording, Step, MAGIC, VERSION};

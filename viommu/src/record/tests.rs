@@ -15,10 +15,10 @@ const DOMAIN: u16 = 1;
 
 /// A sink the test keeps a handle to.
 #[derive(Clone, Default)]
-struct Buf(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Buf(Arc<Mutex<Vec<u8>>>);
 
 impl Buf {
-    fn bytes(&self) -> Vec<u8> {
+    pub(crate) fn bytes(&self) -> Vec<u8> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -407,13 +407,13 @@ fn recording_starts_only_on_a_fresh_unit() {
 #[test]
 fn a_read_that_sees_bytes_the_same_event_already_changed_counts_as_torn() {
     let mut r = Recorder::new(Box::new(std::io::sink()), "x", u64::MAX);
-    r.event(Duration::ZERO, &Event::Poll);
+    r.event(|| Duration::ZERO, &Event::Poll);
     r.read(0x1000, &[1; 8]);
     r.read(0x1000, &[1; 8]);
     assert_eq!(r.summary().torn_reads, 0);
     r.read(0x1004, &[2; 4]);
     assert_eq!(r.summary().torn_reads, 1);
-    r.event(Duration::ZERO, &Event::Poll);
+    r.event(|| Duration::ZERO, &Event::Poll);
     r.read(0x1000, &[3; 8]);
     assert_eq!(r.summary().torn_reads, 1, "a new event");
     assert_eq!(r.summary().memory_changes, 3);
@@ -484,7 +484,10 @@ fn events_round_trip_through_the_format() {
     };
     r.start(&header, Duration::from_secs(5));
     for (i, e) in events.iter().enumerate() {
-        r.event(Duration::from_secs(5) + Duration::from_micros(i as u64), e);
+        r.event(
+            || Duration::from_secs(5) + Duration::from_micros(i as u64),
+            e,
+        );
     }
     r.retranslated(&routes);
     r.retranslated(&[]);

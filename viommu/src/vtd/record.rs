@@ -57,7 +57,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
     /// Records `event`, which the unit is about to handle, when recording.
     pub(super) fn record_event(&self, event: Event) {
         if let Some(mut r) = self.mem.recorder() {
-            r.event(self.clock.now(), &event);
+            r.event(|| self.clock.now(), &event);
         }
     }
 }

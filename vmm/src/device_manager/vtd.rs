@@ -117,10 +117,6 @@ pub(super) fn wire_interrupt_remapping(
     }))
 }
 
-/// Buffer of the recording file: most submissions' records are far smaller, so a write(2)
-/// happens every few hundred of them.
-const RECORD_BUFFER: usize = 1 << 20;
-
 /// Creates the virtual VT-d with an `aw_bits` address width (`c`'s, or the one chosen for
 /// it) and puts its registers on `mmio` at [`VTD_REGS_START`], with the faults `c` injects
 /// from the start armed. Caching mode is on unless `c` turns it off (the command line refuses
@@ -164,16 +160,13 @@ pub(super) fn create_vtd(
         }
     }
     if let Some(path) = &c.record {
-        let file = std::fs::File::create(path).map_err(|source| VtdSetupError::RecordFile {
-            path: path.clone(),
-            source,
-        })?;
-        let sink = std::io::BufWriter::with_capacity(RECORD_BUFFER, file);
-        let recorder = viommu::record::Recorder::new(
-            Box::new(sink),
-            path.display().to_string(),
-            c.record_limit,
-        );
+        let recorder =
+            viommu::record::Recorder::create(path, c.record_limit).map_err(|source| {
+                VtdSetupError::RecordFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         // A unit fresh from Vtd::new always takes a recording.
         let _ = unit.start_recording(recorder);
         log::info!("VT-d: recording to {}", path.display());
