@@ -94,7 +94,7 @@ impl Stopwatch {
     pub(super) fn end_sampled(&mut self, start: u64) {
         let d = ticks()
             .wrapping_sub(start)
-            .saturating_sub(self.within + self.overhead);
+            .saturating_sub(self.within.saturating_add(self.overhead));
         self.sampled = self.sampled.saturating_add(d);
     }
 
