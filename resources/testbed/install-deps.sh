@@ -2,7 +2,7 @@
 # Installs the Debian packages the nested testbed is built from, when any is missing, and makes
 # bookworm-backports known to apt (build-l1-iommufd.sh downloads its 6.12 kernel packages).
 set -euo pipefail
-pkgs=(qemu-system-x86 linux-image-amd64 busybox-static cpio strace fio kmod xz-utils gcc make bc bison flex libelf-dev libssl-dev)
+pkgs=(qemu-system-x86 linux-image-amd64 busybox-static cpio strace fio kmod xz-utils gcc make)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,8 +15,10 @@ for c in /sys/class/nvme/nvme*; do
   dev=/dev/${ns##*/}
   case "$serial" in
     nvme0) (sum=$(/tb/bin/dma-high read "$dev" 16777216 2>/tmp/high-read | md5sum | cut -d' ' -f1)
+            head -n -1 /tmp/high-read | while read -r l; do mark "dma-high-error serial=$serial $l"; done
             mark "$(tail -n1 /tmp/high-read | sed "s/op=read/op=read serial=$serial md5=$sum/")") & ;;
     nvme1) (/tb/bin/dma-high write "$dev" "${TB_OFFSET:-2097152}" 1048576 2>/tmp/high-write
+            head -n -1 /tmp/high-write | while read -r l; do mark "dma-high-error serial=$serial $l"; done
             mark "$(tail -n1 /tmp/high-write | sed "s/op=write/op=write serial=$serial/")") & ;;
   esac
 done
