@@ -13,20 +13,37 @@ import re
 import sys
 from collections import defaultdict
 
-CONFIGS = ["qemu-viommu", "ours-strict", "ours-deferred", "qemu", "ours"]
+# Ours on the VFIO container; with bench-viommu.sh --l1 iommufd also on iommufd (the -iommufd
+# configurations). Only the configurations a run has are reported.
+CONFIGS = [
+    "qemu-viommu",
+    "ours-strict",
+    "ours-strict-iommufd",
+    "ours-deferred",
+    "ours-deferred-iommufd",
+    "qemu",
+    "ours",
+    "ours-iommufd",
+]
 LABELS = {
     "qemu-viommu": "QEMU + vIOMMU",
-    "ours-strict": "ours --viommu (strict)",
-    "ours-deferred": "ours --viommu flush=deferred",
+    "ours-strict": "ours --viommu (strict), container",
+    "ours-strict-iommufd": "ours --viommu (strict), iommufd",
+    "ours-deferred": "ours --viommu flush=deferred, container",
+    "ours-deferred-iommufd": "ours --viommu flush=deferred, iommufd",
     "qemu": "QEMU, no vIOMMU",
-    "ours": "ours, no vIOMMU",
+    "ours": "ours, no vIOMMU, container",
+    "ours-iommufd": "ours, no vIOMMU, iommufd",
 }
 COLORS = {
     "qemu-viommu": "#d62728",
     "ours-strict": "#1f77b4",
+    "ours-strict-iommufd": "#2ca02c",
     "ours-deferred": "#17becf",
+    "ours-deferred-iommufd": "#98df8a",
     "qemu": "#ff9896",
     "ours": "#aec7e8",
+    "ours-iommufd": "#c5b0d5",
 }
 WORKLOADS = ["dd-4k", "dd-128k", "fio-rand4k"]
 WLABELS = {
@@ -334,6 +351,7 @@ def main():
     ap.add_argument("--png", required=True)
     a = ap.parse_args()
     cells, exits, exit_cost = parse_log(a.log)
+    CONFIGS[:] = [c for c in CONFIGS if rounds_of(cells, c)]
     trace = parse_trace(a.trace)
     rows = build(cells, trace)
     print(table(rows))

@@ -8,6 +8,9 @@
 #   ours-strict   our vmm --viommu (flush=strict)
 #   ours-deferred our vmm --viommu flush=deferred
 #   ours          our vmm, no vIOMMU
+# Ours uses the VFIO container (backend=container). With --l1 iommufd, L1 runs the testbed's 6.12
+# kernel that has both interfaces (build-l1-iommufd.sh) and ours also runs on iommufd, same run:
+#   ours-strict-iommufd, ours-deferred-iommufd, ours-iommufd (backend=iommufd)
 # For each cell it measures:
 #   - throughput: MB/s from L2's clock around the workload (fio's own IOPS too);
 #   - VFIO map/unmap calls: ours from --stats-json (rewritten every 100 ms, read by L1 at each
@@ -25,13 +28,14 @@
 # the median over its rounds (the others are in the JSON), its counts those of that round.
 # Usage: bench-viommu.sh [--vmm PATH] [--out DIR] [--count4k N] [--count128k N] [--fio-ios N]
 #                        [--l1-smp N] [--no-strace] [--queue sync|async] [--rounds N]
+#                        [--l1 distro|iommufd]
 #   --vmm PATH  default: cargo build --release -p vmm (target dir target/testbed/cargo)
 #   --out DIR   default target/testbed/bench-viommu (log, L0 trace, results.json, results.png)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=1 strace_pass=1 queue=""
-rounds=3
+rounds=3 l1=distro
 while (($#)); do
   case "$1" in
     --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
@@ -43,6 +47,7 @@ while (($#)); do
     --no-strace) strace_pass=0; shift ;;
     --queue) queue="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --l1) l1="$2"; shift 2 ;;
     *) tb_die "bench-viommu.sh: unknown argument $1" ;;
   esac
 done
@@ -51,6 +56,14 @@ python3=/usr/bin/python3
   tb_die "the chart needs Debian's matplotlib: apt-get install -y python3-matplotlib"
 
 vmm=$(tb_build_with_vmm "$vmm")
+base=() kernel=()
+case "$l1" in
+  distro) ;;
+  iommufd)
+    bash "$TB_SRC/build-l1-iommufd.sh" >&2
+    base=(--base "$TB_OUT/l1-iommufd/l1-base.cpio") kernel=(--kernel "$TB_OUT/l1-iommufd/vmlinuz") ;;
+  *) tb_die "bench-viommu.sh: --l1 distro|iommufd, not $l1" ;;
+esac
 mkdir -p "$out"
 run="$out/run"
 rm -rf "$run" && mkdir -p "$run"
@@ -115,10 +128,16 @@ QEMU_PLAIN="-machine q35"
 r=1
 while [ "$r" -le "$ROUNDS" ]; do
   run_cfg "qemu-viommu#$r" qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
-  run_cfg "ours-strict#$r" ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
-  run_cfg "ours-deferred#$r" ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on --cmdline "$L2CMD intel_iommu=on"
+  for b in $BACKENDS; do
+    s=""; [ "$b" = iommufd ] && s=-iommufd
+    run_cfg "ours-strict$s#$r" ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
+    run_cfg "ours-deferred$s#$r" ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
+  done
   run_cfg "qemu#$r" qemu_l2 $QEMU_PLAIN -append "$L2CMD"
-  run_cfg "ours#$r" ours_l2 --device path=$nvme --cmdline "$L2CMD"
+  for b in $BACKENDS; do
+    s=""; [ "$b" = iommufd ] && s=-iommufd
+    run_cfg "ours$s#$r" ours_l2 --device path=$nvme,backend=$b --cmdline "$L2CMD"
+  done
   r=$((r + 1))
 done
 # The counting pass: QEMU's VFIO calls under strace (its times are not used).
@@ -132,9 +151,11 @@ fi
 echo "@@TB BENCH all-done"
 SCRIPT
 # The scenario's parameters, ahead of its (quoted, so literal) body.
-sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass QUEUE='${queue:+,queue=$queue}' ROUNDS=$rounds" "$run/scenario.sh"
+backends=container
+[[ "$l1" == iommufd ]] && backends="container iommufd"
+sed -i "1i L2CMD='$l2cmd' STRACE_PASS=$strace_pass QUEUE='${queue:+,queue=$queue}' ROUNDS=$rounds BACKENDS='$backends'" "$run/scenario.sh"
 
-bash "$TB_SRC/mkinitrd.sh" --out "$run/initrd" --vmm "$vmm" --script "$run/scenario.sh" \
+bash "$TB_SRC/mkinitrd.sh" --out "$run/initrd" ${base[@]+"${base[@]}"} --vmm "$vmm" --script "$run/scenario.sh" \
   --add "$run/l2-bench.cpio=/testbed/l2-bench.cpio"
 
 # Other testbed users (tests, demo) take this lock: waiting for it keeps their runs from
@@ -149,7 +170,7 @@ start=$SECONDS
 # poll take both host cores from L0's I/O thread (every cell ~40% slower), and two that halt
 # (TB_L1_IDLE=halt) froze L1 in both of the last two runs (resources/testbed/README.md).
 # Every console line gets the host's wall clock (EPOCHREALTIME, us), the clock of QEMU's trace.
-timeout $((600 + 300 * rounds)) bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" --smp "$l1smp" -- \
+timeout $((600 + 450 * rounds)) bash "$TB_SRC/l0-qemu.sh" --initrd "$run/initrd" ${kernel[@]+"${kernel[@]}"} --smp "$l1smp" -- \
   -trace 'vtd_inv_desc*' -D "$trace" -msg timestamp=on </dev/null 2>&1 |
   while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$log" || true
 flock -u 8

@@ -5,8 +5,8 @@
 //! backend: the VFIO container on Debian's 6.1, iommufd on the testbed's 6.12 L1 (whose default it
 //! is). Data is exact both ways: the disk image's md5 read, a pattern written that lands in the
 //! L0 file. Without a vIOMMU the two devices share one host domain, so guest RAM is pinned once.
-//! On iommufd, a vmm killed mid-I/O leaves no VFIO or iommufd file open, and the container
-//! backend then takes the same device on the same kernel.
+//! After each power-off no VFIO or iommufd file stays open; on iommufd, neither after a vmm
+//! killed mid-I/O, and the container backend then takes the same device on the same kernel.
 
 use std::sync::Arc;
 
@@ -27,6 +27,8 @@ const PATTERN_BYTES: usize = 1 << 20;
 /// by the caller's prologue) adds `,backend=...` to every `--device`.
 const SCRIPT: &str = r#"
 nvmes=$(tb-vfio-bind 1b36:0010) || exit 1
+# VFIO and iommufd files any process in L1 holds open.
+open_files() { ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c -E '/dev/vfio|/dev/iommu'; }
 devs() { for d in $nvmes; do printf ' --device path=%s%s%s' "$d" "$1" "$EXTRA"; done; }
 cmdline() { echo "console=ttyS0 panic=-1 quiet tb.action=dma-high tb.offset=$1 $2"; }
 # The most memory the vmm had pinned (VmPin: iommufd) and locked (VmLck: type1) while it ran.
@@ -50,7 +52,7 @@ run() {
   watch_pins $pid $name
   wait $pid
   rc=$?
-  echo "@@TB L1 run=$name rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime)"
+  echo "@@TB L1 run=$name rc=$rc start=$start end=$(cut -d' ' -f1 /proc/uptime) open_files=$(open_files)"
   grep -E "backend |guest RAM mapped|address width" /tmp/$name.err | sed "s/^/@@TB L1 log run=$name /"
   tail -n 3 /tmp/$name.err
   echo "@@TB L1 stats run=$name $(tr -d ' \n' </tmp/$name.json)"
@@ -62,7 +64,6 @@ run vtd --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 2097152 'intel_
 /// iommufd only: SIGKILL mid-I/O, then the same device under the container backend.
 const KILL_THEN_CONTAINER: &str = r#"
 nvme=$(echo "$nvmes" | head -n1)
-open_files() { ls -l /proc/[0-9]*/fd 2>/dev/null | grep -c -E '/dev/vfio|/dev/iommu'; }
 vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --memory size=384M --viommu \
   --device path=$nvme,iommu=on \
   --cmdline "console=ttyS0 panic=-1 quiet intel_iommu=on tb.action=dd-loop" >/tmp/kill.log 2>&1 &
@@ -247,6 +248,35 @@ fn container_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), Tes
 #[test]
 fn iommufd_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), TestbedError> {
     ram_pinned_once(L1Kernel::Iommufd, "pin_kb", "iommufd")
+}
+
+/// Once the guest powered off and the vmm exited, no VFIO or iommufd file is open in L1 (the
+/// devices and their domains went with it: the next run takes the same devices).
+fn released_after_power_off(kernel: L1Kernel) -> Result<(), TestbedError> {
+    let Some((out, _)) = session(kernel)? else {
+        return Ok(());
+    };
+    for name in ["plain", "vtd"] {
+        let exit = out
+            .markers_named("L1", "run")
+            .find(|m| m.field("run") == Some(name))
+            .ok_or_else(|| out.error(format!("run {name} did not finish")))?;
+        out.ensure(
+            exit.field("rc") == Some("0") && exit.field("open_files") == Some("0"),
+            format!("run {name}: files left open after power-off: {}", exit.raw),
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn container_devices_are_released_when_the_guest_powers_off() -> Result<(), TestbedError> {
+    released_after_power_off(L1Kernel::Distro)
+}
+
+#[test]
+fn iommufd_devices_are_released_when_the_guest_powers_off() -> Result<(), TestbedError> {
+    released_after_power_off(L1Kernel::Iommufd)
 }
 
 #[test]
