@@ -147,6 +147,15 @@ impl<C: DmaIoctls, M: GuestMemoryBackend + Send> HostDmaMappings<C, M> {
         Ok(())
     }
 
+    /// Removes every mapping still held (what [`HostDmaMappings::map_guest_ram`] made, say).
+    pub fn unmap_all(&mut self) -> Result<(), HostDmaError> {
+        let all: Vec<(u64, u64)> = self.mappings().collect();
+        for (iova, len) in all {
+            self.unmap(iova, len)?;
+        }
+        Ok(())
+    }
+
     /// Live mappings (IOVA, length), for tests and diagnostics.
     pub fn mappings(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.mappings.iter().map(|(&a, &l)| (a, l))
@@ -326,6 +335,18 @@ pub(crate) mod tests {
                 VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE
             )
         );
+    }
+
+    #[test]
+    fn unmap_all_removes_guest_ram_and_it_can_be_mapped_again() {
+        let host = FakeType1::default();
+        let mut dma = HostDmaMappings::new(host.clone(), mem());
+        dma.map_guest_ram().unwrap();
+        dma.unmap_all().unwrap();
+        assert!(host.0.lock().unwrap().is_empty());
+        assert_eq!(dma.mappings().count(), 0);
+        dma.map_guest_ram().unwrap();
+        assert_eq!(host.0.lock().unwrap().len(), 2);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The real VFIO device behind [`VfioAccess`], and mmaps of its BAR regions.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
@@ -17,12 +18,17 @@ const PCI_REGIONS: u32 = 9;
 /// A host PCI function opened through VFIO.
 pub struct HostDevice {
     bdf: String,
-    device: VfioDevice,
+    /// Shared with the host DMA of the device's domain when that must re-attach it
+    /// ([`crate::identity::IdentitySwitch`]).
+    device: Arc<VfioDevice>,
 }
 
 impl HostDevice {
     pub(crate) fn new(bdf: String, device: VfioDevice) -> Result<Self, SetupError> {
-        let d = Self { bdf, device };
+        let d = Self {
+            bdf,
+            device: Arc::new(device),
+        };
         if d.region(CONFIG_REGION).is_none() {
             return Err(SetupError::NoConfigRegion { bdf: d.bdf });
         }
@@ -32,6 +38,11 @@ impl HostDevice {
     /// The host address, DDDD:BB:DD.F.
     pub fn bdf(&self) -> &str {
         &self.bdf
+    }
+
+    /// The VFIO device, for what attaches it to another iommufd IOAS later.
+    pub fn vfio_device(&self) -> Arc<VfioDevice> {
+        self.device.clone()
     }
 
     /// Maps `area` of region `index` into our address space (shared with the device).

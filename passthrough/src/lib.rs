@@ -20,6 +20,7 @@ pub mod device;
 pub mod dma;
 pub mod function;
 pub mod host;
+pub mod identity;
 pub mod iommufd;
 pub mod iova;
 pub mod irq;

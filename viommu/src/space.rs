@@ -72,10 +72,24 @@ pub(crate) struct SyncReport {
     pub budget_exceeded: bool,
 }
 
+/// Whether a space's device uses the host's shared identity domain ([`HostDma::use_identity`])
+/// while its view is [`View::Identity`], instead of mapping all guest RAM in its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SharedIdentity {
+    /// Not to be asked: the unit's user turned it off (a recording unit), or the host said it
+    /// has none.
+    Off,
+    /// To be asked when the view next becomes identity.
+    Available,
+    /// The device is on the shared domain; its own maps nothing.
+    InUse,
+}
+
 pub(crate) struct Space {
     pub source: SourceId,
     pub view: View,
     host: Box<dyn HostDma>,
+    identity: SharedIdentity,
     pub shadow: Shadow,
     /// Invalidated ranges not yet synced.
     pending: Vec<Range>,
@@ -90,11 +104,18 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    pub fn new(source: SourceId, host: Box<dyn HostDma>) -> Self {
+    /// A space for `source` over its own host domain `host`; with `shared_identity`, its
+    /// identity views use the host's shared identity domain when the host has one.
+    pub fn new(source: SourceId, host: Box<dyn HostDma>, shared_identity: bool) -> Self {
         Space {
             source,
             view: View::Blocked,
             host,
+            identity: if shared_identity {
+                SharedIdentity::Available
+            } else {
+                SharedIdentity::Off
+            },
             shadow: Shadow::new(),
             pending: Vec::new(),
             view_changed: true,
@@ -124,7 +145,69 @@ impl Space {
     }
 
     pub fn has_pending(&self) -> bool {
-        self.view_changed || !self.pending.is_empty()
+        self.view_changed || !self.pending.is_empty() || self.must_leave_identity()
+    }
+
+    /// Whether the device is on the shared identity domain.
+    pub fn on_shared_identity(&self) -> bool {
+        self.identity == SharedIdentity::InUse
+    }
+
+    /// The device is on the shared identity domain but its view is no longer identity (a
+    /// switch back that failed is retried at every sync).
+    fn must_leave_identity(&self) -> bool {
+        self.on_shared_identity() && self.view != View::Identity
+    }
+
+    /// Before a sync: with an identity view, moves the device onto the host's shared identity
+    /// domain when it has one and drops the space's own mappings, which the device no longer
+    /// reaches (they only pin memory). True when the device is on the shared domain: the
+    /// sync has nothing to map.
+    fn enter_identity(&mut self, report: &mut SyncReport) -> bool {
+        if self.view != View::Identity {
+            return false;
+        }
+        if self.identity == SharedIdentity::Available {
+            match self.host.use_identity(true) {
+                Ok(true) => {
+                    vm_device::debug_limited!(
+                        "VT-d: {}: on the host's shared identity domain",
+                        self.source
+                    );
+                    self.identity = SharedIdentity::InUse;
+                }
+                Ok(false) => self.identity = SharedIdentity::Off,
+                // The device stays on its own domain, which the sync maps as before.
+                Err(error) => report.failed.push(Failed { error }),
+            }
+        }
+        if !self.on_shared_identity() {
+            return false;
+        }
+        self.pending.clear();
+        self.view_changed = false;
+        self.snapshots.clear();
+        if !self.shadow.is_empty() {
+            let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
+            self.apply(&mut plan, report);
+        }
+        true
+    }
+
+    /// After a sync that mapped what the non-identity view allows in the device's own domain:
+    /// moves the device back onto it. Until this returns the device still reaches all guest
+    /// RAM; a failure leaves it there, and is retried at the next sync.
+    fn leave_identity(&mut self, report: &mut SyncReport) {
+        if !self.must_leave_identity() {
+            return;
+        }
+        match self.host.use_identity(false) {
+            Ok(_) => {
+                vm_device::debug_limited!("VT-d: {}: back on its own host domain", self.source);
+                self.identity = SharedIdentity::Available;
+            }
+            Err(error) => report.failed.push(Failed { error }),
+        }
     }
 
     /// Visits what `view` translates over `[start, end)`.
@@ -189,6 +272,21 @@ impl Space {
     /// Syncs the pending ranges (or the whole space after a view change) in one batch.
     pub fn sync<M: TableMemory>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
         let mut report = SyncReport::default();
+        if self.enter_identity(&mut report) {
+            return report;
+        }
+        self.sync_own(env, defer, &mut report);
+        self.leave_identity(&mut report);
+        report
+    }
+
+    /// [`Space::sync`] in the device's own domain.
+    fn sync_own<M: TableMemory>(
+        &mut self,
+        env: &SyncEnv<'_, M>,
+        defer: bool,
+        report: &mut SyncReport,
+    ) {
         let (ranges, defer) = if self.view_changed {
             (vec![FULL], false)
         } else {
@@ -198,7 +296,7 @@ impl Space {
         self.view_changed = false;
         if ranges.is_empty() {
             self.recycle_pending(ranges);
-            return report;
+            return;
         }
         // The leaf buffer lives in the space, so a sync per wait does not allocate it anew.
         let mut desired = std::mem::take(&mut self.desired);
@@ -215,7 +313,7 @@ impl Space {
                 env,
                 r,
                 &mut counters,
-                &mut report,
+                report,
                 &mut |item| match item {
                     WalkItem::Leaf(l) => {
                         clip_to_ram_into(&l, env.ram, env.ram_bounds, &mut desired)
@@ -252,7 +350,7 @@ impl Space {
         let mut plan = std::mem::take(&mut self.plan);
         self.shadow
             .plan_into(&to_plan, &desired, env.ram_bounds, defer, &mut plan);
-        self.apply(&mut plan, &mut report);
+        self.apply(&mut plan, report);
         if plan.room() <= KEPT_ROOM {
             self.plan = plan;
         }
@@ -265,7 +363,6 @@ impl Space {
         if desired.capacity() <= KEPT_ROOM {
             self.desired = desired;
         }
-        report
     }
 
     /// Gives an emptied range buffer back to `pending`, so the next invalidation of this space
@@ -284,6 +381,9 @@ impl Space {
         range: Range,
     ) -> SyncReport {
         let mut report = SyncReport::default();
+        if self.enter_identity(&mut report) {
+            return report;
+        }
         let range = if self.view_changed { FULL } else { range };
         self.view_changed = false;
         self.pending.clear();
@@ -307,13 +407,15 @@ impl Space {
                 len: range.1 - range.0,
             }];
         }
-        report.failed = self.shadow.sync_per_leaf(
+        let failed = self.shadow.sync_per_leaf(
             &items,
             env.ram_bounds,
             env.ram,
             self.host.as_mut(),
             &mut report.work,
         );
+        report.failed.extend(failed);
+        self.leave_identity(&mut report);
         report
     }
 
@@ -329,9 +431,10 @@ impl Space {
 
     fn apply(&mut self, plan: &mut Plan, report: &mut SyncReport) {
         if !plan.is_empty() {
-            report.failed = self
+            let failed = self
                 .shadow
                 .apply(plan, self.host.as_mut(), &mut report.work);
+            report.failed.extend(failed);
         }
     }
 
@@ -344,6 +447,8 @@ impl Space {
         let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
         self.apply(&mut plan, &mut report);
         self.view_changed = false;
+        // Back on its own, now empty, domain: the shared one stays for the devices using it.
+        self.leave_identity(&mut report);
         report
     }
 }

@@ -19,6 +19,7 @@ pub use scalable::{FirstStageFlags, ScalableTables};
 pub use tables::Tables;
 
 // The errnos VFIO type1 answers with (Linux include/uapi/asm-generic/errno-base.h).
+const EBUSY: i32 = 16;
 const EEXIST: i32 = 17;
 const EINVAL: i32 = 22;
 const ENOSPC: i32 = 28;
@@ -47,6 +48,14 @@ pub struct SimHost {
     pub unmap_calls: u64,
     /// Host mappings removed: the host IOTLB flushes VFIO type1 would issue.
     pub flushes: u64,
+    /// Whether the host has a shared identity domain ([`HostDma::use_identity`]).
+    shares_identity: bool,
+    /// Whether the device is on the shared identity domain now.
+    pub on_identity: bool,
+    /// Each switch made: on or off, and how many mappings the device's own domain held then.
+    pub switches: Vec<(bool, usize)>,
+    /// Refuses this many switches back onto the device's own domain (EBUSY).
+    pub refuse_switch_back: u32,
 }
 
 impl Default for SimHost {
@@ -68,6 +77,18 @@ impl SimHost {
             map_calls: 0,
             unmap_calls: 0,
             flushes: 0,
+            shares_identity: false,
+            on_identity: false,
+            switches: Vec::new(),
+            refuse_switch_back: 0,
+        }
+    }
+
+    /// A host that also has a shared identity domain, as the VMM's iommufd backend does.
+    pub fn with_shared_identity() -> Self {
+        SimHost {
+            shares_identity: true,
+            ..Self::new()
         }
     }
 
@@ -161,6 +182,22 @@ impl HostDma for SimHost {
         self.flushes += keys.len() as u64;
         Ok(())
     }
+
+    fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
+        if !self.shares_identity {
+            return Ok(false);
+        }
+        if !on && self.refuse_switch_back > 0 {
+            self.refuse_switch_back -= 1;
+            return Err(HostDmaError::switch(
+                on,
+                std::io::Error::from_raw_os_error(EBUSY),
+            ));
+        }
+        self.on_identity = on;
+        self.switches.push((on, self.maps.len()));
+        Ok(true)
+    }
 }
 
 /// A [`SimHost`] the test keeps a handle to after giving the unit a [`HostDma`].
@@ -185,6 +222,10 @@ impl HostDma for SharedHost {
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), HostDmaError> {
         self.get().unmap(iova, len)
+    }
+
+    fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
+        self.get().use_identity(on)
     }
 }
 

@@ -456,6 +456,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Puts `source` behind the unit: from now on its host mappings (through `host`) follow
     /// what the guest's tables say. With translation off, that is all of guest RAM.
+    ///
+    /// Where its view is identity (translation off, or a pass-through context or PASID entry)
+    /// and `host` has a shared identity domain ([`HostDma::use_identity`]), the device uses that
+    /// instead and its own domain maps nothing; when the view becomes translated again, its own
+    /// domain is mapped as the tables say before the device is moved back, within the same
+    /// sync (so before a wait completes). Not while recording (see [`Vtd::start_recording`]):
+    /// the recording format does not say what the host supports, and replay must repeat the
+    /// live counters.
     pub fn attach(&mut self, source: SourceId, host: Box<dyn HostDma>) -> Result<(), ConfigError> {
         self.record_event(Event::Attach(source));
         if !self.config.caching_mode {
@@ -467,7 +475,10 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if self.spaces.contains_key(&source) {
             return Err(ConfigError::AlreadyAttached(source));
         }
-        let mut space = Space::new(source, host);
+        // A recording unit keeps every device's identity view in its own domain, as replay
+        // (which has no such host) does, so that a replay repeats the live counters exactly.
+        let shared_identity = self.mem.recorder().is_none();
+        let mut space = Space::new(source, host, shared_identity);
         let view = self.view_for_host(source);
         space.set_view(view);
         self.spaces.insert(source, space);

@@ -18,7 +18,9 @@ pub enum RecordError {
 
 impl<M: GuestMemoryBackend> Vtd<M> {
     /// Starts recording everything that changes the unit into `recorder` (see
-    /// [`crate::record`]), from its reset state: call it before anything else.
+    /// [`crate::record`]), from its reset state: call it before anything else. The devices
+    /// attached from then on keep their identity views in their own host domains rather than
+    /// the host's shared identity domain ([`Vtd::attach`]), as replay does.
     pub fn start_recording(&mut self, mut recorder: Recorder) -> Result<(), RecordError> {
         if self.mem.recorder().is_some() {
             return Err(RecordError::AlreadyRecording);

@@ -7,7 +7,12 @@
 //! host has it and the legacy container otherwise; a VM may mix them. Per backend, the devices
 //! without a vIOMMU share one host domain (a type1 container, or an IOAS of the VM's one
 //! iommufd) where guest RAM is mapped, and pinned, once; each device behind the VT-d gets a
-//! domain of its own, as the VT-d engine keeps one host address space per requester id.
+//! domain of its own, as the VT-d engine keeps one host address space per requester id. On
+//! iommufd, a device behind the VT-d whose guest view is identity (translation off, or a
+//! pass-through entry: Linux's `iommu=pt`) moves onto the shared IOAS instead of mapping all
+//! guest RAM in its own ([`passthrough::identity`]); there guest RAM is mapped while some
+//! device uses it. A container cannot do that (a group cannot change containers while its
+//! devices are open): each device behind the VT-d maps guest RAM in its own then.
 //!
 //! Assignment has two phases: [`open`] puts each device in its host domain and reads what the
 //! domains behind the VT-d can map, before the VT-d exists (its address width must fit them:
@@ -23,6 +28,7 @@ use passthrough::device::VfioPciDevice;
 use passthrough::dma::{DmaIoctls, HostDmaMappings};
 use passthrough::function::PciFunction;
 use passthrough::host::HostDevice;
+use passthrough::identity::{GuestRam, IdentityDomain, IdentityHold, IdentitySwitch};
 use passthrough::iommufd::{open_iommufd, IommufdHost};
 use passthrough::iova::IovaRanges;
 use passthrough::irq::{IrqError, IrqRoutes};
@@ -66,6 +72,12 @@ pub enum VfioError {
     Dma {
         domain: String,
         source: HostDmaError,
+    },
+    /// Guest RAM could not be mapped in the shared IOAS.
+    #[error("mapping guest RAM for device DMA in the {domain}: {source}")]
+    Identity {
+        domain: String,
+        source: passthrough::identity::IdentityError,
     },
     /// Interrupt set-up of one device failed.
     #[error("device {device}: {source}")]
@@ -126,6 +138,18 @@ impl Domain {
         }
     }
 
+    /// For an IOAS: its id, and mapping guest RAM in it at IOVA = GPA, as the shared identity
+    /// domain.
+    fn identity(&self, mem: &GuestMemoryMmap) -> Option<Arc<IdentityDomain>> {
+        match self {
+            Domain::Container(_) => None,
+            Domain::Ioas(h) => {
+                let ram: Box<dyn GuestRam> = Box::new(HostDmaMappings::new(h.dma(), mem.clone()));
+                Some(IdentityDomain::new(h.ioas_id(), ram))
+            }
+        }
+    }
+
     /// What the domain can map now (its devices' host IOMMUs' reach, less their reserved
     /// regions), for the device `bdf` just opened in it; None when the host does not say.
     fn iova_ranges(&self, bdf: &str) -> Result<Option<IovaRanges>, SetupError> {
@@ -152,9 +176,13 @@ struct Domains {
     kvm_vfio: Arc<VfioDeviceFd>,
     /// The VM's one iommufd, opened for the first iommufd device.
     iommufd: Option<Arc<IommuFd>>,
-    /// Shared by the devices without a vIOMMU, one per backend.
+    /// Shared by the devices without a vIOMMU, one per backend; on iommufd, also by those
+    /// behind the VT-d whose view is identity.
     shared_container: Option<Domain>,
     shared_ioas: Option<Domain>,
+    /// Whether a device without a vIOMMU uses the shared IOAS (which then maps guest RAM for
+    /// the VM's lifetime).
+    ioas_without_viommu: bool,
     /// One per device behind the VT-d, once it is on the bus.
     own: Vec<Domain>,
 }
@@ -241,12 +269,19 @@ pub fn open(vm: &Vm, devices: &[DeviceConfig]) -> Result<Option<OpenDevices>, Vf
         iommufd: None,
         shared_container: None,
         shared_ioas: None,
+        ioas_without_viommu: false,
         own: Vec::new(),
     };
     let mut opened = Vec::new();
     for d in devices {
         let selected = select(&HostPaths::default(), &d.path, d.backend)?;
+        let iommufd = selected.route.backend() == Backend::Iommufd;
+        domains.ioas_without_viommu |= iommufd && !d.iommu;
         let (dev, own, iova, home) = if d.iommu {
+            if iommufd {
+                // Made now: where the device goes while its guest view is identity.
+                domains.shared(&selected)?;
+            }
             let domain = domains.create(&selected)?;
             let dev = domain.open(&selected)?;
             let iova = domain.iova_ranges(dev.bdf())?;
@@ -289,6 +324,8 @@ pub struct VfioDevices {
     // domain's container or IOAS alive, go with the PCI bus after both.
     /// All guest RAM mapped, once per shared domain, for the devices not behind the VT-d.
     _dma: Vec<Box<dyn HostDma>>,
+    /// The shared IOAS's guest RAM held mapped for the iommufd devices not behind the VT-d.
+    _identity: Option<IdentityHold>,
     /// The shared domains and one for each device behind the VT-d: its own IOVA space, whose
     /// mappings the VT-d owns.
     _domains: Vec<Domain>,
@@ -323,6 +360,7 @@ pub fn attach(
         mut domains,
     } = opened;
     let mut sources = Vec::new();
+    let identity = domains.shared_ioas.as_ref().and_then(|d| d.identity(mem));
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
     for OpenDevice { dev, own, .. } in devices {
         let name = dev.bdf().to_string();
@@ -330,10 +368,23 @@ pub fn attach(
         // what it maps: all guest RAM while the guest has translation off, then exactly what
         // its tables say. Made once the device is in: a container has an IOMMU only then.
         let own_dma = match &own {
-            Some(domain) => Some(domain.dma(mem, false).map_err(|source| VfioError::Dma {
-                domain: domain.describe(),
-                source,
-            })?),
+            Some(domain) => {
+                let dma = domain.dma(mem, false).map_err(|source| VfioError::Dma {
+                    domain: domain.describe(),
+                    source,
+                })?;
+                Some(match (domain, &identity) {
+                    // The VT-d moves it to the shared IOAS while its view is identity.
+                    (Domain::Ioas(h), Some(shared)) => Box::new(IdentitySwitch::new(
+                        name.clone(),
+                        dev.vfio_device(),
+                        dma,
+                        h.ioas_id(),
+                        shared.clone(),
+                    )) as Box<dyn HostDma>,
+                    _ => dma,
+                })
+            }
             None => None,
         };
         let iommu = own.is_some();
@@ -387,13 +438,27 @@ pub fn attach(
     }
     // The guest has not run yet, so no device can DMA before its RAM is mapped.
     let mut dma = Vec::new();
+    let mut hold = None;
     let shared = [domains.shared_container.take(), domains.shared_ioas.take()];
     for domain in shared.into_iter().flatten() {
         let start = Instant::now();
-        let mapped = domain.dma(mem, true).map_err(|source| VfioError::Dma {
-            domain: domain.describe(),
-            source,
-        })?;
+        match (&identity, &domain) {
+            (Some(identity), Domain::Ioas(_)) => {
+                if !domains.ioas_without_viommu {
+                    // Only devices behind the VT-d use it, while their view is identity.
+                    domains.own.push(domain);
+                    continue;
+                }
+                hold = Some(identity.hold().map_err(|source| VfioError::Identity {
+                    domain: domain.describe(),
+                    source,
+                })?);
+            }
+            _ => dma.push(domain.dma(mem, true).map_err(|source| VfioError::Dma {
+                domain: domain.describe(),
+                source,
+            })?),
+        }
         log::info!(
             "guest RAM mapped at IOVA = GPA in the {}: {} regions, {} MiB, in {} ms",
             domain.describe(),
@@ -401,11 +466,11 @@ pub fn attach(
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
             start.elapsed().as_millis()
         );
-        dma.push(mapped);
         domains.own.push(domain);
     }
     Ok(VfioDevices {
         _dma: dma,
+        _identity: hold,
         _domains: domains.own,
         behind_vtd: sources,
     })

@@ -63,6 +63,9 @@ impl Perm {
 pub enum HostOp {
     Map,
     Unmap,
+    /// [`HostDma::use_identity`]: `true` to move onto the shared identity domain, `false` back
+    /// onto the device's own.
+    UseIdentity(bool),
 }
 
 impl std::fmt::Display for HostOp {
@@ -70,6 +73,8 @@ impl std::fmt::Display for HostOp {
         f.write_str(match self {
             HostOp::Map => "map",
             HostOp::Unmap => "unmap",
+            HostOp::UseIdentity(true) => "switch to the shared identity domain",
+            HostOp::UseIdentity(false) => "switch back to the device's own domain",
         })
     }
 }
@@ -77,7 +82,7 @@ impl std::fmt::Display for HostOp {
 /// A host DMA operation was refused. The source is the implementation's own typed error (for
 /// VFIO: the ioctl's errno, or why the guest-physical range has no host memory).
 #[derive(Debug, thiserror::Error)]
-#[error("host DMA {op} of {len:#x} bytes at IOVA {iova:#x} failed: {source}")]
+#[error("host DMA {}: {source}", self.what())]
 pub struct HostDmaError {
     pub op: HostOp,
     pub iova: u64,
@@ -101,6 +106,22 @@ impl HostDmaError {
             source: Box::new(source),
         }
     }
+
+    /// A [`HostDma::use_identity`] switch (`on` or off) failed because of `source`.
+    pub fn switch(on: bool, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::new(HostOp::UseIdentity(on), 0, 0, source)
+    }
+
+    /// What failed, with the range for a map or an unmap.
+    fn what(&self) -> String {
+        match self.op {
+            HostOp::Map | HostOp::Unmap => format!(
+                "{} of {:#x} bytes at IOVA {:#x} failed",
+                self.op, self.len, self.iova
+            ),
+            HostOp::UseIdentity(_) => format!("{} failed", self.op),
+        }
+    }
 }
 
 /// DMA mappings of one device's host address space (for VFIO: one container).
@@ -112,6 +133,24 @@ pub trait HostDma: Send {
     /// Removes every host mapping lying within `[iova, iova + len)`. The range never cuts a
     /// host mapping in two.
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), HostDmaError>;
+
+    /// Optional: with `on`, lets the device reach all guest RAM at IOVA = GPA through a host
+    /// domain shared by every device that does so (guest RAM mapped, and pinned, once for all
+    /// of them); returns whether it did (false: the host cannot, and the caller keeps mapping
+    /// through [`HostDma::map`]). With `!on`, puts the device back on its own domain, which
+    /// maps what `map` and `unmap` made of it.
+    ///
+    /// Each switch is atomic for the device: it reaches either all of one domain or all of the
+    /// other, never neither. The caller orders around that: before switching on it need not
+    /// have unmapped anything (its own mappings stay, unused, until it unmaps them); before
+    /// switching back it must already have mapped what the device may reach, since from the
+    /// switch on the device reaches exactly its own domain. `map` and `unmap` always act on
+    /// the device's own domain, whichever one it uses. The default keeps today's behaviour: no
+    /// shared domain, `Ok(false)` on, and nothing to undo off.
+    fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
+        let _ = on;
+        Ok(false)
+    }
 }
 
 #[cfg(test)]
@@ -144,5 +183,36 @@ mod tests {
             .downcast_ref::<std::io::Error>()
             .expect("the io::Error itself");
         assert_eq!(io.raw_os_error(), Some(22));
+    }
+
+    #[test]
+    fn a_failed_switch_names_the_direction_not_a_range() {
+        let on = HostDmaError::switch(true, std::io::Error::from_raw_os_error(16));
+        assert!(
+            on.to_string()
+                .starts_with("host DMA switch to the shared identity domain failed: "),
+            "{on}"
+        );
+        let off = HostDmaError::switch(false, std::io::Error::from_raw_os_error(16));
+        assert!(
+            off.to_string()
+                .starts_with("host DMA switch back to the device's own domain failed: "),
+            "{off}"
+        );
+    }
+
+    #[test]
+    fn by_default_a_host_has_no_shared_identity_domain() {
+        struct Plain;
+        impl HostDma for Plain {
+            fn map(&mut self, _: u64, _: u64, _: u64, _: Perm) -> Result<(), HostDmaError> {
+                Ok(())
+            }
+            fn unmap(&mut self, _: u64, _: u64) -> Result<(), HostDmaError> {
+                Ok(())
+            }
+        }
+        assert!(!Plain.use_identity(true).unwrap());
+        assert!(!Plain.use_identity(false).unwrap());
     }
 }

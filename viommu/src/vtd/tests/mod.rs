@@ -140,6 +140,7 @@ pub(super) fn map(t: &mut Tables, pt: PageTable, iova: u64, gpa: u64, pages: u64
 mod ats;
 mod caches;
 mod check;
+mod identity;
 mod inject;
 mod interrupts;
 mod registers;
