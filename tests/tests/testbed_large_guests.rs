@@ -1,10 +1,11 @@
 //! Guests of real size on both host interfaces (issue 15): an L2 Linux of 5 GiB with L1's two NVMe
 //! controllers passed through, both doing DMA at once into buffers whose every page lies above
-//! 4 GiB of guest-physical memory, without a vIOMMU (IOVA = GPA) and behind our VT-d with
-//! `iommu.forcedac=1` (the guest's IOVAs above 4 GiB too, in the 48-bit space). One L1 session per
+//! 4 GiB of guest-physical memory, without a vIOMMU (IOVA = GPA), behind our VT-d with
+//! `iommu.forcedac=1` (the guest's IOVAs above 4 GiB too) and behind it with `iommu=pt`. One L1 session per
 //! backend: the VFIO container on Debian's 6.1, iommufd on the testbed's 6.12 L1 (whose default it
 //! is). Data is exact both ways: the disk image's md5 read, a pattern written that lands in the
-//! L0 file. Without a vIOMMU the two devices share one host domain, so guest RAM is pinned once.
+//! L0 file. Without a vIOMMU the two devices share one host domain, so guest RAM is pinned once;
+//! behind the VT-d on iommufd too while their view is identity (boot, `iommu=pt`).
 //! After each power-off no VFIO or iommufd file stays open; on iommufd, neither after a vmm
 //! killed mid-I/O, and the container backend then takes the same device on the same kernel.
 
@@ -19,6 +20,10 @@ const L2_MIB: u64 = 5120;
 /// `tb.offset=`).
 const OFFSET_NO_VIOMMU: usize = 1 << 20;
 const OFFSET_VTD: usize = 2 << 20;
+const OFFSET_PT: usize = 3 << 20;
+/// The runs of a session, in order: no vIOMMU, behind the VT-d translated, and behind the VT-d
+/// with the guest's `iommu=pt` (both devices in its identity domain).
+const RUNS: [&str; 3] = ["plain", "vtd", "pt"];
 /// The bytes each run writes there.
 const PATTERN_BYTES: usize = 1 << 20;
 
@@ -59,6 +64,7 @@ run() {
 }
 run plain $(devs "") --cmdline "$(cmdline 1048576)"
 run vtd --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 2097152 'intel_iommu=on iommu.forcedac=1')"
+run pt --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 3145728 'intel_iommu=on iommu=pt')"
 "#;
 
 /// iommufd only: SIGKILL mid-I/O, then the same device under the container backend.
@@ -129,7 +135,7 @@ fn dma_lands_above_4_gib(kernel: L1Kernel) -> Result<(), TestbedError> {
         return Ok(());
     };
     let want = tb.disk_head_md5(16 << 20)?;
-    for (run, name) in ["plain", "vtd"].iter().enumerate() {
+    for (run, name) in RUNS.iter().enumerate() {
         let exit = out
             .markers_named("L1", "run")
             .find(|m| m.field("run") == Some(name))
@@ -167,7 +173,7 @@ fn dma_lands_above_4_gib(kernel: L1Kernel) -> Result<(), TestbedError> {
         .cycle()
         .take(PATTERN_BYTES)
         .collect();
-    for at in [OFFSET_NO_VIOMMU, OFFSET_VTD] {
+    for at in [OFFSET_NO_VIOMMU, OFFSET_VTD, OFFSET_PT] {
         out.ensure(
             img.get(at..at + PATTERN_BYTES) == Some(&pattern[..]),
             format!("the pattern written from above 4 GiB is not at byte {at} of the L0 file"),
@@ -214,15 +220,20 @@ fn iommufd_5_gib_guest_dma_lands_above_4_gib_without_and_behind_our_vtd() -> Res
     dma_lands_above_4_gib(L1Kernel::Iommufd)
 }
 
-/// Without a vIOMMU both devices share one domain: the vmm pinned guest RAM once, not twice.
-fn ram_pinned_once(kernel: L1Kernel, field: &str, backend: &str) -> Result<(), TestbedError> {
+/// In run `run` the two devices shared one domain: the vmm pinned guest RAM once, not twice.
+fn ram_pinned_once(
+    kernel: L1Kernel,
+    run: &str,
+    field: &str,
+    backend: &str,
+) -> Result<(), TestbedError> {
     let Some((out, _)) = session(kernel)? else {
         return Ok(());
     };
     let pinned = out
         .markers_named("L1", "pinned")
-        .find(|m| m.field("run") == Some("plain"))
-        .ok_or_else(|| out.error("no pinned marker for the plain run"))?;
+        .find(|m| m.field("run") == Some(run))
+        .ok_or_else(|| out.error(format!("no pinned marker for the {run} run")))?;
     let kb = pinned
         .field_num::<u64>(field)
         .ok_or_else(|| out.error(format!("no {field}: {}", pinned.raw)))?;
@@ -242,12 +253,22 @@ fn ram_pinned_once(kernel: L1Kernel, field: &str, backend: &str) -> Result<(), T
 
 #[test]
 fn container_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), TestbedError> {
-    ram_pinned_once(L1Kernel::Distro, "lck_kb", "container")
+    ram_pinned_once(L1Kernel::Distro, "plain", "lck_kb", "container")
 }
 
 #[test]
 fn iommufd_two_devices_without_a_viommu_pin_guest_ram_once() -> Result<(), TestbedError> {
-    ram_pinned_once(L1Kernel::Iommufd, "pin_kb", "iommufd")
+    ram_pinned_once(L1Kernel::Iommufd, "plain", "pin_kb", "iommufd")
+}
+
+/// Behind the VT-d on iommufd, devices whose view is identity (translation off at boot; the
+/// guest's `iommu=pt` for the whole run) share one IOAS: guest RAM is pinned once, not once per
+/// device (the container backend pins it per device: a group cannot change containers).
+#[test]
+fn iommufd_two_devices_behind_our_vtd_share_one_identity_ioas_and_pin_guest_ram_once(
+) -> Result<(), TestbedError> {
+    ram_pinned_once(L1Kernel::Iommufd, "vtd", "pin_kb", "iommufd")?;
+    ram_pinned_once(L1Kernel::Iommufd, "pt", "pin_kb", "iommufd")
 }
 
 /// Once the guest powered off and the vmm exited, no VFIO or iommufd file is open in L1 (the
@@ -256,7 +277,7 @@ fn released_after_power_off(kernel: L1Kernel) -> Result<(), TestbedError> {
     let Some((out, _)) = session(kernel)? else {
         return Ok(());
     };
-    for name in ["plain", "vtd"] {
+    for name in RUNS {
         let exit = out
             .markers_named("L1", "run")
             .find(|m| m.field("run") == Some(name))
