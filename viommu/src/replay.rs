@@ -199,6 +199,24 @@ impl InterruptRoutes for ReplayRoutes {
 }
 
 /// The period of the VMM's deferred-flush timer for `max_delay` (vmm's `DeferredFlushTimer`).
+/// The first tick after `tick` of a timer ticking every `period` that is at or past `at`
+/// (saturating at [`Duration::MAX`]).
+pub(crate) fn tick_at_or_after(tick: Duration, at: Duration, period: Duration) -> Duration {
+    const NANOS: u128 = 1_000_000_000;
+    let p = period.as_nanos().max(1);
+    let k = at
+        .as_nanos()
+        .saturating_sub(tick.as_nanos())
+        .div_ceil(p)
+        .max(1);
+    let ns = tick.as_nanos().saturating_add(k.saturating_mul(p));
+    match u64::try_from(ns / NANOS) {
+        // The remainder is below NANOS, so it fits.
+        Ok(secs) => Duration::new(secs, (ns % NANOS) as u32),
+        Err(_) => Duration::MAX,
+    }
+}
+
 fn timer_period(max_delay: Duration) -> Duration {
     (max_delay / 4).max(Duration::from_millis(1))
 }
@@ -280,7 +298,18 @@ pub fn replay(
                 if vtd.deferred_due() {
                     run(&mut vtd, &mut out, &Event::Poll);
                 }
-                next_tick += p;
+                // So the ticks before the first one that can find something due (the age
+                // bound's, or none before the next event) are skipped, not stepped through: a
+                // recording may hold days between two events (or, fuzzed, centuries).
+                let wake = match vtd.next_deadline() {
+                    Some(d) => next_tick.saturating_add(d),
+                    None => step.time.saturating_add(Duration::from_nanos(1)),
+                };
+                let next = tick_at_or_after(next_tick, wake, p);
+                if next == next_tick {
+                    break; // the clock's end
+                }
+                next_tick = next;
             }
         }
         for change in &rec.memory[step.memory.clone()] {
