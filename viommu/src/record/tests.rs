@@ -127,20 +127,25 @@ fn no_allocations() -> u64 {
     0
 }
 
+/// `rec` replayed under `policy` over a type1 host.
+fn replay_with(rec: &Recording, policy: &Policy) -> replay::Outcome {
+    replay::replay(
+        rec,
+        policy,
+        Host::Type1,
+        Options::default(),
+        &no_allocations,
+    )
+    .unwrap()
+}
+
 fn replay_as_recorded(rec: &Recording) -> replay::Outcome {
     let policy = Policy {
         name: "as-recorded".into(),
         strategy: rec.header.config.strategy,
         flush: rec.header.config.flush,
     };
-    replay::replay(
-        rec,
-        &policy,
-        Host::Type1,
-        Options::default(),
-        &no_allocations,
-    )
-    .unwrap()
+    replay_with(rec, &policy)
 }
 
 #[test]
@@ -171,16 +176,7 @@ fn a_deferred_recording_replays_to_its_live_counters_and_replays_are_determinist
     assert_eq!(a.stats, b.stats);
     assert_eq!(a.events, b.events);
     // Other policies replay the same events.
-    let run = |policy: &Policy| {
-        replay::replay(
-            &rec,
-            policy,
-            Host::Type1,
-            Options::default(),
-            &no_allocations,
-        )
-        .unwrap()
-    };
+    let run = |policy: &Policy| replay_with(&rec, policy);
     for policy in [Policy::per_leaf(), Policy::strict()] {
         let (x, y) = (run(&policy), run(&policy));
         assert_eq!(x.stats, y.stats, "{}", policy.name);
@@ -204,16 +200,7 @@ fn a_deferred_replay_skips_idle_timer_ticks_and_counts_as_if_it_stepped_them() {
         Recording::parse(&bytes).unwrap()
     };
     let policy = Policy::deferred(4, Duration::from_millis(2));
-    let run = |rec: &Recording| {
-        replay::replay(
-            rec,
-            &policy,
-            Host::Type1,
-            Options::default(),
-            &no_allocations,
-        )
-        .unwrap()
-    };
+    let run = |rec: &Recording| replay_with(rec, &policy);
     let short = run(&record(Duration::from_secs(1)));
     let long = run(&record(Duration::from_secs(100 * 24 * 3600)));
     assert_eq!(short.stats, long.stats);
