@@ -60,17 +60,17 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.mov(dword_ptr(rbx), eax)?;
         power_off(a)?;
 
-        // The handler: count; on the 3rd, deassert the line first of all. Then record the
-        // entry and, per interrupt:
+        // The handler: count, record the entry, then per interrupt:
         // 1st: mask the entry, EOI, unmask (Linux's one-shot flow); the line is still
         //      asserted, so the 2nd comes once both the EOI and the unmask are in;
-        // 2nd: plain EOI, which delivers the 3rd;
-        // 3rd: EOI: nothing more comes.
+        // 2nd: plain EOI, which delivers the 3rd (held pending: interrupts are off in the
+        //      handler); only then deassert the line;
+        // 3rd: EOI with the line deasserted: nothing more comes.
         // This machine's paravirtual KVM acknowledges a level-triggered interrupt when the
         // guest takes it (ISR and TMR read clear in the handler) and reports the EOI at the
-        // vCPU's next exit: deasserting first makes that exit the line's, so both kinds of
-        // KVM see three interrupts.
-        let mut not_third = a.create_label();
+        // vCPU's next exit, which a host interrupt can bring before any guest instruction.
+        // Deasserting between the 2nd's EOI and the 3rd's acceptance is the one point both
+        // kinds of KVM order the same way, whatever the host does in between.
         let mut not_first = a.create_label();
         let mut out = a.create_label();
         a.set_label(&mut handler)?;
@@ -80,11 +80,6 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.push(rdx)?;
         a.mov(rdx, RESULTS)?;
         a.inc(qword_ptr(rdx))?;
-        a.cmp(qword_ptr(rdx), 3)?;
-        a.jb(not_third)?;
-        a.mov(rax, LINE_DEV)?;
-        a.mov(dword_ptr(rax), 0u32)?;
-        a.set_label(&mut not_third)?;
         read_entry(a, LINE_PIN)?;
         a.mov(rcx, qword_ptr(rdx))?;
         a.mov(dword_ptr(rdx + rcx * 4 + 4), eax)?;
@@ -97,6 +92,10 @@ fn level_line_is_redelivered_at_each_eoi_until_deasserted_even_when_masked_aroun
         a.jmp(out)?;
         a.set_label(&mut not_first)?;
         a.mov(rax, LAPIC_EOI)?;
+        a.mov(dword_ptr(rax), 0u32)?;
+        a.cmp(qword_ptr(rdx), 2)?;
+        a.jne(out)?;
+        a.mov(rax, LINE_DEV)?;
         a.mov(dword_ptr(rax), 0u32)?;
         a.set_label(&mut out)?;
         a.pop(rdx)?;
