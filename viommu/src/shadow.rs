@@ -10,7 +10,8 @@
 //!   parts of it the guest still translates are mapped again;
 //! - in deferred mode, a mapping whose pages the guest dropped is kept on the host and marked
 //!   dead there until the next flush; if the guest maps the same addresses again before that,
-//!   the mark is cleared and no host call happens at all;
+//!   the mark is cleared and no host call happens at all; when a removal is due anyway, the
+//!   wholly dead mappings beside it leave in the same unmap call;
 //! - everything desired and not covered by a kept mapping is mapped, with extents merged where
 //!   both IOVA and guest-physical addresses are contiguous, so later unmaps remove one host
 //!   mapping (one host IOTLB flush) instead of many.
@@ -299,6 +300,61 @@ impl Shadow {
         to_map.sort_unstable_by_key(|l| l.iova);
         plan.map = coalesce(to_map, ram_bounds);
         (plan.covered, plan.live, plan.dead) = (covered, live, dead);
+        if defer {
+            self.join_doomed(plan, ranges);
+        }
+    }
+
+    /// Whether the mapping at `key` waits for a deferred unmap with nothing of it left live:
+    /// removing it early costs no map call, and no flush the deferred flush would not make.
+    fn wholly_dead(key: u64, h: &HostMapping) -> bool {
+        h.dead == [(key, key + h.len)]
+    }
+
+    /// In deferred mode, a plan that removes mappings anyway (the guest pointed an IOVA whose
+    /// unmap waits at another page) takes the wholly dead mappings beside each removal into the
+    /// same unmap call: their flush was coming, and now it costs no call of its own. Only
+    /// neighbours outside `ranges` join (the sync decided those inside), and only across
+    /// nothing the host keeps, so each call still removes whole mappings and nothing else.
+    fn join_doomed(&self, plan: &mut Plan, ranges: &[Range]) {
+        if self.doomed == 0 || plan.remove.is_empty() {
+            return;
+        }
+        let outside = |k: u64, h: &HostMapping| {
+            let i = ranges.partition_point(|r| r.1 <= k);
+            ranges.get(i).is_none_or(|r| r.0 >= k + h.len)
+        };
+        let joinable = |k: u64, h: &HostMapping| Self::wholly_dead(k, h) && outside(k, h);
+        let runs = std::mem::take(&mut plan.remove);
+        let mut joined: Vec<UnmapRun> = Vec::with_capacity(runs.len());
+        for (i, mut run) in runs.iter().copied().enumerate() {
+            // Back to the previous run's end, forward to the next run's start: runs stay
+            // disjoint and ascending.
+            let floor = joined.last().map_or(0, |r| r.end);
+            while let Some((&k, h)) = self.maps.range(floor..run.start).next_back() {
+                if !joinable(k, h) {
+                    break;
+                }
+                run.start = k;
+                run.count += 1;
+            }
+            let ceiling = runs.get(i + 1).map_or(u64::MAX, |r| r.start);
+            while let Some((&k, h)) = self.maps.range(run.end..ceiling).next() {
+                if !joinable(k, h) {
+                    break;
+                }
+                run.end = k + h.len;
+                run.count += 1;
+            }
+            match joined.last_mut() {
+                Some(last) if self.maps.range(last.end..run.start).next().is_none() => {
+                    last.end = run.end;
+                    last.count += run.count;
+                }
+                _ => joined.push(run),
+            }
+        }
+        plan.remove = joined;
     }
 
     /// Plans the deferred flush: every mapping with dead ranges is removed and its live parts
@@ -622,6 +678,57 @@ mod tests {
         assert_eq!((w.unmap_calls, w.map_calls), (1, 1));
         assert_eq!(h.page_map()[&0].0, 20 * P);
         assert_eq!(s.doomed(), 0);
+    }
+
+    #[test]
+    fn deferred_remap_elsewhere_takes_the_wholly_dead_neighbours_into_its_unmap_call() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        // Pages 0..6, each its own mapping (not contiguous in guest-physical space).
+        let all: Vec<_> = (0..6).map(|i| leaf(i, 10 + 2 * i, 1)).collect();
+        sync(&mut s, &mut h, &[(0, 6)], &all, true);
+        // The guest drops 1, 2, 4 and 5, one invalidation each: all four wait.
+        for p in [1, 2, 4, 5] {
+            sync(&mut s, &mut h, &[(p, p + 1)], &[], true);
+        }
+        sync(&mut s, &mut h, &[(0, 1)], &[all[0]], true);
+        assert_eq!(s.doomed(), 4);
+        // It points page 2 elsewhere: 1 (dead) joins the call, 0 and 3 (live) stop it.
+        let w = sync(&mut s, &mut h, &[(2, 3)], &[leaf(2, 99, 1)], true);
+        assert_eq!((w.unmap_calls, w.mappings_removed, w.map_calls), (1, 2, 1));
+        assert_eq!(s.doomed(), 2);
+        let mapped: Vec<u64> = h.page_map().keys().map(|k| k / P).collect();
+        assert_eq!(mapped, vec![0, 2, 3, 4, 5]);
+        // Pointing 3 elsewhere takes 4 and 5 along: one call for three mappings.
+        let w = sync(&mut s, &mut h, &[(3, 4)], &[leaf(3, 98, 1)], true);
+        assert_eq!((w.unmap_calls, w.mappings_removed, w.map_calls), (1, 3, 1));
+        assert_eq!(s.doomed(), 0);
+        let mapped: Vec<u64> = h.page_map().keys().map(|k| k / P).collect();
+        assert_eq!(mapped, vec![0, 2, 3]);
+    }
+
+    #[test]
+    fn a_partly_live_doomed_mapping_does_not_join_a_removal() {
+        let mut s = Shadow::new();
+        let mut h = SimHost::new();
+        // One mapping over pages 0..4, then page 4 on its own.
+        sync(
+            &mut s,
+            &mut h,
+            &[(0, 5)],
+            &[leaf(0, 10, 4), leaf(4, 50, 1)],
+            true,
+        );
+        // Pages 2..4 die: the first mapping waits with 0..2 still live.
+        sync(&mut s, &mut h, &[(2, 4)], &[], true);
+        assert_eq!(s.doomed(), 1);
+        let w = sync(&mut s, &mut h, &[(4, 5)], &[leaf(4, 60, 1)], true);
+        assert_eq!((w.unmap_calls, w.mappings_removed, w.map_calls), (1, 1, 1));
+        assert_eq!(
+            s.doomed(),
+            1,
+            "removing it would have cost a map of its live part"
+        );
     }
 
     #[test]
