@@ -41,6 +41,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::DeviceConfig;
 use crate::device_manager::address_width::HostIova;
+use crate::devices::vtd::host_time::TimedHostDma;
 use crate::devices::vtd::intremap::{InterruptRemapping, RemappedIrqRoutes};
 use crate::devices::vtd::SharedVtd;
 use crate::pci::bus::{intx_gsi, PciBus, PciBusError};
@@ -426,6 +427,7 @@ pub fn attach(
             let vtd = vtd.ok_or_else(|| VfioError::NoViommu {
                 device: name.clone(),
             })?;
+            let dma = Box::new(TimedHostDma::new(dma, vtd.host_time().clone()));
             crate::devices::vtd::lock(vtd)
                 .attach(source, dma)
                 .map_err(|source| VfioError::Viommu {

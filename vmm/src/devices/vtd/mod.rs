@@ -5,6 +5,7 @@
 
 pub mod blocked;
 pub mod doorbell;
+pub mod host_time;
 pub mod inject;
 pub mod intremap;
 pub mod mirror;
@@ -30,6 +31,7 @@ use crate::devices::bus::BusDevice;
 use crate::devices::ioapic::{IOAPIC_ID, IOAPIC_SOURCE_ID};
 use crate::vstate::vm::signal_msi;
 use doorbell::QueueDoorbells;
+use host_time::HostDmaTime;
 use mirror::RegisterMirror;
 
 /// The remapping unit, shared by the vCPUs (register accesses), the devices behind it, the
@@ -46,6 +48,13 @@ pub struct VtdUnit {
     /// queue processing and host calls included: what the VMM itself costs the guest.
     writes: AtomicU64,
     write_ns: AtomicU64,
+    /// Of `write_ns`, the time trapped writes spent waiting for the unit's lock (another vCPU,
+    /// the event loop or the stats writer holding it; with queue=async, also carrying out the
+    /// tail writes that came before).
+    lock_wait_ns: AtomicU64,
+    /// The host DMA calls made for the devices behind the unit (within `write_ns` when a
+    /// register write made them).
+    host_time: Arc<HostDmaTime>,
 }
 
 /// The model and the page that shows its registers to the guest, under one lock: the page is
@@ -79,6 +88,8 @@ impl VtdUnit {
             inject_control: OnceLock::new(),
             writes: AtomicU64::new(0),
             write_ns: AtomicU64::new(0),
+            lock_wait_ns: AtomicU64::new(0),
+            host_time: Arc::default(),
         })
     }
 
@@ -129,6 +140,25 @@ impl VtdUnit {
         let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.writes.fetch_add(n, Ordering::Relaxed);
         self.write_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Locks the unit as [`VtdUnit::lock_in_order`] does for a register write started at
+    /// `start`, counting the wait.
+    fn lock_for_write(&self, start: Instant) -> VtdGuard<'_> {
+        let guard = self.lock_in_order();
+        let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.lock_wait_ns.fetch_add(ns, Ordering::Relaxed);
+        guard
+    }
+
+    /// Of [`VtdUnit::write_time`]'s nanoseconds, those spent waiting for the unit's lock.
+    pub fn lock_wait_ns(&self) -> u64 {
+        self.lock_wait_ns.load(Ordering::Relaxed)
+    }
+
+    /// Where the host DMA wrappers of the devices behind the unit count their calls.
+    pub fn host_time(&self) -> &Arc<HostDmaTime> {
+        &self.host_time
     }
 
     /// Guest register writes handled so far, and the nanoseconds spent handling them.
@@ -203,7 +233,7 @@ impl BusDevice for VtdRegisters {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let start = Instant::now();
-        self.0.lock_in_order().mmio_write(offset, data);
+        self.0.lock_for_write(start).mmio_write(offset, data);
         self.0.account_writes(1, start);
     }
 }
@@ -359,6 +389,12 @@ pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> ser
     let (writes, write_ns) = vtd.map(|v| v.write_time()).unwrap_or((0, 0));
     json["register_writes"] = serde_json::json!(writes);
     json["register_write_ns"] = serde_json::json!(write_ns);
+    // Of that: waiting for the unit's lock (trapped writes), and the host DMA calls (all of
+    // them, also those the event loop's deferred flushes make).
+    json["register_lock_wait_ns"] = serde_json::json!(vtd.map_or(0, |v| v.lock_wait_ns()));
+    let (host_calls, host_ns) = vtd.map(|v| v.host_time().get()).unwrap_or((0, 0));
+    json["host_dma_calls"] = serde_json::json!(host_calls);
+    json["host_dma_ns"] = serde_json::json!(host_ns);
     // What recording (record=PATH) wrote and cost: its `ns` is part of register_write_ns.
     json["record"] = serde_json::json!(record);
     json
