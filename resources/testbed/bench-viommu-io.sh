@@ -27,6 +27,8 @@ now() { cut -d' ' -f1 /proc/uptime; }
 # quiet second, so L1's snapshot at the first marker does not miss them (the vmm rewrites its
 # stats file every 100 ms).
 dd if="$dev" of=/dev/null bs=4k count=64 iflag=direct 2>/dev/null
+# What the guest made of its platform: paravirtual spinlocks, clock, APIC mode, IOMMU mode.
+mark "bench guest $(dmesg | grep -o -E 'PV spinlocks [a-z]+|clocksource: Switched to clocksource [a-z-]+|x2apic enabled|Enabled IRQ remapping in [a-z2]+ mode|DMA domain TLB invalidation policy: [a-z]+ mode' | sort -u | tr ' \n' '_ ')"
 sleep 1
 
 # bench NAME BYTES COMMAND...: runs COMMAND between the two markers, timed with L2's clock.
@@ -64,6 +66,9 @@ wanted fio-rand4k && bench fio-rand4k $((2 * fioios * 4096)) fio --name=mq --fil
   --bs=4k --ioengine=libaio --iodepth=4 --numjobs=2 --thread --cpus_allowed=0-1 \
   --cpus_allowed_policy=split --number_ios="$fioios" --norandommap --randrepeat=1 \
   --group_reporting --minimal
+# Where the NVMe's queue interrupts landed (per vCPU): with two jobs, one queue each, each
+# queue's completions should reach the vCPU that submitted them.
+wanted fio-rand4k && mark "bench irqs $(awk '/nvme/ { s = $NF "="; for (i = 2; i <= 3; i++) s = s $i (i < 3 ? "," : ""); printf "%s ", s }' /proc/interrupts)"
 # What one exit costs under this VMM, by where it is handled (exit-cost.sh; the bench's L2 runs
 # with iomem=relaxed for it): the floor under every vIOMMU row.
 [ "${TB_EXITCOST:-1}" = 0 ] || TB_N=5000 . /tb/actions/exit-cost.sh

@@ -19,6 +19,8 @@ CONFIGS = [
     "qemu-viommu",
     "ours-strict",
     "ours-strict-iommufd",
+    "ours-strict-ir-off",
+    "ours-strict-ir-off-iommufd",
     "ours-deferred",
     "ours-deferred-iommufd",
     "qemu",
@@ -29,6 +31,8 @@ LABELS = {
     "qemu-viommu": "QEMU + vIOMMU",
     "ours-strict": "ours --viommu (strict), container",
     "ours-strict-iommufd": "ours --viommu (strict), iommufd",
+    "ours-strict-ir-off": "ours --viommu intremap=off (strict), container",
+    "ours-strict-ir-off-iommufd": "ours --viommu intremap=off (strict), iommufd",
     "ours-deferred": "ours --viommu flush=deferred, container",
     "ours-deferred-iommufd": "ours --viommu flush=deferred, iommufd",
     "qemu": "QEMU, no vIOMMU",
@@ -39,6 +43,8 @@ COLORS = {
     "qemu-viommu": "#d62728",
     "ours-strict": "#1f77b4",
     "ours-strict-iommufd": "#2ca02c",
+    "ours-strict-ir-off": "#9467bd",
+    "ours-strict-ir-off-iommufd": "#8c564b",
     "ours-deferred": "#17becf",
     "ours-deferred-iommufd": "#98df8a",
     "qemu": "#ff9896",
@@ -54,6 +60,8 @@ WLABELS = {
 # Stats counters of our engine worth diffing per cell.
 ENGINE = [
     "register_write_ns",
+    "register_lock_wait_ns",
+    "host_dma_ns",
     "descriptors",
     "submissions",
     "waits",
@@ -68,6 +76,9 @@ ENGINE = [
     "faults",
 ]
 EXITS = ["exits", "mmio_exits", "io_exits", "halt_exits", "irq_exits"]
+# Where L1's CPU went (bench-viommu.sh's cpu(), clock ticks of 10 ms).
+CPU = ["vmm_guest_ticks", "vmm_user_ticks", "vmm_sys_ticks", "l1_idle_ticks"]
+TICK_MS = 10
 
 
 def fields(text):
@@ -132,7 +143,7 @@ def exit_cost_table(exit_cost):
     lines = [
         "exit cost, us per access: ioapic-write = exit handled in L1's kernel; vtd-read, vtd-write"
         " = VT-d register (our read-only page, or an exit to the VMM; no VT-d: unassigned MMIO)",
-        f"{'config':<14} " + " ".join(f"{w:>12}" for w in whats),
+        f"{'config':<26} " + " ".join(f"{w:>12}" for w in whats),
     ]
     for cfg in CONFIGS:
         got = exit_cost.get(cfg)
@@ -208,6 +219,7 @@ def cell_row(cfg, w, c, cells, trace):
     row["host_iotlb_inv"] = inv.get("iotlb", 0)
     row["host_inv_desc"] = inv
     row["vm_exits"] = {k: diff(c, k) for k in EXITS}
+    row["l1_cpu_ticks"] = {k: diff(c, k) for k in CPU}
     if cfg == "ours":
         # No vIOMMU: all guest RAM is mapped once at start, nothing per I/O.
         row["vfio_map"] = row["vfio_unmap"] = 0
@@ -255,23 +267,24 @@ def per_io(v, ios):
     return "-" if v is None or not ios else f"{v / ios:.2f}"
 
 
-def vmm_us(r):
+def vmm_us(r, key="register_write_ns"):
     """Microseconds per I/O our vmm spent handling the VT-d register writes (queue runs and
-    host calls included), from its --stats-json; "-" where that does not apply."""
-    ns = r.get("engine", {}).get("register_write_ns")
+    host calls included), from its --stats-json; with `key`, the part of it spent waiting for
+    the unit's lock or in host DMA calls; "-" where that does not apply."""
+    ns = r.get("engine", {}).get(key)
     return "-" if ns is None or not r.get("ios") else f"{ns / r['ios'] / 1000:.1f}"
 
 
 def table(rows):
     hdr = (
-        f"{'workload':<11} {'config':<14} {'secs':>6} {'MB/s':>7} {'IOPS':>6} "
+        f"{'workload':<11} {'config':<26} {'secs':>6} {'MB/s':>7} {'IOPS':>6} "
         f"{'VFIO map':>8} {'unmap':>6} {'host IOTLB inv':>14} {'inv/IO':>6} {'exits/IO':>8} "
-        f"{'vmm us/IO':>9}  secs per round"
+        f"{'vmm us/IO':>9} {'host':>6} {'wait':>6}  secs per round"
     )
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         if r.get("missing"):
-            lines.append(f"{r['workload']:<11} {r['config']:<14} (no result: see the console log)")
+            lines.append(f"{r['workload']:<11} {r['config']:<26} (no result: see the console log)")
             continue
 
         def n(v):
@@ -279,12 +292,27 @@ def table(rows):
 
         iops = r.get("fio_iops", r["iops"])
         lines.append(
-            f"{r['workload']:<11} {r['config']:<14} {r['secs']:>6.2f} {r['mb_s']:>7.2f} "
+            f"{r['workload']:<11} {r['config']:<26} {r['secs']:>6.2f} {r['mb_s']:>7.2f} "
             f"{iops:>6.0f} {n(r.get('vfio_map')):>8} {n(r.get('vfio_unmap')):>6} "
             f"{r['host_iotlb_inv']:>14} {per_io(r['host_iotlb_inv'], r['ios']):>6} "
             f"{per_io(r['vm_exits'].get('exits'), r['ios']):>8} "
-            f"{vmm_us(r):>9}  {' '.join(f'{x:.2f}' if x is not None else '-' for x in r['secs_rounds'])}"
+            f"{vmm_us(r):>9} {vmm_us(r, 'host_dma_ns'):>6} "
+            f"{vmm_us(r, 'register_lock_wait_ns'):>6}  {' '.join(f'{x:.2f}' if x is not None else '-' for x in r['secs_rounds'])}"
         )
+    return "\n".join(lines)
+
+
+def cpu_table(rows):
+    """Where L1's one CPU went per I/O, in microseconds: the L2's vCPUs running, the VMM's user
+    space, L1's kernel on the VMM's behalf (exits, VFIO), idle."""
+    hdr = f"{'workload':<11} {'config':<26} {'guest':>7} {'vmm user':>8} {'kernel':>7} {'idle':>7}  (L1 CPU us/IO)"
+    lines = [hdr, "-" * len(hdr)]
+    for r in rows:
+        t = r.get("l1_cpu_ticks") or {}
+        if r.get("missing") or t.get("vmm_guest_ticks") is None:
+            continue
+        us = [per_io(t.get(k) * TICK_MS * 1000 if t.get(k) is not None else None, r["ios"]) for k in CPU]
+        lines.append(f"{r['workload']:<11} {r['config']:<26} {us[0]:>7} {us[1]:>8} {us[2]:>7} {us[3]:>7}")
     return "\n".join(lines)
 
 
@@ -352,9 +380,12 @@ def main():
     a = ap.parse_args()
     cells, exits, exit_cost = parse_log(a.log)
     CONFIGS[:] = [c for c in CONFIGS if rounds_of(cells, c)]
+    # bench-viommu.sh --workloads: only those that ran.
+    WORKLOADS[:] = [w for w in WORKLOADS if any(w in c for c in cells.values())]
     trace = parse_trace(a.trace)
     rows = build(cells, trace)
     print(table(rows))
+    print(cpu_table(rows))
     if exit_cost:
         print(exit_cost_table(exit_cost))
     bad = [r for r in rows if r.get("missing") or r.get("rc")]
