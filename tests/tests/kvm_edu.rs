@@ -40,6 +40,8 @@ const R_FACTORIAL: u64 = RESULTS + 32;
 const R_INTX_STATUS: u64 = RESULTS + 36;
 /// One dword an MSI: the interrupt status its handler read.
 const R_MSI_STATUS: u64 = RESULTS + 40;
+/// INTx deliveries that found edu's status already clear (see `edu::level_handler`).
+const R_INTX_SPURIOUS: u64 = RESULTS + 56;
 
 fn guest() -> Vec<u8> {
     asm64(|a| {
@@ -114,7 +116,7 @@ fn guest() -> Vec<u8> {
         take_pending(a)?;
         power_off(a)?;
         a.set_label(&mut on_intx)?;
-        handler(a, r12, R_INTX_COUNT, R_INTX_STATUS, false)?;
+        level_handler(a, r12, R_INTX_COUNT, R_INTX_SPURIOUS, R_INTX_STATUS)?;
         a.set_label(&mut on_msi)?;
         handler(a, r12, R_MSI_COUNT, R_MSI_STATUS, true)
     })
@@ -172,6 +174,13 @@ fn run(irqchip: Irqchip) {
         read_u64(&mem, R_INTX_COUNT),
         1,
         "{what}: one INTx, lowered by the acknowledge"
+    );
+    // At most the one redelivery this machine's KVM makes when its early EOI overtakes the
+    // acknowledge; a line the acknowledge did not lower would come back at every EOI.
+    assert!(
+        read_u64(&mem, R_INTX_SPURIOUS) <= 1,
+        "{what}: {} INTx deliveries after the acknowledge",
+        read_u64(&mem, R_INTX_SPURIOUS)
     );
     assert_eq!(
         read_u32(&mem, R_INTX_STATUS),

@@ -78,6 +78,44 @@ pub fn enable_msi(a: &mut CodeAssembler, address: u32, data: u32) -> Result<(), 
     a.out(dx, eax)
 }
 
+/// Emits a handler for edu's level-triggered INTx: as [`handler`] (not indexed), except that an
+/// interrupt finding edu's status already 0 is counted at `spurious` instead, and neither
+/// stored nor acknowledged. This machine's paravirtual KVM acknowledges a level-triggered
+/// interrupt when the guest takes it and reports the EOI at the vCPU's next exit; when a host
+/// interrupt brings that exit before the handler's acknowledge, the IOAPIC sees the EOI with the
+/// line still asserted and delivers once more, the line then already low (on a KVM with a
+/// faithful local APIC the EOI comes from the handler's own write, after the acknowledge).
+pub fn level_handler(
+    a: &mut CodeAssembler,
+    bar: AsmRegister64,
+    counter: u64,
+    spurious: u64,
+    status: u64,
+) -> Result<(), IcedError> {
+    let mut real = a.create_label();
+    let mut eoi = a.create_label();
+    a.push(rax)?;
+    a.push(rbx)?;
+    a.mov(eax, dword_ptr(bar + EDU_IRQ_STATUS))?;
+    a.test(eax, eax)?;
+    a.jnz(real)?;
+    a.mov(rbx, spurious)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(eoi)?;
+    a.set_label(&mut real)?;
+    a.mov(rbx, counter)?;
+    a.inc(qword_ptr(rbx))?;
+    a.mov(rbx, status)?;
+    a.mov(dword_ptr(rbx), eax)?;
+    a.mov(dword_ptr(bar + EDU_IRQ_ACK), eax)?;
+    a.set_label(&mut eoi)?;
+    a.mov(rax, LAPIC_EOI)?;
+    a.mov(dword_ptr(rax), 0u32)?;
+    a.pop(rbx)?;
+    a.pop(rax)?;
+    a.iretq()
+}
+
 /// Emits a handler that counts at `counter`, stores edu's interrupt status (BAR0 in `bar`) at
 /// `status` (plus 4 bytes for each earlier interrupt when `indexed`), acknowledges it, then
 /// EOIs.
