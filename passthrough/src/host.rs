@@ -19,7 +19,7 @@ const PCI_REGIONS: u32 = 9;
 pub struct HostDevice {
     bdf: String,
     /// Shared with the host DMA of the device's domain when that must re-attach it
-    /// ([`crate::identity::IdentitySwitch`]).
+    /// ([`crate::identity::IoasSwitch`]).
     device: Arc<VfioDevice>,
 }
 

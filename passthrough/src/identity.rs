@@ -3,7 +3,8 @@
 //! a vIOMMU, and those behind the VT-d while their guest view is identity (translation off, or
 //! a pass-through entry). A device behind the VT-d moves between it and its own IOAS by
 //! re-attaching (VFIO_DEVICE_ATTACH_IOMMUFD_PT replaces the attachment atomically), through
-//! [`IdentitySwitch`], the host DMA the VT-d engine gets for it.
+//! [`IoasSwitch`], the host DMA the VT-d engine gets for it; the same switch moves it onto
+//! another device's own IOAS while the guest puts both in one translated domain.
 //!
 //! Guest RAM is mapped there while anyone uses the domain: mapped for the first user, unmapped
 //! after the last, so a guest whose devices all translate pins only what its tables map.
@@ -147,19 +148,30 @@ impl Drop for IdentityHold {
     }
 }
 
+/// Which IOAS a device behind the VT-d is attached to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attached {
+    /// Its own, which its maps and unmaps fill.
+    Own,
+    /// The shared identity IOAS.
+    Identity,
+    /// Another device's own IOAS: the guest put both in one domain.
+    Other(u32),
+}
+
 /// The host DMA of a device behind the VT-d on iommufd: maps and unmaps go to its own IOAS
-/// (`own`, IOAS `own_ioas`), and [`HostDma::use_identity`] moves the device onto the shared
-/// identity domain and back.
-pub struct IdentitySwitch<D: AttachPt> {
+/// (`own`, IOAS `own_ioas`); [`HostDma::use_identity`] moves the device onto the shared
+/// identity domain and back, [`HostDma::use_domain`] onto another device's own IOAS and back.
+pub struct IoasSwitch<D: AttachPt> {
     bdf: String,
     device: Arc<D>,
     own: Box<dyn HostDma>,
     own_ioas: u32,
     shared: Arc<IdentityDomain>,
-    on_shared: bool,
+    attached: Attached,
 }
 
-impl<D: AttachPt> IdentitySwitch<D> {
+impl<D: AttachPt> IoasSwitch<D> {
     /// The device `bdf` (`device`), attached to its own IOAS `own_ioas` whose mappings `own`
     /// makes, able to use `shared`.
     pub fn new(
@@ -175,7 +187,7 @@ impl<D: AttachPt> IdentitySwitch<D> {
             own,
             own_ioas,
             shared,
-            on_shared: false,
+            attached: Attached::Own,
         }
     }
 
@@ -188,9 +200,25 @@ impl<D: AttachPt> IdentitySwitch<D> {
                 source,
             })
     }
+
+    /// Attaches the device to `to` (whose IOAS is `ioas`), releasing the identity domain when
+    /// it leaves it. Acquiring it is the caller's business: guest RAM must be mapped first.
+    fn move_to(&mut self, to: Attached, ioas: u32) -> Result<(), IdentityError> {
+        self.attach(ioas)?;
+        if self.attached == Attached::Identity {
+            self.shared.release();
+        }
+        log::debug!(
+            "{}: on IOAS {ioas} ({to:?}; own IOAS {})",
+            self.bdf,
+            self.own_ioas
+        );
+        self.attached = to;
+        Ok(())
+    }
 }
 
-impl<D: AttachPt> HostDma for IdentitySwitch<D> {
+impl<D: AttachPt> HostDma for IoasSwitch<D> {
     fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), HostDmaError> {
         self.own.map(iova, gpa, len, perm)
     }
@@ -200,7 +228,12 @@ impl<D: AttachPt> HostDma for IdentitySwitch<D> {
     }
 
     fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
-        if on == self.on_shared {
+        let to = if on {
+            Attached::Identity
+        } else {
+            Attached::Own
+        };
+        if to == self.attached {
             return Ok(true);
         }
         if on {
@@ -212,32 +245,44 @@ impl<D: AttachPt> HostDma for IdentitySwitch<D> {
                 self.shared.release();
                 return Err(HostDmaError::switch(on, e));
             }
+            if let Attached::Other(ioas) = self.attached {
+                log::debug!("{}: left IOAS {ioas}", self.bdf);
+            }
             log::debug!(
                 "{}: on the shared identity IOAS {} (own IOAS {} unused)",
                 self.bdf,
                 self.shared.ioas_id(),
                 self.own_ioas
             );
+            self.attached = Attached::Identity;
         } else {
             // The caller mapped the own IOAS first: the device reaches it from here on.
-            self.attach(self.own_ioas)
+            self.move_to(Attached::Own, self.own_ioas)
                 .map_err(|e| HostDmaError::switch(on, e))?;
-            self.shared.release();
-            log::debug!(
-                "{}: back on its own IOAS {} (left the shared identity IOAS {})",
-                self.bdf,
-                self.own_ioas,
-                self.shared.ioas_id()
-            );
         }
-        self.on_shared = on;
+        Ok(true)
+    }
+
+    fn own_domain(&self) -> Option<u32> {
+        Some(self.own_ioas)
+    }
+
+    fn use_domain(&mut self, domain: Option<u32>) -> Result<bool, HostDmaError> {
+        let (to, ioas) = match domain {
+            Some(ioas) if ioas != self.own_ioas => (Attached::Other(ioas), ioas),
+            _ => (Attached::Own, self.own_ioas),
+        };
+        if to != self.attached {
+            self.move_to(to, ioas)
+                .map_err(|e| HostDmaError::switch_domain(domain, e))?;
+        }
         Ok(true)
     }
 }
 
-impl<D: AttachPt> Drop for IdentitySwitch<D> {
+impl<D: AttachPt> Drop for IoasSwitch<D> {
     fn drop(&mut self) {
-        if self.on_shared {
+        if self.attached == Attached::Identity {
             self.shared.release();
         }
     }

@@ -92,10 +92,10 @@ fn switch(
     bdf: &str,
     own_ioas: u32,
     shared: &Arc<IdentityDomain>,
-) -> (IdentitySwitch<FakeDevice>, Arc<FakeDevice>, FakeOwn) {
+) -> (IoasSwitch<FakeDevice>, Arc<FakeDevice>, FakeOwn) {
     let device = Arc::new(FakeDevice::default());
     let own = FakeOwn::default();
-    let s = IdentitySwitch::new(
+    let s = IoasSwitch::new(
         bdf.to_string(),
         device.clone(),
         Box::new(own.clone()),
@@ -210,4 +210,51 @@ fn a_hold_keeps_guest_ram_mapped_and_a_dropped_switch_lets_it_go() {
     drop(hold);
     assert!(!ram.mapped());
     assert_eq!((ram.maps(), ram.unmaps()), (1, 1));
+}
+
+#[test]
+fn a_device_moves_onto_another_devices_ioas_and_back_and_maps_always_go_to_its_own() {
+    let shared = IdentityDomain::new(SHARED, Box::new(FakeRam::default()));
+    let (mut b, device, own) = switch("0000:00:05.1", OWN_B, &shared);
+    assert_eq!(b.own_domain(), Some(OWN_B));
+    assert!(b.use_domain(Some(OWN_A)).unwrap());
+    assert_eq!(device.now(), Some(OWN_A));
+    b.map(0x1000, 0x2000, 0x1000, Perm::RW).unwrap();
+    assert_eq!(*own.0.lock().unwrap(), vec![(0x1000, 0x1000)]);
+    // Already there: no attach.
+    assert!(b.use_domain(Some(OWN_A)).unwrap());
+    assert_eq!(device.attached.lock().unwrap().len(), 1);
+    assert!(b.use_domain(None).unwrap());
+    assert_eq!(device.now(), Some(OWN_B));
+    assert!(!shared.mapped(), "the identity domain was never used");
+}
+
+#[test]
+fn from_another_devices_ioas_to_the_identity_one_and_back_to_its_own() {
+    let ram = FakeRam::default();
+    let shared = IdentityDomain::new(SHARED, Box::new(ram.clone()));
+    let (mut b, device, _) = switch("0000:00:05.1", OWN_B, &shared);
+    b.use_domain(Some(OWN_A)).unwrap();
+    b.use_identity(true).unwrap();
+    assert_eq!(device.now(), Some(SHARED));
+    assert!(ram.mapped());
+    b.use_identity(false).unwrap();
+    assert_eq!(device.now(), Some(OWN_B));
+    assert!(!ram.mapped(), "released by its only user");
+}
+
+#[test]
+fn a_refused_move_onto_another_ioas_names_it_and_leaves_the_device_where_it_was() {
+    let shared = IdentityDomain::new(SHARED, Box::new(FakeRam::default()));
+    let (mut b, device, _) = switch("0000:00:05.1", OWN_B, &shared);
+    device.refuse.store(true, Ordering::SeqCst);
+    let e = b.use_domain(Some(OWN_A)).unwrap_err();
+    assert_eq!(e.op, HostOp::UseDomain(Some(OWN_A)));
+    assert!(e.to_string().contains("0000:00:05.1"), "{e}");
+    device.refuse.store(false, Ordering::SeqCst);
+    assert!(
+        b.use_domain(None).unwrap(),
+        "still on its own: nothing to do"
+    );
+    assert!(device.attached.lock().unwrap().is_empty());
 }

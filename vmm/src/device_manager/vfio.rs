@@ -28,7 +28,7 @@ use passthrough::device::VfioPciDevice;
 use passthrough::dma::{DmaIoctls, HostDmaMappings};
 use passthrough::function::PciFunction;
 use passthrough::host::HostDevice;
-use passthrough::identity::{GuestRam, IdentityDomain, IdentityHold, IdentitySwitch};
+use passthrough::identity::{GuestRam, IdentityDomain, IdentityHold, IoasSwitch};
 use passthrough::iommufd::{open_iommufd, IommufdHost};
 use passthrough::iova::IovaRanges;
 use passthrough::irq::{IrqError, IrqRoutes};
@@ -376,7 +376,7 @@ pub fn attach(
                 })?;
                 Some(match (domain, &identity) {
                     // The VT-d moves it to the shared IOAS while its view is identity.
-                    (Domain::Ioas(h), Some(shared)) => Box::new(IdentitySwitch::new(
+                    (Domain::Ioas(h), Some(shared)) => Box::new(IoasSwitch::new(
                         name.clone(),
                         dev.vfio_device(),
                         dma,

@@ -66,6 +66,9 @@ pub enum HostOp {
     /// [`HostDma::use_identity`]: `true` to move onto the shared identity domain, `false` back
     /// onto the device's own.
     UseIdentity(bool),
+    /// [`HostDma::use_domain`]: `Some(id)` to move onto another device's host domain `id`,
+    /// `None` back onto the device's own.
+    UseDomain(Option<u32>),
 }
 
 impl std::fmt::Display for HostOp {
@@ -74,8 +77,15 @@ impl std::fmt::Display for HostOp {
             HostOp::Map => "map",
             HostOp::Unmap => "unmap",
             HostOp::UseIdentity(true) => "switch to the shared identity domain",
-            HostOp::UseIdentity(false) => "switch back to the device's own domain",
-        })
+            HostOp::UseIdentity(false) | HostOp::UseDomain(None) => {
+                "switch back to the device's own domain"
+            }
+            HostOp::UseDomain(Some(_)) => "switch to a shared domain",
+        })?;
+        match self {
+            HostOp::UseDomain(Some(id)) => write!(f, " {id}"),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -112,6 +122,14 @@ impl HostDmaError {
         Self::new(HostOp::UseIdentity(on), 0, 0, source)
     }
 
+    /// A [`HostDma::use_domain`] switch (to `domain`, or back) failed because of `source`.
+    pub fn switch_domain(
+        domain: Option<u32>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::new(HostOp::UseDomain(domain), 0, 0, source)
+    }
+
     /// What failed, with the range for a map or an unmap.
     fn what(&self) -> String {
         match self.op {
@@ -119,7 +137,7 @@ impl HostDmaError {
                 "{} of {:#x} bytes at IOVA {:#x} failed",
                 self.op, self.len, self.iova
             ),
-            HostOp::UseIdentity(_) => format!("{} failed", self.op),
+            HostOp::UseIdentity(_) | HostOp::UseDomain(_) => format!("{} failed", self.op),
         }
     }
 }
@@ -149,6 +167,27 @@ pub trait HostDma: Send {
     /// shared domain, `Ok(false)` on, and nothing to undo off.
     fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
         let _ = on;
+        Ok(false)
+    }
+
+    /// Optional: the id of the device's own host domain when other devices of the same host
+    /// can use it through [`HostDma::use_domain`] (an iommufd IOAS); `None`, the default,
+    /// when it cannot be shared.
+    fn own_domain(&self) -> Option<u32> {
+        None
+    }
+
+    /// Optional: with `Some(id)`, lets the device reach what another device's own domain `id`
+    /// (its [`HostDma::own_domain`]) maps instead of its own, so devices a guest puts in one
+    /// IOMMU domain share one host domain (guest memory mapped, and pinned, once); returns
+    /// whether it did (false: the host cannot). With `None`, puts the device back on its own
+    /// domain.
+    ///
+    /// Each switch is atomic for the device, as [`HostDma::use_identity`]'s: the caller makes
+    /// sure the domain switched to already maps what the device may reach. `map` and `unmap`
+    /// always act on the device's own domain. The default: no sharing, `Ok(false)`.
+    fn use_domain(&mut self, domain: Option<u32>) -> Result<bool, HostDmaError> {
+        let _ = domain;
         Ok(false)
     }
 }
@@ -214,5 +253,23 @@ mod tests {
         }
         assert!(!Plain.use_identity(true).unwrap());
         assert!(!Plain.use_identity(false).unwrap());
+        assert_eq!(Plain.own_domain(), None);
+        assert!(!Plain.use_domain(Some(3)).unwrap());
+    }
+
+    #[test]
+    fn a_failed_domain_switch_names_the_domain() {
+        let to = HostDmaError::switch_domain(Some(7), std::io::Error::from_raw_os_error(16));
+        assert!(
+            to.to_string()
+                .starts_with("host DMA switch to a shared domain 7 failed: "),
+            "{to}"
+        );
+        let back = HostDmaError::switch_domain(None, std::io::Error::from_raw_os_error(16));
+        assert!(
+            back.to_string()
+                .starts_with("host DMA switch back to the device's own domain failed: "),
+            "{back}"
+        );
     }
 }
