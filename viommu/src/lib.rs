@@ -43,7 +43,8 @@ pub use stats::{Footprint, Stats};
 pub use vm_device::dma::Perm;
 pub use vtd::registers;
 pub use vtd::{
-    Clock, ConfigError, FlushMode, MsiSink, RecordError, SyncStrategy, SystemClock, Vtd, VtdConfig,
+    Clock, ConfigError, DomainUse, FlushMode, HostDomainUse, MsiSink, RecordError, SyncStrategy,
+    SystemClock, Vtd, VtdConfig,
 };
 
 /// Size of a VT-d page.

@@ -85,11 +85,28 @@ enum SharedIdentity {
     InUse,
 }
 
+/// Whether a space's device uses another device's host domain ([`HostDma::use_domain`]) while
+/// both views are the same translated tables, instead of mirroring them in its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sharing {
+    /// Not to be asked: the unit's user turned it off (a recording unit), or the host cannot
+    /// share its domains.
+    Off,
+    /// On its own domain, which devices with the same view may use.
+    Own,
+    /// On `leader`'s own domain `domain`; its own maps nothing.
+    Follows { leader: SourceId, domain: u32 },
+    /// Was following, but the leader's domain no longer maps its view: its next sync maps its
+    /// own domain in full, then moves it back (retried at every sync until the host agrees).
+    Leaving,
+}
+
 pub(crate) struct Space {
     pub source: SourceId,
     pub view: View,
     host: Box<dyn HostDma>,
     identity: SharedIdentity,
+    sharing: Sharing,
     pub shadow: Shadow,
     /// Invalidated ranges not yet synced.
     pending: Vec<Range>,
@@ -104,18 +121,25 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    /// A space for `source` over its own host domain `host`; with `shared_identity`, its
-    /// identity views use the host's shared identity domain when the host has one.
-    pub fn new(source: SourceId, host: Box<dyn HostDma>, shared_identity: bool) -> Self {
+    /// A space for `source` over its own host domain `host`; with `share`, its identity views
+    /// use the host's shared identity domain when the host has one, and its translated views
+    /// the domain of another device with the same view when the host can share domains.
+    pub fn new(source: SourceId, host: Box<dyn HostDma>, share: bool) -> Self {
+        let sharing = if share && host.own_domain().is_some() {
+            Sharing::Own
+        } else {
+            Sharing::Off
+        };
         Space {
             source,
             view: View::Blocked,
             host,
-            identity: if shared_identity {
+            identity: if share {
                 SharedIdentity::Available
             } else {
                 SharedIdentity::Off
             },
+            sharing,
             shadow: Shadow::new(),
             pending: Vec::new(),
             view_changed: true,
@@ -130,13 +154,16 @@ impl Space {
         self.pending.push(range);
     }
 
-    /// Switches to `view`; the whole space is synced strictly at the next sync.
-    pub fn set_view(&mut self, view: View) {
-        if view != self.view {
+    /// Switches to `view`; the whole space is synced strictly at the next sync. Returns
+    /// whether the view changed.
+    pub fn set_view(&mut self, view: View) -> bool {
+        let changed = view != self.view;
+        if changed {
             self.view = view;
             self.view_changed = true;
             self.snapshots.clear();
         }
+        changed
     }
 
     /// Last-level tables this space keeps a snapshot of (4 KiB each).
@@ -145,7 +172,110 @@ impl Space {
     }
 
     pub fn has_pending(&self) -> bool {
-        self.view_changed || !self.pending.is_empty() || self.must_leave_identity()
+        self.view_changed
+            || !self.pending.is_empty()
+            || self.must_leave_identity()
+            || self.sharing == Sharing::Leaving
+    }
+
+    /// Whether the whole space is synced at the next sync (its view changed since the last).
+    pub fn view_changed(&self) -> bool {
+        self.view_changed
+    }
+
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
+    }
+
+    /// The host domain devices with this space's view may use: its own, while its device is
+    /// on it and it mirrors translated tables already synced (not just switched to).
+    pub fn leader_domain(&self) -> Option<u32> {
+        let synced = matches!(self.view, View::Tables { .. }) && !self.view_changed;
+        if self.sharing != Sharing::Own || !synced {
+            return None;
+        }
+        self.host.own_domain()
+    }
+
+    /// Whether the space may move onto another device's domain: it shares, and its view is
+    /// translated.
+    pub fn may_follow(&self) -> bool {
+        self.sharing != Sharing::Off && matches!(self.view, View::Tables { .. })
+    }
+
+    /// Moves the device onto `leader`'s domain `domain`, which maps this space's view (it may
+    /// be on another leader's domain with the same view, or on its own). The next sync empties
+    /// its own domain. A refusal leaves the device where it was; `Ok(false)` (the host cannot
+    /// share) turns sharing off for the space.
+    pub fn follow(&mut self, leader: SourceId, domain: u32) -> SyncReport {
+        let mut report = SyncReport::default();
+        match self.host.use_domain(Some(domain)) {
+            Ok(true) => {
+                vm_device::debug_limited!(
+                    "VT-d: {}: on the host domain of {leader}, which the guest gave it too",
+                    self.source
+                );
+                self.sharing = Sharing::Follows { leader, domain };
+                // The own domain's mappings are dropped at the next sync.
+                self.view_changed = true;
+            }
+            Ok(false) => self.must_leave_or(Sharing::Off),
+            Err(error) => {
+                report.failed.push(Failed { error });
+                if matches!(self.sharing, Sharing::Follows { .. }) {
+                    self.must_leave_or(Sharing::Own);
+                }
+            }
+        }
+        report
+    }
+
+    /// The leader's domain no longer maps this space's view: back to its own, at the next
+    /// sync, after mapping it in full. A space not following becomes `otherwise`.
+    pub fn must_leave_or(&mut self, otherwise: Sharing) {
+        if matches!(self.sharing, Sharing::Follows { .. } | Sharing::Leaving) {
+            self.sharing = Sharing::Leaving;
+            self.view_changed = true;
+            self.snapshots.clear();
+        } else {
+            self.sharing = otherwise;
+        }
+    }
+
+    /// While following: drops what the own domain still maps (it only pins memory) and what
+    /// was pending, which the leader syncs. True when the device is on a leader's domain.
+    fn stay_on_leader(&mut self, report: &mut SyncReport) -> bool {
+        if !matches!(self.sharing, Sharing::Follows { .. }) {
+            return false;
+        }
+        self.drop_own(report);
+        true
+    }
+
+    /// Forgets what was pending and unmaps all the own domain holds: the device is on a
+    /// shared domain, which maps what it reaches.
+    fn drop_own(&mut self, report: &mut SyncReport) {
+        self.pending.clear();
+        self.view_changed = false;
+        self.snapshots.clear();
+        if !self.shadow.is_empty() {
+            let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
+            self.apply(&mut plan, report);
+        }
+    }
+
+    /// After a sync that mapped the own domain in full: moves a leaving device back onto it.
+    fn leave_leader(&mut self, report: &mut SyncReport) {
+        if self.sharing != Sharing::Leaving {
+            return;
+        }
+        match self.host.use_domain(None) {
+            Ok(_) => {
+                vm_device::debug_limited!("VT-d: {}: back on its own host domain", self.source);
+                self.sharing = Sharing::Own;
+            }
+            Err(error) => report.failed.push(Failed { error }),
+        }
     }
 
     /// Whether the device is on the shared identity domain.
@@ -175,6 +305,10 @@ impl Space {
                         self.source
                     );
                     self.identity = SharedIdentity::InUse;
+                    // Off a leader's domain too, if it was on one.
+                    if self.sharing == Sharing::Leaving {
+                        self.sharing = Sharing::Own;
+                    }
                 }
                 Ok(false) => self.identity = SharedIdentity::Off,
                 // The device stays on its own domain, which the sync maps as before.
@@ -184,13 +318,7 @@ impl Space {
         if !self.on_shared_identity() {
             return false;
         }
-        self.pending.clear();
-        self.view_changed = false;
-        self.snapshots.clear();
-        if !self.shadow.is_empty() {
-            let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
-            self.apply(&mut plan, report);
-        }
+        self.drop_own(report);
         true
     }
 
@@ -272,11 +400,12 @@ impl Space {
     /// Syncs the pending ranges (or the whole space after a view change) in one batch.
     pub fn sync<M: TableMemory>(&mut self, env: &SyncEnv<'_, M>, defer: bool) -> SyncReport {
         let mut report = SyncReport::default();
-        if self.enter_identity(&mut report) {
+        if self.enter_identity(&mut report) || self.stay_on_leader(&mut report) {
             return report;
         }
         self.sync_own(env, defer, &mut report);
         self.leave_identity(&mut report);
+        self.leave_leader(&mut report);
         report
     }
 
@@ -381,7 +510,7 @@ impl Space {
         range: Range,
     ) -> SyncReport {
         let mut report = SyncReport::default();
-        if self.enter_identity(&mut report) {
+        if self.enter_identity(&mut report) || self.stay_on_leader(&mut report) {
             return report;
         }
         let range = if self.view_changed { FULL } else { range };
@@ -416,6 +545,7 @@ impl Space {
         );
         report.failed.extend(failed);
         self.leave_identity(&mut report);
+        self.leave_leader(&mut report);
         report
     }
 
@@ -447,8 +577,10 @@ impl Space {
         let mut plan = self.shadow.plan(&[FULL], &[], &[], false);
         self.apply(&mut plan, &mut report);
         self.view_changed = false;
-        // Back on its own, now empty, domain: the shared one stays for the devices using it.
+        // Back on its own, now empty, domain: the shared ones stay for the devices using them.
         self.leave_identity(&mut report);
+        self.must_leave_or(self.sharing);
+        self.leave_leader(&mut report);
         report
     }
 }

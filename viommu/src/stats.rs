@@ -55,6 +55,9 @@ pub struct Stats {
     pub deferred_unmaps_cancelled: u64,
     /// Deferred flushes carried out.
     pub deferred_flushes: u64,
+    /// Devices moved onto another device's host domain, the guest having put both in one
+    /// translated domain ([`crate::Vtd`]'s domain sharing).
+    pub host_domain_joins: u64,
     /// Syncs cut short because the guest's tables held more entries than the walk budget.
     pub walk_budget_exceeded: u64,
     /// Interrupt requests and interrupt routes translated through the guest's IRTE table (a

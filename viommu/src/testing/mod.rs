@@ -10,10 +10,12 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use crate::host::{HostDma, HostDmaError, HostOp};
 use crate::{Perm, PAGE_SIZE};
 
+mod domains;
 mod driver;
 mod scalable;
 mod tables;
 
+pub use domains::{DomainHost, HostDomains};
 pub use driver::{Driver, DRIVER_QUEUE, DRIVER_STATUS};
 pub use scalable::{FirstStageFlags, ScalableTables};
 pub use tables::Tables;

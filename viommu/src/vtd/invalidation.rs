@@ -440,7 +440,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             }
             let view = self.view_for_host(source);
             if let Some(space) = self.spaces.get_mut(&source) {
-                space.set_view(view);
+                self.sharing_dirty |= space.set_view(view);
             }
         }
         if self.config.strategy == SyncStrategy::PerLeaf {
@@ -498,7 +498,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
 
     /// Runs `f` on every attached device with what a sync needs to know of the guest, then
     /// accounts for the reports it returns.
-    fn each_space(
+    pub(super) fn each_space(
         &mut self,
         mut f: impl FnMut(&SyncEnv<'_, Tap<M>>, &mut Space) -> Option<SyncReport>,
     ) {
@@ -527,6 +527,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         range_for: impl Fn(&View) -> Option<Range>,
         pending_only: bool,
     ) {
+        if self.settle_sharing() {
+            self.sync_leaving(false);
+        }
         self.each_space(|env, space| {
             if pending_only && !space.has_pending() {
                 return None;
@@ -541,6 +544,9 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             return self.sync_each_per_leaf(|_| Some(FULL), true);
         }
         let defer = matches!(self.config.flush, FlushMode::Deferred { .. });
+        if self.settle_sharing() {
+            self.sync_leaving(defer);
+        }
         self.each_space(|env, space| space.has_pending().then(|| space.sync(env, defer)));
     }
 

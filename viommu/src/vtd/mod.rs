@@ -13,6 +13,8 @@ mod mmio;
 mod record;
 pub use record::RecordError;
 pub mod registers;
+mod sharing;
+pub use sharing::{DomainUse, HostDomainUse};
 #[cfg(test)]
 mod tests;
 mod translate;
@@ -234,6 +236,9 @@ pub struct Vtd<M: GuestMemoryBackend> {
     interrupt_routes: Option<Box<dyn InterruptRoutes>>,
 
     spaces: BTreeMap<SourceId, Space>,
+    /// Views changed since devices last settled which host domain they use
+    /// ([`Vtd::settle_sharing`]).
+    sharing_dirty: bool,
     /// Attached devices whose tables the guest misprogrammed, with the fault recorded for it,
     /// so a repeated invalidation does not record it again.
     refused: BTreeMap<SourceId, FaultReason>,
@@ -397,6 +402,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             },
             interrupt_routes: None,
             spaces: BTreeMap::new(),
+            sharing_dirty: false,
             refused: BTreeMap::new(),
             stats: Stats::default(),
             deferred_since: None,
@@ -475,13 +481,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         if self.spaces.contains_key(&source) {
             return Err(ConfigError::AlreadyAttached(source));
         }
-        // A recording unit keeps every device's identity view in its own domain, as replay
-        // (which has no such host) does, so that a replay repeats the live counters exactly.
-        let shared_identity = self.mem.recorder().is_none();
-        let mut space = Space::new(source, host, shared_identity);
+        // A recording unit keeps every device's views in its own domain, as replay (which has
+        // no such host) does, so that a replay repeats the live counters exactly.
+        let share = self.mem.recorder().is_none();
+        let mut space = Space::new(source, host, share);
         let view = self.view_for_host(source);
         space.set_view(view);
         self.spaces.insert(source, space);
+        self.sharing_dirty = true;
         self.walk_left = self.config.walk_budget;
         self.sync_pending();
         Ok(())
@@ -492,6 +499,14 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         self.record_event(Event::Detach(source));
         self.refused.remove(&source);
         if let Some(mut space) = self.spaces.remove(&source) {
+            // Its followers leave its domain (for another leader's, or their own mapped in
+            // full) before it is emptied.
+            self.sharing_dirty = true;
+            self.walk_left = self.config.walk_budget;
+            if self.settle_sharing() {
+                let defer = matches!(self.config.flush, FlushMode::Deferred { .. });
+                self.sync_leaving(defer);
+            }
             let report = space.unmap_all();
             self.account(source, report);
         }

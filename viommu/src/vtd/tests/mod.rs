@@ -145,6 +145,7 @@ mod inject;
 mod interrupts;
 mod registers;
 mod scalable;
+mod sharing;
 mod sync;
 
 #[test]
