@@ -62,6 +62,14 @@ impl HostDma for TimedHostDma {
     fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
         self.timed(|h| h.use_identity(on))
     }
+
+    fn own_domain(&self) -> Option<u32> {
+        self.inner.own_domain()
+    }
+
+    fn use_domain(&mut self, domain: Option<u32>) -> Result<bool, HostDmaError> {
+        self.timed(|h| h.use_domain(domain))
+    }
 }
 
 #[cfg(test)]

@@ -395,6 +395,24 @@ pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> ser
     let (host_calls, host_ns) = vtd.map(|v| v.host_time().get()).unwrap_or((0, 0));
     json["host_dma_calls"] = serde_json::json!(host_calls);
     json["host_dma_ns"] = serde_json::json!(host_ns);
+    // Which host domain each passed-through device uses: its own, the shared identity one, or
+    // that of another device the guest put in the same domain.
+    let domains = vtd.map(|v| lock(v).host_domains()).unwrap_or_default();
+    json["host_domains"] = domains
+        .iter()
+        .map(|d| {
+            let on = match d.on {
+                viommu::DomainUse::Own => "own".to_string(),
+                viommu::DomainUse::SharedIdentity => "identity".to_string(),
+                viommu::DomainUse::SharedWith(leader) => leader.to_string(),
+            };
+            serde_json::json!({
+                "source": d.source.to_string(),
+                "on": on,
+                "own_mappings": d.own_mappings,
+            })
+        })
+        .collect();
     // What recording (record=PATH) wrote and cost: its `ns` is part of register_write_ns.
     json["record"] = serde_json::json!(record);
     json
