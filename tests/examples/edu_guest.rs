@@ -268,6 +268,8 @@ fn main() {
         iommu: std::env::args().nth(2).as_deref() == Some("viommu"),
         // iommufd where the L1 kernel has it, else the container.
         backend: None,
+        // Function 0 of the first free slot.
+        addr: None,
     };
     let mode = std::env::args().nth(2).unwrap_or_else(|| "msi".into());
     let behind_vtd = mode == "viommu";

@@ -11,6 +11,7 @@ use passthrough::setup::Backend;
 
 use crate::arch::x86_64::interrupts::MAX_XAPIC_ID;
 use crate::arch::x86_64::layout::MIN_MEMORY_SIZE;
+use crate::pci::address::{PciAddress, PciAddressError};
 use crate::vstate::vm::Irqchip;
 
 mod viommu;
@@ -139,6 +140,17 @@ pub enum InvalidReason {
     RecordWithDriverOptions,
     #[error(transparent)]
     Injection(#[from] ::viommu::inject::InjectionError),
+    #[error(transparent)]
+    Address(#[from] PciAddressError),
+    #[error("slot 0 is the host bridge's")]
+    HostBridgeSlot,
+    #[error("{} asks for it too", .0.display())]
+    AddressTaken(PathBuf),
+    #[error(
+        "slot {0:02x} has no function 0 (a guest looks for functions 1-7 only when function 0 \
+         says multi-function; add a device at addr={0:02x}.0)"
+    )]
+    NoFunctionZero(u8),
 }
 
 /// Why a size does not parse.
@@ -210,7 +222,7 @@ Usage: vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--cpus boot=N] [--m
                      [,inject-control=PATH]]
            [--stats-json PATH]
            [--device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,iommu=on]
-                     [,backend=iommufd|container]]...
+                     [,backend=iommufd|container][,addr=SLOT[.FUNCTION]]]...
            [--edu] [--irqchip kernel|split]
        vmm replay PATH... [OPTIONS]   (see vmm replay --help)
 
@@ -270,7 +282,7 @@ Options:
                        line, armed and counted from each time the file changes)
   --stats-json PATH    write the VT-d counters as JSON when the VM stops (and every
                        100 ms while it runs)
-  --device path=PATH[,iommu=on][,backend=iommufd|container]
+  --device path=PATH[,iommu=on][,backend=iommufd|container][,addr=SLOT[.FUNCTION]]
                        assign a host PCI function bound to vfio-pci (repeatable); without
                        --viommu all guest RAM is mapped for its DMA; with --viommu it must
                        say iommu=on and its DMA follows the guest's VT-d tables.
@@ -278,9 +290,15 @@ Options:
                        device's /dev/vfio/devices/vfioN, else container): iommufd maps
                        through an I/O address space (one shared by the devices without
                        --viommu, one per device behind it), container through a VFIO
-                       type1 container (/dev/vfio/vfio and the group's /dev/vfio/N)
+                       type1 container (/dev/vfio/vfio and the group's /dev/vfio/N).
+                       addr= (QEMU's; hex, slot 1..1f, function 0..7, default 0) puts it at
+                       00:SLOT.FUNCTION of the guest's bus 0, e.g. addr=05.0 and addr=05.1
+                       make one multi-function device of two; a slot with functions needs
+                       function 0. Without addr=, a device takes function 0 of the first
+                       slot neither in use (host bridge, --edu) nor named by an addr=
   --edu                add QEMU's edu test device (1234:11e8: factorial, interrupt raise and
-                       acknowledge, DMA engine, MSI or INTx) in the first free PCI slot,
+                       acknowledge, DMA engine, MSI or INTx) in the first free PCI slot
+                       (one no --device addr= names),
                        as firmware leaves it (BAR0 placed and decoding, interrupt line set);
                        with --viommu its DMA and interrupts go through the VT-d. QEMU's
                        -device edu; a flag of its own, as Cloud Hypervisor names each emulated
@@ -415,7 +433,8 @@ fn parse_memory(input: &str) -> Result<u64, ConfigError> {
     Ok(size)
 }
 
-/// `--device path=PATH[,iommu=on|off][,backend=iommufd|container]` (Cloud Hypervisor's form).
+/// `--device path=PATH[,iommu=on|off][,backend=iommufd|container][,addr=SLOT[.FUNCTION]]`
+/// (Cloud Hypervisor's form, with QEMU's `addr=`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// The host PCI function's sysfs path.
@@ -425,11 +444,13 @@ pub struct DeviceConfig {
     /// The host backend asked for; `None` takes iommufd where the host has it, else the
     /// container.
     pub backend: Option<Backend>,
+    /// Where on the guest's bus 0 it goes; `None` takes function 0 of the first free slot.
+    pub addr: Option<PciAddress>,
 }
 
-/// Parses `--device path=PATH[,iommu=on|off][,backend=iommufd|container]`.
+/// Parses `--device path=PATH[,iommu=on|off][,backend=iommufd|container][,addr=SLOT[.FUNCTION]]`.
 fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
-    let list = OptionList::parse("--device", input, &["path", "iommu", "backend"])?;
+    let list = OptionList::parse("--device", input, &["path", "iommu", "backend", "addr"])?;
     let path = list.require("path")?;
     if path.is_empty() {
         return Err(list.invalid("path", path, InvalidReason::Empty));
@@ -451,11 +472,55 @@ fn parse_device(input: &str) -> Result<DeviceConfig, ConfigError> {
             ))
         }
     };
+    let addr = match list.get("addr") {
+        None => None,
+        Some(raw) => {
+            let addr: PciAddress = raw.parse().map_err(|e| list.invalid("addr", raw, e))?;
+            if addr.slot() == 0 {
+                return Err(list.invalid("addr", raw, InvalidReason::HostBridgeSlot));
+            }
+            Some(addr)
+        }
+    };
     Ok(DeviceConfig {
         path: PathBuf::from(path),
         iommu,
         backend,
+        addr,
     })
+}
+
+/// The addresses the devices ask for must be distinct, and a slot with functions must have
+/// function 0.
+fn check_device_addresses(devices: &[DeviceConfig]) -> Result<(), ConfigError> {
+    let invalid = |d: &DeviceConfig, addr: PciAddress, reason| ConfigError::InvalidValue {
+        option: "--device",
+        key: "addr",
+        value: format!(
+            "{:02x}.{} for {}",
+            addr.slot(),
+            addr.function(),
+            d.path.display()
+        ),
+        reason,
+    };
+    let mut taken: BTreeMap<PciAddress, &DeviceConfig> = BTreeMap::new();
+    for d in devices {
+        let Some(addr) = d.addr else { continue };
+        if let Some(other) = taken.insert(addr, d) {
+            return Err(invalid(
+                d,
+                addr,
+                InvalidReason::AddressTaken(other.path.clone()),
+            ));
+        }
+    }
+    for (&addr, d) in &taken {
+        if !taken.contains_key(&addr.function_zero()) {
+            return Err(invalid(d, addr, InvalidReason::NoFunctionZero(addr.slot())));
+        }
+    }
+    Ok(())
 }
 
 /// Devices and the VT-d must agree: the DMAR table puts every PCI device behind the unit, so a
@@ -585,6 +650,7 @@ where
         }
     }
 
+    check_device_addresses(&devices)?;
     check_devices_and_viommu(&devices, viommu.as_ref())?;
     let intremap = viommu.as_ref().is_some_and(|v| v.intremap);
     let irqchip = match irqchip {

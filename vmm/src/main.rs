@@ -134,7 +134,8 @@ fn main() -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
-    // The emulated edu first: it takes the first free slot, the assigned devices the next.
+    // The emulated edu first: it takes the first free slot, the assigned devices the next
+    // (the slots a --device addr= names were held for it when the VM was built).
     if cfg.edu {
         if let Err(e) = vmm.add_edu() {
             return fail(e);

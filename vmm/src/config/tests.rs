@@ -40,7 +40,7 @@ fn device_repeats_in_cloud_hypervisors_form() {
     );
     assert_eq!(
         err(&["--kernel", "/k", "--device", "bus=1"]),
-        "--device: unknown key 'bus' (known: path, iommu, backend)"
+        "--device: unknown key 'bus' (known: path, iommu, backend, addr)"
     );
     assert_eq!(
         err(&["--kernel", "/k", "--device", "iommu=on"]),
@@ -308,4 +308,88 @@ fn backend_is_iommufd_or_container_per_device_and_mixes() {
         err(&["--kernel", "/k", "--device", "path=/d,backend="]),
         "--device: invalid backend '': must be iommufd or container"
     );
+}
+
+/// The command line `--kernel /k` with a `--device` for each of `specs`.
+fn with_devices<'a>(specs: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--kernel", "/k"];
+    for spec in specs {
+        args.extend(["--device", spec]);
+    }
+    args
+}
+
+/// The slot and function each device asks for, `None` where it asks for none.
+fn addrs(c: &VmConfig) -> Vec<Option<(u8, u8)>> {
+    c.devices
+        .iter()
+        .map(|d| d.addr.map(|a| (a.slot(), a.function())))
+        .collect()
+}
+
+#[test]
+fn devices_go_at_the_slot_and_function_addr_asks_for_in_qemus_spelling() {
+    let c = run(&with_devices(&[
+        "path=/a,addr=05.1",
+        "path=/b,addr=5",
+        "path=/c",
+        "path=/d,addr=1f.0",
+    ]));
+    assert_eq!(
+        addrs(&c),
+        [Some((5, 1)), Some((5, 0)), None, Some((0x1f, 0))]
+    );
+}
+
+#[test]
+fn a_malformed_or_out_of_range_addr_is_refused_naming_it() {
+    let bad = |addr: &str| err(&with_devices(&[&format!("path=/d,addr={addr}")]));
+    assert_eq!(
+        bad("5:1"),
+        "--device: invalid addr '5:1': expected SLOT[.FUNCTION] in hex, e.g. 05.1"
+    );
+    assert_eq!(
+        bad(""),
+        "--device: invalid addr '': expected SLOT[.FUNCTION] in hex, e.g. 05.1"
+    );
+    assert_eq!(
+        bad("20.0"),
+        "--device: invalid addr '20.0': slot 0x20 is past the last, 0x1f"
+    );
+    assert_eq!(
+        bad("5.8"),
+        "--device: invalid addr '5.8': function 8 is past the last, 7"
+    );
+    assert_eq!(
+        bad("0.0"),
+        "--device: invalid addr '0.0': slot 0 is the host bridge's"
+    );
+    assert_eq!(
+        bad("00.3"),
+        "--device: invalid addr '00.3': slot 0 is the host bridge's"
+    );
+}
+
+#[test]
+fn two_devices_at_one_address_are_refused_naming_both() {
+    assert_eq!(
+        err(&with_devices(&["path=/a,addr=5.0", "path=/b,addr=05.0"])),
+        "--device: invalid addr '05.0 for /b': /a asks for it too"
+    );
+}
+
+#[test]
+fn a_slot_with_functions_but_no_function_0_is_refused() {
+    assert_eq!(
+        err(&with_devices(&[
+            "path=/a,addr=5.0",
+            "path=/b,addr=6.1",
+            "path=/c,addr=6.2"
+        ])),
+        "--device: invalid addr '06.1 for /b': slot 06 has no function 0 (a guest looks for \
+         functions 1-7 only when function 0 says multi-function; add a device at addr=06.0)"
+    );
+    // Function 0 listed after the others is fine: the bus takes it first.
+    let c = run(&with_devices(&["path=/b,addr=6.1", "path=/a,addr=6.0"]));
+    assert_eq!(addrs(&c), [Some((6, 1)), Some((6, 0))]);
 }

@@ -168,11 +168,24 @@ impl DeviceManager {
     /// Opens the host PCI functions `devices` (VFIO) in their host domains, and reads what
     /// the domains of those going behind the VT-d can map. Once, before [`Self::add_vtd`],
     /// whose address width must fit them; [`Self::assign_devices`] puts them on the bus.
+    /// The slots they ask for (`addr=`) are held from now on, so that the devices placed
+    /// before them, such as edu, take other slots.
     pub fn open_devices(
         &mut self,
         vm: &Vm,
         devices: &[DeviceConfig],
     ) -> Result<(), DeviceManagerError> {
+        {
+            let mut pci = lock(&self.pci);
+            for d in devices {
+                if let Some(addr) = d.addr {
+                    pci.reserve(addr).map_err(|source| vfio::VfioError::Bus {
+                        device: d.path.display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+        }
         self.opened = vfio::open(vm, devices)?;
         Ok(())
     }

@@ -62,15 +62,15 @@ pub(super) fn add_edu(
     intx: impl FnOnce(u32) -> Option<Box<dyn IrqLine>>,
 ) -> Result<SourceId, PciBusError> {
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    let slot = bus.free_slot().ok_or(PciBusError::NoFreeSlot)? as u8;
-    let source = SourceId::new(0, slot, 0);
+    let addr = bus.free_address().ok_or(PciBusError::NoFreeSlot)?;
+    let slot = addr.slot();
+    let source = SourceId::new(0, slot, addr.function());
     let interrupts = EduInterrupts {
         msi: msi(source),
         intx: intx(intx_gsi(slot, 0)),
     };
     let edu = Edu::new(mem.clone(), source, vtd.cloned(), interrupts);
-    let added = bus.add_device(Arc::new(Mutex::new(edu)))?;
-    debug_assert_eq!(added, usize::from(slot));
+    bus.add_device_at(addr, Arc::new(Mutex::new(edu)))?;
     firmware_init(&bus, slot);
     Ok(source)
 }

@@ -44,6 +44,7 @@ use crate::device_manager::address_width::HostIova;
 use crate::devices::vtd::host_time::TimedHostDma;
 use crate::devices::vtd::intremap::{InterruptRemapping, RemappedIrqRoutes};
 use crate::devices::vtd::SharedVtd;
+use crate::pci::address::PciAddress;
 use crate::pci::bus::{intx_gsi, PciBus, PciBusError};
 use crate::vstate::vm::{SlotAllocator, Vm};
 
@@ -232,6 +233,8 @@ struct OpenDevice {
     own: Option<Domain>,
     /// What its own domain can map (None: the host does not say).
     iova: Option<IovaRanges>,
+    /// Where on bus 0 the user asked for it (`addr=`), if anywhere.
+    addr: Option<PciAddress>,
 }
 
 /// The `--device`s opened in their host domains (phase one of assignment): what the VT-d's
@@ -311,7 +314,12 @@ pub fn open(vm: &Vm, devices: &[DeviceConfig]) -> Result<Option<OpenDevices>, Vf
             selected.route.backend(),
             selected.why,
         );
-        opened.push(OpenDevice { dev, own, iova });
+        opened.push(OpenDevice {
+            dev,
+            own,
+            iova,
+            addr: d.addr,
+        });
     }
     Ok(Some(OpenDevices {
         devices: opened,
@@ -357,13 +365,16 @@ pub fn attach(
 ) -> Result<VfioDevices, VfioError> {
     let routing = vm.routing().ok_or(VfioError::NoIrqchip)?;
     let OpenDevices {
-        devices,
+        mut devices,
         mut domains,
     } = opened;
+    // The devices placed explicitly first, by address, so that function 0 of a slot joins
+    // the bus before its other functions; then the others, in command-line order.
+    devices.sort_by_key(|d| (d.addr.is_none(), d.addr));
     let mut sources = Vec::new();
     let identity = domains.shared_ioas.as_ref().and_then(|d| d.identity(mem));
     let mut bus = pci.lock().unwrap_or_else(|e| e.into_inner());
-    for OpenDevice { dev, own, .. } in devices {
+    for OpenDevice { dev, own, addr, .. } in devices {
         let name = dev.bdf().to_string();
         // Behind the VT-d, the domain's host DMA goes to the VT-d, which from then on decides
         // what it maps: all guest RAM while the guest has translation off, then exactly what
@@ -391,16 +402,19 @@ pub fn attach(
         let iommu = own.is_some();
         domains.own.extend(own);
         // INTx (for a device with neither MSI nor MSI-X) goes where the DSDT's _PRT says for
-        // the slot the device is about to take.
+        // the slot the device is about to take (the functions of a slot share its entries).
         let bus_error = |source| VfioError::Bus {
             device: name.clone(),
             source,
         };
-        let slot = bus
-            .free_slot()
-            .ok_or_else(|| bus_error(PciBusError::NoFreeSlot))?;
-        let intx = |pin: u8| Some(intx_gsi(slot as u8, pin.saturating_sub(1)));
-        let source = viommu::SourceId::new(0, slot as u8, 0);
+        let addr = match addr {
+            Some(a) => a,
+            None => bus
+                .free_address()
+                .ok_or_else(|| bus_error(PciBusError::NoFreeSlot))?,
+        };
+        let intx = |pin: u8| Some(intx_gsi(addr.slot(), pin.saturating_sub(1)));
+        let source = viommu::SourceId::new(0, addr.slot(), addr.function());
         let routes: Box<dyn IrqRoutes> = match (iommu, vtd, remapping) {
             (true, Some(vtd), Some(r)) => {
                 Box::new(RemappedIrqRoutes::new(source, vtd.clone(), r.clone()))
@@ -419,10 +433,9 @@ pub fn attach(
             free: Vec::new(),
         };
         let device = VfioPciDevice::new(function, Box::new(mapper));
-        let slot = bus
-            .add_device(Arc::new(Mutex::new(device)))
+        bus.add_device_at(addr, Arc::new(Mutex::new(device)))
             .map_err(bus_error)?;
-        log::info!("{name}: assigned as PCI 00:{slot:02x}.0");
+        log::info!("{name}: assigned as PCI {addr}");
         if let Some(dma) = own_dma {
             let vtd = vtd.ok_or_else(|| VfioError::NoViommu {
                 device: name.clone(),

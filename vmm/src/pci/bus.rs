@@ -5,14 +5,14 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vm_device::pci::bar::{BarKind, BarMove};
 use vm_device::pci::device::{PciDevice, PciDeviceError};
-use vm_device::pci::spec::PCIE_CONFIG_REGS;
+use vm_device::pci::spec::{PCIE_CONFIG_REGS, PCI_HEADER_TYPE, PCI_HEADER_TYPE_MULTI_FUNCTION};
 use vm_device::{debug_limited, error_limited, warn_limited};
 
 use crate::devices::bus::{Bus, BusDevice, BusError};
+pub use crate::pci::address::NUM_SLOTS;
+use crate::pci::address::{PciAddress, NUM_FUNCTIONS};
 use crate::pci::allocator::PciAllocator;
 
-/// Device slots on a bus (PCI 3.0: 5-bit device number).
-pub const NUM_SLOTS: usize = 32;
 /// Configuration address port (PCI 3.0, 3.2.2.3.2 "Configuration Mechanism #1").
 pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 /// CONFIG_ADDRESS (4 bytes) and CONFIG_DATA (4 bytes).
@@ -41,15 +41,29 @@ pub enum PciBusError {
     /// All 32 slots are taken.
     #[error("no free PCI slot (all {NUM_SLOTS} used)")]
     NoFreeSlot,
+    /// A slot asked for explicitly already holds a function (the host bridge's slot 0, or an
+    /// emulated device's).
+    #[error("PCI slot {slot:02x} already holds a function")]
+    SlotTaken { slot: u8 },
+    /// A function asked for explicitly is already there.
+    #[error("PCI {0} is taken")]
+    FunctionTaken(PciAddress),
+    /// A function other than 0 in a slot without function 0, which a guest would not scan
+    /// (it looks for functions 1-7 only when function 0 says multi-function).
+    #[error("PCI {0}: slot {slot:02x} has no function 0", slot = .0.slot())]
+    NoFunctionZero(PciAddress),
     /// BAR placement failed.
-    #[error("PCI device {slot:02x}: {source}")]
-    Device { slot: usize, source: PciDeviceError },
+    #[error("PCI device {addr}: {source}")]
+    Device {
+        addr: PciAddress,
+        source: PciDeviceError,
+    },
     /// BAR registration on a bus failed.
-    #[error("PCI device {slot:02x}: BAR {index} at {addr:#x}: {source}")]
+    #[error("PCI device {addr}: BAR {index} at {bar:#x}: {source}")]
     Register {
-        slot: usize,
+        addr: PciAddress,
         index: usize,
-        addr: u64,
+        bar: u64,
         source: BusError,
     },
 }
@@ -133,9 +147,35 @@ impl BusDevice for BarAdapter {
     }
 }
 
-/// Bus 0 with its devices (function 0 of each slot).
+/// One slot of bus 0: its functions, and whether it is held for functions placed explicitly.
+#[derive(Clone, Default)]
+struct Slot {
+    functions: [Option<SharedPciDevice>; NUM_FUNCTIONS],
+    /// Asked for by an explicitly placed function: automatic placement passes it over.
+    reserved: bool,
+}
+
+impl Slot {
+    fn is_empty(&self) -> bool {
+        self.functions.iter().all(Option::is_none)
+    }
+
+    /// `value`, the dword holding the header type as a function of this slot reports it, with
+    /// the multi-function bit (PCI Local Bus 3.0, 6.2.1) set when the slot holds more than one
+    /// function and clear otherwise.
+    fn header_type_dword(&self, value: u32) -> u32 {
+        let bit = u32::from(PCI_HEADER_TYPE_MULTI_FUNCTION) << (8 * (PCI_HEADER_TYPE % 4));
+        if self.functions.iter().flatten().count() > 1 {
+            value | bit
+        } else {
+            value & !bit
+        }
+    }
+}
+
+/// Bus 0 with its devices, up to eight functions a slot.
 pub struct PciBus {
-    slots: Vec<Option<SharedPciDevice>>,
+    slots: Vec<Slot>,
     allocator: PciAllocator,
     mmio: Arc<Bus>,
     pio: Arc<Bus>,
@@ -145,30 +185,62 @@ impl PciBus {
     /// An empty bus placing BARs with `allocator` on `mmio` and `pio`.
     pub fn new(allocator: PciAllocator, mmio: Arc<Bus>, pio: Arc<Bus>) -> Self {
         Self {
-            slots: vec![None; NUM_SLOTS],
+            slots: vec![Slot::default(); NUM_SLOTS],
             allocator,
             mmio,
             pio,
         }
     }
 
-    /// The slot [`PciBus::add_device`] will use next, if any is free.
-    pub fn free_slot(&self) -> Option<usize> {
-        self.slots.iter().position(Option::is_none)
-    }
-
-    /// Adds `device` in the first free slot, placing and registering its BARs. Returns the slot.
-    pub fn add_device(&mut self, device: SharedPciDevice) -> Result<usize, PciBusError> {
+    /// Function 0 of the slot [`PciBus::add_device`] will use next: the first one neither
+    /// holding functions nor reserved, if any.
+    pub fn free_address(&self) -> Option<PciAddress> {
         let slot = self
             .slots
             .iter()
-            .position(Option::is_none)
-            .ok_or(PciBusError::NoFreeSlot)?;
+            .position(|s| s.is_empty() && !s.reserved)?;
+        // Below NUM_SLOTS, as every index of `slots`.
+        PciAddress::new(slot as u8, 0).ok()
+    }
+
+    /// Holds the slot of `addr` for functions placed there with [`PciBus::add_device_at`]:
+    /// [`PciBus::add_device`] passes it over. Refused when the slot already holds a function.
+    pub fn reserve(&mut self, addr: PciAddress) -> Result<(), PciBusError> {
+        let slot = &mut self.slots[usize::from(addr.slot())];
+        if !slot.is_empty() {
+            return Err(PciBusError::SlotTaken { slot: addr.slot() });
+        }
+        slot.reserved = true;
+        Ok(())
+    }
+
+    /// Adds `device` as function 0 of the first free slot ([`PciBus::free_address`]), placing
+    /// and registering its BARs. Returns the slot.
+    pub fn add_device(&mut self, device: SharedPciDevice) -> Result<usize, PciBusError> {
+        let addr = self.free_address().ok_or(PciBusError::NoFreeSlot)?;
+        self.add_device_at(addr, device)?;
+        Ok(usize::from(addr.slot()))
+    }
+
+    /// Adds `device` at `addr`, placing and registering its BARs. Function 0 of a slot comes
+    /// first: a guest scans the others only once function 0 is there.
+    pub fn add_device_at(
+        &mut self,
+        addr: PciAddress,
+        device: SharedPciDevice,
+    ) -> Result<(), PciBusError> {
+        let slot = &self.slots[usize::from(addr.slot())];
+        if slot.functions[usize::from(addr.function())].is_some() {
+            return Err(PciBusError::FunctionTaken(addr));
+        }
+        if addr.function() != 0 && slot.functions[0].is_none() {
+            return Err(PciBusError::NoFunctionZero(addr));
+        }
         let bars = device
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .place_bars(&mut self.allocator)
-            .map_err(|source| PciBusError::Device { slot, source })?;
+            .map_err(|source| PciBusError::Device { addr, source })?;
         for bar in bars {
             let adapter = Arc::new(Mutex::new(BarAdapter {
                 device: device.clone(),
@@ -177,21 +249,21 @@ impl PciBus {
             self.bus_for(bar.kind)
                 .insert(adapter, bar.addr, bar.size)
                 .map_err(|source| PciBusError::Register {
-                    slot,
+                    addr,
                     index: bar.index,
-                    addr: bar.addr,
+                    bar: bar.addr,
                     source,
                 })?;
             log::debug!(
-                "PCI {slot:02x}.0 BAR{} {:?} at {:#x} size {:#x}",
+                "PCI {addr} BAR{} {:?} at {:#x} size {:#x}",
                 bar.index,
                 bar.kind,
                 bar.addr,
                 bar.size
             );
         }
-        self.slots[slot] = Some(device);
-        Ok(slot)
+        self.slots[usize::from(addr.slot())].functions[usize::from(addr.function())] = Some(device);
+        Ok(())
     }
 
     /// The allocator, for devices placing extra resources.
@@ -206,21 +278,34 @@ impl PciBus {
         }
     }
 
-    fn device(&self, a: &ConfigAddress) -> Option<&SharedPciDevice> {
-        // Single-function devices on bus 0 only.
-        if a.bus != 0 || a.function != 0 || a.reg >= PCIE_CONFIG_REGS {
+    /// The function `a` addresses, with its slot.
+    fn function(&self, a: &ConfigAddress) -> Option<(&Slot, &SharedPciDevice)> {
+        // Bus 0 only.
+        if a.bus != 0 || a.reg >= PCIE_CONFIG_REGS {
             return None;
         }
-        self.slots.get(usize::from(a.device))?.as_ref()
+        let slot = self.slots.get(usize::from(a.device))?;
+        Some((slot, slot.functions.get(usize::from(a.function))?.as_ref()?))
     }
 
-    /// Reads `data.len()` bytes of config space; absent functions read as all ones.
+    /// Reads `data.len()` bytes of config space; absent functions read as all ones. The
+    /// header type's multi-function bit is the bus's to say, as only the bus knows the slot's
+    /// population: set in every function of a slot holding more than one, clear otherwise,
+    /// whatever the function's own header says (a host device may have it set, and a guest
+    /// would then scan functions that are not there).
     pub fn config_read(&self, a: ConfigAddress, data: &mut [u8]) {
-        let value = match self.device(&a) {
-            Some(d) => d
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .read_config_register(a.reg),
+        let value = match self.function(&a) {
+            Some((slot, d)) => {
+                let value = d
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .read_config_register(a.reg);
+                if a.reg == PCI_HEADER_TYPE / 4 {
+                    slot.header_type_dword(value)
+                } else {
+                    value
+                }
+            }
             None => 0xffff_ffff,
         };
         let bytes = value.to_le_bytes();
@@ -231,18 +316,19 @@ impl PciBus {
 
     /// Writes config space and applies the BAR moves the write causes.
     pub fn config_write(&self, a: ConfigAddress, data: &[u8]) {
-        let Some(dev) = self.device(&a) else {
+        let Some((_, dev)) = self.function(&a) else {
             return;
         };
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
         for mv in d.write_config_register(a.reg, a.offset, data) {
-            self.apply_move(a.device, &mut *d, &mv);
+            self.apply_move(&a, &mut *d, &mv);
         }
     }
 
-    /// Moves BAR `mv.index` on its bus and has the function follow; when either cannot, the
-    /// BAR goes back where it was.
-    fn apply_move(&self, slot: u8, dev: &mut dyn PciDevice, mv: &BarMove) {
+    /// Moves BAR `mv.index` of the function at `a` on its bus and has the function follow;
+    /// when either cannot, the BAR goes back where it was.
+    fn apply_move(&self, a: &ConfigAddress, dev: &mut dyn PciDevice, mv: &BarMove) {
+        let (slot, function) = (a.device, a.function);
         let bus = self.bus_for(mv.kind);
         let result = bus
             .relocate(mv.old, mv.new)
@@ -258,7 +344,7 @@ impl PciBus {
             });
         match result {
             Ok(()) => debug_limited!(
-                "PCI {slot:02x}.0 BAR{} moved {:#x} -> {:#x}",
+                "PCI 00:{slot:02x}.{function} BAR{} moved {:#x} -> {:#x}",
                 mv.index,
                 mv.old,
                 mv.new
@@ -266,7 +352,7 @@ impl PciBus {
             Err(e) => {
                 // Real hardware would decode the overlap ambiguously; we keep the old place.
                 warn_limited!(
-                    "PCI {slot:02x}.0 BAR{} move {:#x} -> {:#x} refused: {e}",
+                    "PCI 00:{slot:02x}.{function} BAR{} move {:#x} -> {:#x} refused: {e}",
                     mv.index,
                     mv.old,
                     mv.new

@@ -2,7 +2,7 @@
 
 use vm_device::pci::bar::{Bar, BarAllocator};
 use vm_device::pci::configuration::{PciConfiguration, PciIds};
-use vm_device::pci::spec::PCI_BASE_ADDRESS_0;
+use vm_device::pci::spec::{PCI_BASE_ADDRESS_0, PCI_HEADER_TYPE, PCI_HEADER_TYPE_MULTI_FUNCTION};
 
 use super::*;
 use crate::pci::root::PciHostBridge;
@@ -323,4 +323,138 @@ fn intx_swizzle_covers_pins_16_to_23() {
     assert_eq!(intx_gsi(1, 3), 20);
     assert_eq!(intx_gsi(7, 1), 16);
     assert!((0..32).all(|s| (0..4).all(|p| (16..24).contains(&intx_gsi(s, p)))));
+}
+
+/// A [`Fake`] with device ID `device` whose own header type says multi-function when
+/// `multi_function` (as a host device's may).
+fn fake(device: u16, multi_function: bool) -> SharedPciDevice {
+    let mut config = PciConfiguration::new(PciIds {
+        vendor: 0x1234,
+        device,
+        class: 0xff,
+        subclass: 0,
+        prog_if: 0,
+        revision: 0,
+    });
+    let header = if multi_function {
+        u32::from(PCI_HEADER_TYPE_MULTI_FUNCTION) << 16
+    } else {
+        0
+    };
+    config.set_reg(PCI_HEADER_TYPE / 4, header, 0);
+    Arc::new(Mutex::new(Fake {
+        config,
+        writes: Arc::new(Mutex::new(Vec::new())),
+    }))
+}
+
+fn at(slot: u8, function: u8) -> PciAddress {
+    PciAddress::new(slot, function).unwrap()
+}
+
+/// The config dword at `offset` of 00:`slot`.`function`, through ECAM.
+fn read_dword(bus: &PciBus, slot: u8, function: u8, offset: usize) -> u32 {
+    let mut d = [0u8; 4];
+    let ecam = (u64::from(slot) << 15) | (u64::from(function) << 12) | offset as u64;
+    bus.config_read(decode_ecam(ecam), &mut d);
+    u32::from_le_bytes(d)
+}
+
+/// The header type byte of 00:`slot`.`function`.
+fn header_type(bus: &PciBus, slot: u8, function: u8) -> u8 {
+    let mut b = [0u8];
+    let ecam = (u64::from(slot) << 15) | (u64::from(function) << 12) | PCI_HEADER_TYPE as u64;
+    bus.config_read(decode_ecam(ecam), &mut b);
+    b[0]
+}
+
+/// A bus with the host bridge at 00:00.0.
+fn bridge_only() -> PciBus {
+    let mut bus = PciBus::new(
+        PciAllocator::new(256 << 20),
+        Arc::new(Bus::new()),
+        Arc::new(Bus::new()),
+    );
+    bus.add_device(Arc::new(Mutex::new(PciHostBridge::new())))
+        .unwrap();
+    bus
+}
+
+#[test]
+fn devices_placed_at_an_address_take_it_and_automatic_ones_pass_reserved_slots_over() {
+    let mut bus = bridge_only();
+    bus.reserve(at(1, 0)).unwrap();
+    bus.reserve(at(1, 1)).unwrap();
+    bus.reserve(at(3, 0)).unwrap();
+    assert_eq!(bus.free_address(), Some(at(2, 0)));
+    assert_eq!(bus.add_device(fake(0xa, false)).unwrap(), 2, "1 is held");
+    bus.add_device_at(at(1, 0), fake(0x10, false)).unwrap();
+    bus.add_device_at(at(1, 1), fake(0x11, false)).unwrap();
+    bus.add_device_at(at(3, 0), fake(0x30, false)).unwrap();
+    assert_eq!(bus.add_device(fake(0xb, false)).unwrap(), 4, "3 is held");
+    for (slot, function, device) in [(1, 0, 0x10u16), (1, 1, 0x11), (2, 0, 0xa), (3, 0, 0x30)] {
+        assert_eq!(
+            read_dword(&bus, slot, function, 0),
+            u32::from(device) << 16 | 0x1234,
+            "00:{slot:02x}.{function}"
+        );
+    }
+}
+
+#[test]
+fn an_address_taken_a_slot_in_use_or_a_function_without_function_0_is_refused() {
+    let mut bus = bridge_only();
+    assert!(matches!(
+        bus.reserve(at(0, 1)),
+        Err(PciBusError::SlotTaken { slot: 0 })
+    ));
+    assert_eq!(bus.add_device(fake(1, false)).unwrap(), 1);
+    assert!(matches!(
+        bus.reserve(at(1, 0)),
+        Err(PciBusError::SlotTaken { slot: 1 })
+    ));
+    let err = bus.add_device_at(at(5, 1), fake(0x51, false)).unwrap_err();
+    assert!(matches!(err, PciBusError::NoFunctionZero(a) if a == at(5, 1)));
+    assert_eq!(err.to_string(), "PCI 00:05.1: slot 05 has no function 0");
+    bus.add_device_at(at(5, 0), fake(0x50, false)).unwrap();
+    let err = bus.add_device_at(at(5, 0), fake(0x52, false)).unwrap_err();
+    assert!(matches!(err, PciBusError::FunctionTaken(a) if a == at(5, 0)));
+    assert_eq!(err.to_string(), "PCI 00:05.0 is taken");
+    assert_eq!(read_dword(&bus, 5, 0, 0), 0x0050_1234, "the first stays");
+}
+
+#[test]
+fn every_function_of_a_two_function_slot_says_multi_function_whatever_its_own_header_says() {
+    let mut bus = bridge_only();
+    bus.add_device_at(at(5, 0), fake(0x50, false)).unwrap();
+    bus.add_device_at(at(5, 1), fake(0x51, false)).unwrap();
+    assert_eq!(header_type(&bus, 5, 0), PCI_HEADER_TYPE_MULTI_FUNCTION);
+    assert_eq!(header_type(&bus, 5, 1), PCI_HEADER_TYPE_MULTI_FUNCTION);
+    // The rest of the dword (cache line size, latency timer, BIST) is the function's.
+    let dword = read_dword(&bus, 5, 1, PCI_HEADER_TYPE & !3);
+    assert_eq!(dword, u32::from(PCI_HEADER_TYPE_MULTI_FUNCTION) << 16);
+    // Function 2 is absent: all ones, and writes there go nowhere.
+    assert_eq!(read_dword(&bus, 5, 2, 0), 0xffff_ffff);
+    assert_eq!(read_dword(&bus, 5, 2, PCI_HEADER_TYPE & !3), 0xffff_ffff);
+    bus.config_write(decode_ecam((5 << 15) | (2 << 12) | 4), &[2, 0]);
+    assert_eq!(read_dword(&bus, 5, 2, 4), 0xffff_ffff);
+}
+
+#[test]
+fn a_single_function_slot_says_single_function_though_its_device_says_otherwise() {
+    let mut bus = bridge_only();
+    let device = fake(0x60, true);
+    let own = device
+        .lock()
+        .unwrap()
+        .read_config_register(PCI_HEADER_TYPE / 4);
+    assert_ne!(own & u32::from(PCI_HEADER_TYPE_MULTI_FUNCTION) << 16, 0);
+    let slot = bus.add_device(device).unwrap() as u8;
+    assert_eq!(header_type(&bus, slot, 0), 0, "bit 7 cleared");
+    assert_eq!(
+        read_dword(&bus, slot, 1, 0),
+        0xffff_ffff,
+        "no phantom function"
+    );
+    assert_eq!(header_type(&bus, 0, 0), 0, "the host bridge is alone too");
 }

@@ -8,6 +8,10 @@ pub const PCI_STATUS: usize = 0x06;
 pub const PCI_CLASS_REVISION: usize = 0x08;
 /// Cache line size, latency timer, header type and BIST.
 pub const PCI_CACHE_LINE_SIZE: usize = 0x0c;
+/// Header type (6.2.1): layout in bits 6:0, multi-function device in bit 7.
+pub const PCI_HEADER_TYPE: usize = 0x0e;
+/// Header type bit 7 (6.2.1): the device has functions other than 0.
+pub const PCI_HEADER_TYPE_MULTI_FUNCTION: u8 = 0x80;
 pub const PCI_BASE_ADDRESS_0: usize = 0x10;
 /// First byte past the six BAR registers.
 pub const PCI_BASE_ADDRESS_5_END: usize = 0x28;
