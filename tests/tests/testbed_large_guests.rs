@@ -5,7 +5,9 @@
 //! backend: the VFIO container on Debian's 6.1, iommufd on the testbed's 6.12 L1 (whose default it
 //! is). Data is exact both ways: the disk image's md5 read, a pattern written that lands in the
 //! L0 file. Without a vIOMMU the two devices share one host domain, so guest RAM is pinned once;
-//! behind the VT-d on iommufd too while their view is identity (boot, `iommu=pt`).
+//! behind the VT-d on iommufd too while their view is identity (boot, `iommu=pt`), and while
+//! the guest puts them in one translated domain (the two as functions of one slot, which it
+//! groups): the second uses the first one's IOAS.
 //! After each power-off no VFIO or iommufd file stays open; on iommufd, neither after a vmm
 //! killed mid-I/O, and the container backend then takes the same device on the same kernel.
 
@@ -21,6 +23,8 @@ const L2_MIB: u64 = 5120;
 const OFFSET_NO_VIOMMU: usize = 1 << 20;
 const OFFSET_VTD: usize = 2 << 20;
 const OFFSET_PT: usize = 3 << 20;
+/// The two functions of one slot in one guest domain (iommufd only).
+const OFFSET_SHARED: usize = 0;
 /// The runs of a session, in order: no vIOMMU, behind the VT-d translated, and behind the VT-d
 /// with the guest's `iommu=pt` (both devices in its identity domain).
 const RUNS: [&str; 3] = ["plain", "vtd", "pt"];
@@ -48,12 +52,33 @@ watch_pins() {
   done
   echo "@@TB L1 pinned run=$2 pin_kb=$pin lck_kb=$lck"
 }
+# While the guest's two devices share one host IOAS: what the vmm pins against what its devices'
+# own IOASes map (the --stats-json `host_domains`), at the last moment both held still.
+watch_shared() {
+  last="" still=""
+  while kill -0 "$1" 2>/dev/null; do
+    p=$(awk '/^VmPin:/ {print $2}' /proc/$1/status 2>/dev/null)
+    j=$(tr -d ' \n' <"$2" 2>/dev/null)
+    pages=$(echo "$j" | grep -o '"own_pages":[0-9]*' | cut -d: -f2 | awk '{s += $1} END {print s + 0}')
+    follows=$(echo "$j" | grep -o '"on":"00:[^"]*"' | wc -l)
+    # What the devices on another's IOAS still map in their own (serde_json sorts the keys).
+    extra=$(echo "$j" | grep -o '"on":"00:[^"]*","own_mappings":[0-9]*,"own_pages":[0-9]*' |
+      sed 's/.*://' | awk '{s += $1} END {print s + 0}')
+    identity=$(echo "$j" | grep -o '"on":"identity"' | wc -l)
+    now="pin_kb=${p:-0} own_kb=$((pages * 4)) follows=$follows follower_own_kb=$((extra * 4)) identity=$identity"
+    [ "$now" = "$last" ] && [ "$follows" -gt 0 ] && [ "$identity" = 0 ] && still=$now
+    last=$now
+    sleep 0.5
+  done
+  echo "@@TB L1 pinned-shared run=$3 $still"
+}
 run() {
   name=$1; shift
   start=$(cut -d' ' -f1 /proc/uptime)
   RUST_LOG=info vmm --kernel /testbed/vmlinuz --initramfs /testbed/l2.cpio.gz --cpus boot=1 \
     --memory size=5120M --stats-json /tmp/$name.json "$@" 2>/tmp/$name.err &
   pid=$!
+  [ "$name" = shared ] && watch_shared $pid /tmp/$name.json $name &
   watch_pins $pid $name
   wait $pid
   rc=$?
@@ -65,6 +90,15 @@ run() {
 run plain $(devs "") --cmdline "$(cmdline 1048576)"
 run vtd --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 2097152 'intel_iommu=on iommu.forcedac=1')"
 run pt --viommu check=on $(devs ,iommu=on) --cmdline "$(cmdline 3145728 'intel_iommu=on iommu=pt')"
+"#;
+
+/// iommufd only: both controllers as functions 0 and 1 of slot 5, without ACS, which the guest
+/// puts in one IOMMU group and so in one translated domain; both do DMA above 4 GiB at once.
+const SHARED_DOMAIN: &str = r#"
+n0=$(echo "$nvmes" | sed -n 1p)
+n1=$(echo "$nvmes" | sed -n 2p)
+run shared --viommu check=on --device path=$n0,iommu=on,addr=5.0$EXTRA \
+  --device path=$n1,iommu=on,addr=5.1$EXTRA --cmdline "$(cmdline 0 'intel_iommu=on iommu.forcedac=1')"
 "#;
 
 /// iommufd only: SIGKILL mid-I/O, then the same device under the container backend.
@@ -96,7 +130,7 @@ fn session(kernel: L1Kernel) -> Result<Option<(Arc<Outcome>, std::path::PathBuf)
         L1Kernel::Distro => ("large-guests-container", format!("EXTRA=\n{SCRIPT}")),
         L1Kernel::Iommufd => (
             "large-guests-iommufd",
-            format!("EXTRA=\n{SCRIPT}{KILL_THEN_CONTAINER}"),
+            format!("EXTRA=\n{SCRIPT}{SHARED_DOMAIN}{KILL_THEN_CONTAINER}"),
         ),
     };
     let scratch = tb.fresh_scratch_disk(&format!("{name}-scratch.img"))?;
@@ -277,7 +311,8 @@ fn released_after_power_off(kernel: L1Kernel) -> Result<(), TestbedError> {
     let Some((out, _)) = session(kernel)? else {
         return Ok(());
     };
-    for name in RUNS {
+    let shared = matches!(kernel, L1Kernel::Iommufd).then_some("shared");
+    for name in RUNS.into_iter().chain(shared) {
         let exit = out
             .markers_named("L1", "run")
             .find(|m| m.field("run") == Some(name))
@@ -337,5 +372,106 @@ fn killed_iommufd_vmm_leaves_no_file_open_and_the_container_backend_takes_the_de
     out.ensure(
         got == want,
         format!("read md5 {got}, the image's is {want}"),
+    )
+}
+
+/// Behind the VT-d on iommufd, two functions of one slot without ACS, which the guest puts in
+/// one IOMMU group and so in one translated domain (`iommu.forcedac=1`), share one host IOAS:
+/// the second function's own IOAS maps nothing while both do DMA above 4 GiB at once with
+/// exact data, and what L1 pins for the vmm is exactly what the first one's IOAS maps (the
+/// guest's domain pinned once, not once per device).
+#[test]
+fn iommufd_two_functions_in_one_guest_domain_share_one_host_ioas_and_pin_it_once(
+) -> Result<(), TestbedError> {
+    let Some((out, scratch)) = session(L1Kernel::Iommufd)? else {
+        return Ok(());
+    };
+    let Some(tb) = testbed::require() else {
+        return Ok(());
+    };
+    let exit = out
+        .markers_named("L1", "run")
+        .find(|m| m.field("run") == Some("shared"))
+        .ok_or_else(|| out.error("the shared run did not finish"))?;
+    out.ensure(
+        exit.field("rc") == Some("0"),
+        format!("shared run: vmm failed: {}", exit.raw),
+    )?;
+    let grouped = out.markers_named("L2", "iommu-group").any(|m| {
+        m.field("devices")
+            .is_some_and(|d| d.contains("0000:00:05.0") && d.contains("0000:00:05.1"))
+    });
+    out.ensure(
+        grouped,
+        "the guest did not put 00:05.0 and 00:05.1 in one IOMMU group",
+    )?;
+    let shared_run = RUNS.len();
+    for op in ["read", "write"] {
+        let m = dma_marker(&out, shared_run, op)?;
+        out.ensure(
+            m.field("ok") == Some("1") && hex(&out, &m, "minpa")? >= 1 << 32,
+            format!("shared run: {op} failed or below 4 GiB: {}", m.raw),
+        )?;
+    }
+    let want = tb.disk_head_md5(16 << 20)?;
+    let read = dma_marker(&out, shared_run, "read")?;
+    out.ensure(
+        read.field("md5") == Some(want.as_str()),
+        format!(
+            "shared run: read md5 {:?}, the image's is {want}",
+            read.field("md5")
+        ),
+    )?;
+    let img = std::fs::read(&scratch)
+        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
+    let pattern: Vec<u8> = b"tb-high-pattern\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PATTERN_BYTES)
+        .collect();
+    out.ensure(
+        img.get(OFFSET_SHARED..OFFSET_SHARED + PATTERN_BYTES) == Some(&pattern[..]),
+        format!("the shared run's pattern is not at byte {OFFSET_SHARED} of the L0 file"),
+    )?;
+
+    let stats = out
+        .markers_named("L1", "stats")
+        .find(|m| m.field("run") == Some("shared"))
+        .ok_or_else(|| out.error("no stats of the shared run"))?;
+    let json: serde_json::Value = stats
+        .raw
+        .find('{')
+        .and_then(|at| serde_json::from_str(&stats.raw[at..]).ok())
+        .ok_or_else(|| out.error(format!("shared run: stats are not JSON: {}", stats.raw)))?;
+    for key in ["host_errors", "faults"] {
+        out.ensure(json[key] == 0, format!("shared run: {key} = {}", json[key]))?;
+    }
+    out.ensure(
+        json["host_domain_joins"].as_u64() >= Some(1),
+        format!("shared run: no device joined another's host domain: {json}"),
+    )?;
+    // Sampled while the guest translated (the stats at power-off find translation off).
+    let pinned = out
+        .markers_named("L1", "pinned-shared")
+        .next()
+        .ok_or_else(|| out.error("no pinned-shared marker"))?;
+    let field = |key| pinned.field_num::<u64>(key);
+    out.ensure(
+        field("follows") == Some(1) && field("follower_own_kb") == Some(0),
+        format!(
+            "shared run: no moment with one device on the other's IOAS and its own empty: {}",
+            pinned.raw
+        ),
+    )?;
+    out.ensure(
+        field("pin_kb").is_some()
+            && field("pin_kb") == field("own_kb")
+            && field("own_kb") > Some(0),
+        format!(
+            "shared run: the vmm pinned other than the shared IOAS maps (want pin_kb = own_kb > \
+             0): {}",
+            pinned.raw
+        ),
     )
 }

@@ -33,12 +33,14 @@ pub struct HostDomainUse {
     pub on: DomainUse,
     /// Host mappings in the device's own domain.
     pub own_mappings: usize,
+    /// The 4 KiB pages they map: what the host pins for them.
+    pub own_pages: u64,
 }
 
 use super::SyncStrategy;
 use super::Vtd;
 use crate::space::{Sharing, View, FULL};
-use crate::SourceId;
+use crate::{SourceId, PAGE_SIZE};
 
 impl<M: GuestMemoryBackend> Vtd<M> {
     /// Settles which devices share whose host domain, after views changed. Returns whether
@@ -114,6 +116,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                     _ => DomainUse::Own,
                 },
                 own_mappings: s.shadow.len(),
+                own_pages: s.shadow.mappings().map(|(_, m)| m.len / PAGE_SIZE).sum(),
             })
             .collect()
     }

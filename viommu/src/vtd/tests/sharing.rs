@@ -79,17 +79,20 @@ fn devices_in_one_guest_domain_reach_its_tables_through_one_host_domain() {
             HostDomainUse {
                 source: A,
                 on: DomainUse::Own,
-                own_mappings: 2
+                own_mappings: 2,
+                own_pages: 3
             },
             HostDomainUse {
                 source: B,
                 on: DomainUse::SharedWith(A),
-                own_mappings: 0
+                own_mappings: 0,
+                own_pages: 0
             },
             HostDomainUse {
                 source: C,
                 on: DomainUse::Own,
-                own_mappings: 1
+                own_mappings: 1,
+                own_pages: 1
             },
         ]
     );

@@ -410,6 +410,7 @@ pub fn stats_json(vtd: Option<&SharedVtd>, record: Option<RecordSummary>) -> ser
                 "source": d.source.to_string(),
                 "on": on,
                 "own_mappings": d.own_mappings,
+                "own_pages": d.own_pages,
             })
         })
         .collect();
