@@ -216,6 +216,10 @@ impl Space {
                     self.source
                 );
                 self.sharing = Sharing::Follows { leader, domain };
+                // Moved off the shared identity domain too, if it was on it.
+                if self.identity == SharedIdentity::InUse {
+                    self.identity = SharedIdentity::Available;
+                }
                 // The own domain's mappings are dropped at the next sync.
                 self.view_changed = true;
             }

@@ -1,12 +1,15 @@
 //! Property tests of host domain sharing: three devices moved at random between two guest
-//! domains, two page tables and no translation, the tables edited and invalidated at random,
+//! domains, two page tables, pass-through (the host's shared identity domain) and no
+//! translation, the tables edited and invalidated at random,
 //! waits in between. Whatever the order, once the guest invalidates everything and waits, each
 //! device reaches on the host exactly what its own context entry translates, and what is shared
 //! is pinned once: no own domain of a device on another's holds a mapping.
 
 use proptest::prelude::*;
 use viommu::descriptor::encode;
-use viommu::testing::{mem, Driver, HostDomains, ManualClock, Mem, RecordingMsi, Tables};
+use viommu::testing::{
+    mem, Driver, HostDomains, ManualClock, Mem, RecordingMsi, Tables, TEST_MEM_SIZE,
+};
 use viommu::walk::PageTable;
 use viommu::{DomainUse, FlushMode, Perm, SourceId, SyncStrategy, Vtd, VtdConfig};
 
@@ -16,6 +19,8 @@ const DOMAINS: [u16; 2] = [1, 2];
 const IOVA_BASE: u64 = 0x1f_0000;
 const IOVA_PAGES: u64 = 32;
 const GPA_BASE: u64 = 0x10_0000;
+/// The table index of a pass-through context entry.
+const PASS_THROUGH: usize = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -30,7 +35,8 @@ enum Op {
         iova: u64,
         pages: u64,
     },
-    /// Points device `dev`'s context entry at table `table` in domain `domain`, or clears it.
+    /// Points device `dev`'s context entry at table `table` (0 or 1; 2: pass-through) in
+    /// domain `domain`, or clears it.
     Move {
         dev: usize,
         to: Option<(usize, usize)>,
@@ -61,7 +67,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (0..2usize, 0..IOVA_PAGES, 1..4u64).prop_map(|(table, iova, pages)| Op::Map { table, iova, pages }),
         2 => (0..2usize, 0..IOVA_PAGES, 1..4u64).prop_map(|(table, iova, pages)| Op::Unmap { table, iova, pages }),
-        3 => (0..3usize, prop::option::of((0..2usize, 0..2usize))).prop_map(|(dev, to)| Op::Move { dev, to }),
+        3 => (0..3usize, prop::option::of((0..2usize, 0..3usize))).prop_map(|(dev, to)| Op::Move { dev, to }),
         2 => (0..2usize).prop_map(|domain| Op::Dsi { domain }),
         2 => (0..2usize, 0..IOVA_PAGES).prop_map(|(domain, iova)| Op::Psi { domain, iova }),
         2 => (0..3usize, 0..2usize).prop_map(|(dev, domain)| Op::Context { dev, domain }),
@@ -98,7 +104,7 @@ impl Guest {
             Box::new(ManualClock::default()),
         )
         .expect("config");
-        let host = HostDomains::default();
+        let host = HostDomains::with_identity();
         for (i, dev) in DEVS.iter().enumerate() {
             vtd.attach(*dev, Box::new(host.device(i as u32 + 1)))
                 .expect("attach");
@@ -142,6 +148,7 @@ impl Guest {
             }
             Op::Move { dev, to } => {
                 match to {
+                    Some((d, PASS_THROUGH)) => self.t.attach_pass_through(DEVS[dev], DOMAINS[d]),
                     Some((d, table)) => self.t.attach(DEVS[dev], DOMAINS[d], self.tables[table]),
                     None => self.t.write_context_raw(DEVS[dev], 0, 0),
                 }
@@ -178,6 +185,12 @@ impl Guest {
         let Some((_, table)) = self.entries[dev].filter(|_| self.attached[dev]) else {
             return Vec::new();
         };
+        if table == PASS_THROUGH {
+            return (0..TEST_MEM_SIZE)
+                .step_by(P as usize)
+                .map(|a| (a, a))
+                .collect();
+        }
         let caps = viommu::Capabilities::default();
         (0..IOVA_PAGES)
             .filter_map(|p| {
@@ -213,7 +226,7 @@ fn check(ops: &[Op], strategy: SyncStrategy, flush: FlushMode) -> Result<(), Tes
     }
     prop_assert_eq!(g.vtd.stats().host_errors, 0);
     for d in g.vtd.host_domains() {
-        if let DomainUse::SharedWith(_) = d.on {
+        if matches!(d.on, DomainUse::SharedWith(_) | DomainUse::SharedIdentity) {
             prop_assert_eq!(d.own_mappings, 0, "{} pins nothing of its own", d.source);
         }
     }

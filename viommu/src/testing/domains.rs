@@ -22,13 +22,32 @@ struct State {
     switches: Vec<(u32, u32, usize)>,
     /// Refuses this many switches (EBUSY).
     refuse: u32,
+    /// Whether there is a shared identity domain ([`IDENTITY`]) mapping all guest RAM.
+    identity: bool,
 }
+
+/// The id of the shared identity domain, when [`HostDomains::with_identity`] made one.
+pub const IDENTITY: u32 = u32::MAX;
 
 /// The host's domains; [`HostDomains::device`] makes one device's host DMA.
 #[derive(Clone, Default)]
 pub struct HostDomains(Arc<Mutex<State>>);
 
 impl HostDomains {
+    /// Domains and a shared identity domain, as the VMM's iommufd backend has.
+    pub fn with_identity() -> Self {
+        let mut identity = SimHost::new();
+        identity
+            .map(0, 0, super::TEST_MEM_SIZE, Perm::RW)
+            .expect("an empty domain maps all test RAM");
+        let domains = HostDomains::default();
+        let mut s = domains.state();
+        s.domains.insert(IDENTITY, identity);
+        s.identity = true;
+        drop(s);
+        domains
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A poisoned lock means another test thread panicked: that test reports the failure.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
@@ -122,6 +141,19 @@ impl HostDma for DomainHost {
         let own = self.own;
         let mut s = self.own();
         s.domains.entry(own).or_default().unmap(iova, len)
+    }
+
+    fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
+        let own = self.own;
+        let mut s = self.own();
+        if !s.identity {
+            return Ok(false);
+        }
+        let to = if on { IDENTITY } else { own };
+        s.attached.insert(own, to);
+        let held = s.domains.get(&to).map_or(0, SimHost::mappings);
+        s.switches.push((own, to, held));
+        Ok(true)
     }
 
     fn own_domain(&self) -> Option<u32> {

@@ -15,7 +15,7 @@ mod driver;
 mod scalable;
 mod tables;
 
-pub use domains::{DomainHost, HostDomains};
+pub use domains::{DomainHost, HostDomains, IDENTITY};
 pub use driver::{Driver, DRIVER_QUEUE, DRIVER_STATUS};
 pub use scalable::{FirstStageFlags, ScalableTables};
 pub use tables::Tables;

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::record::Recorder;
-use crate::testing::HostDomains;
+use crate::testing::{HostDomains, IDENTITY};
 use crate::{DomainUse, HostDomainUse};
 
 const A: SourceId = SourceId(0x0028); // 00:05.0
@@ -268,4 +268,45 @@ fn a_recording_unit_keeps_every_device_on_its_own_domain() {
         2,
         "mirrored in its own, as replay does"
     );
+}
+
+#[test]
+fn a_device_goes_from_the_identity_domain_to_a_leaders_and_back_to_all_guest_ram() {
+    let mut f = unit(VtdConfig::default());
+    let host = HostDomains::with_identity();
+    f.vtd.attach(A, Box::new(host.device(A_OWN))).unwrap();
+    f.vtd.attach(B, Box::new(host.device(B_OWN))).unwrap();
+    assert_eq!(host.attached(B_OWN), IDENTITY, "translation off");
+    let mut t = Tables::new(&f.mem);
+    let pt = t.context(A, DOMAIN, 4);
+    map(&mut t, pt, 0x1000, 0x3000, 1);
+    t.attach_pass_through(B, DOMAIN + 1);
+    f.root = t.root;
+    f.drv.enable_qi(&mut f.vtd);
+    f.drv.set_root(&mut f.vtd, t.root);
+    f.sync(&[encode::context_global(), encode::iotlb_global()]);
+    f.drv.set_translation(&mut f.vtd, true);
+    f.sync(&[encode::iotlb_global()]);
+    assert_eq!(host.attached(A_OWN), A_OWN);
+    assert_eq!(host.attached(B_OWN), IDENTITY, "a pass-through entry");
+    // Into A's domain: straight from the identity domain onto A's.
+    let mut t = f.tables();
+    t.attach(B, DOMAIN, pt);
+    f.sync(&[encode::context_device(DOMAIN + 1, B, 0)]);
+    assert_eq!(host.attached(B_OWN), A_OWN);
+    assert_eq!(host.reach_pages(B_OWN), vec![(0x1000, 0x3000)]);
+    // Back to pass-through: all guest RAM again, through the identity domain.
+    t.attach_pass_through(B, DOMAIN + 1);
+    f.sync(&[encode::context_device(DOMAIN, B, 0)]);
+    assert_eq!(host.attached(B_OWN), IDENTITY);
+    assert_eq!(
+        host.reach(B_OWN).len() as u64,
+        crate::testing::TEST_MEM_SIZE / P
+    );
+    assert_eq!(
+        host.mappings(B_OWN),
+        0,
+        "its own domain never mapped anything"
+    );
+    assert_eq!(f.vtd.stats().host_errors, 0);
 }
