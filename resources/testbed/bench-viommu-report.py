@@ -17,6 +17,7 @@ from collections import defaultdict
 # configurations). Only the configurations a run has are reported.
 CONFIGS = [
     "qemu-viommu",
+    "qemu-viommu-ir",
     "ours-strict",
     "ours-strict-iommufd",
     "ours-strict-ir-off",
@@ -29,6 +30,7 @@ CONFIGS = [
 ]
 LABELS = {
     "qemu-viommu": "QEMU + vIOMMU",
+    "qemu-viommu-ir": "QEMU + vIOMMU intremap=on,eim=on",
     "ours-strict": "ours --viommu (strict), container",
     "ours-strict-iommufd": "ours --viommu (strict), iommufd",
     "ours-strict-ir-off": "ours --viommu intremap=off (strict), container",
@@ -41,6 +43,7 @@ LABELS = {
 }
 COLORS = {
     "qemu-viommu": "#d62728",
+    "qemu-viommu-ir": "#e377c2",
     "ours-strict": "#1f77b4",
     "ours-strict-iommufd": "#2ca02c",
     "ours-strict-ir-off": "#9467bd",

@@ -29,18 +29,22 @@
 # Usage: bench-viommu.sh [--vmm PATH] [--out DIR] [--count4k N] [--count128k N] [--fio-ios N]
 #                        [--l1-smp N] [--no-strace] [--queue sync|async] [--rounds N]
 #                        [--l1 distro|iommufd] [--configs A,B,...] [--workloads A+B...]
+#                        [--sessions N]
 #   --vmm PATH  default: cargo build --release -p vmm (target dir target/testbed/cargo)
 #   --out DIR   default target/testbed/bench-viommu (log, L0 trace, results.json, results.png)
 #   --configs   only these configurations (names as above, without -iommufd: the backends
 #               follow --l1), e.g. qemu-viommu,ours-strict; also ours-strict-ir-off (ours strict
 #               with intremap=off: no interrupt remapping, in-kernel irqchip, as QEMU's default
-#               intel-iommu), which only runs when named here
+#               intel-iommu), and qemu-viommu-ir (QEMU's intel-iommu with intremap=on,eim=on and
+#               kernel-irqchip=split: the interrupt remapping ours does by default), which only
+#               run when named here
 #   --workloads only these workloads, joined by '+' (dd-4k+dd-128k+fio-rand4k)
+#   --sessions  at most N L1 sessions (default: rounds + 2); a frozen L1 ends one (see below)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 vmm="" out="$TB_OUT/bench-viommu" count4k=2000 count128k=1024 fioios=1500 l1smp=1 strace_pass=1 queue=""
-rounds=3 l1=distro configs=qemu-viommu,ours-strict,ours-deferred,qemu,ours workloads=""
+rounds=3 l1=distro configs=qemu-viommu,ours-strict,ours-deferred,qemu,ours workloads="" sessions=""
 while (($#)); do
   case "$1" in
     --vmm) vmm="$(readlink -f "$2")"; shift 2 ;;
@@ -55,6 +59,7 @@ while (($#)); do
     --l1) l1="$2"; shift 2 ;;
     --configs) configs="$2"; shift 2 ;;
     --workloads) workloads="$2"; shift 2 ;;
+    --sessions) sessions="$2"; shift 2 ;;
     *) tb_die "bench-viommu.sh: unknown argument $1" ;;
   esac
 done
@@ -142,6 +147,8 @@ WRAP="" TMO=150
 # QEMU's vIOMMU as it comes (no interrupt remapping; ours remaps by default, ours-strict-ir-off
 # does not), and the same machine without it, so the intel-iommu device is the only difference.
 QEMU_VIOMMU="-machine q35 -device intel-iommu,caching-mode=on"
+# With interrupt remapping and x2APIC, as ours by default (QEMU needs the split irqchip for it).
+QEMU_VIOMMU_IR="-machine q35,kernel-irqchip=split -device intel-iommu,caching-mode=on,intremap=on,eim=on"
 QEMU_PLAIN="-machine q35"
 # The timed pass, ROUNDS times over: the vIOMMU configurations, then the ceilings, QEMU's next to
 # ours, so slow drift in the machine's load hits the pairs being compared alike. Round r of a
@@ -149,6 +156,7 @@ QEMU_PLAIN="-machine q35"
 r=$ROUND0
 while [ "$r" -le "$ROUNDS" ]; do
   run_cfg "qemu-viommu#$r" qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
+  run_cfg "qemu-viommu-ir#$r" qemu_l2 $QEMU_VIOMMU_IR -append "$L2CMD intel_iommu=on"
   for b in $BACKENDS; do
     s=""; [ "$b" = iommufd ] && s=-iommufd
     run_cfg "ours-strict$s#$r" ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
@@ -193,8 +201,9 @@ start=$SECONDS
 # The nested testbed's L1 can freeze (resources/testbed/README.md; it struck two of the last
 # long runs in a QEMU L2's boot): a console silent for $stall s ends the session, and a new L1
 # session runs again from the round that was under way (its cells from before the freeze are
-# replaced: the report keeps a configuration's last boot of each round). At most 3 sessions.
-stall=180 round0=1 session=1
+# replaced: the report keeps a configuration's last boot of each round). At most --sessions
+# sessions (default rounds + 2: the freezes strike QEMU's L2s, one in every few of their boots).
+stall=180 round0=1 session=1 sessions=${sessions:-$((rounds + 2))}
 : >"$log"
 while :; do
   sed "1i ROUND0=$round0" "$run/scenario.sh" >"$run/scenario-session.sh"
@@ -216,12 +225,14 @@ while :; do
     while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >>"$log" || true
   kill "$watchdog" 2>/dev/null || true
   grep -q "@@TB BENCH all-done" "$log" && break
-  ((session < 3)) || { tb_log "bench-viommu: L1 froze in 3 sessions; reporting what ran"; break; }
+  ((session < sessions)) || { tb_log "bench-viommu: L1 froze in $session sessions; reporting what ran"; break; }
   round0=$(grep -a -o 'BENCH cfg=[a-z-]*#[0-9]* start' "$log" | sed 's/.*#\([0-9]*\) start/\1/' | sort -n | tail -1)
   round0=${round0:-1} session=$((session + 1))
   tb_log "bench-viommu: session $session runs rounds $round0..$rounds"
 done
-cat "$trace".[0-9]* >"$trace" 2>/dev/null || true
+# One trace, in session order (the report reads only the merged one).
+for ((i = 1; i <= session; i++)); do cat "$trace.$i" 2>/dev/null || true; done >"$trace"
+rm -f "$trace".[0-9]*
 flock -u 8
 tb_log "bench-viommu: L0 ran $((SECONDS - start)) s"
 
