@@ -160,6 +160,19 @@ fn hex(out: &Outcome, m: &testbed::Marker, key: &str) -> Result<u64, TestbedErro
         .ok_or_else(|| out.error(format!("no hex {key} in {}", m.raw)))
 }
 
+/// Whether the `dma-high` action's pattern is at byte `at` of the L0 scratch file `scratch`.
+fn patterns_in(scratch: &std::path::Path) -> Result<impl Fn(usize) -> bool, TestbedError> {
+    let img = std::fs::read(scratch)
+        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
+    let pattern: Vec<u8> = b"tb-high-pattern\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(PATTERN_BYTES)
+        .collect();
+    Ok(move |at: usize| img.get(at..at + PATTERN_BYTES) == Some(&pattern[..]))
+}
+
 /// Both runs: the image read exactly and the pattern written, every buffer page above 4 GiB.
 fn dma_lands_above_4_gib(kernel: L1Kernel) -> Result<(), TestbedError> {
     let Some((out, scratch)) = session(kernel)? else {
@@ -199,17 +212,10 @@ fn dma_lands_above_4_gib(kernel: L1Kernel) -> Result<(), TestbedError> {
             ),
         )?;
     }
-    let img = std::fs::read(&scratch)
-        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
-    let pattern: Vec<u8> = b"tb-high-pattern\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(PATTERN_BYTES)
-        .collect();
+    let patterns = patterns_in(&scratch)?;
     for at in [OFFSET_NO_VIOMMU, OFFSET_VTD, OFFSET_PT] {
         out.ensure(
-            img.get(at..at + PATTERN_BYTES) == Some(&pattern[..]),
+            patterns(at),
             format!("the pattern written from above 4 GiB is not at byte {at} of the L0 file"),
         )?;
     }
@@ -422,16 +428,9 @@ fn iommufd_two_functions_in_one_guest_domain_share_one_host_ioas_and_pin_it_once
             read.field("md5")
         ),
     )?;
-    let img = std::fs::read(&scratch)
-        .map_err(|e| TestbedError::io(format!("reading {}", scratch.display()), e))?;
-    let pattern: Vec<u8> = b"tb-high-pattern\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(PATTERN_BYTES)
-        .collect();
+    let patterns = patterns_in(&scratch)?;
     out.ensure(
-        img.get(OFFSET_SHARED..OFFSET_SHARED + PATTERN_BYTES) == Some(&pattern[..]),
+        patterns(OFFSET_SHARED),
         format!("the shared run's pattern is not at byte {OFFSET_SHARED} of the L0 file"),
     )?;
 
