@@ -94,8 +94,8 @@ pub(crate) enum Sharing {
     Off,
     /// On its own domain, which devices with the same view may use.
     Own,
-    /// On `leader`'s own domain `domain`; its own maps nothing.
-    Follows { leader: SourceId, domain: u32 },
+    /// On `leader`'s own domain; its own maps nothing.
+    Follows { leader: SourceId },
     /// Was following, but the leader's domain no longer maps its view: its next sync maps its
     /// own domain in full, then moves it back (retried at every sync until the host agrees).
     Leaving,
@@ -215,7 +215,7 @@ impl Space {
                     "VT-d: {}: on the host domain of {leader}, which the guest gave it too",
                     self.source
                 );
-                self.sharing = Sharing::Follows { leader, domain };
+                self.sharing = Sharing::Follows { leader };
                 // Moved off the shared identity domain too, if it was on it.
                 if self.identity == SharedIdentity::InUse {
                     self.identity = SharedIdentity::Available;
@@ -583,7 +583,9 @@ impl Space {
         self.view_changed = false;
         // Back on its own, now empty, domain: the shared ones stay for the devices using them.
         self.leave_identity(&mut report);
-        self.must_leave_or(self.sharing);
+        if matches!(self.sharing, Sharing::Follows { .. }) {
+            self.sharing = Sharing::Leaving;
+        }
         self.leave_leader(&mut report);
         report
     }

@@ -124,28 +124,22 @@ pub struct DomainHost {
     all: HostDomains,
 }
 
-impl DomainHost {
-    fn own(&self) -> MutexGuard<'_, State> {
-        self.all.state()
-    }
-}
-
 impl HostDma for DomainHost {
     fn map(&mut self, iova: u64, gpa: u64, len: u64, perm: Perm) -> Result<(), HostDmaError> {
         let own = self.own;
-        let mut s = self.own();
+        let mut s = self.all.state();
         s.domains.entry(own).or_default().map(iova, gpa, len, perm)
     }
 
     fn unmap(&mut self, iova: u64, len: u64) -> Result<(), HostDmaError> {
         let own = self.own;
-        let mut s = self.own();
+        let mut s = self.all.state();
         s.domains.entry(own).or_default().unmap(iova, len)
     }
 
     fn use_identity(&mut self, on: bool) -> Result<bool, HostDmaError> {
         let own = self.own;
-        let mut s = self.own();
+        let mut s = self.all.state();
         if !s.identity {
             return Ok(false);
         }
@@ -162,7 +156,7 @@ impl HostDma for DomainHost {
 
     fn use_domain(&mut self, domain: Option<u32>) -> Result<bool, HostDmaError> {
         let own = self.own;
-        let mut s = self.own();
+        let mut s = self.all.state();
         let to = domain.unwrap_or(own);
         if s.refuse > 0 {
             s.refuse -= 1;

@@ -527,9 +527,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
         range_for: impl Fn(&View) -> Option<Range>,
         pending_only: bool,
     ) {
-        if self.settle_sharing() {
-            self.sync_leaving(false);
-        }
+        self.settle_sharing();
         self.each_space(|env, space| {
             if pending_only && !space.has_pending() {
                 return None;
@@ -544,9 +542,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             return self.sync_each_per_leaf(|_| Some(FULL), true);
         }
         let defer = matches!(self.config.flush, FlushMode::Deferred { .. });
-        if self.settle_sharing() {
-            self.sync_leaving(defer);
-        }
+        self.settle_sharing();
         self.each_space(|env, space| space.has_pending().then(|| space.sync(env, defer)));
     }
 

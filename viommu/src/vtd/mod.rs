@@ -503,10 +503,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             // full) before it is emptied.
             self.sharing_dirty = true;
             self.walk_left = self.config.walk_budget;
-            if self.settle_sharing() {
-                let defer = matches!(self.config.flush, FlushMode::Deferred { .. });
-                self.sync_leaving(defer);
-            }
+            self.settle_sharing();
             let report = space.unmap_all();
             self.account(source, report);
         }

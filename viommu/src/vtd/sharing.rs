@@ -15,6 +15,10 @@
 
 use vm_memory::GuestMemoryBackend;
 
+use super::{FlushMode, SyncStrategy, Vtd};
+use crate::space::{Sharing, View, FULL};
+use crate::{SourceId, PAGE_SIZE};
+
 /// The host domain an attached device uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DomainUse {
@@ -37,18 +41,13 @@ pub struct HostDomainUse {
     pub own_pages: u64,
 }
 
-use super::SyncStrategy;
-use super::Vtd;
-use crate::space::{Sharing, View, FULL};
-use crate::{SourceId, PAGE_SIZE};
-
 impl<M: GuestMemoryBackend> Vtd<M> {
-    /// Settles which devices share whose host domain, after views changed. Returns whether
-    /// some device must go back to its own domain: the caller syncs those first
-    /// ([`Vtd::sync_leaving`]), while their leader's domain still maps their view.
-    pub(super) fn settle_sharing(&mut self) -> bool {
+    /// Settles which devices share whose host domain, after views changed, and syncs the
+    /// devices that must go back to their own domain before any other device's sync, while
+    /// their leader's domain still maps their view.
+    pub(super) fn settle_sharing(&mut self) {
         if !std::mem::take(&mut self.sharing_dirty) {
-            return false;
+            return;
         }
         // One leader per view: a device that leads already, else the first synced into it.
         let mut leaders: Vec<(View, SourceId, u32)> = Vec::new();
@@ -72,9 +71,11 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             match (space.sharing(), leader) {
                 (Sharing::Off, _) => continue,
                 (_, Some((l, _))) if l == space.source => {}
-                (Sharing::Follows { leader: now, .. }, Some((l, _))) if now == l => {}
+                (Sharing::Follows { leader: now }, Some((l, _))) if now == l => {}
                 (_, Some((l, d))) if space.may_follow() => {
-                    reports.push((space.source, space.follow(l, d)));
+                    let report = space.follow(l, d);
+                    let joined = space.sharing() == Sharing::Follows { leader: l };
+                    reports.push((space.source, report, joined));
                 }
                 _ => space.must_leave_or(Sharing::Own),
             }
@@ -82,19 +83,15 @@ impl<M: GuestMemoryBackend> Vtd<M> {
             // Not synced into its view yet: it may lead, or follow, at the next settle.
             self.sharing_dirty |= space.may_follow() && space.view_changed();
         }
-        for (source, report) in reports {
-            if report.failed.is_empty() {
-                self.stats.host_domain_joins += 1;
-            }
+        for (source, report, joined) in reports {
+            self.stats.host_domain_joins += u64::from(joined);
             self.account(source, report);
         }
-        leaving
-    }
-
-    /// Syncs the devices going back to their own domain, before any other: their leader's
-    /// domain may change in the same round.
-    pub(super) fn sync_leaving(&mut self, defer: bool) {
+        if !leaving {
+            return;
+        }
         let per_leaf = self.config.strategy == SyncStrategy::PerLeaf;
+        let defer = matches!(self.config.flush, FlushMode::Deferred { .. });
         self.each_space(|env, space| {
             (space.sharing() == Sharing::Leaving).then(|| match per_leaf {
                 true => space.sync_per_leaf(env, FULL),
@@ -112,7 +109,7 @@ impl<M: GuestMemoryBackend> Vtd<M> {
                 source: s.source,
                 on: match s.sharing() {
                     _ if s.on_shared_identity() => DomainUse::SharedIdentity,
-                    Sharing::Follows { leader, .. } => DomainUse::SharedWith(leader),
+                    Sharing::Follows { leader } => DomainUse::SharedWith(leader),
                     _ => DomainUse::Own,
                 },
                 own_mappings: s.shadow.len(),
