@@ -289,8 +289,11 @@ Options:
                        backend= (default: iommufd where the host has /dev/iommu and the
                        device's /dev/vfio/devices/vfioN, else container): iommufd maps
                        through an I/O address space (one shared by the devices without
-                       --viommu, one per device behind it), container through a VFIO
-                       type1 container (/dev/vfio/vfio and the group's /dev/vfio/N).
+                       --viommu; behind it one per guest domain, devices the guest puts in
+                       one domain sharing it, and one shared while the guest's view is
+                       identity), container through VFIO type1 containers (one shared by
+                       the devices without --viommu, one per device behind it;
+                       /dev/vfio/vfio and the group's /dev/vfio/N).
                        addr= (QEMU's; hex, slot 1..1f, function 0..7, default 0) puts it at
                        00:SLOT.FUNCTION of the guest's bus 0, e.g. addr=05.0 and addr=05.1
                        make one multi-function device of two; a slot with functions needs
