@@ -151,23 +151,39 @@ QEMU_VIOMMU="-machine q35 -device intel-iommu,caching-mode=on"
 QEMU_VIOMMU_IR="-machine q35,kernel-irqchip=split -device intel-iommu,caching-mode=on,intremap=on,eim=on"
 QEMU_PLAIN="-machine q35"
 # The timed pass, ROUNDS times over: the vIOMMU configurations, then the ceilings, QEMU's next to
-# ours, so slow drift in the machine's load hits the pairs being compared alike. Round r of a
-# configuration is named CFG#r; the report takes each cell's median time over the rounds.
-r=$ROUND0
-while [ "$r" -le "$ROUNDS" ]; do
+# ours, so slow drift in the machine's load hits the pairs being compared alike. Who boots first
+# alternates by round (QEMU in odd rounds, ours in even ones): a round's first L2 finds what the one
+# before left (L0's TCG translations of L1's KVM and VFIO paths, L1's free memory), and the median
+# must not carry that to one side. Round r of a configuration is named CFG#r; the report takes each
+# cell's median time over the rounds.
+qemu_viommu() {
   run_cfg "qemu-viommu#$r" qemu_l2 $QEMU_VIOMMU -append "$L2CMD intel_iommu=on"
   run_cfg "qemu-viommu-ir#$r" qemu_l2 $QEMU_VIOMMU_IR -append "$L2CMD intel_iommu=on"
+}
+ours_viommu() {
   for b in $BACKENDS; do
     s=""; [ "$b" = iommufd ] && s=-iommufd
     run_cfg "ours-strict$s#$r" ours_l2 --viommu flush=strict$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
     run_cfg "ours-deferred$s#$r" ours_l2 --viommu flush=deferred$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
     run_cfg "ours-strict-ir-off$s#$r" ours_l2 --viommu flush=strict,intremap=off$QUEUE --device path=$nvme,iommu=on,backend=$b --cmdline "$L2CMD intel_iommu=on"
   done
+}
+qemu_plain() {
   run_cfg "qemu#$r" qemu_l2 $QEMU_PLAIN -append "$L2CMD"
+}
+ours_plain() {
   for b in $BACKENDS; do
     s=""; [ "$b" = iommufd ] && s=-iommufd
     run_cfg "ours$s#$r" ours_l2 --device path=$nvme,backend=$b --cmdline "$L2CMD"
   done
+}
+r=$ROUND0
+while [ "$r" -le "$ROUNDS" ]; do
+  if [ $((r % 2)) = 1 ]; then
+    qemu_viommu; ours_viommu; qemu_plain; ours_plain
+  else
+    ours_viommu; qemu_viommu; ours_plain; qemu_plain
+  fi
   r=$((r + 1))
 done
 # The counting pass: QEMU's VFIO calls under strace (its times are not used).
